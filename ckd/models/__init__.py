@@ -1,0 +1,24 @@
+"""CIFAR model zoo (RepDistiller architectures and state_dict names) and checkpoints."""
+
+from .checkpoint import (
+    CheckpointError,
+    file_sha256,
+    infer_arch,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
+from .registry import (
+    ARCHS,
+    count_params,
+    create_model,
+    list_models,
+    param_count,
+    resolve_arch,
+)
+
+__all__ = [
+    "ARCHS", "CheckpointError", "count_params", "create_model", "file_sha256", "infer_arch",
+    "list_models", "load_checkpoint", "param_count", "read_checkpoint_meta", "resolve_arch",
+    "save_checkpoint",
+]

@@ -1,0 +1,68 @@
+"""CIFAR VGG with batch norm (RepDistiller's vggN_bn): five conv blocks block0..block4,
+each a Sequential of [conv(bias), bn, relu]*k with the final relu dropped (applied in
+forward), global average pool, one Linear `classifier`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Channels per conv layer in each of the five blocks.
+VGG_CFGS: dict[int, tuple[tuple[int, ...], ...]] = {
+    8: ((64,), (128,), (256,), (512,), (512,)),
+    11: ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    13: ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+    16: ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    19: ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
+}
+
+
+def _block(widths: tuple[int, ...], cin: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for w in widths:
+        layers += [nn.Conv2d(cin, w, kernel_size=3, padding=1), nn.BatchNorm2d(w),
+                   nn.ReLU(inplace=True)]
+        cin = w
+    return nn.Sequential(*layers[:-1])
+
+
+class VGG(nn.Module):
+    def __init__(self, cfg: tuple[tuple[int, ...], ...], num_classes: int = 100) -> None:
+        super().__init__()
+        cins = (3,) + tuple(c[-1] for c in cfg[:-1])
+        self.block0 = _block(cfg[0], cins[0])
+        self.block1 = _block(cfg[1], cins[1])
+        self.block2 = _block(cfg[2], cins[2])
+        self.block3 = _block(cfg[3], cins[3])
+        self.block4 = _block(cfg[4], cins[4])
+        self.classifier = nn.Linear(cfg[4][-1], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[2]
+        x = F.max_pool2d(F.relu(self.block0(x)), 2)
+        x = F.max_pool2d(F.relu(self.block1(x)), 2)
+        x = F.max_pool2d(F.relu(self.block2(x)), 2)
+        x = F.relu(self.block3(x))
+        if h == 64:  # RepDistiller pools a fourth time only for 64x64 inputs
+            x = F.max_pool2d(x, 2)
+        x = F.relu(self.block4(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.classifier(x)
+
+
+def vgg(depth: int, num_classes: int = 100) -> VGG:
+    return VGG(VGG_CFGS[depth], num_classes=num_classes)

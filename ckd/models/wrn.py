@@ -1,0 +1,79 @@
+"""Wide ResNets (Zagoruyko & Komodakis) with RepDistiller's module layout
+(conv1, blockK.layer.i.{bn1,conv1,bn2,conv2,convShortcut}, bn1, fc)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block; a 1x1 `convShortcut` only when the width changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+        self.equal_in_out = cin == cout
+        self.convShortcut = (
+            None if self.equal_in_out
+            else nn.Conv2d(cin, cout, 1, stride=stride, padding=0, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        # Like the original: with a width change the shortcut sees the pre-activated input.
+        shortcut = x if self.convShortcut is None else self.convShortcut(pre)
+        return out + shortcut
+
+
+class NetworkBlock(nn.Module):
+    def __init__(self, n: int, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(*[
+            WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+            for i in range(n)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth: int, widen: int, num_classes: int = 100) -> None:
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise ValueError(f"WRN depth must be 6n+4 (16, 22, 28, 40, ...), got {depth}")
+        n = (depth - 4) // 6
+        ch = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = nn.Conv2d(3, ch[0], 3, stride=1, padding=1, bias=False)
+        self.block1 = NetworkBlock(n, ch[0], ch[1], 1)
+        self.block2 = NetworkBlock(n, ch[1], ch[2], 2)
+        self.block3 = NetworkBlock(n, ch[2], ch[3], 2)
+        self.bn1 = nn.BatchNorm2d(ch[3])
+        self.fc = nn.Linear(ch[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        x = F.relu(self.bn1(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(x)
+
+
+def wrn(depth: int, widen: int, num_classes: int = 100) -> WideResNet:
+    return WideResNet(depth, widen, num_classes=num_classes)
