@@ -1,0 +1,267 @@
+"""Datasets as uint8 NHWC arrays: CIFAR-10/100 (official python pickles), scikit-learn's
+bundled digits (offline, real data) and a deterministic synthetic set for tests.
+
+Every dataset is a `Dataset` of two `Split`s holding `images` uint8 [N, 32, 32, 3] and
+`labels` int64 [N]; its `fingerprint` (sha256 over both splits) is what the cache and the
+trainer check so that cached logits are never paired with different images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+# Official archives (https://www.cs.toronto.edu/~kriz/cifar.html): folder inside the
+# tarball, train files, test files, label key, number of classes.
+_CIFAR = {
+    "cifar10": dict(
+        folder="cifar-10-batches-py", tarball="cifar-10-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+        label_key=b"labels", num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+    ),
+    "cifar100": dict(
+        folder="cifar-100-python", tarball="cifar-100-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train=["train"], test=["test"],
+        label_key=b"fine_labels", num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD,
+    ),
+}
+
+
+@dataclass
+class Split:
+    """One split: `images` uint8 [N, 32, 32, 3] (NHWC), `labels` int64 [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.images = np.ascontiguousarray(self.images)
+        self.labels = np.ascontiguousarray(self.labels, dtype=np.int64)
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise ValueError(
+                f"Split.images must be uint8 [N, H, W, 3], got {self.images.dtype} "
+                f"{tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"Split.labels must be [N={self.images.shape[0]}], got {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class Dataset:
+    """A named dataset with train/test splits and its normalization constants."""
+
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    extra: dict = field(default_factory=dict)  # e.g. synthetic's generation parameters
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """First 16 hex chars of sha256 over shapes, images and labels of both splits."""
+        h = hashlib.sha256()
+        for split in (self.train, self.test):
+            h.update(repr(tuple(split.images.shape)).encode())
+            h.update(split.images.tobytes())
+            h.update(split.labels.astype("<i8").tobytes())
+        return h.hexdigest()[:16]
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of uint8 NHWC images scaled to [0, 1] (float64, deterministic)."""
+    # From per-channel histograms of the 256 uint8 values: exact, no float copy of the data.
+    flat = images.reshape(-1, images.shape[-1])
+    vals = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = [], []
+    for c in range(flat.shape[1]):
+        p = np.bincount(flat[:, c], minlength=256) / flat.shape[0]
+        m = float((p * vals).sum())
+        mean.append(m)
+        std.append(float(np.sqrt((p * (vals - m) ** 2).sum())))
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+# --------------------------------------------------------------------------- CIFAR
+def _unpickle_batches(read: Callable[[str], bytes], names: list[str], label_key: bytes,
+                      ) -> Split:
+    images, labels = [], []
+    for name in names:
+        entry = pickle.loads(read(name), encoding="bytes")
+        data = np.asarray(entry[b"data"], dtype=np.uint8)
+        # Official layout: row-major [N, 3072] = [N, 3 (RGB), 32, 32] -> NHWC.
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(entry[label_key], dtype=np.int64))
+    return Split(np.concatenate(images), np.concatenate(labels))
+
+
+def _read_cifar_source(source: Path, spec: dict) -> tuple[Split, Split]:
+    """Parse a `cifar-*-python` folder or the official tarball (read in place)."""
+    if source.is_dir():
+        def read(name: str) -> bytes:
+            return (source / name).read_bytes()
+        return (_unpickle_batches(read, spec["train"], spec["label_key"]),
+                _unpickle_batches(read, spec["test"], spec["label_key"]))
+    with tarfile.open(source, "r:gz") as tar:
+        def read(name: str) -> bytes:
+            member = tar.extractfile(f"{spec['folder']}/{name}")
+            if member is None:
+                raise ValueError(f"{source}: no {spec['folder']}/{name} inside the tarball")
+            return member.read()
+        return (_unpickle_batches(read, spec["train"], spec["label_key"]),
+                _unpickle_batches(read, spec["test"], spec["label_key"]))
+
+
+def _find_cifar(data_dir: Path, spec: dict) -> Path | None:
+    """data_dir/<folder>, data_dir/<tarball>, or data_dir being the folder/tarball itself."""
+    if data_dir.name in (spec["folder"], spec["tarball"]) and data_dir.exists():
+        return data_dir
+    for cand in (data_dir / spec["folder"], data_dir / spec["tarball"]):
+        if cand.exists():
+            return cand
+    return None
+
+
+def _download_cifar(name: str, data_dir: Path, spec: dict) -> None:
+    """torchvision's downloader when importable, else urllib to the official URL."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import torchvision.datasets as tvd  # noqa: PLC0415 - optional, often broken
+        cls = tvd.CIFAR100 if name == "cifar100" else tvd.CIFAR10
+        cls(str(data_dir), train=True, download=True)
+        return
+    except Exception:  # noqa: BLE001 - any torchvision failure: fall back to urllib
+        pass
+    import urllib.request  # noqa: PLC0415
+
+    dest = data_dir / spec["tarball"]
+    tmp = dest.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(spec["url"], timeout=30) as resp, open(tmp, "wb") as f:
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+    except Exception as err:  # noqa: BLE001 - no network, proxy, HTTP error...
+        tmp.unlink(missing_ok=True)
+        why = f"download failed: {err}"
+        raise RuntimeError(_cifar_missing_msg(name, data_dir, spec, why)) from err
+    md5 = hashlib.md5(tmp.read_bytes()).hexdigest()
+    if md5 != spec["md5"]:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{spec['url']}: md5 {md5} != expected {spec['md5']}; retry")
+    tmp.rename(dest)
+
+
+def _cifar_missing_msg(name: str, data_dir: Path, spec: dict, why: str) -> str:
+    return (f"{name}: {why}. Either put the official `{spec['tarball']}` (or its extracted "
+            f"`{spec['folder']}/` folder) into --data-dir ({data_dir}), downloaded from "
+            f"{spec['url']}, or run on a machine with internet access so it can be "
+            f"downloaded there.")
+
+
+def _load_cifar(name: str, data_dir: Path, download: bool) -> Dataset:
+    spec = _CIFAR[name]
+    source = _find_cifar(data_dir, spec)
+    if source is None:
+        if not download:
+            raise FileNotFoundError(_cifar_missing_msg(
+                name, data_dir, spec, "not found and download=False"))
+        _download_cifar(name, data_dir, spec)
+        source = _find_cifar(data_dir, spec)
+        if source is None:
+            raise FileNotFoundError(_cifar_missing_msg(
+                name, data_dir, spec, "download left no archive"))
+    train, test = _read_cifar_source(source, spec)
+    return Dataset(name, train, test, spec["num_classes"], spec["mean"], spec["std"])
+
+
+# -------------------------------------------------------------------------- digits
+def _load_digits() -> Dataset:
+    """sklearn's 1797 8x8 digits (0..16) -> uint8 0..255, nearest-neighbour 4x upscale to
+    32x32 (each pixel a 4x4 block: exact, no interpolation choices), grey -> RGB.
+    Split: stratified 75/25, `train_test_split(random_state=0)`: 1347 train, 450 test."""
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - heavy import
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
+    d = load_digits()
+    grey = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]
+    big = grey.repeat(4, axis=1).repeat(4, axis=2)
+    rgb = np.repeat(big[..., None], 3, axis=-1)
+    labels = d.target.astype(np.int64)
+    tr, te = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels,
+                              random_state=0)
+    tr, te = np.sort(tr), np.sort(te)
+    train = Split(rgb[tr], labels[tr])
+    mean, std = channel_stats(train.images)
+    return Dataset("digits", train, Split(rgb[te], labels[te]), 10, mean, std)
+
+
+# ----------------------------------------------------------------------- synthetic
+def _load_synthetic(n_train: int = 1000, n_test: int = 200, num_classes: int = 10,
+                    seed: int = 0) -> Dataset:
+    """Class c = a fixed random 4x4x3 colour prototype (upscaled to 32x32 blocks) plus
+    Gaussian noise (sd 40 of 255): learnable by a small CNN, deterministic from `seed`."""
+    if n_train < 1 or n_test < 1 or num_classes < 2:
+        raise ValueError("synthetic needs n_train >= 1, n_test >= 1, num_classes >= 2")
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(30, 225, size=(num_classes, 4, 4, 3))
+    protos = protos.repeat(8, axis=1).repeat(8, axis=2).astype(np.float32)  # [C,32,32,3]
+
+    def make(n: int) -> Split:
+        labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+        x = rng.standard_normal(size=(n, 32, 32, 3), dtype=np.float32)  # float32: 2x faster
+        x *= 40.0
+        x += protos[labels]
+        images = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        return Split(images, labels)
+
+    train, test = make(n_train), make(n_test)
+    mean, std = channel_stats(train.images)
+    extra = dict(n_train=n_train, n_test=n_test, num_classes=num_classes, seed=seed)
+    return Dataset("synthetic", train, test, num_classes, mean, std, extra)
+
+
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
+
+
+def default_data_dir() -> Path:
+    """`$CKD_DATA_DIR`, else `./data`: where CIFAR archives are looked for/downloaded."""
+    return Path(os.environ.get("CKD_DATA_DIR", "data"))
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = True,
+                 **kw) -> Dataset:
+    """Load a dataset by name (`cifar10`, `cifar100`, `digits`, `synthetic`).
+
+    `data_dir` is only used by CIFAR (default `$CKD_DATA_DIR` or `./data`); `synthetic`
+    takes `n_train`, `n_test`, `num_classes`, `seed`."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if kw and key != "synthetic":
+        raise TypeError(f"dataset {key!r} takes no options, got {sorted(kw)}")
+    if key in _CIFAR:
+        return _load_cifar(key, Path(data_dir) if data_dir else default_data_dir(), download)
+    if key == "digits":
+        return _load_digits()
+    return _load_synthetic(**kw)
