@@ -125,6 +125,18 @@ def test_digits():
     assert len(ds.mean) == 3 and 0 < ds.mean[0] < 1 and 0 < ds.std[0] < 1
 
 
+def test_digits_image_size():
+    big, small = load_dataset("digits"), load_dataset("digits", image_size=16)
+    assert small.train.images.shape == (1347, 16, 16, 3)
+    # the same 8x8 pixels, in 2x2 instead of 4x4 blocks
+    np.testing.assert_array_equal(small.train.images[:, ::2, ::2], big.train.images[:, ::4, ::4])
+    assert small.fingerprint != big.fingerprint and small.extra == {"image_size": 16}
+    with pytest.raises(ValueError, match="image_size must be"):
+        load_dataset("digits", image_size=20)
+    with pytest.raises(TypeError, match="takes options"):
+        load_dataset("cifar100", image_size=16)
+
+
 def test_synthetic_deterministic_and_learnable():
     a = load_dataset("synthetic", n_train=400, n_test=100, num_classes=4, seed=1)
     b = load_dataset("synthetic", n_train=400, n_test=100, num_classes=4, seed=1)

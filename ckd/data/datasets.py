@@ -196,16 +196,20 @@ def _load_cifar(name: str, data_dir: Path, download: bool) -> Dataset:
 
 
 # -------------------------------------------------------------------------- digits
-def _load_digits() -> Dataset:
-    """sklearn's 1797 8x8 digits (0..16) -> uint8 0..255, nearest-neighbour 4x upscale to
-    32x32 (each pixel a 4x4 block: exact, no interpolation choices), grey -> RGB.
+def _load_digits(image_size: int = 32) -> Dataset:
+    """sklearn's 1797 8x8 digits (0..16) -> uint8 0..255, nearest-neighbour upscale to
+    `image_size` (32 by default: each pixel a 4x4 block, exact, no interpolation choices),
+    grey -> RGB. `image_size=16` quarters every model's compute (the CPU demo uses it).
     Split: stratified 75/25, `train_test_split(random_state=0)`: 1347 train, 450 test."""
+    if image_size not in (8, 16, 32):
+        raise ValueError(f"digits image_size must be 8, 16 or 32, got {image_size}")
+    scale = image_size // 8
     from sklearn.datasets import load_digits  # noqa: PLC0415 - heavy import
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
     d = load_digits()
     grey = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]
-    big = grey.repeat(4, axis=1).repeat(4, axis=2)
+    big = grey.repeat(scale, axis=1).repeat(scale, axis=2)
     rgb = np.repeat(big[..., None], 3, axis=-1)
     labels = d.target.astype(np.int64)
     tr, te = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels,
@@ -213,7 +217,8 @@ def _load_digits() -> Dataset:
     tr, te = np.sort(tr), np.sort(te)
     train = Split(rgb[tr], labels[tr])
     mean, std = channel_stats(train.images)
-    return Dataset("digits", train, Split(rgb[te], labels[te]), 10, mean, std)
+    extra = {"image_size": image_size} if image_size != 32 else {}
+    return Dataset("digits", train, Split(rgb[te], labels[te]), 10, mean, std, extra)
 
 
 # ----------------------------------------------------------------------- synthetic
@@ -254,14 +259,17 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
     """Load a dataset by name (`cifar10`, `cifar100`, `digits`, `synthetic`).
 
     `data_dir` is only used by CIFAR (default `$CKD_DATA_DIR` or `./data`); `synthetic`
-    takes `n_train`, `n_test`, `num_classes`, `seed`."""
+    takes `n_train`, `n_test`, `num_classes`, `seed`; `digits` takes `image_size`."""
     key = name.lower().replace("-", "").replace("_", "")
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    if kw and key != "synthetic":
-        raise TypeError(f"dataset {key!r} takes no options, got {sorted(kw)}")
+    allowed = {"synthetic": {"n_train", "n_test", "num_classes", "seed"},
+               "digits": {"image_size"}}.get(key, set())
+    if set(kw) - allowed:
+        raise TypeError(f"dataset {key!r} takes options {sorted(allowed) or 'none'}, "
+                        f"got {sorted(kw)}")
     if key in _CIFAR:
         return _load_cifar(key, Path(data_dir) if data_dir else default_data_dir(), download)
     if key == "digits":
-        return _load_digits()
+        return _load_digits(**kw)
     return _load_synthetic(**kw)
