@@ -1,0 +1,9 @@
+"""Offline logit cache: frozen mentors run once per augmentation view into a Zarr v3 store
+(`build_cache`), read back by `LogitCache` (memory or stream mode). Format:
+docs/CACHE_FORMAT.md."""
+
+from .layout import CacheMismatchError, epoch_seed
+from .reader import LogitCache, list_mentors
+from .writer import build_cache
+
+__all__ = ["LogitCache", "build_cache", "CacheMismatchError", "epoch_seed", "list_mentors"]

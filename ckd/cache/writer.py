@@ -1,0 +1,285 @@
+"""`build_cache`: run each frozen mentor once per view slot over the training set and
+write the logits into a Zarr v3 store; resumable after kill -9 and sharded over ranks.
+
+Determinism (byte-identical stores whether a run was killed, resumed or sharded): a work
+unit (one logits chunk) is always computed with the same batch composition (its
+(slot, sample) pairs in slot-major order, cut into `batch_size` pieces), eval mode,
+no_grad, and on CUDA `torch.use_deterministic_algorithms(True, warn_only=True)` without
+cudnn autotuning; units are assigned to ranks statically (unit u -> rank u % world) so ranks
+never race on a chunk; the store's metadata is written whole, in a fixed key order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.storage import LocalStore
+
+from .layout import (
+    DEFAULT_CODEC,
+    DTYPES,
+    Layout,
+    epoch_seed,
+    layout_from_attrs,
+    make_layout,
+    root_attributes,
+)
+from .mentors import load_mentor, resolve_mentors  # noqa: F401 (re-export)
+from .store import prepare_store
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+
+
+# ------------------------------------------------------------------ distributed helpers
+def dist_context() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed if initialized, else RANK/WORLD_SIZE."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@contextlib.contextmanager
+def _process_group(world_size: int) -> Iterator[None]:
+    """Init a gloo group under torchrun when the caller has not (and tear it down)."""
+    import torch.distributed as dist
+
+    owned = world_size > 1 and not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels on CUDA (no cudnn autotuning). CPU inference kernels already
+    are deterministic (checked by the byte-identity tests), and the global switch costs a
+    ~2 s import of torch._inductor, so it is only flipped for CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_bench = torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.backends.cudnn.benchmark = prev_bench
+
+
+# ------------------------------------------------------------------ inference
+def _slot_views(keyed_ids: torch.Tensor | None, slots: range, idx: torch.Tensor
+                ) -> torch.Tensor:
+    """View id of each (slot, sample) pair, [len(slots), len(idx)]."""
+    if keyed_ids is None:  # "all": slot j is view j
+        return torch.tensor(list(slots), dtype=torch.int64)[:, None].expand(-1, len(idx))
+    return keyed_ids[slots.start:slots.stop][:, idx].to(torch.int64)
+
+
+@torch.no_grad()
+def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 layout: Layout, a: int, b: int, keyed_ids: torch.Tensor | None,
+                 mean: Any, std: Any, batch_size: int, progress: Any = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [slots_a, samples_b, C] (float32 cast to the store dtype) and per-slot
+    correct counts for one work unit. Fixed batch composition: deterministic bytes."""
+    from ckd.data.views import apply_views
+
+    slots, samples = layout.slot_range(a), layout.sample_range(b)
+    idx = torch.arange(samples.start, samples.stop)
+    vids = _slot_views(keyed_ids, slots, idx).reshape(-1)
+    sidx = idx.repeat(len(slots))
+    dev = images.device
+    out = torch.empty((len(vids), layout.num_classes), dtype=torch.float32)
+    for s in range(0, len(vids), batch_size):
+        bi, bv = sidx[s:s + batch_size].to(dev), vids[s:s + batch_size].to(dev)
+        x = apply_views(images[bi], bv, mean, std)
+        out[s:s + len(bi)] = model(x).float().cpu()
+        if progress is not None:
+            progress.update(len(bi))
+    logits = out.reshape(len(slots), len(samples), -1)
+    correct = (logits.argmax(-1) == labels[idx][None]).sum(1).to(torch.int32).numpy()
+    return logits.numpy().astype(layout.dtype), correct
+
+
+@torch.no_grad()
+def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndarray,
+                  mean: Any, std: Any, batch_size: int, device: torch.device) -> float:
+    """Top-1 % on the un-augmented images (IDENTITY_VIEW)."""
+    from ckd.data.views import IDENTITY_VIEW, apply_views
+
+    imgs = torch.from_numpy(images_u8)
+    correct = 0
+    for s in range(0, len(imgs), batch_size):
+        x = imgs[s:s + batch_size].to(device)
+        ids = torch.full((len(x),), IDENTITY_VIEW, dtype=torch.int64, device=device)
+        pred = model(apply_views(x, ids, mean, std)).argmax(-1).cpu()
+        correct += int((pred == torch.from_numpy(labels[s:s + batch_size])).sum())
+    return round(100.0 * correct / max(1, len(imgs)), 4)
+
+
+# ------------------------------------------------------------------ entry point
+def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path, *,
+                views: str | int = "all", seed: int = 0, batch_size: int = 512,
+                device: str = "cpu", dtype: str = "fp16", overwrite: bool = False,
+                codec: str | None = None, samples_per_chunk: int | None = None,
+                progress: bool = True) -> Path:
+    """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset) in
+    the Zarr store `out`. Rerunning the same call resumes; new aliases are added; an alias
+    whose checkpoint changed is refused unless `overwrite` (which recomputes it; a store
+    built for other data is deleted and rebuilt). Under torchrun, ranks share the work.
+    """
+    from ckd.data.views import NUM_VIEWS, RECIPE, view_ids
+    from ckd.models import file_sha256
+
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    keyed = not (isinstance(views, str) and views == "all")
+    if keyed:
+        try:
+            k = int(views)
+        except ValueError:
+            raise ValueError(f"views must be 'all' or a positive int, got {views!r}") from None
+        if k < 1:
+            raise ValueError(f"views must be 'all' or a positive int, got {views!r}")
+    if not mentors:
+        raise ValueError("no mentors given: pass --mentors r110,r8 or alias=path.pt")
+    for alias in mentors:
+        if not alias or "/" in alias or alias.startswith("."):
+            raise ValueError(f"invalid mentor alias {alias!r}: use a plain name like r110")
+    paths = {alias: Path(p) for alias, p in mentors.items()}
+    for alias, p in paths.items():
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"mentor {alias!r}: checkpoint {p} not found. Train one with `ckd train-mentor "
+                f"--arch {alias} --dataset {dataset.name}`, or pass a RepDistiller checkpoint "
+                f"as {alias}=path.pt")
+
+    n, c = len(dataset.train), int(dataset.num_classes)
+    num_slots = k if keyed else NUM_VIEWS
+    seeds = [epoch_seed(seed, j) for j in range(num_slots)] if keyed else None
+    layout = make_layout(num_slots, n, c, keyed=keyed, dtype=DTYPES[dtype],
+                         codec=codec or DEFAULT_CODEC,
+                         samples_per_chunk=samples_per_chunk)
+    idx_all = torch.arange(n)
+    keyed_ids = (torch.stack([view_ids(s, idx_all) for s in seeds]).to(torch.int16)
+                 if keyed else None)
+    attrs = root_attributes(
+        dataset_name=dataset.name, fingerprint=dataset.fingerprint, num_samples=n,
+        num_test=len(dataset.test), num_classes=c, recipe=RECIPE, keyed=keyed,
+        num_slots=num_slots, seeds=seeds, mean=dataset.mean, std=dataset.std, layout=layout,
+        params=getattr(dataset, "extra", None))
+    shas = {alias: file_sha256(p) for alias, p in paths.items()}
+    rank, world = dist_context()
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+    with _process_group(world):
+        if rank == 0:
+            prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite)
+        _barrier(world)
+        root = zarr.open_group(LocalStore(out), mode="r")
+        layout = layout_from_attrs(root.attrs.asdict())  # an existing store's chunking wins
+        keyed_ids = (torch.from_numpy(root["view_ids"][:]) if keyed else None)
+        images = torch.from_numpy(dataset.train.images).to(dev)
+        labels = torch.from_numpy(dataset.train.labels)
+        with deterministic(dev):
+            for alias, path in paths.items():
+                _run_mentor(out, alias, path, layout, images, labels, keyed_ids, dataset,
+                            batch_size, dev, rank, world, progress)
+            _barrier(world)
+            if rank == 0:
+                for alias, path in paths.items():
+                    _finalize_mentor(out, alias, path, layout, dataset, batch_size, dev)
+        _barrier(world)
+    return out
+
+
+def _run_mentor(out: Path, alias: str, path: Path, layout: Layout, images: torch.Tensor,
+                labels: torch.Tensor, keyed_ids: torch.Tensor | None, dataset: Any,
+                batch_size: int, dev: torch.device, rank: int, world: int,
+                progress: bool) -> None:
+    from tqdm import tqdm
+
+    grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
+    if grp.attrs.get("complete"):
+        return
+    logits, marker = grp["logits"], grp["train_correct"]
+    done = marker[:]
+    units = [u for i, u in enumerate(layout.units()) if i % world == rank]
+    todo = [(a, b) for a, b in units
+            if (done[layout.slot_range(a).start:layout.slot_range(a).stop, b] < 0).any()]
+    if not todo:
+        return
+    model = load_mentor(alias, path, layout.num_classes, dev)
+    total = sum(len(layout.slot_range(a)) * len(layout.sample_range(b)) for a, b in todo)
+    desc = f"{alias}" + (f" [rank {rank}]" if world > 1 else "")
+
+    def write(a: int, b: int, vals: np.ndarray, correct: np.ndarray) -> None:
+        sl, sm = layout.slot_range(a), layout.sample_range(b)
+        logits[sl.start:sl.stop, sm.start:sm.stop, :] = vals
+        marker[sl.start:sl.stop, b:b + 1] = correct[:, None]  # marker last: unit done
+
+    # Compression + writing of chunk k overlaps the inference of chunk k + 1 (one writer
+    # thread, at most 2 chunks in flight), so the mentor never waits on the codec.
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckd-cache-write") as pool, \
+            tqdm(total=total, desc=desc, unit="img", unit_scale=True,
+                 disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+        for a, b in todo:
+            vals, correct = compute_unit(model, images, labels, layout, a, b, keyed_ids,
+                                         dataset.mean, dataset.std, batch_size, bar)
+            pending.append(pool.submit(write, a, b, vals, correct))
+            if len(pending) >= 2:
+                pending.pop(0).result()
+        for f in pending:
+            f.result()
+
+
+def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset: Any,
+                     batch_size: int, dev: torch.device) -> None:
+    grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
+    attrs = grp.attrs.asdict()
+    if attrs.get("complete"):
+        return
+    done = grp["train_correct"][:]
+    if (done < 0).any():
+        missing = int((done < 0).any(axis=0).sum())
+        raise RuntimeError(f"mentor {alias!r}: {missing} sample blocks still missing after "
+                           "all ranks finished; rerun the same command to complete them")
+    model = load_mentor(alias, path, layout.num_classes, dev)
+    with deterministic(dev):
+        test_acc = test_accuracy(model, dataset.test.images, dataset.test.labels,
+                                 dataset.mean, dataset.std, batch_size, dev)
+    per_view = done.sum(axis=1) / layout.num_samples * 100.0
+    base = {k: attrs[k] for k in ("alias", "arch", "num_classes", "checkpoint",
+                                  "checkpoint_sha256")}
+    grp.attrs.put({**base, "test_acc": test_acc,
+                   "train_acc": round(float(per_view.mean()), 4),
+                   "train_acc_per_view": [round(float(v), 4) for v in per_view],
+                   "complete": True})

@@ -1,0 +1,167 @@
+"""`ckd cache-logits` and `ckd cache info|verify` (thin: the logic is in ckd.cache)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ckd.cache.layout import CODECS, DEFAULT_CODEC
+
+_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
+
+
+def _dataset_kw(pairs: tuple[str, ...]) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    for p in pairs:
+        key, sep, val = p.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="-D")
+        kw[key.strip()] = int(val) if val.strip().lstrip("-").isdigit() else val.strip()
+    return kw
+
+
+def _load(dataset: str | None, data_dir: str | None, prepared: str | None,
+          opts: tuple[str, ...]) -> Any:
+    from ckd.data import load_dataset
+
+    if prepared:
+        from ckd.data import load_prepared
+
+        return load_prepared(prepared)
+    if not dataset:
+        raise click.UsageError("give --dataset NAME (or --prepared DIR)")
+    return load_dataset(dataset, data_dir, **_dataset_kw(opts))
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@click.command("cache-logits")
+@click.option("--dataset", help="cifar10|cifar100|digits|synthetic (or use --prepared).")
+@click.option("--data-dir", type=click.Path(), help="Where the raw dataset lives.")
+@click.option("--prepared", type=click.Path(exists=True, file_okay=False),
+              help="A folder written by `ckd prepare` (betons + meta.json).")
+@click.option("-D", "--dataset-opt", "dataset_opts", multiple=True, metavar="KEY=VALUE",
+              help="Dataset option, e.g. -D n_train=512 for synthetic (repeatable).")
+@click.option("--mentors", required=True,
+              help="Comma list of aliases (r110,r8: checkpoints from --mentor-dir) or "
+                   "alias=path.pt (RepDistiller or ckd checkpoint).")
+@click.option("--mentor-dir", default="mentors", show_default=True, type=click.Path(),
+              help="Aliases resolve to <mentor-dir>/<dataset>/<arch>.pt.")
+@click.option("--out", required=True, type=click.Path(), help="Cache store (a folder).")
+@click.option("--views", default="all", show_default=True,
+              help="'all' (every distinct view: 162 for CIFAR) or K keyed views per sample.")
+@click.option("--seed", default=0, show_default=True, help="Augmentation seed (--views K).")
+@click.option("--batch-size", default=512, show_default=True)
+@click.option("--device", default=None, help="cpu|cuda (default: cuda when available).")
+@click.option("--dtype", type=click.Choice(["fp16", "fp32"]), default="fp16",
+              show_default=True, help="Storage precision of the logits.")
+@click.option("--codec", type=click.Choice(list(CODECS)), default=DEFAULT_CODEC,
+              show_default=True, help="Compression (new stores only).")
+@click.option("--samples-per-chunk", type=int, default=None,
+              help="Chunk height (default: ~8 MiB raw chunks; new stores only).")
+@click.option("--overwrite", is_flag=True,
+              help="Recompute mentors whose checkpoint changed; rebuild a store made for "
+                   "other data.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None,
+                 dataset_opts: tuple[str, ...], mentors: str, mentor_dir: str, out: str,
+                 views: str, seed: int, batch_size: int, device: str | None, dtype: str,
+                 codec: str, samples_per_chunk: int | None, overwrite: bool,
+                 quiet: bool) -> None:
+    """Run each frozen mentor once per view over the training set into a Zarr cache.
+
+    Resumable (rerun the same command after an interruption), and sharded when launched
+    with torchrun. Example: ckd cache-logits --dataset cifar100 --mentors r110,r8 --out
+    cache/cifar100
+    """
+    from ckd.cache import build_cache
+    from ckd.cache.mentors import resolve_mentors
+
+    try:
+        ds = _load(dataset, data_dir, prepared, dataset_opts)
+        paths = resolve_mentors(mentors, ds.name, mentor_dir)
+        build_cache(ds, paths, out, views=views, seed=seed, batch_size=batch_size,
+                    device=device or _default_device(), dtype=dtype, overwrite=overwrite,
+                    codec=codec, samples_per_chunk=samples_per_chunk, progress=not quiet)
+    except _ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    _print_info(out)
+
+
+def _print_info(path: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ckd.cache.inspect import info
+
+    attrs, rows = info(path)
+    ds = attrs["dataset"]
+    t = Table(title=f"{path}: {ds['name']} ({ds['fingerprint']}), {attrs['num_samples']} "
+                    f"samples x {attrs['views']['num_slots']} views ({attrs['views']['mode']}), "
+                    f"{attrs['num_classes']} classes, {attrs['dtype']}")
+    for col in ("mentor", "arch", "test acc %", "train acc %", "views", "chunks",
+                "size on disk", "ratio"):
+        t.add_column(col, justify="left" if col in ("mentor", "arch") else "right")
+    for r in rows:
+        t.add_row(r["alias"], str(r["arch"]),
+                  "-" if r["test_acc"] is None else f"{r['test_acc']:.2f}",
+                  "-" if r["train_acc"] is None else f"{r['train_acc']:.2f}",
+                  str(r["views"]), f"{r['done_chunks']}/{r['total_chunks']}"
+                  + ("" if r["complete"] else " (incomplete)"),
+                  f"{r['bytes'] / 2**20:.1f} MiB", f"{r['ratio']:.2f}x")
+    Console().print(t)
+
+
+@click.group("cache")
+def cache_group() -> None:
+    """Inspect and verify logit caches."""
+
+
+@cache_group.command("info")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def cache_info(path: str) -> None:
+    """Table of the mentors in a cache: arch, accuracy, views, size, compression."""
+    try:
+        _print_info(path)
+    except _ERRORS as err:
+        raise click.ClickException(str(err)) from err
+
+
+@cache_group.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--recompute", default=0, show_default=True,
+              help="Also recompute N random rows per mentor from its checkpoint.")
+@click.option("--data-dir", type=click.Path(), help="Raw dataset folder (for --recompute).")
+@click.option("--prepared", type=click.Path(exists=True, file_okay=False),
+              help="Prepared dataset folder (for --recompute).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Which random rows to recompute.")
+def cache_verify(path: str, recompute: int, data_dir: str | None, prepared: str | None,
+                 device: str, seed: int) -> None:
+    """Check completeness, checksums (every chunk is read) and finite values."""
+    from ckd.cache.inspect import load_cache_dataset, verify
+    from ckd.cache.layout import read_root_attrs
+
+    try:
+        ds = None
+        if recompute:
+            ds = load_cache_dataset(read_root_attrs(path), data_dir, prepared)
+        rep = verify(path, recompute=recompute, dataset=ds, device=device, seed=seed,
+                     progress=True)
+    except _ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"chunks read: {rep.chunks_read}, rows recomputed: {rep.rows_recomputed}"
+               + (f" (max |diff| {rep.max_abs_diff:.3g})" if rep.rows_recomputed else ""))
+    if not rep.ok:
+        for p in rep.problems[:50]:
+            click.echo(f"  PROBLEM {p}", err=True)
+        raise click.ClickException(f"{path}: {len(rep.problems)} problem(s)")
+    click.echo(f"{path}: OK")
+
+
+commands = [cache_logits, cache_group]

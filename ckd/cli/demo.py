@@ -1,0 +1,19 @@
+"""`ckd demo`: the end-to-end pipeline on the bundled digits data."""
+
+import click
+
+
+@click.command("demo")
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(),
+              help="Folder for data, mentors, cache, runs, plots and the results table.")
+@click.option("--seeds", default=3, show_default=True, help="Student seeds per method.")
+@click.option("--progress/--no-progress", default=False, show_default=True,
+              help="Per-epoch progress bars (the stage lines are always printed).")
+def demo(out: str, seeds: int, progress: bool) -> None:
+    """Prepare digits, train 4 mentors, cache all views, train students, report."""
+    from ckd.demo import DemoPlan, run_demo  # noqa: PLC0415
+
+    run_demo(out, DemoPlan(seeds=tuple(range(seeds))), progress=progress)
+
+
+commands = [demo]

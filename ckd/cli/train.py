@@ -1,0 +1,162 @@
+"""`ckd train`, `ckd train-mentor`, `ckd report`: thin wrappers over ckd.train.
+
+Every option defaults to None so that only flags actually given override `--config`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+import yaml
+
+_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def _kv(pairs: tuple[str, ...], flag: str) -> dict[str, Any] | None:
+    if not pairs:
+        return None
+    out = {}
+    for p in pairs:
+        key, sep, val = p.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{p!r}: expected KEY=VALUE", param_hint=flag)
+        out[key.strip()] = yaml.safe_load(val)
+    return out
+
+
+def _common(f):
+    """Options shared by train and train-mentor (data, optimisation, run)."""
+    opts = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="Experiment YAML; flags given on the command line override it."),
+        click.option("--dataset", help="cifar10 | cifar100 | digits | synthetic."),
+        click.option("--data-dir", help="Where CIFAR archives live (default ./data)."),
+        click.option("-D", "--dataset-opt", "dataset_opt", multiple=True,
+                     help="Dataset option KEY=VALUE (synthetic: n_train, n_test, ...)."),
+        click.option("--prepared", type=click.Path(file_okay=False),
+                     help="Beton folder written by `ckd prepare` (instead of --dataset)."),
+        click.option("--loader", type=click.Choice(["memory", "ffcv"])),
+        click.option("--epochs", type=int, help="Default 240."),
+        click.option("--batch-size", type=int, help="Default 64."),
+        click.option("--lr", type=float,
+                     help="Default 0.05 (0.01 for MobileNetV2/ShuffleNet students)."),
+        click.option("--momentum", type=float),
+        click.option("--weight-decay", type=float),
+        click.option("--schedule", type=click.Choice(["step", "classroom-warmup", "constant"])),
+        click.option("--milestones", help="Comma list, e.g. 150,180,210 (default: those "
+                     "scaled to --epochs)."),
+        click.option("--warmup-epochs", type=int, help="classroom-warmup (default 120/240)."),
+        click.option("--seed", type=int),
+        click.option("--out", type=click.Path(file_okay=False), help="Run folder."),
+        click.option("--resume", is_flag=True, default=None,
+                     help="Continue the run in --out from its last checkpoint."),
+        click.option("--device", help="cpu | cuda | cuda:N (default cuda if available)."),
+        click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA (default on)."),
+        click.option("--channels-last/--no-channels-last", default=None,
+                     help="channels_last memory format on CUDA (default on)."),
+        click.option("--compile", "compile_", is_flag=True, default=None,
+                     help="torch.compile the student."),
+        click.option("--log-every", type=int, help="Steps between metrics records (50)."),
+        click.option("--max-steps-per-epoch", type=int, help="Truncate epochs (smoke tests)."),
+        click.option("--no-progress", is_flag=True, default=None, help="No progress bars."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _overrides(kw: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    path = kw.pop("config_path", None)
+    kw["dataset_options"] = _kv(kw.pop("dataset_opt", ()), "--dataset-opt")
+    if "param" in kw:
+        kw["method_params"] = _kv(kw.pop("param", ()), "--param")
+    kw["compile"] = kw.pop("compile_", None)
+    kw["progress"] = False if kw.pop("no_progress", None) else None
+    return path, kw
+
+
+def _summary(result: dict[str, Any]) -> None:
+    click.echo(f"best top-1 {result['best_acc']:.2f}%  last top-1 {result['last_acc']:.2f}%  "
+               f"run folder {result['run_dir']}")
+
+
+@click.command()
+@_common
+@click.option("--cache", type=click.Path(file_okay=False), help="Logit cache (ckd cache-logits).")
+@click.option("--cache-mode", type=click.Choice(["memory", "stream"]))
+@click.option("--student", help="Student architecture (default resnet20).")
+@click.option("--method", type=click.Choice(["nokd", "kd", "aver", "dgkd", "tekap", "dkd",
+                                             "classroom"]))
+@click.option("--variant", type=click.Choice(["paper", "official"]))
+@click.option("--granularity", type=click.Choice(["batch", "sample"]))
+@click.option("--backend", type=click.Choice(["auto", "triton", "reference"]))
+@click.option("--mentors", help="Comma list, teacher first: a subset of the cached mentors, "
+              "or with --mentors-online NAME or NAME=checkpoint.pt.")
+@click.option("--mentors-online/--no-mentors-online", default=None,
+              help="Run the mentors' checkpoints live on the same views (no cache).")
+@click.option("--mentor-dir", type=click.Path(file_okay=False),
+              help="Online mentors' folder (default ./mentors/<dataset>).")
+@click.option("--tau", type=float, help="Base temperature (classroom default 12).")
+@click.option("--beta", type=float)
+@click.option("--delta", type=float)
+@click.option("--lam", type=float, help="Rank scale lambda (default: number of mentors).")
+@click.option("--param", multiple=True, help="Extra distill_loss parameter KEY=VALUE.")
+def train(**kw: Any) -> None:
+    """Train a student from cached (or live) mentor logits."""
+    from ckd.train import load_config
+    from ckd.train import train as run
+
+    path, kw = _overrides(kw)
+    try:
+        cfg = load_config(path, **kw)
+        result = run(cfg)
+    except _ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    _summary(result)
+
+
+@click.command("train-mentor")
+@click.option("--arch", required=True, help="Mentor architecture, e.g. r110, resnet56, vgg13.")
+@click.option("--mentor-dir", type=click.Path(file_okay=False),
+              help="Where <arch>.pt goes (default ./mentors/<dataset>).")
+@_common
+def train_mentor(arch: str, mentor_dir: str | None, **kw: Any) -> None:
+    """Train a mentor from scratch (nokd) and save ./mentors/<dataset>/<arch>.pt."""
+    from ckd.train import load_config
+    from ckd.train import train_mentor as run
+
+    path, kw = _overrides(kw)
+    try:
+        base = load_config(path, **kw).to_dict() if path else {
+            k: v for k, v in kw.items() if v is not None}
+        dataset = base.pop("dataset", None)
+        out = base.pop("out", None)
+        for k in ("student", "method", "cache", "mentors", "mentors_online"):
+            base.pop(k, None)
+        result = run(arch, dataset, out=out, mentor_dir=mentor_dir, **base)
+    except _ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    _summary(result)
+    click.echo(f"mentor checkpoint {result['mentor_path']}")
+
+
+@click.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the PNGs and report.md.")
+def report(run_dirs: tuple[str, ...], out: str) -> None:
+    """Plots (accuracy, mentor ranks, temperatures) and a best/last top-1 table for runs."""
+    from ckd.train.report import summary_table, write_report
+
+    try:
+        written = write_report(list(run_dirs), out)
+    except _ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    from ckd.train.report import load_run
+
+    click.echo(summary_table([load_run(d) for d in run_dirs]))
+    for path in written.values():
+        click.echo(f"wrote {path}")
+
+
+commands = [train, train_mentor, report]

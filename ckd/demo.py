@@ -1,0 +1,140 @@
+"""`ckd demo`: the whole pipeline on the bundled digits data, offline, on the CPU.
+
+prepare -> train a classroom of mentors -> cache every view's logits -> train the student
+with nokd, kd, aver and classroom (both variants) over several seeds -> results table and
+plots. Sizes are chosen so the run fits in about 10 minutes on 2 cores and the task is not
+saturated (see README, "The demo").
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# (label, method, variant): the rows of the results table.
+DEMO_METHODS: tuple[tuple[str, str, str], ...] = (
+    ("nokd", "nokd", "paper"),
+    ("kd", "kd", "paper"),
+    ("aver", "aver", "paper"),
+    ("classroom (paper)", "classroom", "paper"),
+    ("classroom (official)", "classroom", "official"),
+)
+
+
+@dataclass
+class DemoPlan:
+    image_size: int = 16  # digits upscaled 2x: a quarter of the 32x32 compute
+    teacher: str = "r20"
+    peers: tuple[str, ...] = ("r14", "wrn-16-1", "r8")
+    student: str = "r8"
+    mentor_epochs: int = 12
+    student_epochs: int = 6
+    seeds: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = 64
+    lr: float = 0.05
+    tau: float = 4.0
+    methods: tuple[tuple[str, str, str], ...] = DEMO_METHODS
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _mean_std(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} +- {sd:.2f}"
+
+
+def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Run every stage into `out`; returns the results (also written to results.json/md)."""
+    from ckd.cache import build_cache  # noqa: PLC0415 - heavy imports on use
+    from ckd.data.beton import write_betons
+    from ckd.data.datasets import load_dataset
+    from ckd.train import train, train_mentor
+    from ckd.train.report import write_report
+
+    plan = plan or DemoPlan()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def stage_done(name: str, t0: float) -> None:
+        timings[name] = time.perf_counter() - t0
+        _say(f"{name}: {timings[name]:.1f} s")
+
+    # 1. data ------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    ds = load_dataset("digits", image_size=plan.image_size)
+    prepared = write_betons(ds, out / "data")
+    _say(f"digits {plan.image_size}x{plan.image_size}: {len(ds.train.labels)} train / "
+         f"{len(ds.test.labels)} test, fingerprint {ds.fingerprint} -> {prepared}")
+    stage_done("prepare", t0)
+    common = dict(prepared=str(prepared), batch_size=plan.batch_size, lr=plan.lr,
+                  device="cpu", progress=progress, log_every=10, **plan.extra)
+
+    # 2. mentors ----------------------------------------------------------------------
+    t0 = time.perf_counter()
+    mentor_dir = out / "mentors"
+    mentors: dict[str, Path] = {}
+    mentor_acc: dict[str, float] = {}
+    for alias in (plan.teacher, *plan.peers):
+        r = train_mentor(alias, None, out=out / "runs" / f"mentor-{alias}",
+                         mentor_dir=mentor_dir, epochs=plan.mentor_epochs, seed=0, **common)
+        mentors[alias] = Path(r["mentor_path"])
+        mentor_acc[alias] = r["last_acc"]
+        _say(f"mentor {alias}: test top-1 {r['last_acc']:.2f}%")
+    stage_done("train mentors", t0)
+
+    # 3. cache every view -------------------------------------------------------------
+    t0 = time.perf_counter()
+    cache = build_cache(ds, {a: str(p) for a, p in mentors.items()}, out / "cache",
+                        views="all", device="cpu", dtype="fp16", progress=progress)
+    stage_done("cache-logits (all 162 views)", t0)
+
+    # 4. students ---------------------------------------------------------------------
+    t0 = time.perf_counter()
+    results: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in plan.methods}
+    run_dirs: list[str] = []
+    for label, method, variant in plan.methods:
+        for seed in plan.seeds:
+            name = f"{label.replace(' ', '').replace('(', '-').replace(')', '')}-s{seed}"
+            cfg = dict(common, student=plan.student, method=method, variant=variant,
+                       epochs=plan.student_epochs, seed=seed, out=str(out / "runs" / name),
+                       cache=None if method == "nokd" else str(cache),
+                       mentors=None if method == "nokd" else [plan.teacher, *plan.peers],
+                       tau=plan.tau if method in ("aver", "classroom") else None)
+            r = train(cfg)
+            results[label].append({"seed": seed, "best": r["best_acc"], "last": r["last_acc"]})
+            run_dirs.append(r["run_dir"])
+            _say(f"student {plan.student} {label} seed {seed}: last {r['last_acc']:.2f}% "
+                 f"best {r['best_acc']:.2f}%")
+    stage_done("train students", t0)
+
+    # 5. table + plots ----------------------------------------------------------------
+    lines = [f"Student {plan.student} on digits {plan.image_size}x{plan.image_size}, "
+             f"{plan.student_epochs} epochs, seeds {list(plan.seeds)}; mentors (test top-1): "
+             + ", ".join(f"{a} {acc:.2f}%" for a, acc in mentor_acc.items())
+             + f" (teacher {plan.teacher})", "",
+             "| method | last top-1 (mean +- std) | best top-1 (mean +- std) |",
+             "|---|---|---|"]
+    for label, rows in results.items():
+        lines.append(f"| {label} | {_mean_std([r['last'] for r in rows])} | "
+                     f"{_mean_std([r['best'] for r in rows])} |")
+    table = "\n".join(lines)
+    plots = write_report(run_dirs, out / "report")
+    timings["total"] = time.perf_counter() - t_start
+    summary = {"plan": asdict(plan), "mentor_acc": mentor_acc, "results": results,
+               "timings_s": timings, "plots": {k: str(v) for k, v in plots.items()}}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(table + "\n")
+    print("\n" + table + "\n", flush=True)
+    _say(f"plots: {', '.join(str(p) for p in plots.values())}")
+    _say(f"total {timings['total']:.0f} s; results in {out / 'results.md'}")
+    return summary
