@@ -26,6 +26,12 @@ DKD = dict(zs_ptr="*{s}", s_sb="i32", s_sc="i32", zt_ptr="*{m}", s_tb="i32", s_t
            BLOCK_C="constexpr", ACC="constexpr", WRITE_GRAD="constexpr")
 
 
+RANK = dict(ce_ptr="*fp32", wkl_ptr="*fp32", temp_ptr="*fp32", wce_ptr="*fp32",
+            st_ptr="*fp32", B="i32", M="i32", lam="fp32", tau="fp32", beta="fp32",
+            delta="fp32", OFFICIAL="constexpr", SAMPLE="constexpr", BLOCK_K="constexpr",
+            BLOCK_B="constexpr")
+
+
 def compile_all(arch: int, full: bool) -> list[str]:
     import triton
     import triton.language as tl
@@ -56,6 +62,14 @@ def compile_all(arch: int, full: bool) -> list[str]:
                                options=dict(num_warps=warps))
             assert k.asm["cubin"], fn
             done.append(f"{fn.__name__}[{s}/{m}, BLOCK_C={blk}]")
+    from ckd.kernels.rank import _rank_kernel
+
+    for official, sample in ((False, False), (True, True)) + (((True, False), (False, True))
+                                                              if full else ()):
+        consts = dict(OFFICIAL=official, SAMPLE=sample, BLOCK_K=8, BLOCK_B=256)
+        k = triton.compile(ASTSource(_rank_kernel, RANK, consts), target=target)
+        assert k.asm["cubin"]
+        done.append(f"_rank_kernel[official={official}, sample={sample}]")
     return done
 
 
@@ -65,7 +79,7 @@ def _compile(arch: int, full: bool) -> None:
     r = subprocess.run([sys.executable, __file__, str(arch), str(int(full))], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    n = (5 if full else 2) * 6
+    n = (5 if full else 2) * 6 + (4 if full else 2)
     assert f"compiled {n} kernels" in r.stdout, r.stdout
 
 

@@ -13,6 +13,7 @@ import torch
 from ckd.kernels import NonFiniteError, check_finite, distill_loss, resolve_backend
 from ckd.kernels import distill as D
 from ckd.kernels import reference as R
+from ckd.kernels.rank import classroom_weights_fused
 
 CLASSROOM = [dict(method="classroom", variant=v, granularity=g)
              for v in ("paper", "official") for g in ("batch", "sample")]
@@ -61,7 +62,8 @@ def compare(zs, zm, y, kw, tol=1e-5, gtol=None):
     fl, rl = float(fo.loss.detach()), float(ro.loss.detach())
     assert abs(fl - rl) <= tol * abs(rl) + 1e-7, f"loss {fl} vs reference {rl}"
     # and the fused loss against the reference in float64 on the same inputs
-    truth = float(distill_loss(zs.double(), zm.double(), y, backend="reference", **kw).loss)
+    zm64 = None if zm is None else zm.double()
+    truth = float(distill_loss(zs.double(), zm64, y, backend="reference", **kw).loss)
     assert abs(fl - truth) <= 1e-5 * abs(truth) + 1e-7, f"loss {fl} vs float64 {truth}"
     gerr = float((fg.float() - rg.float()).abs().max()) / max(float(rg.float().abs().max()), 1e-12)
     assert gerr <= (gtol or tol), f"grad rel err {gerr:.2e}"
@@ -197,11 +199,43 @@ def test_backward_scales_and_no_grad_mode():
     torch.testing.assert_close(loss, distill_loss(zs, zm, y, backend="reference").loss)
 
 
+@pytest.mark.parametrize("zm", [None, torch.zeros(0, 4, 10)], ids=["None", "M=0"])
+def test_nokd_without_mentors(zm):
+    zs, _, y = inputs(B=4, C=10, M=1)
+    compare(zs, zm, y, dict(method="nokd"))
+    assert distill_loss(zs, zm, y, method="nokd").stats["mentor_rank"].shape == (0,)
+
+
 def test_auto_backend():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     assert resolve_backend("auto", torch.device("cpu")) == "triton"
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
     assert resolve_backend("reference", torch.device("cuda")) == "reference"
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("granularity", ["batch", "sample"])
+def test_rank_kernel_matches_reference_selection(variant, granularity):
+    kw = dict(tau=12.0, beta=0.7, delta=0.3, lam=None, variant=variant,
+              granularity=granularity)
+    # all 8 models equally good: frac = 0.125 exactly, x100 = 12.5: round half to even
+    # (12, as torch.round), and r_m == r_s everywhere (paper: none active, official: all)
+    for ce in (torch.zeros(8, 5), 3 * torch.rand(4, 40, generator=torch.Generator()
+                                                 .manual_seed(1))):
+        ref_w = R.classroom_weights(ce, **kw)
+        ref_st = R.classroom_stats(ref_w, torch.zeros((), dtype=torch.int32))
+        w, t, wce, st = classroom_weights_fused(ce, **kw)
+        exact = not ce.any()
+        for a, b in ((w, ref_w["w_kl"]), (t, ref_w["temp"]), (wce, ref_w["w_ce"])):
+            if exact:
+                assert torch.equal(a, b)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        for k in ("mentor_rank", "mentor_active", "mentor_temp", "student_rank"):
+            torch.testing.assert_close(st[k], ref_st[k], rtol=1e-6, atol=1e-6)
+        if exact:
+            assert float(st["mentor_active"].min()) == float(variant == "official")
+            if variant == "official":
+                assert float(st["student_rank"]) == pytest.approx(0.12 * 7)
 
 
 @pytest.mark.slow

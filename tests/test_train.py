@@ -85,30 +85,40 @@ def _records(run_dir) -> list[dict]:
     return [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_nokd_learns_and_writes_run(tmp_path):
+def test_train_nokd_writes_run(tmp_path):
     from ckd.models import load_checkpoint, read_checkpoint_meta
 
     out = tmp_path / "run"
-    res = train(dict(BASE, dataset_options=dict(TINY, n_train=128), method="nokd",
-                     epochs=4, out=str(out)))
-    assert res["steps"] == 4 * 8 and res["run_dir"] == str(out)
-    assert res["best_acc"] >= res["last_acc"] > 30.0  # 10 classes: chance is 10 %
+    res = train(dict(BASE, dataset_options=dict(TINY, n_train=48), method="nokd",
+                     out=str(out)))
+    assert res["steps"] == 2 * 3 and res["run_dir"] == str(out)
+    assert 0.0 <= res["last_acc"] <= res["best_acc"] <= 100.0
     recs = _records(out)
     assert recs[0]["type"] == "run" and recs[0]["mentors"] == []
     epochs = [r for r in recs if r["type"] == "epoch"]
     steps = [r for r in recs if r["type"] == "step"]
-    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3]
-    assert len(steps) == 4 * 4 and all(s["img_per_s"] > 0 for s in steps)
-    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["epochs"] == 4 and saved["lr"] is None and saved["out"] == str(out)
-    assert load_config(out / "config.yaml").epochs == 4  # the resolved config reloads
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    # log_every=2 over 3 steps an epoch: at step 2 and at the epoch's last step
+    assert [s["step"] for s in steps] == [2, 3, 4, 6] and all(s["img_per_s"] > 0 for s in steps)
+    assert [s["lr"] for s in steps] == pytest.approx([0.05, 0.05, 0.005, 0.005])  # 2 epochs:
+    saved = yaml.safe_load((out / "config.yaml").read_text())  # milestones scale to 1, 2, 2
+    assert saved["epochs"] == 2 and saved["lr"] is None and saved["out"] == str(out)
+    assert load_config(out / "config.yaml").epochs == 2  # the resolved config reloads
     meta = read_checkpoint_meta(out / "student.pt")
     assert meta["dataset"] == "synthetic" and meta["metrics"]["test_acc"] == res["last_acc"]
     model = load_checkpoint(out / "student.pt")
     for a, b in zip(model.state_dict().values(), res["model"].state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_train_nokd_learns(tmp_path):
+    res = train(dict(BASE, dataset_options=dict(TINY, n_train=128), method="nokd",
+                     epochs=4, out=str(tmp_path / "run")))
+    assert res["best_acc"] >= res["last_acc"] > 30.0  # 10 classes: chance is 10 %
+    ep = res["history"]
+    assert ep[-1]["train_loss"] < ep[0]["train_loss"]
 
 
 def test_existing_run_needs_resume(tmp_path):
@@ -161,7 +171,7 @@ def test_cli_train_mentor_train_online_and_report(tmp_path):
                          "--mentor-dir", str(tmp_path / "mentors"),
                          "--out", str(tmp_path / "mrun"), *common])
     assert res.exit_code == 0, res.output
-    meta = read_checkpoint_meta(tmp_path / "mentors" / "resnet8.pt")
+    meta = read_checkpoint_meta(tmp_path / "mentors" / "synthetic" / "resnet8.pt")
     assert meta["arch"] == "resnet8" and meta["dataset"] == "synthetic"
     assert 0.0 <= meta["metrics"]["test_acc"] <= 100.0
     assert "mentor checkpoint" in res.output
@@ -171,7 +181,7 @@ def test_cli_train_mentor_train_online_and_report(tmp_path):
                                    "backend": "reference"}))
     peer = _mentor_ckpt(tmp_path / "peer.pt", 7)
     res = r.invoke(cli, ["train", "--config", str(cfg), "--epochs", "2", "--student",
-                         "resnet8", "--mentors-online", "--mentors", f"resnet8,peer={peer}",
+                         "resnet8", "--mentors-online", "--mentors", f"r8,peer={peer}",
                          "--mentor-dir", str(tmp_path / "mentors"),
                          "--out", str(tmp_path / "cls"), *common])
     assert res.exit_code == 0, res.output

@@ -32,6 +32,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow  # three processes importing torch: ~20-30 s on 2 shared cores
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     proc = subprocess.Popen(_ckd(*ARGS, "--out", str(killed)), stdout=subprocess.DEVNULL,

@@ -95,7 +95,8 @@ def _summary(result: dict[str, Any]) -> None:
 @click.option("--mentors-online/--no-mentors-online", default=None,
               help="Run the mentors' checkpoints live on the same views (no cache).")
 @click.option("--mentor-dir", type=click.Path(file_okay=False),
-              help="Online mentors' folder (default ./mentors/<dataset>).")
+              help="Online mentors: NAME is <mentor-dir>/<dataset>/<arch>.pt (default "
+              "./mentors), as in `ckd cache-logits`.")
 @click.option("--tau", type=float, help="Base temperature (classroom default 12).")
 @click.option("--beta", type=float)
 @click.option("--delta", type=float)
@@ -118,10 +119,10 @@ def train(**kw: Any) -> None:
 @click.command("train-mentor")
 @click.option("--arch", required=True, help="Mentor architecture, e.g. r110, resnet56, vgg13.")
 @click.option("--mentor-dir", type=click.Path(file_okay=False),
-              help="Where <arch>.pt goes (default ./mentors/<dataset>).")
+              help="Writes <mentor-dir>/<dataset>/<arch>.pt (default ./mentors).")
 @_common
 def train_mentor(arch: str, mentor_dir: str | None, **kw: Any) -> None:
-    """Train a mentor from scratch (nokd) and save ./mentors/<dataset>/<arch>.pt."""
+    """Train a mentor from scratch (nokd) and save ./mentors/<dataset>/<ARCH>.pt."""
     from ckd.train import load_config
     from ckd.train import train_mentor as run
 

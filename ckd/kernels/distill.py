@@ -14,11 +14,12 @@ forward pass (as Liger-Kernel's ops/jsd.py), so the backward only scales it.
   Extra memory: the gradient plus O(B x terms); no [M, B, C] intermediate.
 - Terms with weight 0 (inactive mentors) are skipped: their logits are never read.
 - ClassroomKD first runs `_gt_ce_kernel` (CE of every model per sample, [1+M, B]); the
-  ranking over the batch is then a handful of tiny torch ops on device (no host sync,
-  `reference.classroom_weights`, shared with the reference) before the main kernel.
+  ranking over the batch is then one tiny program (`rank.py`, the same arithmetic as
+  `reference.classroom_weights`), all on device, before the main kernel.
 - TeKAP noise is generated in-kernel from the counter-based hash of `rng.py`.
-- Non-finite logits and out-of-range labels set bits of a per-row int32 flag
-  (1 student, 2 mentor, 4 label), reduced on device; nothing syncs.
+- Non-finite logits and out-of-range labels set bits of one int32 flag word
+  (1 student, 2 mentor, 4 label) with an atomic OR (only rows that found a problem
+  touch it); nothing syncs.
 - DKD has its own kernel (`_dkd_kernel`), same structure, one teacher term.
 """
 
@@ -98,7 +99,7 @@ def _gt_ce_kernel(z_ptr, s_k, s_b, s_c, y_ptr, ce_ptr, flag_ptr, B, C,
     zy = tl.load(row + tl.where(y_ok, y, 0) * s_c).to(ACC)
     tl.store(ce_ptr + k * B + b, (m + tl.log(d) - zy).to(tl.float32))
     flag = tl.max(bad, 0) * FLAG_BIT + tl.where(y_ok, 0, 4)
-    tl.store(flag_ptr + k * B + b, flag)
+    tl.atomic_or(flag_ptr, flag, mask=flag != 0)
 
 
 @triton.jit
@@ -167,10 +168,11 @@ def _distill_kernel(
                 ds = tl.where(sel, dsj, ds)
                 mm = tl.where(sel, mmj, mm)
                 dm = tl.where(sel, dmj, dm)
-    lse1 = m1 + tl.log(d1)
-    # inactive terms keep d = 0: log of 1 instead (their lse is never used)
-    lse_s = ms + tl.log(tl.where(ds > 0, ds, 1.0))
-    lse_m = mm + tl.log(tl.where(dm > 0, dm, 1.0))
+    # log-softmax as (a - max) - log(sum): never round max + log(sum) into one number,
+    # whose error T^2 would amplify. Inactive terms keep d = 0: log of 1 (never used).
+    ld1 = tl.log(d1)
+    lds = tl.log(tl.where(ds > 0, ds, 1.0))
+    ldm = tl.log(tl.where(dm > 0, dm, 1.0))
     zy = tl.load(zs_row + tl.where(y_ok, y, 0) * s_sc).to(ACC)
     kl = tl.zeros([BLOCK_J], ACC)
     # pass 2: probabilities, KL per term and the gradient row (written once)
@@ -178,7 +180,7 @@ def _distill_kernel(
         cols = c0 + offs
         cm = cols < C
         x = tl.load(zs_row + cols * s_sc, mask=cm, other=0.0).to(ACC)
-        g = wce * (tl.exp(x - lse1) - tl.where(cols == y, 1.0, 0.0))
+        g = wce * (tl.exp((x - m1) - ld1) - tl.where(cols == y, 1.0, 0.0))
         for j in range(J):
             sel = jv == j
             w = _pick(w_vec, sel)
@@ -186,18 +188,18 @@ def _distill_kernel(
                 T = _pick(t_vec, sel)
                 z = _mentor_block(zm_ptr, s_mm, s_mb, s_mc, _pick(src_vec, sel), b, cols, cm,
                                   _pick(copy_vec, sel), root, a, one_minus_a, NOISE, ACC)
-                lq = x / T - _pick(lse_s, sel)
-                lp = z / T - _pick(lse_m, sel)
+                lq = (x / T - _pick(ms, sel)) - _pick(lds, sel)
+                lp = (z / T - _pick(mm, sel)) - _pick(ldm, sel)
                 pm = tl.exp(lp)
                 kl = tl.where(sel, kl + tl.sum(tl.where(cm, pm * (lp - lq), 0.0), 0), kl)
                 g = g + (w * T) * (tl.exp(lq) - pm)
         if WRITE_GRAD:
             tl.store(grad_ptr + b * s_gb + cols, (g * inv_B).to(grad_ptr.dtype.element_ty),
                      mask=cm)
-    loss = wce * (lse1 - zy) + tl.sum(w_vec * t_vec * t_vec * kl, 0)
+    loss = wce * ((m1 - zy) + ld1) + tl.sum(w_vec * t_vec * t_vec * kl, 0)
     tl.store(loss_ptr + b, (loss * inv_B).to(loss_ptr.dtype.element_ty))
     flag = tl.max(bad_s, 0) + 2 * tl.max(bad_m, 0) + tl.where(y_ok, 0, 4)
-    tl.store(flag_ptr + b, flag)
+    tl.atomic_or(flag_ptr, flag, mask=flag != 0)
 
 
 @triton.jit
@@ -232,18 +234,18 @@ def _dkd_kernel(
         msn, dsn = _online(msn, dsn, tl.where(nt, x / T, float("-inf")))
         mt, dt = _online(mt, dt, tl.where(cm, z / T, float("-inf")))
         mtn, dtn = _online(mtn, dtn, tl.where(nt, z / T, float("-inf")))
-    lse1 = m1 + tl.log(d1)
-    lse_s = ms + tl.log(ds)
-    lse_sn = msn + tl.log(dsn)
-    lse_t = mt + tl.log(dt)
-    lse_tn = mtn + tl.log(dtn)
+    ld1 = tl.log(d1)
+    lds = tl.log(ds)
+    ldsn = tl.log(dsn)
+    ldt = tl.log(dt)
+    ldtn = tl.log(dtn)
     y_safe = tl.where(y_ok, y, 0)
     zy = tl.load(zs_row + y_safe * s_sc).to(ACC)
     ty = tl.load(zt_row + y_safe * s_tc).to(ACC)
-    log_bs = zy / T - lse_s
-    log_bt = ty / T - lse_t
-    log_rs = lse_sn - lse_s  # log(1 - b_s)
-    log_rt = lse_tn - lse_t
+    log_bs = (zy / T - ms) - lds
+    log_bt = (ty / T - mt) - ldt
+    log_rs = (msn - ms) + (ldsn - lds)  # log(1 - b_s)
+    log_rt = (mtn - mt) + (ldtn - ldt)
     bs = tl.exp(log_bs)
     bt = tl.exp(log_bt)
     tckd = bt * (log_bt - log_bs) + tl.exp(log_rt) * (log_rt - log_rs)
@@ -254,22 +256,22 @@ def _dkd_kernel(
         nt = cm & (cols != y)
         x = tl.load(zs_row + cols * s_sc, mask=cm, other=0.0).to(ACC)
         z = tl.load(zt_row + cols * s_tc, mask=cm, other=0.0).to(ACC)
-        lqs = x / T - lse_sn
-        lqt = z / T - lse_tn
+        lqs = (x / T - msn) - ldsn
+        lqt = (z / T - mtn) - ldtn
         qs = tl.where(nt, tl.exp(lqs), 0.0)
         qt = tl.where(nt, tl.exp(lqt), 0.0)
         nckd += tl.sum(tl.where(nt, qt * (lqt - lqs), 0.0), 0)
         is_y = cols == y
         g_t = tl.where(is_y, bs - bt, (bt - bs) * qs)
-        g = alpha_ce * (tl.exp(x - lse1) - tl.where(is_y, 1.0, 0.0))
+        g = alpha_ce * (tl.exp((x - m1) - ld1) - tl.where(is_y, 1.0, 0.0))
         g = g + T * (w_tckd * g_t + w_nckd * (qs - qt))
         if WRITE_GRAD:
             tl.store(grad_ptr + b * s_gb + cols, (g * inv_B).to(grad_ptr.dtype.element_ty),
                      mask=cm)
-    loss = alpha_ce * (lse1 - zy) + T * T * (w_tckd * tckd + w_nckd * nckd)
+    loss = alpha_ce * ((m1 - zy) + ld1) + T * T * (w_tckd * tckd + w_nckd * nckd)
     tl.store(loss_ptr + b, (loss * inv_B).to(loss_ptr.dtype.element_ty))
     flag = tl.max(bad_s, 0) + 2 * tl.max(bad_m, 0) + tl.where(y_ok, 0, 4)
-    tl.store(flag_ptr + b, flag)
+    tl.atomic_or(flag_ptr, flag, mask=flag != 0)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -294,40 +296,38 @@ def _warps(block: int) -> int:
     return min(16, max(4, block // 256))
 
 
-def reduce_flags(flags: torch.Tensor) -> torch.Tensor:
-    """OR of per-row flag bits, on device (0-dim int32)."""
-    f = flags.reshape(-1)
-    return ((f & 1).amax() | (f & 2).amax() | (f & 4).amax()).to(torch.int32)
+def new_flag(device: torch.device) -> torch.Tensor:
+    """The 0-dim int32 flag word the kernels OR their bits into."""
+    return torch.zeros((), device=device, dtype=torch.int32)
 
 
-def gt_ce(zs: torch.Tensor, zm: torch.Tensor | None, y: torch.Tensor,
-          block_c: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CE of the student and of every mentor per sample: (ce [1+M, B] fp32, flags [1+M, B])."""
+def gt_ce(zs: torch.Tensor, zm: torch.Tensor | None, y: torch.Tensor, flag: torch.Tensor,
+          block_c: int | None = None) -> torch.Tensor:
+    """CE of the student and of every mentor per sample: ce [1+M, B] fp32."""
     B, C = zs.shape
     M = 0 if zm is None else zm.shape[0]
     ce = torch.empty(1 + M, B, device=zs.device, dtype=torch.float32)
-    flags = torch.empty(1 + M, B, device=zs.device, dtype=torch.int32)
     blk = block_size(C, block_c)
-    _gt_ce_kernel[(B, 1)](zs, 0, zs.stride(0), zs.stride(1), y, ce, flags, B, C,
+    _gt_ce_kernel[(B, 1)](zs, 0, zs.stride(0), zs.stride(1), y, ce, flag, B, C,
                           FLAG_BIT=1, BLOCK_C=blk, ACC=_acc_dtype(zs.dtype),
                           num_warps=_warps(blk))
     if M:
         _gt_ce_kernel[(B, M)](zm, zm.stride(0), zm.stride(1), zm.stride(2), y, ce[1:],
-                              flags[1:], B, C, FLAG_BIT=2, BLOCK_C=blk,
+                              flag, B, C, FLAG_BIT=2, BLOCK_C=blk,
                               ACC=_acc_dtype(zs.dtype), num_warps=_warps(blk))
-    return ce, flags
+    return ce
 
 
-def fused_distill(zs, zm, y, src, copy, w, t, wce, *, noise=None, write_grad=True,
+def fused_distill(zs, zm, y, src, copy, w, t, wce, flag, *, noise=None, write_grad=True,
                   block_c=None):
     """Launch the main kernel. src/copy: int32 [J] device tensors; w, t: [J, B] (any
     strides, e.g. stride 0 over B); wce: [B]; noise: (seed, step, a) for TeKAP copies.
-    Returns (loss_rows [B] fp32 (fp64 for fp64 students) already divided by B, grad [B, C] or None, flags [B])."""
+    Returns (loss_rows [B] fp32 (fp64 for fp64 students) already divided by B,
+    grad [B, C] or None); problems are OR-ed into `flag` (see new_flag)."""
     B, C = zs.shape
     J = int(src.numel()) if w.numel() else 0
     dev = zs.device
     loss_rows = torch.empty(B, device=dev, dtype=_loss_dtype(zs.dtype))
-    flags = torch.empty(B, device=dev, dtype=torch.int32)
     grad = torch.empty_like(zs, memory_format=torch.contiguous_format) if write_grad else None
     zm_arg, ms = (zs, (0, 0, 0)) if zm is None else (zm, zm.stride())
     root, a = 0, 0.0
@@ -338,24 +338,23 @@ def fused_distill(zs, zm, y, src, copy, w, t, wce, *, noise=None, write_grad=Tru
     _distill_kernel[(B,)](
         zs, zs.stride(0), zs.stride(1), zm_arg, *ms, y, src, copy,
         w, w.stride(0), w.stride(1), t, t.stride(0), t.stride(1), wce, wce.stride(0),
-        grad if write_grad else loss_rows, C if write_grad else 0, loss_rows, flags,
+        grad if write_grad else loss_rows, C if write_grad else 0, loss_rows, flag,
         C, J, 1.0 / B, root, float(a), float(1.0 - a),
         BLOCK_C=blk, BLOCK_J=triton.next_power_of_2(max(J, 1)), NOISE=noise is not None,
         ACC=_acc_dtype(zs.dtype), WRITE_GRAD=write_grad, num_warps=_warps(blk))
-    return loss_rows, grad, flags
+    return loss_rows, grad
 
 
-def fused_dkd(zs, zt, y, *, T, alpha_ce, w_tckd, w_nckd, write_grad=True, block_c=None):
+def fused_dkd(zs, zt, y, flag, *, T, alpha_ce, w_tckd, w_nckd, write_grad=True, block_c=None):
     """Launch the DKD kernel on the teacher logits zt [B, C] (any strides)."""
     B, C = zs.shape
     dev = zs.device
     loss_rows = torch.empty(B, device=dev, dtype=_loss_dtype(zs.dtype))
-    flags = torch.empty(B, device=dev, dtype=torch.int32)
     grad = torch.empty_like(zs, memory_format=torch.contiguous_format) if write_grad else None
     blk = block_size(C, block_c)
     _dkd_kernel[(B,)](
         zs, zs.stride(0), zs.stride(1), zt, zt.stride(0), zt.stride(1), y,
-        grad if write_grad else loss_rows, C if write_grad else 0, loss_rows, flags,
+        grad if write_grad else loss_rows, C if write_grad else 0, loss_rows, flag,
         C, 1.0 / B, float(T), float(alpha_ce), float(w_tckd), float(w_nckd),
         BLOCK_C=blk, ACC=_acc_dtype(zs.dtype), WRITE_GRAD=write_grad, num_warps=_warps(blk))
-    return loss_rows, grad, flags
+    return loss_rows, grad

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ckd.kernels import distill as D
-from ckd.kernels import reference as ref
+from ckd.kernels.rank import classroom_weights_fused
 from ckd.kernels.rng import dgkd_keep_mask
 
 _CONST: dict[tuple, Tensor] = {}
@@ -28,7 +28,7 @@ def _const(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 class FusedDistillFn(torch.autograd.Function):
     """forward(student, launch) -> (loss, flags); `launch()` runs the kernels and returns
-    (loss_rows [B] already / B, grad [B, C] | None, flags [])."""
+    (loss_rows [B] already / B, grad [B, C] | None, flag [] int32)."""
 
     @staticmethod
     def forward(ctx, student: Tensor, launch):
@@ -84,23 +84,25 @@ def _stats_const(M, rank, active, temp, student, dev) -> dict[str, Tensor]:
 def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *,
                tau: float, beta: float, delta: float, lam: float | None, variant: str,
                granularity: str, block_c: int | None = None):
-    """The fused counterpart of `reference.REFERENCE[method]`; returns DistillOutput."""
+    """The fused counterpart of `reference.REFERENCE[method]`; returns DistillOutput.
+    ClassroomKD: `_gt_ce_kernel` (CE per model and sample), `_rank_kernel` (selection,
+    one program), then the main kernel: three launches, no host sync."""
     from ckd.kernels.api import DistillOutput
 
     dev = zs.device
     B, C = zs.shape
     M = 0 if zm is None else zm.shape[0]
     write_grad = zs.requires_grad and torch.is_grad_enabled()
-    extra_flags = None
+    flag = D.new_flag(dev)  # one word: every kernel of this call ORs its bits into it
     if method == "dkd":
         warm = 1.0 if p["epoch"] is None else min(p["epoch"] / p["warmup"], 1.0)
 
         def launch():
-            rows, grad, fl = D.fused_dkd(zs.detach(), zm[0], y, T=p["T"], alpha_ce=p["alpha_ce"],
-                                         w_tckd=warm * p["dkd_alpha"],
-                                         w_nckd=warm * p["dkd_beta"], write_grad=write_grad,
-                                         block_c=block_c)
-            return rows, grad, D.reduce_flags(fl)
+            rows, grad = D.fused_dkd(zs.detach(), zm[0], y, flag, T=p["T"],
+                                     alpha_ce=p["alpha_ce"], w_tckd=warm * p["dkd_alpha"],
+                                     w_nckd=warm * p["dkd_beta"], write_grad=write_grad,
+                                     block_c=block_c)
+            return rows, grad, flag
 
         one_hot = [1.0] + [0.0] * (M - 1)
         stats = _stats_const(M, [warm * v for v in one_hot], one_hot,
@@ -109,18 +111,16 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
         if method == "classroom":
             with torch.no_grad():
                 rank_zs = zs if p.get("rank_logits") is None else p["rank_logits"]
-                ce, gflags = D.gt_ce(rank_zs.detach(), zm, y, block_c)
-                cw = ref.classroom_weights(ce, tau=tau, beta=beta, delta=delta, lam=lam,
-                                           variant=variant, granularity=granularity)
-            w, t, wce = cw["w_kl"], cw["temp"], cw["w_ce"]
+                ce = D.gt_ce(rank_zs.detach(), zm, y, flag, block_c)
+                w, t, wce, stats = classroom_weights_fused(
+                    ce, tau=tau, beta=beta, delta=delta, lam=lam, variant=variant,
+                    granularity=granularity)
             src, copy = tuple(range(M)), (-1,) * M
             if variant == "paper" and delta != 0.0:  # Eq. 11: delta * L_distill(teacher; 1)
                 w = torch.cat([w, _const((float(delta),), torch.float32, dev)
                                .view(1, 1).expand(1, B)])
                 t = torch.cat([t, torch.ones(1, B, device=dev)])
                 src, copy = src + (0,), copy + (-1,)
-            stats = ref.classroom_stats(cw, torch.zeros((), dtype=torch.int32, device=dev))
-            extra_flags = D.reduce_flags(gflags)
         else:
             src, copy, wl, tl, wce_v, st = _static_terms(method, M, B, p, tau)
             src, copy = tuple(src), tuple(copy)
@@ -134,11 +134,10 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
         noise = (p["seed"], p["step"], p["a"]) if method == "tekap" else None
 
         def launch():
-            rows, grad, fl = D.fused_distill(zs.detach(), zm, y, src_t, copy_t, w, t, wce,
-                                             noise=noise, write_grad=write_grad,
-                                             block_c=block_c)
-            flag = D.reduce_flags(fl)
-            return rows, grad, flag if extra_flags is None else flag | extra_flags
+            rows, grad = D.fused_distill(zs.detach(), zm, y, src_t, copy_t, w, t, wce, flag,
+                                         noise=noise, write_grad=write_grad,
+                                         block_c=block_c)
+            return rows, grad, flag
 
     loss, flags = FusedDistillFn.apply(zs, launch)
     return DistillOutput(loss, {**stats, "nonfinite": flags})

@@ -38,7 +38,7 @@ class TrainConfig:
     cache_mode: str = "memory"  # memory | stream
     mentors: list[str] | None = None  # subset (teacher first); "name" or "name=path.pt"
     mentors_online: bool = False
-    mentor_dir: str | None = None  # default ./mentors/<dataset>
+    mentor_dir: str | None = None  # <mentor_dir>/<dataset>/<arch>.pt; default ./mentors
     # loss hyper-parameters (None: method default, lam None: number of mentors)
     tau: float | None = None
     beta: float | None = None

@@ -197,10 +197,17 @@ def _cached_checkpoint(attrs: dict | None) -> str | None:
 
 
 def mentor_path(name: str, path: str | None, cfg: TrainConfig, ds) -> Path:
+    """NAME=PATH, else the cache CLI's rule: <mentor-dir>/<dataset>/<arch>.pt (or
+    <alias>.pt), mentor-dir defaulting to ./mentors."""
     if path is not None:
         return Path(path)
-    root = Path(cfg.mentor_dir) if cfg.mentor_dir else Path("mentors") / ds.name
-    return root / f"{name}.pt"
+    from ckd.cache.mentors import resolve_mentors  # noqa: PLC0415 - one rule for both
+
+    try:
+        return resolve_mentors([name], ds.name, cfg.mentor_dir or "mentors")[name]
+    except ValueError as err:
+        raise ValueError(f"online mentor {name!r} is not an architecture name, so it needs a "
+                         f"checkpoint: pass --mentors {name}=PATH ({err})") from err
 
 
 def _load_online(name: str, path: str | None, cfg: TrainConfig, ds,

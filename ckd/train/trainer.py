@@ -273,8 +273,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
 
 def train_mentor(arch: str, dataset: str | None = None, *, out: str | Path | None = None,
                  mentor_dir: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
-    """Train a mentor from scratch (method nokd) and write MENTOR_DIR/<arch>.pt (default
-    ./mentors/<dataset>/<arch>.pt) in ckd's checkpoint format with its test accuracy."""
+    """Train a mentor from scratch (method nokd) and write <mentor_dir>/<dataset>/<arch>.pt
+    (default ./mentors; <arch> the canonical name, where `ckd cache-logits --mentors ARCH`
+    and `--mentors-online` look) in ckd's checkpoint format with its test accuracy."""
     from ckd.models import resolve_arch, save_checkpoint  # noqa: PLC0415
 
     resolve_arch(arch)  # unknown arch: clear error before loading data
@@ -286,7 +287,7 @@ def train_mentor(arch: str, dataset: str | None = None, *, out: str | Path | Non
         out = Path("runs") / f"mentor-{name}-{arch}"
     cfg.out = str(out)
     result = train(cfg)
-    path = Path(mentor_dir or Path("mentors") / result["dataset"]) / f"{arch}.pt"
+    path = Path(mentor_dir or "mentors") / result["dataset"] / f"{resolve_arch(arch)}.pt"
     if result["rank"] == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(path, result["model"], arch=resolve_arch(arch),
