@@ -31,8 +31,8 @@ class DemoPlan:
     teacher: str = "r20"
     peers: tuple[str, ...] = ("r14", "wrn-16-1", "r8")
     student: str = "r8"
-    mentor_epochs: int = 12
-    student_epochs: int = 6
+    mentor_epochs: int = 20
+    student_epochs: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)
     batch_size: int = 64
     lr: float = 0.05
@@ -48,6 +48,36 @@ def _say(msg: str) -> None:
 def _mean_std(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.2f} +- {sd:.2f}"
+
+
+def plot_methods(runs_by_method: dict[str, list[str]], path: Path) -> Path:
+    """Test top-1 per epoch, mean over seeds with a +-1 std band, one line per method."""
+    import matplotlib  # noqa: PLC0415 - heavy import, plots only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from ckd.train.report import load_run  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, dirs in runs_by_method.items():
+        curves = [[e["test_acc"] for e in load_run(d)["epochs"]] for d in dirs]
+        n = min(len(c) for c in curves)
+        acc = np.array([c[:n] for c in curves], dtype=float)
+        x = np.arange(1, n + 1)
+        mean, sd = acc.mean(0), acc.std(0)
+        ax.plot(x, mean, marker="o", label=f"{label} ({mean[-1]:.1f}%)")
+        ax.fill_between(x, mean - sd, mean + sd, alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%), mean +- std over seeds")
+    ax.set_title("Student accuracy by method")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
@@ -101,7 +131,7 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
     # 4. students ---------------------------------------------------------------------
     t0 = time.perf_counter()
     results: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in plan.methods}
-    run_dirs: list[str] = []
+    runs_by_method: dict[str, list[str]] = {label: [] for label, _, _ in plan.methods}
     for label, method, variant in plan.methods:
         for seed in plan.seeds:
             name = f"{label.replace(' ', '').replace('(', '-').replace(')', '')}-s{seed}"
@@ -112,7 +142,7 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
                        tau=plan.tau if method in ("aver", "classroom") else None)
             r = train(cfg)
             results[label].append({"seed": seed, "best": r["best_acc"], "last": r["last_acc"]})
-            run_dirs.append(r["run_dir"])
+            runs_by_method[label].append(r["run_dir"])
             _say(f"student {plan.student} {label} seed {seed}: last {r['last_acc']:.2f}% "
                  f"best {r['best_acc']:.2f}%")
     stage_done("train students", t0)
@@ -128,7 +158,8 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
         lines.append(f"| {label} | {_mean_std([r['last'] for r in rows])} | "
                      f"{_mean_std([r['best'] for r in rows])} |")
     table = "\n".join(lines)
-    plots = write_report(run_dirs, out / "report")
+    plots = write_report([d for ds_ in runs_by_method.values() for d in ds_], out / "report")
+    plots["methods"] = plot_methods(runs_by_method, out / "report" / "methods.png")
     timings["total"] = time.perf_counter() - t_start
     summary = {"plan": asdict(plan), "mentor_acc": mentor_acc, "results": results,
                "timings_s": timings, "plots": {k: str(v) for k, v in plots.items()}}

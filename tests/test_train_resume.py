@@ -78,15 +78,17 @@ def test_resume_in_process_keeps_random_streams(tmp_path):
                     dataset="synthetic", metrics={})
     cfg = dict(dataset="synthetic", dataset_options=TINY, student="resnet8", method="tekap",
                mentors_online=True, mentors=[f"t={teacher}"], batch_size=16,
-               progress=False, device="cpu", backend="reference", milestones=[2],
+               progress=False, device="cpu", backend="reference", milestones=[1],
                log_every=1)
-    full = train(dict(cfg, epochs=3, out=str(tmp_path / "full")))
+    full = train(dict(cfg, epochs=2, out=str(tmp_path / "full")))
     train(dict(cfg, epochs=1, out=str(tmp_path / "part")))
-    resumed = train(dict(cfg, epochs=3, out=str(tmp_path / "part"), resume=True))
-    assert resumed["steps"] == full["steps"] == 6
-    assert [h["lr"] for h in resumed["history"]] == pytest.approx([0.05, 0.005])  # epochs 1, 2
+    resumed = train(dict(cfg, epochs=2, out=str(tmp_path / "part"), resume=True))
+    assert resumed["steps"] == full["steps"] == 4
+    assert [h["lr"] for h in resumed["history"]] == pytest.approx([0.005])  # epoch 1 only
     for (k, p), q in zip(full["model"].state_dict().items(),
                          resumed["model"].state_dict().values(), strict=True):
         assert torch.allclose(p, q, atol=1e-6, rtol=0), k
     assert resumed["best_acc"] == full["best_acc"]
     assert os.path.exists(tmp_path / "part" / "student.pt")
+    with pytest.raises(ValueError, match="other settings"):  # another experiment's folder
+        train(dict(cfg, method="kd", epochs=2, out=str(tmp_path / "part"), resume=True))

@@ -53,7 +53,7 @@ def _common(f):
         click.option("--device", help="cpu | cuda | cuda:N (default cuda if available)."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA (default on)."),
         click.option("--channels-last/--no-channels-last", default=None,
-                     help="channels_last memory format on CUDA (default on)."),
+                     help="channels_last memory format (default on)."),
         click.option("--compile", "compile_", is_flag=True, default=None,
                      help="torch.compile the student."),
         click.option("--log-every", type=int, help="Steps between metrics records (50)."),

@@ -62,7 +62,7 @@ class TrainConfig:
     resume: bool = False
     device: str | None = None  # None: cuda if available else cpu
     amp: bool = True  # bf16 autocast (CUDA only)
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # student (CPU and CUDA) and online mentors (CUDA)
     compile: bool = False
     log_every: int = 50
     max_steps_per_epoch: int | None = None  # truncate epochs (tests, benchmarks)

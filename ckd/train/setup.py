@@ -168,10 +168,15 @@ def make_mentor_source(cfg: TrainConfig, ds, device: torch.device,
         views = (lambda e, idx: (None, cache.epoch_views(e, idx, cfg.seed)[1])) \
             if cache is not None else _online_views(cfg.seed)
 
+        # CPU: run the mentors on contiguous input, as `ckd cache-logits` does, so online
+        # logits equal cached fp32 logits; CUDA: channels_last mentors (speed)
+        to_mentor = (lambda x: x) if device.type == "cuda" else (lambda x: x.contiguous())
+
         @torch.no_grad()
         def logits(slots, idx, x):
+            xm = to_mentor(x)
             with autocast():
-                return torch.stack([m(x) for m in models])
+                return torch.stack([m(xm) for m in models])
 
         return MentorSource(names, views, logits, "online", models)
     if cache is None:

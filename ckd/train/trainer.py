@@ -47,6 +47,7 @@ class DeviceSums:
         self.device = device
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
+        self.count = 0  # samples: a host int (batch sizes are known without a sync)
 
     def add(self, name: str, value: torch.Tensor) -> None:
         if name == "nonfinite":  # a bit flag: OR it, never add
@@ -117,8 +118,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     from ckd.models import create_model, save_checkpoint  # noqa: PLC0415
 
     device = info.device
-    cuda = device.type == "cuda"
-    cl = cuda and cfg.channels_last
+    cl = cfg.channels_last  # faster on CUDA and on CPU (benchmarks/RESULTS_train.md)
     autocast = _autocast_factory(device, cfg.amp)
     ds = load_data(cfg)
     source = make_mentor_source(cfg, ds, device, autocast)
@@ -132,6 +132,14 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if state is not None and not cfg.resume:
         raise FileExistsError(f"{run_dir} already holds a training checkpoint: pass --resume "
                               "to continue it, or a new --out")
+    if state is not None:  # resuming another experiment into this folder would mix runs
+        old = state.get("config", {})
+        diff = [k for k in ("student", "method", "dataset", "prepared", "seed", "batch_size",
+                            "mentors") if k in old and old[k] != getattr(cfg, k)]
+        if diff:
+            raise ValueError(f"--resume: {run_dir} was trained with other settings ("
+                             + ", ".join(f"{k}={old[k]!r} vs {getattr(cfg, k)!r}" for k in diff)
+                             + "): use the same settings or a new --out")
     _seed_everything(cfg.seed)
     student = create_model(cfg.student, ds.num_classes).to(device)
     if cl:
@@ -205,8 +213,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             for sums in (interval, whole):
                 sums.add("loss", out.loss)
                 sums.add("correct", correct)
-                sums.add("count", torch.tensor(float(labels.shape[0]), device=device))
+                sums.count += labels.shape[0]
                 sums.steps += 1
+            # loss parts: the student's plain CE beside the total (distill part = the rest)
+            interval.add("ce", F.cross_entropy(logits.detach().float(), labels))
             for k, v in out.stats.items():
                 if isinstance(v, torch.Tensor) and v.numel() > 0:
                     interval.add(k, v)
@@ -219,10 +229,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 imgs_per_s = n_log * info.world_size / max(now - t_log, 1e-9)
                 rec = {"type": "step", "epoch": epoch, "step": step, "lr": lr,
                        "loss": float(vals["loss"]) / interval.steps,
-                       "train_acc": 100.0 * float(vals["correct"] / vals["count"]),
+                       "train_acc": 100.0 * float(vals["correct"]) / interval.count,
                        "img_per_s": imgs_per_s}
                 for k, v in vals.items():
-                    if k not in ("loss", "correct", "count", "nonfinite"):
+                    if k not in ("loss", "correct", "nonfinite"):
                         rec[k] = v / interval.steps
                 if not math.isfinite(rec["loss"]):
                     raise FloatingPointError(f"loss is {rec['loss']} at step {step} "
@@ -234,7 +244,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         broadcast_buffers(student, info)
         train_time = time.perf_counter() - t_epoch
         ep = whole.read()
-        tot = torch.stack([ep["correct"], ep["count"], ep["loss"]]).to(device)
+        tot = torch.tensor([float(ep["correct"]), float(whole.count), float(ep["loss"])],
+                           dtype=torch.float64, device=device)
         all_reduce(tot, info)
         train_acc = 100.0 * float(tot[0] / tot[1])
         train_loss = float(tot[2]) / (whole.steps * info.world_size)
