@@ -76,6 +76,8 @@ def _overrides(kw: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
 
 
 def _summary(result: dict[str, Any]) -> None:
+    if result.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return
     click.echo(f"best top-1 {result['best_acc']:.2f}%  last top-1 {result['last_acc']:.2f}%  "
                f"run folder {result['run_dir']}")
 
@@ -138,7 +140,8 @@ def train_mentor(arch: str, mentor_dir: str | None, **kw: Any) -> None:
     except _ERRORS as err:
         raise click.ClickException(str(err)) from err
     _summary(result)
-    click.echo(f"mentor checkpoint {result['mentor_path']}")
+    if result.get("rank", 0) == 0:
+        click.echo(f"mentor checkpoint {result['mentor_path']}")
 
 
 @click.command()
