@@ -234,3 +234,18 @@ def test_cli_info_verify_and_errors(setup, tmp_path):
     res = run(main, ["cache-logits", "--dataset", "synthetic", "--mentors", "r110",
                      "--mentor-dir", str(tmp_path), "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "ckd train-mentor --arch r110" in res.output
+
+
+def test_bad_mentor_output_stops_the_build(setup, tmp_path):
+    ds = setup["small"]
+    for name, scale, err, match in (("huge", 1e7, OverflowError, "--dtype fp32"),
+                                    ("nan", float("nan"), FloatingPointError, "non-finite")):
+        torch.manual_seed(0)
+        model = create_model("resnet8", num_classes=ds.num_classes).eval()
+        with torch.no_grad():
+            model.fc.weight.mul_(scale)
+        save_checkpoint(tmp_path / f"{name}.pt", model, arch="resnet8",
+                        num_classes=ds.num_classes, dataset=ds.name, metrics={})
+        with pytest.raises(err, match=match):
+            build_cache(ds, {"m": tmp_path / f"{name}.pt"}, tmp_path / f"cache-{name}",
+                        views=1, dtype="fp16", progress=False)

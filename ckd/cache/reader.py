@@ -129,7 +129,9 @@ class LogitCache:
         indices = torch.as_tensor(indices, dtype=torch.int64)
         if self.keyed:
             slot = int(epoch) % self.num_slots
-            vids = self._vid_table[slot].to(indices.device)[indices]
+            if self._vid_table.device != indices.device:  # move once, not every step
+                self._vid_table = self._vid_table.to(indices.device)
+            vids = self._vid_table[slot][indices]
             return torch.full_like(indices, slot), vids
         from ckd.data.views import view_ids
 

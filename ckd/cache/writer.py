@@ -121,6 +121,17 @@ def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         if progress is not None:
             progress.update(len(bi))
     logits = out.reshape(len(slots), len(samples), -1)
+    # Bad mentor output must stop the build, not land in the cache as NaN/inf.
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(
+            f"the mentor produced non-finite logits (NaN/inf) for samples {samples.start}.."
+            f"{samples.stop - 1}: the checkpoint is broken or diverged; retrain or replace it")
+    peak = float(logits.abs().max())
+    if np.dtype(layout.dtype) == np.float16 and peak > float(np.finfo(np.float16).max):
+        raise OverflowError(
+            f"the mentor's logits reach |z| = {peak:.3g}, beyond float16's 65504: rebuild "
+            "this cache with --dtype fp32 (or check the checkpoint: trained mentors stay far "
+            "below this)")
     correct = (logits.argmax(-1) == labels[idx][None]).sum(1).to(torch.int32).numpy()
     return logits.numpy().astype(layout.dtype), correct
 
