@@ -30,7 +30,7 @@ DTYPES = {"fp16": "float16", "fp32": "float32"}
 TARGET_CHUNK_BYTES = 8 << 20  # ~8 MiB raw per logits chunk: big enough to compress well,
 #                               small enough that a kill -9 loses little work
 
-# Measured on real mentor logits (benchmarks/cache.py, benchmarks/RESULTS_cache.md).
+# Measured on real mentor logits (benchmarks/cache.py, benchmarks/RESULTS.md).
 # Measured on trained mentors' fp16 logits (benchmarks/cache.py, RESULTS.md): fp16 logits
 # hold little redundancy (ratio 1.1-1.35x); blosc zstd-5 with byte shuffle gives ~1.24x at
 # ~80 MB/s encode (~400k CIFAR-100 rows/s per core, far above mentor inference) and

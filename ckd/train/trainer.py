@@ -118,7 +118,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     from ckd.models import create_model, save_checkpoint  # noqa: PLC0415
 
     device = info.device
-    cl = cfg.channels_last  # faster on CUDA and on CPU (benchmarks/RESULTS_train.md)
+    cl = cfg.channels_last  # faster on CUDA and on CPU (benchmarks/RESULTS.md)
     autocast = _autocast_factory(device, cfg.amp)
     ds = load_data(cfg)
     source = make_mentor_source(cfg, ds, device, autocast)
