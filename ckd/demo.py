@@ -35,7 +35,7 @@ class DemoPlan:
     student_epochs: int = 8
     seeds: tuple[int, ...] = (0, 1, 2)
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float | None = None  # None: 0.05, or 0.01 for MobileNet/ShuffleNet (paper)
     tau: float = 4.0
     methods: tuple[tuple[str, str, str], ...] = DEMO_METHODS
     extra: dict[str, Any] = field(default_factory=dict)
