@@ -3,11 +3,11 @@ layout: conv1.{0,1}, blocks.i.j.conv.{0,1,3,4,6,7}, conv2.{0,1}, classifier.0.""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ckd.models.init import fan_out_init
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
@@ -58,16 +58,7 @@ class MobileNetV2(nn.Module):
         last = int(1280 * width) if width > 1.0 else 1280
         self.conv2 = _conv_bn_relu(cin, last, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        fan_out_init(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

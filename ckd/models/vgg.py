@@ -4,11 +4,11 @@ forward), global average pool, one Linear `classifier`."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ckd.models.init import fan_out_init
 
 # Channels per conv layer in each of the five blocks.
 VGG_CFGS: dict[int, tuple[tuple[int, ...], ...]] = {
@@ -39,17 +39,7 @@ class VGG(nn.Module):
         self.block3 = _block(cfg[3], cins[3])
         self.block4 = _block(cfg[4], cins[4])
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        fan_out_init(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[2]

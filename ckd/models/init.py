@@ -1,0 +1,25 @@
+"""RepDistiller's weight initialisation for VGG, WRN and MobileNetV2 (one copy)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+def fan_out_init(model: nn.Module, linear_std: float | None) -> None:
+    """Convs N(0, sqrt(2 / fan_out)) with zero bias, unit BatchNorm, Linear bias zero and
+    weight N(0, linear_std) (PyTorch's default weight init when `linear_std` is None)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
