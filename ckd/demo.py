@@ -31,8 +31,8 @@ class DemoPlan:
     teacher: str = "r20"
     peers: tuple[str, ...] = ("r14", "wrn-16-1", "r8")
     student: str = "r8"
-    mentor_epochs: int = 20
-    student_epochs: int = 8
+    mentor_epochs: int = 30
+    student_epochs: int = 15
     seeds: tuple[int, ...] = (0, 1, 2)
     batch_size: int = 64
     lr: float | None = None  # None: 0.05, or 0.01 for MobileNet/ShuffleNet (paper)
