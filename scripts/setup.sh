@@ -54,7 +54,8 @@ $PIP install -q "torch==2.13.0" "triton>=3.5" "numpy>=2,<3" numba llvmlite \
 # --no-deps: ffcv declares the non-headless opencv-python, which needs libGL.
 if ! "$VENV/bin/python" -c "import ffcv.libffcv" >/dev/null 2>&1; then
   echo "[setup] building ffcv"
-  PKG_CONFIG_PATH="$SHIM/pkgconfig:${PKG_CONFIG_PATH:-}" CPATH="$SHIM/include:${CPATH:-}" \
+  # No CPATH here: setuptools then drops the shim's -I and the system opencv.hpp wins.
+  PKG_CONFIG_PATH="$SHIM/pkgconfig:${PKG_CONFIG_PATH:-}" \
     $PIP install -q --no-deps --no-build-isolation --no-cache-dir ffcv==1.0.2
 fi
 $PIP install -q --no-deps -e .
