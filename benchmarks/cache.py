@@ -2,7 +2,7 @@
 throughput against bare mentor inference, compressed vs raw size, gather rows/s in
 memory and stream modes.
 
-    .venv/bin/python benchmarks/cache.py [--quick] [--out FILE.md]   (results: benchmarks/RESULTS.md)
+    .venv/bin/python benchmarks/cache.py [--quick] [--out FILE.md]   (see benchmarks/RESULTS.md)
 
 CPU only here (no CUDA on the machine this was written on); every number it prints is
 measured by this script on the machine that runs it.
