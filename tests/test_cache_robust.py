@@ -57,12 +57,17 @@ def ckpts(tmp_path_factory):
             "r8c": mentor(tmp / "r8c.pt", 2), "other": mentor(tmp / "r8_v2.pt", 3)}
 
 
+def synthetic_cache_args(n: int, mentors: str, batch_size: int) -> list[str]:
+    """`ckd cache-logits` arguments for a 2-view cache of an n-sample synthetic set."""
+    return ["--dataset", "synthetic", "-D", f"n_train={n}", "-D", "n_test=16",
+            "-D", "num_classes=5", "--mentors", mentors, "--views", "2",
+            "--samples-per-chunk", "16", "--batch-size", str(batch_size), "--device", "cpu",
+            "--quiet"]
+
+
 def test_sigkill_then_resume_is_byte_identical(ckpts, tmp_path):
     n = 128
-    args = ["--dataset", "synthetic", "-D", f"n_train={n}", "-D", "n_test=16",
-            "-D", "num_classes=5", "--mentors", f"r8={ckpts['r8']},r8b={ckpts['r8b']}",
-            "--views", "2", "--samples-per-chunk", "16", "--batch-size", "16",
-            "--device", "cpu", "--quiet"]
+    args = synthetic_cache_args(n, f"r8={ckpts['r8']},r8b={ckpts['r8b']}", 16)
     out = tmp_path / "killed"
     proc = subprocess.Popen(cli(*args, "--out", str(out)), env=env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -145,10 +150,7 @@ def test_other_data_or_options_refused(ckpts, tmp_path):
 
 def test_torchrun_two_ranks_byte_identical(ckpts, tmp_path):
     n = 96
-    args = ["--dataset", "synthetic", "-D", f"n_train={n}", "-D", "n_test=16",
-            "-D", "num_classes=5", "--mentors", f"r8={ckpts['r8']},r8c={ckpts['r8c']}",
-            "--views", "2", "--samples-per-chunk", "16", "--batch-size", "32",
-            "--device", "cpu", "--quiet"]
+    args = synthetic_cache_args(n, f"r8={ckpts['r8']},r8c={ckpts['r8c']}", 32)
     cmd = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m",
            "ckd.cli.main", "cache-logits", *args, "--out", str(tmp_path / "two")]
     res = subprocess.run(cmd, env=env(), cwd=tmp_path, capture_output=True, text=True,

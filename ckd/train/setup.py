@@ -65,13 +65,8 @@ def _match(name: str, available: list[str]) -> str:
     """A requested mentor name among the cached ones (exact, else same architecture)."""
     if name in available:
         return name
-    from ckd.models import resolve_arch  # noqa: PLC0415
-
-    try:
-        arch = resolve_arch(name)
-        hits = [a for a in available if _safe_arch(a) == arch]
-    except ValueError:
-        hits = []
+    arch = _safe_arch(name)
+    hits = [a for a in available if arch is not None and _safe_arch(a) == arch]
     if len(hits) == 1:
         return hits[0]
     raise ValueError(f"mentor {name!r} is not in the cache; cached mentors: "
