@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckd.io import atomic_write_text
+
 # (label, method, variant): the rows of the results table.
 DEMO_METHODS: tuple[tuple[str, str, str], ...] = (
     ("nokd", "nokd", "paper"),
@@ -163,8 +165,8 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
     timings["total"] = time.perf_counter() - t_start
     summary = {"plan": asdict(plan), "mentor_acc": mentor_acc, "results": results,
                "timings_s": timings, "plots": {k: str(v) for k, v in plots.items()}}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "results.md", table + "\n")
     print("\n" + table + "\n", flush=True)
     _say(f"plots: {', '.join(str(p) for p in plots.values())}")
     _say(f"total {timings['total']:.0f} s; results in {out / 'results.md'}")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ckd.io import atomic_path, atomic_write_text
+
 from .datasets import Dataset, Split
 
 META = "meta.json"
@@ -43,15 +45,14 @@ def write_beton(split: Split, path: str | Path) -> Path:
     from ffcv.writer import DatasetWriter  # noqa: PLC0415
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     fields = {
         "image": NDArrayField(dtype=np.dtype("uint8"), shape=tuple(split.images.shape[1:])),
         "label": IntField(),
         "index": IntField(),
     }
-    writer = DatasetWriter(str(tmp), fields, num_workers=ffcv_workers())
-    writer.from_indexed_dataset(_Rows(split), chunksize=1000)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        writer = DatasetWriter(str(tmp), fields, num_workers=ffcv_workers())
+        writer.from_indexed_dataset(_Rows(split), chunksize=1000)
     return path
 
 
@@ -65,7 +66,7 @@ def write_betons(dataset: Dataset, out_dir: str | Path) -> Path:
                 fingerprint=dataset.fingerprint, n_train=len(dataset.train),
                 n_test=len(dataset.test), mean=list(dataset.mean), std=list(dataset.std),
                 image_shape=list(dataset.train.images.shape[1:]), extra=dataset.extra)
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / META, json.dumps(meta, indent=2) + "\n")
     return out
 
 

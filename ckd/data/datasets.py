@@ -9,6 +9,7 @@ trainer check so that cached logits are never paired with different images.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import tarfile
@@ -16,8 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from ckd.io import atomic_open
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -104,15 +108,58 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 
 
 # --------------------------------------------------------------------------- CIFAR
+def _numpy_reconstruct() -> Callable:
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's python archives are pickles of {bytes: list | bytes | ndarray}. Only the
+    three numpy globals an ndarray needs may be built, so a crafted archive cannot name a
+    callable (os.system, eval, ...) and run code while being read."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray",
+                                                            "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return {"_reconstruct": _numpy_reconstruct(), "ndarray": np.ndarray,
+                "dtype": np.dtype}[name]
+
+
+def _load_cifar_batch(data: bytes, name: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(data uint8 [N, 3072], labels int64 [N]) of one CIFAR batch file, read safely."""
+    try:
+        entry = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+        arr, labels = entry[b"data"], entry[label_key]
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 2 \
+                or arr.shape[1] != 3072:
+            raise ValueError("b'data' is not a uint8 [N, 3072] array")
+        lab = np.asarray(labels)
+        if lab.dtype.kind not in "iu" or lab.shape != (len(arr),):
+            raise ValueError(f"{label_key!r} is not {len(arr)} integer labels")
+    except Exception as err:  # noqa: BLE001 - any malformed or hostile archive
+        raise ValueError(
+            f"CIFAR batch file {name!r} is not an official CIFAR python batch ({err}); it was "
+            "not loaded. Replace the archive with the official one (md5-checked download: "
+            "delete it and rerun with network access, or fetch it from "
+            "https://www.cs.toronto.edu/~kriz/cifar.html)") from err
+    return arr, lab.astype(np.int64)
+
+
 def _unpickle_batches(read: Callable[[str], bytes], names: list[str], label_key: bytes,
                       ) -> Split:
     images, labels = [], []
     for name in names:
-        entry = pickle.loads(read(name), encoding="bytes")
-        data = np.asarray(entry[b"data"], dtype=np.uint8)
+        data, lab = _load_cifar_batch(read(name), name, label_key)
         # Official layout: row-major [N, 3072] = [N, 3 (RGB), 32, 32] -> NHWC.
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(entry[label_key], dtype=np.int64))
+        labels.append(lab)
     return Split(np.concatenate(images), np.concatenate(labels))
 
 
@@ -156,20 +203,19 @@ def _download_cifar(name: str, data_dir: Path, spec: dict) -> None:
     import urllib.request  # noqa: PLC0415
 
     dest = data_dir / spec["tarball"]
-    tmp = dest.with_suffix(".part")
-    try:
-        with urllib.request.urlopen(spec["url"], timeout=30) as resp, open(tmp, "wb") as f:
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-    except Exception as err:  # noqa: BLE001 - no network, proxy, HTTP error...
-        tmp.unlink(missing_ok=True)
-        why = f"download failed: {err}"
-        raise RuntimeError(_cifar_missing_msg(name, data_dir, spec, why)) from err
-    md5 = hashlib.md5(tmp.read_bytes()).hexdigest()
-    if md5 != spec["md5"]:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{spec['url']}: md5 {md5} != expected {spec['md5']}; retry")
-    tmp.rename(dest)
+    with atomic_open(dest, "wb") as f:  # no partial tarball left behind on failure
+        md5 = hashlib.md5()
+        try:
+            with urllib.request.urlopen(spec["url"], timeout=30) as resp:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    md5.update(chunk)
+        except Exception as err:  # noqa: BLE001 - no network, proxy, HTTP error...
+            why = f"download failed: {err}"
+            raise RuntimeError(_cifar_missing_msg(name, data_dir, spec, why)) from err
+        if md5.hexdigest() != spec["md5"]:
+            raise RuntimeError(f"{spec['url']}: md5 {md5.hexdigest()} != expected "
+                               f"{spec['md5']}; retry")
 
 
 def _cifar_missing_msg(name: str, data_dir: Path, spec: dict, why: str) -> str:

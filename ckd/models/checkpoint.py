@@ -9,15 +9,14 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
-import pickle
-import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ckd.io import atomic_save, safe_torch_load
 
 from .registry import ARCHS, arch_spec, create_model, resolve_arch, state_shapes
 
@@ -42,29 +41,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 def _torch_load(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; {_HOW_TO_GET}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        msg = str(err)
-        # "Unsupported operand" = bytes that are no pickle at all, not a refused object.
-        if "weights only" not in msg.lower() or "Unsupported operand" in msg:
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                                  "(not a torch.save file, or truncated)") from err
-        bad = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-        what = f"the object {bad.group(1)}" if bad else "Python objects"
-        raise CheckpointError(
-            f"{path} holds {what}, which torch.load(weights_only=True) refuses to unpickle "
-            "(e.g. a whole pickled model or a custom class). To convert it, only if you trust "
-            "the file: `obj = torch.load(path, weights_only=False)`, take the model (or "
-            "obj['model']) and re-save its weights with "
-            "`torch.save({'model': model.state_dict()}, 'converted.pth')`, then load "
-            "'converted.pth' with its arch."
-        ) from err
-    except OSError:
-        raise
-    except Exception as err:  # truncated/corrupt zip, random bytes, ...
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                              f"({type(err).__name__}: {err})") from err
+    return safe_torch_load(path, error=CheckpointError, convert_hint=(
+        "To convert it, only if you trust the file: `obj = torch.load(path, "
+        "weights_only=False)`, take the model (or obj['model']) and re-save its weights with "
+        "`torch.save({'model': model.state_dict()}, 'converted.pth')`, then load "
+        "'converted.pth' with its arch."))
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -247,7 +228,7 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, num_classes: int,
                     dataset: Any, metrics: Mapping[str, Any] | None) -> Path:
-    """Write ckd's format atomically (temp file in the same folder, then os.replace)."""
+    """Write ckd's format atomically (`ckd.io.atomic_save`)."""
     path = Path(path)
     canon = resolve_arch(arch)
     # contiguous CPU copies: a channels_last / CUDA / compiled / DDP model saves the same
@@ -257,15 +238,5 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, num
     payload = {"format": "ckd", "format_version": FORMAT_VERSION, "arch": canon,
                "num_classes": int(num_classes), "state_dict": sd,
                "dataset": _plain(dataset), "metrics": _plain(dict(metrics or {}))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save(payload, path)
     return path

@@ -1,9 +1,10 @@
-"""Atomic training checkpoints (write a temp file in the same folder, fsync, os.replace) with
-every RNG state, so `--resume` continues to the same final weights as an uninterrupted run."""
+"""Atomic training checkpoints (`ckd.io.atomic_save`) with every RNG state, so `--resume`
+continues to the same final weights as an uninterrupted run. Read back with
+`torch.load(weights_only=True)` (`ckd.io.safe_torch_load`): a crafted `checkpoint.pt` in a
+run folder cannot run code. RNG states are therefore stored as tensors and plain lists."""
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckd.io import atomic_save, safe_torch_load
+
 CHECKPOINT = "checkpoint.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    """Every RNG state as weights_only-loadable values (tensors, lists, numbers)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [str(name), keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "python": [int(version), list(mt), gauss_next]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -24,21 +31,12 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, mt, gauss_next = state["python"]
+    random.setstate((version, tuple(mt), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to `path` so that a reader (or a kill -9) never sees a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_training_state(run_dir: str | Path, *, model: torch.nn.Module,
@@ -54,7 +52,13 @@ def save_training_state(run_dir: str | Path, *, model: torch.nn.Module,
 
 
 def load_training_state(run_dir: str | Path, device: torch.device) -> dict[str, Any] | None:
+    """The run folder's training state, or None. Refuses (ValueError naming the file) what
+    weights_only loading refuses: a checkpoint.pt holding arbitrary Python objects."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         return None
-    return torch.load(path, map_location=device, weights_only=False)
+    return safe_torch_load(
+        path, map_location=device, what="training checkpoint",
+        convert_hint=(f"ckd writes only tensors and plain values there, so this file was not "
+                      f"written by this version of ckd: delete {path} (or use another --out) "
+                      "and train again, only resuming from checkpoints you made."))

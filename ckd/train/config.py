@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ckd.io import atomic_write_text
 from ckd.train.methods import METHODS, loss_kwargs
 
 # Students trained at lr 0.01 in the paper (MobileNet/ShuffleNet), canonical names.
@@ -155,4 +156,4 @@ def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

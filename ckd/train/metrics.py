@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ckd.io import atomic_write_text
+
 METRICS = "metrics.jsonl"
 
 
@@ -34,7 +36,7 @@ class MetricsLogger:
             return
         keep = [r for r in read_metrics(self.path)
                 if r.get("type") == "run" or r.get("epoch", 0) < epochs_done]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

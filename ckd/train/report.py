@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ckd.io import atomic_write_text
 from ckd.train.metrics import read_metrics
 
 
@@ -139,5 +140,5 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
         if key in written:
             md.append(f"![{key}]({written[key].name})\n")
     written["report"] = out / "report.md"
-    written["report"].write_text("\n".join(md))
+    atomic_write_text(written["report"], "\n".join(md))
     return written
