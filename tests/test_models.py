@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from ckd.models import (
@@ -347,3 +348,86 @@ def test_file_sha256(tmp_path) -> None:
     data = os.urandom(3 << 20)  # several read chunks
     p.write_bytes(data)
     assert file_sha256(p) == hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- features (is_feat)
+
+def _resnet_shapes(w: tuple[int, int, int, int]) -> list[tuple[int, ...]]:
+    return [(w[0], 32, 32), (w[1], 32, 32), (w[2], 16, 16), (w[3], 8, 8), (w[3],)]
+
+
+def _wrn_shapes(k: int) -> list[tuple[int, ...]]:
+    return [(16, 32, 32), (16 * k, 32, 32), (32 * k, 16, 16), (64 * k, 8, 8), (64 * k,)]
+
+
+_VGG_SHAPES = [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4), (512,)]
+
+# RepDistiller's `feats` for a 32x32 input: stage features, then the pooled feature.
+FEATURE_SHAPES = {
+    **{f"resnet{d}": _resnet_shapes((16, 16, 32, 64)) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": _resnet_shapes((32, 64, 128, 256)),
+    "resnet32x4": _resnet_shapes((32, 64, 128, 256)),
+    "wrn_16_1": _wrn_shapes(1), "wrn_16_2": _wrn_shapes(2), "wrn_40_1": _wrn_shapes(1),
+    "wrn_40_2": _wrn_shapes(2),
+    **{f"vgg{d}": _VGG_SHAPES for d in (8, 11, 13, 16, 19)},
+    "MobileNetV2": [(16, 16, 16), (12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2), (1280,)],
+    "ShuffleV1": [(24, 32, 32), (240, 16, 16), (480, 8, 8), (960, 4, 4), (960,)],
+    "ShuffleV2": [(24, 32, 32), (116, 16, 16), (232, 8, 8), (464, 4, 4), (1024,)],
+}
+
+
+def test_feature_shapes_of_every_arch() -> None:
+    from ckd.models import feature_shapes
+
+    for name in ARCHS:  # meta device: shapes only
+        assert list(feature_shapes(name)) == FEATURE_SHAPES[name], name
+
+
+# one arch per family (the others share its forward code)
+@pytest.mark.parametrize("name", ["resnet8", "resnet8x4", "wrn_16_1", "vgg8", "MobileNetV2",
+                                  "ShuffleV1", "ShuffleV2"])
+def test_is_feat_returns_repdistiller_features(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, 10)
+    x = torch.randn(2, 3, 32, 32)
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        with torch.no_grad():
+            plain = model(x)
+            feats, logits = model(x, is_feat=True)
+            pre, logits_pre = model(x, is_feat=True, preact=True)
+        # the logits do not depend on how forward is asked (bitwise)
+        assert torch.equal(plain, logits) and torch.equal(plain, logits_pre)
+        assert [tuple(f.shape[1:]) for f in feats] == FEATURE_SHAPES[name]
+        assert [f.shape for f in pre] == [f.shape for f in feats]
+        # the last feature is exactly what the classifier reads
+        head = dict(model.named_modules())[ARCHS[name].classifier]
+        assert torch.equal(head(feats[-1]), logits)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "vgg8", "ShuffleV1", "ShuffleV2"])
+def test_preact_features_are_the_tensors_before_the_stage_relu(name: str) -> None:
+    model = create_model(name, 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats, _ = model(x, is_feat=True)
+        pre, _ = model(x, is_feat=True, preact=True)
+    assert (pre[1] < 0).any()  # really before a ReLU
+    for f, p in zip(feats[1:-1], pre[1:-1], strict=True):
+        if name == "ShuffleV2":  # RepDistiller's preact there is the unshuffled concat
+            from ckd.models.shufflenet import channel_shuffle
+
+            assert torch.equal(channel_shuffle(F.relu(p), 2), f)
+        else:
+            assert torch.equal(F.relu(p), f)
+
+
+def test_repdistiller_checkpoint_gives_features(tmp_path) -> None:
+    model = _trained_like("wrn_16_2", 100)
+    torch.save({"epoch": 240, "model": model.state_dict()}, tmp_path / "wrn.pth")
+    loaded = load_checkpoint(tmp_path / "wrn.pth", arch="wrn_16_2")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fa, la = model(x, is_feat=True)
+        fb, lb = loaded(x, is_feat=True)
+    assert torch.equal(la, lb) and all(torch.equal(a, b) for a, b in zip(fa, fb, strict=True))

@@ -12,13 +12,15 @@ from .registry import (
     ARCHS,
     count_params,
     create_model,
+    feature_shapes,
     list_models,
     param_count,
     resolve_arch,
 )
 
 __all__ = [
-    "ARCHS", "CheckpointError", "count_params", "create_model", "file_sha256", "infer_arch",
-    "list_models", "load_checkpoint", "param_count", "read_checkpoint_meta", "resolve_arch",
+    "ARCHS", "CheckpointError", "count_params", "create_model", "feature_shapes", "file_sha256",
+    "infer_arch", "list_models", "load_checkpoint", "param_count", "read_checkpoint_meta",
+    "resolve_arch",
     "save_checkpoint",
 ]

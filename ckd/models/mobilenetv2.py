@@ -60,15 +60,21 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
         fan_out_init(self, linear_std=0.01)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        for stage in self.blocks:
+    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
+        """Logits; with `is_feat` RepDistiller's ([f0, ..., f4, pooled], logits): the stem and
+        the outputs of blocks 1, 2, 4 and 6 (`preact` changes nothing, as in RepDistiller)."""
+        f0 = self.conv1(x)
+        x, feats = f0, [f0]
+        for i, stage in enumerate(self.blocks):
             x = stage(x)
-        x = self.conv2(x)
+            if i in (1, 2, 4, 6):
+                feats.append(x)
         # RepDistiller: AvgPool2d(2, ceil_mode=True) on the 2x2 map of a 32x32 input.
-        x = F.avg_pool2d(x, 2, ceil_mode=True)
-        return self.classifier(torch.flatten(x, 1))
-
+        pooled = torch.flatten(F.avg_pool2d(self.conv2(x), 2, ceil_mode=True), 1)
+        logits = self.classifier(pooled)
+        if not is_feat:
+            return logits
+        return [*feats, pooled], logits
 
 def mobilenetv2_half(num_classes: int = 100) -> MobileNetV2:
     return MobileNetV2(num_classes=num_classes, expand=6, width=0.5)

@@ -109,6 +109,18 @@ def state_shapes(name_or_alias: str, num_classes: int = 100) -> dict[str, tuple[
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
+@lru_cache(maxsize=256)
+def feature_shapes(name_or_alias: str, image_size: int = 32,
+                   num_classes: int = 100) -> tuple[tuple[int, ...], ...]:
+    """Per-sample shapes of `forward(x, is_feat=True)[0]` for a square RGB input: the stage
+    features, ending with the pooled feature (the classifier's input), on the meta device."""
+    model = _meta_model(resolve_arch(name_or_alias), num_classes)
+    x = torch.empty(2, 3, image_size, image_size, device="meta")
+    with torch.no_grad():
+        feats, _ = model.eval()(x, is_feat=True)
+    return tuple(tuple(f.shape[1:]) for f in feats)
+
+
 def list_models(num_classes: int = 100) -> list[dict]:
     """One row per arch: {'name', 'aliases' (tuple), 'params' (int, at num_classes)}."""
     return [{"name": s.name, "aliases": s.aliases, "params": param_count(s.name, num_classes)}

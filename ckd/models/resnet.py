@@ -27,11 +27,16 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, the sum before the final ReLU)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        preact = out + shortcut
+        return F.relu(preact), preact
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_preact(x)[0]
 
 
 class ResNet(nn.Module):
@@ -70,12 +75,22 @@ class ResNet(nn.Module):
         layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
+        """Logits; with `is_feat` RepDistiller's ([f0, f1, f2, f3, pooled], logits), where
+        f1..f3 are the stage outputs (their pre-ReLU sums with `preact`)."""
+        f0 = F.relu(self.bn1(self.conv1(x)))
+        x, feats, pre = f0, [f0], [f0]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            x = stage[:-1](x)
+            x, x_pre = stage[-1].forward_preact(x)
+            feats.append(x)
+            pre.append(x_pre)
         # Global average pool (RepDistiller uses AvgPool2d(8), identical at 32x32 input).
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return self.fc(x)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        logits = self.fc(pooled)
+        if not is_feat:
+            return logits
+        return [*(pre if preact else feats), pooled], logits
 
 
 _THIN = (16, 16, 32, 64)

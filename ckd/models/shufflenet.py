@@ -28,13 +28,19 @@ class V1Block(nn.Module):
         self.conv3 = nn.Conv2d(mid, cout, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, the sum/concatenation before the final ReLU)."""
         out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.g1)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.stride == 2:
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1))
-        return F.relu(out + x)
+            pre = torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1)
+        else:
+            pre = out + x
+        return F.relu(pre), pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_preact(x)[0]
 
 
 class ShuffleNetV1(nn.Module):
@@ -56,11 +62,27 @@ class ShuffleNetV1(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.linear = nn.Linear(widths[-1], num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # avg_pool2d(4) at 32x32
-        return self.linear(x)
+    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
+        """Logits; with `is_feat` RepDistiller's ([f0, f1, f2, f3, pooled], logits)."""
+        return _staged_forward(self, x, is_feat, preact, head=None)
+
+
+def _staged_forward(net: nn.Module, x: torch.Tensor, is_feat: bool, preact: bool, head):
+    """Shared ShuffleNet forward: stem, three stages (the last block of each also gives its
+    pre-ReLU tensor), optional head conv, global average pool (avg_pool2d(4) at 32x32)."""
+    f0 = F.relu(net.bn1(net.conv1(x)))
+    x, feats, pre = f0, [f0], [f0]
+    for stage in (net.layer1, net.layer2, net.layer3):
+        x, x_pre = stage[-1].forward_preact(stage[:-1](x))
+        feats.append(x)
+        pre.append(x_pre)
+    if head is not None:
+        x = head(x)
+    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    logits = net.linear(pooled)
+    if not is_feat:
+        return logits
+    return [*(pre if preact else feats), pooled], logits
 
 
 class V2Block(nn.Module):
@@ -76,13 +98,19 @@ class V2Block(nn.Module):
         self.conv3 = nn.Conv2d(c, c, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, RepDistiller's preact: the pass-through half next to the branch before
+        its last ReLU, unshuffled)."""
         c = x.shape[1] // 2
         x1, x2 = x[:, :c], x[:, c:]
         out = F.relu(self.bn1(self.conv1(x2)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return channel_shuffle(torch.cat([x1, out], 1), 2)
+        pre = self.bn3(self.conv3(out))
+        out = channel_shuffle(torch.cat([x1, F.relu(pre)], 1), 2)
+        return out, torch.cat([x1, pre], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_preact(x)[0]
 
 
 class V2Down(nn.Module):
@@ -125,9 +153,7 @@ class ShuffleNetV2(nn.Module):
         self.bn2 = nn.BatchNorm2d(widths[3])
         self.linear = nn.Linear(widths[3], num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # avg_pool2d(4) at 32x32
-        return self.linear(x)
+    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
+        """Logits; with `is_feat` RepDistiller's ([f0, f1, f2, f3, pooled], logits)."""
+        return _staged_forward(self, x, is_feat, preact,
+                               head=lambda t: F.relu(self.bn2(self.conv2(t))))

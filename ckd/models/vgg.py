@@ -41,18 +41,26 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
         fan_out_init(self, linear_std=0.01)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
+        """Logits; with `is_feat` RepDistiller's ([f0, ..., f4, pooled], logits): the five
+        block outputs after their ReLU (f1..f4 before it with `preact`), before pooling."""
         h = x.shape[2]
-        x = F.max_pool2d(F.relu(self.block0(x)), 2)
-        x = F.max_pool2d(F.relu(self.block1(x)), 2)
-        x = F.max_pool2d(F.relu(self.block2(x)), 2)
-        x = F.relu(self.block3(x))
-        if h == 64:  # RepDistiller pools a fourth time only for 64x64 inputs
-            x = F.max_pool2d(x, 2)
-        x = F.relu(self.block4(x))
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return self.classifier(x)
-
+        f0 = F.relu(self.block0(x))
+        feats, pre = [f0], [f0]
+        x = F.max_pool2d(f0, 2)
+        for i, block in enumerate((self.block1, self.block2, self.block3, self.block4)):
+            x_pre = block(x)
+            x = F.relu(x_pre)
+            feats.append(x)
+            pre.append(x_pre)
+            # max-pool after blocks 1 and 2; after block 3 only for 64x64 inputs (RepDistiller)
+            if i < 2 or (i == 2 and h == 64):
+                x = F.max_pool2d(x, 2)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        logits = self.classifier(pooled)
+        if not is_feat:
+            return logits
+        return [*(pre if preact else feats), pooled], logits
 
 def vgg(depth: int, num_classes: int = 100) -> VGG:
     return VGG(VGG_CFGS[depth], num_classes=num_classes)

@@ -60,11 +60,23 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(ch[3], num_classes)
         fan_out_init(self, linear_std=None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block3(self.block2(self.block1(self.conv1(x))))
-        x = F.relu(self.bn1(x))
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return self.fc(x)
+    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
+        """Logits; with `is_feat` RepDistiller's ([f0, f1, f2, f3, pooled], logits): the stem
+        and the three block outputs; with `preact` f1..f3 pass through the BatchNorm that
+        follows them (as RepDistiller does, which in train mode also updates its stats)."""
+        f0 = self.conv1(x)
+        f1 = self.block1(f0)
+        f2 = self.block2(f1)
+        f3 = self.block3(f2)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn1(f3)), 1), 1)
+        logits = self.fc(pooled)
+        if not is_feat:
+            return logits
+        if preact:
+            f1 = self.block2.layer[0].bn1(f1)
+            f2 = self.block3.layer[0].bn1(f2)
+            f3 = self.bn1(f3)
+        return [f0, f1, f2, f3, pooled], logits
 
 
 def wrn(depth: int, widen: int, num_classes: int = 100) -> WideResNet:
