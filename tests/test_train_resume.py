@@ -82,7 +82,8 @@ def test_resume_in_process_keeps_random_streams(tmp_path):
                log_every=1)
     full = train(dict(cfg, epochs=2, out=str(tmp_path / "full")))
     train(dict(cfg, epochs=1, out=str(tmp_path / "part")))
-    resumed = train(dict(cfg, epochs=2, out=str(tmp_path / "part"), resume=True))
+    resumed = train(dict(cfg, epochs=2, out=str(tmp_path / "part"), resume=True,
+                         resume_allow=["epochs"]))
     assert resumed["steps"] == full["steps"] == 4
     assert [h["lr"] for h in resumed["history"]] == pytest.approx([0.005])  # epoch 1 only
     for (k, p), q in zip(full["model"].state_dict().items(),
@@ -91,4 +92,5 @@ def test_resume_in_process_keeps_random_streams(tmp_path):
     assert resumed["best_acc"] == full["best_acc"]
     assert os.path.exists(tmp_path / "part" / "student.pt")
     with pytest.raises(ValueError, match="other settings"):  # another experiment's folder
-        train(dict(cfg, method="kd", epochs=2, out=str(tmp_path / "part"), resume=True))
+        train(dict(cfg, method="kd", epochs=2, out=str(tmp_path / "part"), resume=True,
+                   resume_allow=["epochs"]))

@@ -49,7 +49,14 @@ def _common(f):
         click.option("--seed", type=int),
         click.option("--out", type=click.Path(file_okay=False), help="Run folder."),
         click.option("--resume", is_flag=True, default=None,
-                     help="Continue the run in --out from its last checkpoint."),
+                     help="Continue the run in --out from its last checkpoint (same "
+                     "settings only)."),
+        click.option("--resume-allow", help="With --resume: settings that may differ from "
+                     "the checkpoint's, comma list (e.g. epochs,lr); recorded in "
+                     "metrics.jsonl."),
+        click.option("--overwrite", is_flag=True, default=None,
+                     help="Start over in an --out that holds a run (its checkpoint, metrics "
+                     "and weights are replaced; mentors: replace the mentor checkpoint)."),
         click.option("--device", help="cpu | cuda | cuda:N (default cuda if available)."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA (default on)."),
         click.option("--channels-last/--no-channels-last", default=None,

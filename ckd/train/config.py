@@ -61,6 +61,8 @@ class TrainConfig:
     # run
     out: str | None = None
     resume: bool = False
+    resume_allow: list[str] | None = None  # settings a --resume may change (recorded)
+    overwrite: bool = False  # start over in an --out that holds a run
     device: str | None = None  # None: cuda if available else cpu
     amp: bool = True  # bf16 autocast (CUDA only)
     channels_last: bool = True  # student (CPU and CUDA) and online mentors (CUDA)
@@ -137,7 +139,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         values.update(_coerce_keys(data, str(p)))
     values.update(_coerce_keys({k: v for k, v in overrides.items() if v is not None},
                                "override"))
-    for key in ("mentors", "milestones"):
+    for key in ("mentors", "milestones", "resume_allow"):
         if isinstance(values.get(key), str):  # "a,b,c" from a flag or the file
             parts = [s.strip() for s in values[key].split(",") if s.strip()]
             values[key] = [int(s) for s in parts] if key == "milestones" else parts

@@ -9,6 +9,7 @@ import contextlib
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ckd.train.checkpoint import load_training_state, save_training_state, set_rng_state
+from ckd.train.checkpoint import save_training_state, set_rng_state
 from ckd.train.config import TrainConfig, as_config, save_config
 from ckd.train.ddp import (
     DistInfo,
@@ -28,10 +29,12 @@ from ckd.train.ddp import (
     init_distributed,
     wrap,
 )
+from ckd.train.mentors import MentorSource, make_mentor_source
 from ckd.train.methods import METHODS
 from ckd.train.metrics import MetricsLogger
+from ckd.train.run_dir import resume_state, run_folder_lock
 from ckd.train.schedules import make_schedule
-from ckd.train.setup import load_data, make_loaders, make_mentor_source
+from ckd.train.setup import load_data, make_loaders, norm_name
 
 STAT_KEYS = ("mentor_rank", "mentor_active", "mentor_temp", "student_rank")
 
@@ -107,42 +110,63 @@ def train(config: TrainConfig | dict | str | Path) -> dict[str, Any]:
     cfg.validate()
     info = init_distributed(cfg.device)
     try:
-        return _train(cfg, info)
+        with contextlib.ExitStack() as stack:
+            run = setup_run(cfg, info, stack)
+            for epoch in range(run.start_epoch, cfg.epochs):
+                sums, seconds = train_epoch(run, epoch)
+                end_epoch(run, epoch, sums, seconds)
+            return finish_run(run)
     finally:
         cleanup(info)
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    from ckd.data.views import apply_views  # noqa: PLC0415
-    from ckd.kernels import check_finite, distill_loss  # noqa: PLC0415
-    from ckd.models import create_model, save_checkpoint  # noqa: PLC0415
+@dataclass
+class Run:
+    """Everything one training run holds between steps."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    ds: Any
+    source: MentorSource
+    loss_kw: dict[str, Any]
+    train_loader: Any
+    test_loader: Any
+    run_dir: Path
+    student: torch.nn.Module
+    model: torch.nn.Module  # DDP-wrapped (and compiled) student the step calls
+    opt: torch.optim.Optimizer
+    sched: Any
+    logger: MetricsLogger
+    autocast: Any
+    steps_per_epoch: int
+    start_epoch: int = 0
+    step: int = 0
+    best_acc: float = 0.0
+    last_acc: float = float("nan")
+    imgs_per_s: float = float("nan")
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> Run:
+    """Data, mentors, loaders, the run folder (locked, resumed or refused), the student and
+    its optimizer: every check that can fail runs here, before the first step."""
+    from ckd.models import create_model  # noqa: PLC0415
 
     device = info.device
-    cl = cfg.channels_last  # faster on CUDA and on CPU (benchmarks/RESULTS.md)
     autocast = _autocast_factory(device, cfg.amp)
     ds = load_data(cfg)
     source = make_mentor_source(cfg, ds, device, autocast)
     loss_kw = cfg.loss_kwargs(len(source.names))
-    counters = METHODS[cfg.method].counters
     train_loader, test_loader = make_loaders(cfg, ds, device, info.rank, info.world_size)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, ds.name)
     cfg.out = str(run_dir)
+    if info.is_main:  # one writer per run folder; the lock dies with this process
+        stack.enter_context(run_folder_lock(run_dir))
+    state = resume_state(run_dir, cfg, device)
 
-    state = load_training_state(run_dir, device)
-    if state is not None and not cfg.resume:
-        raise FileExistsError(f"{run_dir} already holds a training checkpoint: pass --resume "
-                              "to continue it, or a new --out")
-    if state is not None:  # resuming another experiment into this folder would mix runs
-        old = state.get("config", {})
-        diff = [k for k in ("student", "method", "dataset", "prepared", "seed", "batch_size",
-                            "mentors") if k in old and old[k] != getattr(cfg, k)]
-        if diff:
-            raise ValueError(f"--resume: {run_dir} was trained with other settings ("
-                             + ", ".join(f"{k}={old[k]!r} vs {getattr(cfg, k)!r}" for k in diff)
-                             + "): use the same settings or a new --out")
     _seed_everything(cfg.seed)
     student = create_model(cfg.student, ds.num_classes).to(device)
-    if cl:
+    if cfg.channels_last:  # faster on CUDA and on CPU (benchmarks/RESULTS.md)
         student = student.to(memory_format=torch.channels_last)
     base_lr = cfg.resolved_lr()
     opt = torch.optim.SGD(student.parameters(), lr=base_lr, momentum=cfg.momentum,
@@ -150,155 +174,200 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     sched = make_schedule(cfg.schedule, base_lr=base_lr, epochs=cfg.epochs,
                           milestones=cfg.milestones, gamma=cfg.gamma,
                           warmup_epochs=cfg.warmup_epochs, warmup_end_lr=cfg.warmup_end_lr)
-    start_epoch, step, best_acc, last_acc = 0, 0, 0.0, float("nan")
+    model = wrap(student, info)
+    steps = len(train_loader)
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    run = Run(cfg, info, ds, source, loss_kw, train_loader, test_loader, run_dir, student,
+              torch.compile(model) if cfg.compile else model, opt, sched,
+              MetricsLogger(run_dir, info.is_main), autocast, steps)
     if state is not None:
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        best_acc, last_acc = float(state["best_acc"]), float(state["last_acc"])
+        run.start_epoch, run.step = int(state["epoch"]), int(state["step"])
+        run.best_acc, run.last_acc = float(state["best_acc"]), float(state["last_acc"])
         set_rng_state(state["rng"])
-    model = wrap(student, info)
-    fwd = torch.compile(model) if cfg.compile else model
-
-    logger = MetricsLogger(run_dir, info.is_main)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         if state is None:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            logger.write({"type": "run", "method": cfg.method, "student": cfg.student,
-                          "dataset": ds.name, "num_classes": ds.num_classes,
-                          "mentors": source.names, "mentor_source": source.kind,
-                          "world_size": info.world_size, "device": str(device),
-                          "loss_kwargs": loss_kw, "lr": base_lr, "epochs": cfg.epochs})
+            run.logger.write({"type": "run", "method": cfg.method, "student": cfg.student,
+                              "dataset": ds.name, "num_classes": ds.num_classes,
+                              "mentors": source.names, "mentor_source": source.kind,
+                              "world_size": info.world_size, "device": str(device),
+                              "loss_kwargs": loss_kw, "lr": base_lr, "epochs": cfg.epochs})
         else:
-            logger.truncate_after(start_epoch)
-    history: list[dict[str, Any]] = []
-    steps_per_epoch = len(train_loader)
-    if cfg.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    imgs_per_s = float("nan")
+            run.logger.truncate_after(run.start_epoch)
+            for change in state.get("allowed_changes", []):
+                run.logger.write({"type": "config_change", "epoch": run.start_epoch, **change})
+    return run
 
-    for epoch in range(start_epoch, cfg.epochs):
-        lr = sched.lr_at(epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        train_loader.set_epoch(epoch)
-        order = train_loader.order(epoch) if hasattr(train_loader, "order") else None
-        source.start_epoch(epoch, order)  # stream cache: plan this rank's rows, prefetch
-        model.train()
-        interval, whole = DeviceSums(device), DeviceSums(device)
-        t_epoch = t_log = time.perf_counter()
-        n_log = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="step", leave=False, dynamic_ncols=True,
-                   disable=not (cfg.progress and info.is_main))
-        for i, (images, labels, idx) in enumerate(train_loader):
-            if i >= steps_per_epoch:
-                break
-            slots, vids = source.views(epoch, idx)
-            x = apply_views(images, vids, ds.mean, ds.std, channels_last=cl)
-            mentor = source.logits(slots, idx, x)
-            extra = {k: v for k, v in (("epoch", epoch), ("step", step), ("seed", cfg.seed))
-                     if k in counters}
-            with autocast():
-                logits = fwd(x)
-            out = distill_loss(logits, mentor, labels, **loss_kw, **extra)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            step += 1
-            n_log += labels.shape[0]
-            correct = (logits.detach().argmax(1) == labels).float().sum()
-            for sums in (interval, whole):
-                sums.add("loss", out.loss)
-                sums.add("correct", correct)
-                sums.count += labels.shape[0]
-                sums.steps += 1
-            # loss parts: the student's plain CE beside the total (distill part = the rest)
-            interval.add("ce", F.cross_entropy(logits.detach().float(), labels))
-            for k, v in out.stats.items():
-                if isinstance(v, torch.Tensor) and v.numel() > 0:
-                    interval.add(k, v)
-            bar.update(1)
-            if step % cfg.log_every == 0 or i == steps_per_epoch - 1:
-                vals = interval.read()
-                if "nonfinite" in vals:
-                    check_finite(vals)  # raises naming student, mentor or label input
-                now = time.perf_counter()
-                imgs_per_s = n_log * info.world_size / max(now - t_log, 1e-9)
-                rec = {"type": "step", "epoch": epoch, "step": step, "lr": lr,
-                       "loss": float(vals["loss"]) / interval.steps,
-                       "train_acc": 100.0 * float(vals["correct"]) / interval.count,
-                       "img_per_s": imgs_per_s}
-                for k, v in vals.items():
-                    if k not in ("loss", "correct", "nonfinite"):
-                        rec[k] = v / interval.steps
-                if not math.isfinite(rec["loss"]):
-                    raise FloatingPointError(f"loss is {rec['loss']} at step {step} "
-                                             f"(epoch {epoch}): lower --lr or check the data")
-                logger.write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{imgs_per_s:.0f}")
-                interval, t_log, n_log = DeviceSums(device), now, 0
-        bar.close()
-        broadcast_buffers(student, info)
-        train_time = time.perf_counter() - t_epoch
-        ep = whole.read()
-        tot = torch.tensor([float(ep["correct"]), float(whole.count), float(ep["loss"])],
-                           dtype=torch.float64, device=device)
-        all_reduce(tot, info)
-        train_acc = 100.0 * float(tot[0] / tot[1])
-        train_loss = float(tot[2]) / (whole.steps * info.world_size)
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            last_acc, test_loss = evaluate(student, test_loader, ds, autocast, info, cl)
-            best_acc = max(best_acc, last_acc)
-        else:
-            test_loss = float("nan")
-        rec = {"type": "epoch", "epoch": epoch, "step": step, "lr": lr,
-               "train_loss": train_loss, "train_acc": train_acc, "test_acc": last_acc,
-               "test_loss": test_loss, "best_acc": best_acc, "time_s": train_time,
-               "img_per_s": float(tot[1]) / max(train_time, 1e-9)}
-        history.append(rec)
-        logger.write(rec)
-        if info.is_main:
-            if cfg.progress:
-                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs} loss {train_loss:.4f} "
-                           f"train {train_acc:.2f}% test {last_acc:.2f}% "
-                           f"(best {best_acc:.2f}%) {rec['img_per_s']:.0f} img/s")
-            save_training_state(run_dir, model=student, optimizer=opt,
-                                schedule=sched.state_dict(), epoch=epoch + 1, step=step,
-                                best_acc=best_acc, last_acc=last_acc, config=cfg.to_dict())
-        barrier(info)
 
+def train_epoch(run: Run, epoch: int) -> tuple[DeviceSums, float]:
+    """One epoch of steps; returns the epoch's device sums and its wall time."""
+    from ckd.data.views import apply_views  # noqa: PLC0415
+    from ckd.kernels import distill_loss  # noqa: PLC0415
+
+    cfg, info, ds, source = run.cfg, run.info, run.ds, run.source
+    lr = run.sched.lr_at(epoch)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    loader = run.train_loader
+    loader.set_epoch(epoch)
+    source.start_epoch(epoch, loader.order(epoch) if hasattr(loader, "order") else None)
+    counters = METHODS[cfg.method].counters
+    run.model.train()
+    interval, whole = DeviceSums(info.device), DeviceSums(info.device)
+    t_epoch = time.perf_counter()
+    log = _IntervalLog(run, epoch, lr, t_epoch)
+    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               unit="step", leave=False, dynamic_ncols=True,
+               disable=not (cfg.progress and info.is_main))
+    for i, (images, labels, idx) in enumerate(loader):
+        if i >= run.steps_per_epoch:
+            break
+        slots, vids = source.views(epoch, idx)
+        x = apply_views(images, vids, ds.mean, ds.std, channels_last=cfg.channels_last)
+        mentor = source.logits(slots, idx, x)
+        extra = {k: v for k, v in (("epoch", epoch), ("step", run.step), ("seed", cfg.seed))
+                 if k in counters}
+        with run.autocast():
+            logits = run.model(x)
+        out = distill_loss(logits, mentor, labels, **run.loss_kw, **extra)
+        run.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        run.opt.step()
+        run.step += 1
+        correct = (logits.detach().argmax(1) == labels).float().sum()
+        for sums in (interval, whole):
+            sums.add("loss", out.loss)
+            sums.add("correct", correct)
+            sums.count += labels.shape[0]
+            sums.steps += 1
+        # loss parts: the student's plain CE beside the total (distill part = the rest)
+        interval.add("ce", F.cross_entropy(logits.detach().float(), labels))
+        for k, v in out.stats.items():
+            if isinstance(v, torch.Tensor) and v.numel() > 0:
+                interval.add(k, v)
+        bar.update(1)
+        if run.step % cfg.log_every == 0 or i == run.steps_per_epoch - 1:
+            log.write(interval, bar)
+            interval = DeviceSums(info.device)
+    bar.close()
+    broadcast_buffers(run.student, info)
+    return whole, time.perf_counter() - t_epoch
+
+
+class _IntervalLog:
+    """A metrics record every `log_every` steps: the only host syncs of the step loop."""
+
+    def __init__(self, run: Run, epoch: int, lr: float, t0: float) -> None:
+        self.run, self.epoch, self.lr, self.t = run, epoch, lr, t0
+
+    def write(self, interval: DeviceSums, bar: Any) -> None:
+        from ckd.kernels import check_finite  # noqa: PLC0415
+
+        run = self.run
+        vals = interval.read()
+        if "nonfinite" in vals:
+            check_finite(vals)  # raises naming student, mentor or label input
+        now = time.perf_counter()
+        run.imgs_per_s = interval.count * run.info.world_size / max(now - self.t, 1e-9)
+        self.t = now
+        rec = {"type": "step", "epoch": self.epoch, "step": run.step, "lr": self.lr,
+               "loss": float(vals["loss"]) / interval.steps,
+               "train_acc": 100.0 * float(vals["correct"]) / interval.count,
+               "img_per_s": run.imgs_per_s}
+        for k, v in vals.items():
+            if k not in ("loss", "correct", "nonfinite"):
+                rec[k] = v / interval.steps
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"loss is {rec['loss']} at step {run.step} "
+                                     f"(epoch {self.epoch}): lower --lr or check the data")
+        run.logger.write(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{run.imgs_per_s:.0f}")
+
+
+def end_epoch(run: Run, epoch: int, whole: DeviceSums, train_time: float) -> None:
+    """Reduce the epoch's sums over ranks, evaluate, log, checkpoint (resume point)."""
+    cfg, info = run.cfg, run.info
+    ep = whole.read()
+    tot = torch.tensor([float(ep["correct"]), float(whole.count), float(ep["loss"])],
+                       dtype=torch.float64, device=info.device)
+    all_reduce(tot, info)
+    train_acc = 100.0 * float(tot[0] / tot[1])
+    train_loss = float(tot[2]) / (whole.steps * info.world_size)
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        run.last_acc, test_loss = evaluate(run.student, run.test_loader, run.ds, run.autocast,
+                                           info, cfg.channels_last)
+        run.best_acc = max(run.best_acc, run.last_acc)
+    else:
+        test_loss = float("nan")
+    rec = {"type": "epoch", "epoch": epoch, "step": run.step, "lr": run.sched.lr_at(epoch),
+           "train_loss": train_loss, "train_acc": train_acc, "test_acc": run.last_acc,
+           "test_loss": test_loss, "best_acc": run.best_acc, "time_s": train_time,
+           "img_per_s": float(tot[1]) / max(train_time, 1e-9)}
+    run.history.append(rec)
+    run.logger.write(rec)
     if info.is_main:
-        save_checkpoint(run_dir / "student.pt", student, arch=cfg.student,
-                        num_classes=ds.num_classes, dataset=ds.name,
-                        metrics={"test_acc": last_acc, "best_acc": best_acc,
-                                 "method": cfg.method, "mentors": source.names})
-    return {"best_acc": best_acc, "last_acc": last_acc, "run_dir": str(run_dir),
-            "dataset": ds.name, "num_classes": ds.num_classes, "mentors": source.names,
-            "epochs": cfg.epochs, "steps": step, "steps_per_epoch": steps_per_epoch,
-            "img_per_s": imgs_per_s, "history": history, "model": student,
-            "rank": info.rank, "world_size": info.world_size}
+        if cfg.progress:
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs} loss {train_loss:.4f} "
+                       f"train {train_acc:.2f}% test {run.last_acc:.2f}% "
+                       f"(best {run.best_acc:.2f}%) {rec['img_per_s']:.0f} img/s")
+        save_training_state(run.run_dir, model=run.student, optimizer=run.opt,
+                            schedule=run.sched.state_dict(), epoch=epoch + 1, step=run.step,
+                            best_acc=run.best_acc, last_acc=run.last_acc,
+                            config=cfg.to_dict())
+    barrier(info)
+
+
+def finish_run(run: Run) -> dict[str, Any]:
+    """The final student checkpoint (rank 0) and the run's summary."""
+    from ckd.models import save_checkpoint  # noqa: PLC0415
+
+    cfg, info = run.cfg, run.info
+    if info.is_main:
+        save_checkpoint(run.run_dir / "student.pt", run.student, arch=cfg.student,
+                        num_classes=run.ds.num_classes, dataset=run.ds.name,
+                        metrics={"test_acc": run.last_acc, "best_acc": run.best_acc,
+                                 "method": cfg.method, "mentors": run.source.names})
+    return {"best_acc": run.best_acc, "last_acc": run.last_acc, "run_dir": str(run.run_dir),
+            "dataset": run.ds.name, "num_classes": run.ds.num_classes,
+            "mentors": run.source.names, "epochs": cfg.epochs, "steps": run.step,
+            "steps_per_epoch": run.steps_per_epoch, "img_per_s": run.imgs_per_s,
+            "history": run.history, "model": run.student, "rank": info.rank,
+            "world_size": info.world_size}
 
 
 def train_mentor(arch: str, dataset: str | None = None, *, out: str | Path | None = None,
                  mentor_dir: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
     """Train a mentor from scratch (method nokd) and write <mentor_dir>/<dataset>/<arch>.pt
     (default ./mentors; <arch> the canonical name, where `ckd cache-logits --mentors ARCH`
-    and `--mentors-online` look) in ckd's checkpoint format with its test accuracy."""
+    and `--mentors-online` look) in ckd's checkpoint format with its test accuracy. An
+    existing mentor checkpoint is replaced only with `overwrite=True` (checked first)."""
     from ckd.models import resolve_arch, save_checkpoint  # noqa: PLC0415
 
     resolve_arch(arch)  # unknown arch: clear error before loading data
     values = {**overrides, "student": arch, "method": "nokd", "dataset": dataset,
               "cache": None, "mentors": None, "mentors_online": False}
     cfg = as_config({k: v for k, v in values.items() if v is not None})
+    name = _dataset_name(cfg)
     if out is None:
-        name = dataset or Path(cfg.prepared or "prepared").name
         out = Path("runs") / f"mentor-{name}-{arch}"
     cfg.out = str(out)
+
+    def mentor_file(ds_name: str) -> Path:
+        path = Path(mentor_dir or "mentors") / ds_name / f"{resolve_arch(arch)}.pt"
+        if path.exists() and not cfg.overwrite:
+            raise FileExistsError(f"{path} already holds a mentor (a cache may record its "
+                                  "hash): pass --overwrite to replace it, or --mentor-dir "
+                                  "to write elsewhere")
+        return path
+
+    mentor_file(name)
     result = train(cfg)
-    path = Path(mentor_dir or "mentors") / result["dataset"] / f"{resolve_arch(arch)}.pt"
+    path = mentor_file(result["dataset"])
     if result["rank"] == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(path, result["model"], arch=resolve_arch(arch),
@@ -307,3 +376,12 @@ def train_mentor(arch: str, dataset: str | None = None, *, out: str | Path | Non
                                  "epochs": cfg.epochs})
     result["mentor_path"] = str(path)
     return result
+
+
+def _dataset_name(cfg: TrainConfig) -> str:
+    """The dataset's name before loading it (the prepared folder's meta.json records it)."""
+    if cfg.prepared is not None:
+        from ckd.data.beton import read_meta  # noqa: PLC0415
+
+        return str(read_meta(cfg.prepared)["name"])
+    return norm_name(str(cfg.dataset))

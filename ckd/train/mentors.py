@@ -1,0 +1,233 @@
+"""Where a training step's mentor logits come from: three small sources.
+
+- `NoMentors`: methods that read no mentor (nokd); views still follow the cache's rule
+  when a cache is given, else the online rule.
+- `CachedMentors`: rows gathered from a logit cache (`ckd cache-logits`).
+- `OnlineMentors`: frozen mentors run on the student's view every step (the slow path the
+  cache replaces; also the reference the exactness tests compare the cache with).
+
+All three answer `views(epoch, idx) -> (slots, view_ids)`, `logits(slots, idx, x)` and
+`start_epoch(epoch, order)`, so the loop never asks which one it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckd.train.config import TrainConfig
+from ckd.train.methods import METHODS, select_mentors
+from ckd.train.setup import norm_name
+
+
+class NoMentors:
+    kind = "none"
+
+    def __init__(self, seed: int, cache: Any = None) -> None:
+        self.names: list[str] = []
+        self.seed, self.cache = seed, cache
+
+    def views(self, epoch: int, idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Which cached slot (None online) and which view each sample gets in `epoch`: the
+        cache's rule when there is a cache, else the same rule computed here."""
+        if self.cache is not None:
+            return self.cache.epoch_views(epoch, idx, self.seed)
+        from ckd.cache.layout import epoch_seed  # noqa: PLC0415 - one rule with the cache
+        from ckd.data.views import view_ids  # noqa: PLC0415
+
+        return None, view_ids(epoch_seed(self.seed, epoch), idx)
+
+    def logits(self, slots: torch.Tensor | None, idx: torch.Tensor,
+               x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def start_epoch(self, epoch: int, order: torch.Tensor | None) -> None:
+        return None
+
+
+class CachedMentors(NoMentors):
+    kind = "cache"
+
+    def __init__(self, cache: Any, seed: int) -> None:
+        super().__init__(seed, cache)
+        self.names = list(cache.mentors)  # opened with the chosen mentors, teacher first
+
+    def logits(self, slots, idx, x):
+        return self.cache.gather(slots, idx)
+
+    def start_epoch(self, epoch, order):
+        self.cache.start_epoch(epoch, self.seed, order)  # stream mode: plan + prefetch
+
+
+class OnlineMentors(NoMentors):
+    kind = "online"
+
+    def __init__(self, models: list[nn.Module], names: list[str], seed: int, cache: Any,
+                 device: torch.device, autocast: Callable) -> None:
+        super().__init__(seed, cache)
+        self.models, self.names = models, names
+        self.autocast = autocast
+        # CPU: contiguous input, as `ckd cache-logits` runs them, so online logits equal
+        # cached fp32 logits bit for bit; CUDA: channels_last (speed)
+        self.contiguous = device.type != "cuda"
+
+    def views(self, epoch, idx):
+        return None, super().views(epoch, idx)[1]  # no cached rows to point at
+
+    @torch.no_grad()
+    def logits(self, slots, idx, x):
+        xm = x.contiguous() if self.contiguous else x
+        with self.autocast():
+            return torch.stack([m(xm) for m in self.models])
+
+
+MentorSource = NoMentors | CachedMentors | OnlineMentors
+
+
+def parse_mentor_specs(specs: list[str] | None) -> list[tuple[str, str | None]]:
+    """["r110", "peer=path.pt"] -> [("r110", None), ("peer", "path.pt")]."""
+    out = []
+    for s in specs or []:
+        name, _, path = s.partition("=")
+        if not name.strip():
+            raise ValueError(f"bad mentor {s!r}: use NAME or NAME=path/to/checkpoint.pt")
+        out.append((name.strip(), path.strip() or None))
+    return out
+
+
+def _safe_arch(name: str) -> str | None:
+    from ckd.models import resolve_arch  # noqa: PLC0415
+
+    try:
+        return resolve_arch(name)
+    except ValueError:
+        return None
+
+
+def _match(name: str, available: list[str]) -> str:
+    """A requested mentor name among the cached ones (exact, else same architecture)."""
+    if name in available:
+        return name
+    arch = _safe_arch(name)
+    hits = [a for a in available if arch is not None and _safe_arch(a) == arch]
+    if len(hits) == 1:
+        return hits[0]
+    raise ValueError(f"mentor {name!r} is not in the cache; cached mentors: "
+                     f"{', '.join(available)} (pass --mentors as a subset of them, teacher "
+                     "first)")
+
+
+def default_mentor_order(found: dict[str, dict]) -> list[str]:
+    """Cached mentors, teacher first: mentor 0 is the largest model (docs/METHODS.md), so
+    order by parameter count, then test accuracy (both descending), then alias."""
+    from ckd.models import param_count  # noqa: PLC0415
+
+    def key(alias: str):
+        a = found[alias]
+        try:
+            n = param_count(a.get("arch", alias), int(a.get("num_classes", 100)))
+        except (ValueError, KeyError):
+            n = 0
+        return (-n, -float(a.get("test_acc") or 0.0), alias)
+
+    return sorted(found, key=key)
+
+
+def make_mentor_source(cfg: TrainConfig, ds, device: torch.device,
+                       autocast: Callable) -> MentorSource:
+    """Open the cache (checked against the data) and/or load the online mentors."""
+    specs = parse_mentor_specs(cfg.mentors)
+    need = METHODS[cfg.method].mentors != "none"
+    cache, found = None, {}
+    if cfg.cache is not None and not (cfg.mentors_online and not need):
+        cache, found, specs = _open_cache(cfg, ds, device, specs, need)
+    if not need:
+        return NoMentors(cfg.seed, cache)
+    if cfg.mentors_online:
+        names = select_mentors(cfg.method, [n for n, _ in specs])
+        models = [_load_online(n, p, cfg, ds, device, found.get(n))
+                  for n, p in specs[:len(names)]]
+        return OnlineMentors(models, names, cfg.seed, cache, device, autocast)
+    if cache is None:
+        raise ValueError(f"method {cfg.method!r} needs mentor logits: pass --cache DIR (built "
+                         "with `ckd cache-logits`) or --mentors-online with --mentors, or use "
+                         "--method nokd")
+    return CachedMentors(cache, cfg.seed)
+
+
+def _open_cache(cfg: TrainConfig, ds, device: torch.device,
+                specs: list[tuple[str, str | None]], need: bool):
+    """(cache, its mentors' attributes, specs): the cache opened with the mentors the
+    method reads (or the least needed for its view rule) and checked against the data."""
+    from ckd.cache import LogitCache, list_mentors  # noqa: PLC0415
+
+    found = list_mentors(cfg.cache)
+    if not found:
+        raise FileNotFoundError(f"no mentors in a logit cache at {cfg.cache}: build it "
+                                f"with `ckd cache-logits --out {cfg.cache} ...`")
+    avail = default_mentor_order(found)
+    if need and not cfg.mentors_online:
+        names = [_match(n, avail) for n, _ in specs] if specs else avail
+        names = select_mentors(cfg.method, names)
+    else:
+        names = avail[:1]  # only views/compatibility are needed: load the least
+    cache = LogitCache(cfg.cache, mode=cfg.cache_mode, device=str(device), mentors=names)
+    cache.check_compatible(ds.name, ds.fingerprint, ds.num_classes)
+    if cfg.mentors_online:
+        # no NAME=PATH given: the checkpoint the cache was built from, if it is there
+        specs = specs or [(n, None) for n in avail]
+        specs = [(n, p or _cached_checkpoint(found.get(n))) for n, p in specs]
+    return cache, found, specs
+
+
+def _cached_checkpoint(attrs: dict | None) -> str | None:
+    path = (attrs or {}).get("checkpoint")
+    return path if path and Path(path).is_file() else None
+
+
+def mentor_path(name: str, path: str | None, cfg: TrainConfig, ds) -> Path:
+    """NAME=PATH, else the cache CLI's rule: <mentor-dir>/<dataset>/<arch>.pt (or
+    <alias>.pt), mentor-dir defaulting to ./mentors."""
+    if path is not None:
+        return Path(path)
+    from ckd.cache.mentors import resolve_mentors  # noqa: PLC0415 - one rule for both
+
+    try:
+        return resolve_mentors([name], ds.name, cfg.mentor_dir or "mentors")[name]
+    except ValueError as err:
+        raise ValueError(f"online mentor {name!r} is not an architecture name, so it needs a "
+                         f"checkpoint: pass --mentors {name}=PATH ({err})") from err
+
+
+def _load_online(name: str, path: str | None, cfg: TrainConfig, ds, device: torch.device,
+                 cached: dict | None) -> nn.Module:
+    """A frozen mentor through the cache's own loader; when it is compared with a cache
+    that recorded this mentor, the checkpoint must be the one the cache was built from."""
+    from ckd.cache.mentors import load_mentor  # noqa: PLC0415
+    from ckd.models import file_sha256, read_checkpoint_meta  # noqa: PLC0415
+
+    p = mentor_path(name, path, cfg, ds)
+    if not p.is_file():
+        raise FileNotFoundError(f"mentor {name!r}: no checkpoint at {p}; train it with "
+                                f"`ckd train-mentor --arch {name} --dataset {ds.name}` or "
+                                f"pass --mentors {name}=PATH")
+    want = (cached or {}).get("checkpoint_sha256")
+    if want and file_sha256(p) != want:
+        raise ValueError(f"mentor {name!r}: {p} is not the checkpoint the cache {cfg.cache} "
+                         f"was built from (sha256 {want[:12]}..., recorded as "
+                         f"{cached.get('checkpoint')}): pass that checkpoint as "
+                         f"--mentors {name}=PATH, or rebuild the mentor's cache with "
+                         f"`ckd cache-logits --out {cfg.cache} --mentors {name}=PATH "
+                         "--overwrite`")
+    meta = read_checkpoint_meta(p)
+    if meta.get("dataset") and norm_name(str(meta["dataset"])) != norm_name(ds.name):
+        raise ValueError(f"mentor {name!r} ({p}) was trained on {meta['dataset']!r}, not "
+                         f"{ds.name!r}: pass the right --mentor-dir or NAME=PATH")
+    model = load_mentor(name, p, ds.num_classes, device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

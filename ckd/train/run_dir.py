@@ -1,0 +1,69 @@
+"""A run folder: one writer at a time, and a resume that continues the same experiment.
+
+`--resume` continues a run from its last checkpoint only with the settings it was trained
+with: a changed setting would otherwise be written to `config.yaml` as if the earlier
+epochs had used it. `--resume-allow FIELD,...` continues anyway and records each change
+in `metrics.jsonl` (`"type": "config_change"`). `--overwrite` starts over in a folder
+that holds a run: its checkpoint, metrics, config and student weights are replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckd.locks import exclusive_lock
+from ckd.train.checkpoint import CHECKPOINT, load_training_state
+from ckd.train.config import TrainConfig
+
+# settings that change how a run is executed or reported, not what it computes
+RESUME_NEUTRAL = frozenset({"out", "resume", "resume_allow", "overwrite", "progress",
+                            "log_every", "eval_every", "cache_mode", "loader", "device"})
+RUN_FILES = (CHECKPOINT, "metrics.jsonl", "config.yaml", "student.pt")
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[Path]:
+    with exclusive_lock(run_dir, "run folder",
+                        "wait for that run to finish, or pass another --out") as path:
+        yield path
+
+
+def changed_settings(old: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(field, old, new) for every setting that differs from the checkpoint's."""
+    new = cfg.to_dict()
+    return [(k, old[k], new[k]) for k in sorted(new)
+            if k not in RESUME_NEUTRAL and k in old and old[k] != new[k]]
+
+
+def resume_state(run_dir: Path, cfg: TrainConfig, device: torch.device) -> dict | None:
+    """The state to resume from, or None to start fresh; refuses to mix two experiments
+    in one folder (an existing run without --resume/--overwrite, or changed settings)."""
+    state = load_training_state(run_dir, device)
+    if state is None:
+        return None
+    if cfg.overwrite:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        return None
+    if not cfg.resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a training checkpoint (epoch {state.get('epoch')}): "
+            "pass --resume to continue it, --overwrite to start over in it (its checkpoint, "
+            "metrics and weights are replaced), or a new --out")
+    diff = changed_settings(state.get("config", {}), cfg)
+    allowed = set(cfg.resume_allow or ())
+    refused = [d for d in diff if d[0] not in allowed]
+    if refused:
+        listing = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, a, b in refused)
+        raise ValueError(
+            f"--resume: {run_dir} was trained with other settings ({listing}). Use the same "
+            "settings, a new --out, or continue anyway with --resume-allow "
+            + ",".join(k for k, _, _ in refused) + " (each change is recorded in "
+            "metrics.jsonl)")
+    state["allowed_changes"] = [{"field": k, "old": a, "new": b} for k, a, b in diff]
+    return state
