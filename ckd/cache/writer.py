@@ -23,6 +23,8 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
+from ckd.dist import barrier, dist_context, process_group
+
 from .layout import (
     DEFAULT_CODEC,
     DTYPES,
@@ -36,38 +38,6 @@ from .mentors import load_mentor, resolve_mentors  # noqa: F401 (re-export)
 from .store import prepare_store
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-
-
-# ------------------------------------------------------------------ distributed helpers
-def dist_context() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed if initialized, else RANK/WORLD_SIZE."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-@contextlib.contextmanager
-def _process_group(world_size: int) -> Iterator[None]:
-    """Init a gloo group under torchrun when the caller has not (and tear it down)."""
-    import torch.distributed as dist
-
-    owned = world_size > 1 and not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo")
-    try:
-        yield
-    finally:
-        if owned:
-            dist.destroy_process_group()
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 @contextlib.contextmanager
@@ -210,10 +180,10 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
-    with _process_group(world):
+    with process_group("gloo"):
         if rank == 0:
             prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite)
-        _barrier(world)
+        barrier()
         root = zarr.open_group(LocalStore(out), mode="r")
         layout = layout_from_attrs(root.attrs.asdict())  # an existing store's chunking wins
         keyed_ids = (torch.from_numpy(root["view_ids"][:]) if keyed else None)
@@ -223,11 +193,11 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
             for alias, path in paths.items():
                 _run_mentor(out, alias, path, layout, images, labels, keyed_ids, dataset,
                             batch_size, dev, rank, world, progress)
-            _barrier(world)
+            barrier()
             if rank == 0:
                 for alias, path in paths.items():
                     _finalize_mentor(out, alias, path, layout, dataset, batch_size, dev)
-        _barrier(world)
+        barrier()
     return out
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ckd.dist import destroy_group, dist_context, init_group
+
 
 @dataclass
 class DistInfo:
@@ -31,21 +33,17 @@ class DistInfo:
 def init_distributed(device: str | None = None) -> DistInfo:
     """Device and process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
     want = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = dist_context()
     if world <= 1:
         return DistInfo(device=torch.device(want))
-    rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     if torch.device(want).type == "cuda":
         torch.cuda.set_device(local)
         dev, backend = torch.device("cuda", local), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-        owns = True
-    return DistInfo(rank, world, local, dev, owns)
+    owns = init_group(backend)
+    return DistInfo(*dist_context(), local, dev, owns)
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
@@ -67,8 +65,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_group(info.owns_group)
 
 
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
