@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckd.train.config import TrainConfig
 from ckd.methods import method_mentors, select_mentors
+from ckd.train.config import TrainConfig
 from ckd.train.setup import norm_name
 
 
