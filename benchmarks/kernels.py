@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ckd.kernels import distill_loss
-from ckd.kernels import reference as R
+from ckd.methods import get_method
 
 METHODS = {
     "classroom-paper": ("classroom", dict(variant="paper")),
@@ -108,7 +108,8 @@ def make_loss(impl: str, method: str, zs, zm, y):
     if impl == "triton":
         return lambda: distill_loss(zs, zm, y, method=name, backend="triton", validate=False,
                                     **kw).loss
-    fn = partial(R.REFERENCE[name], **kw)
+    spec = get_method(name)
+    fn = partial(spec.reference, **spec.resolve(kw), **spec.counter_values({}))
     if impl == "compile":
         torch._dynamo.reset()  # fresh cache per config: no recompile limit, no eager fallback
         fn = torch.compile(fn, dynamic=False)

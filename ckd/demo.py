@@ -17,11 +17,11 @@ from typing import Any
 
 from ckd.io import atomic_write_text
 
-# (label, method, variant): the rows of the results table.
-DEMO_METHODS: tuple[tuple[str, str, str], ...] = (
-    ("nokd", "nokd", "paper"),
-    ("kd", "kd", "paper"),
-    ("aver", "aver", "paper"),
+# (label, method, classroom variant): the rows of the results table.
+DEMO_METHODS: tuple[tuple[str, str, str | None], ...] = (
+    ("nokd", "nokd", None),
+    ("kd", "kd", None),
+    ("aver", "aver", None),
     ("classroom (paper)", "classroom", "paper"),
     ("classroom (official)", "classroom", "official"),
 )
@@ -39,7 +39,7 @@ class DemoPlan:
     batch_size: int = 64
     lr: float | None = None  # None: 0.05, or 0.01 for MobileNet/ShuffleNet (paper)
     tau: float = 4.0
-    methods: tuple[tuple[str, str, str], ...] = DEMO_METHODS
+    methods: tuple[tuple[str, str, str | None], ...] = DEMO_METHODS
     extra: dict[str, Any] = field(default_factory=dict)
 
 

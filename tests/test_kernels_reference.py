@@ -15,8 +15,8 @@ from ckd.kernels import (
     distill_loss,
     tekap_noise,
 )
-from ckd.kernels import reference as R
 from ckd.kernels.rng import hash32, hash32_t
+from ckd.methods import get_method
 
 
 def inputs(B=8, C=10, M=3, seed=0, dtype=torch.float32):
@@ -25,6 +25,11 @@ def inputs(B=8, C=10, M=3, seed=0, dtype=torch.float32):
     zm = (2 * torch.randn(M, B, C, generator=g)).to(dtype)
     y = torch.randint(0, C, (B,), generator=g)
     return zs, zm, y
+
+
+def ref(method, *args, **kw):
+    """The eager reference of `method` with its declared defaults for what `kw` omits."""
+    return get_method(method).run_reference(*args, **kw)
 
 
 def hinton(zm, zs, T):
@@ -40,11 +45,11 @@ def close(a, b, tol=1e-5):
 # ----------------------------------------------------------------------------- formulas
 def test_nokd_kd_aver_match_torch_formulas():
     zs, zm, y = inputs()
-    close(R.nokd(zs, zm, y)[0], F.cross_entropy(zs, y))
-    close(R.kd(zs, zm, y, T=4.0, alpha_ce=0.1, alpha_kd=0.9)[0],
+    close(ref("nokd", zs, zm, y)[0], F.cross_entropy(zs, y))
+    close(ref("kd", zs, zm, y, T=4.0, alpha_ce=0.1, alpha_kd=0.9)[0],
           0.1 * F.cross_entropy(zs, y) + 0.9 * hinton(zm[0], zs, 4.0))
     expect = F.cross_entropy(zs, y) + sum(hinton(zm[m], zs, 7.0) for m in range(3))
-    close(R.aver(zs, zm, y, tau=7.0)[0], expect)
+    close(ref("aver", zs, zm, y, tau=7.0)[0], expect)
 
 
 def _paper_by_hand(zs, zm, y, tau, beta, delta, lam):
@@ -67,7 +72,7 @@ def _paper_by_hand(zs, zm, y, tau, beta, delta, lam):
 def test_classroom_paper_batch_by_hand(tau, beta, delta):
     zs, zm, y = inputs(M=4, seed=3)
     zm[1] = zm[1] * 0.1 + 3 * F.one_hot(y, 10)  # a good peer: at least one mentor active
-    loss, stats = R.classroom(zs, zm, y, tau=tau, beta=beta, delta=delta)
+    loss, stats = ref("classroom", zs, zm, y, tau=tau, beta=beta, delta=delta)
     expect, active = _paper_by_hand(zs, zm, y, tau, beta, delta, lam=4.0)
     close(loss, expect)
     assert active and stats["mentor_active"].nonzero().flatten().tolist() == active
@@ -85,7 +90,7 @@ def test_classroom_official_batch_matches_authors_code():
             t = 1 + 12.0 * (norm[m + 1] - norm[0]) / norm[m + 1] if norm[m + 1] else 1.0
             expect = expect + norm[m + 1] * hinton(zm[m], zs, t)
             gated.append(m)
-    loss, stats = R.classroom(zs, zm, y, variant="official", beta=3.0, delta=2.0)
+    loss, stats = ref("classroom", zs, zm, y, variant="official", beta=3.0, delta=2.0)
     close(loss, expect)
     assert gated and stats["mentor_active"].nonzero().flatten().tolist() == gated
 
@@ -93,8 +98,8 @@ def test_classroom_official_batch_matches_authors_code():
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_sample_granularity_is_batch_of_one_averaged(variant):
     zs, zm, y = inputs(B=6, M=3, seed=7)
-    loss, _ = R.classroom(zs, zm, y, variant=variant, granularity="sample", delta=0.3)
-    per = [R.classroom(zs[b:b + 1], zm[:, b:b + 1], y[b:b + 1], variant=variant, delta=0.3)[0]
+    loss, _ = ref("classroom", zs, zm, y, variant=variant, granularity="sample", delta=0.3)
+    per = [ref("classroom", zs[b:b + 1], zm[:, b:b + 1], y[b:b + 1], variant=variant, delta=0.3)[0]
            for b in range(6)]
     close(loss, torch.stack(per).mean())
 
@@ -103,9 +108,9 @@ def test_ties_are_inactive_in_paper_and_gated_in_official():
     zs, zm, y = inputs(M=2, seed=1)
     zm[1] = zs.detach()  # mentor 1 identical to the student: r_m == r_s exactly
     for gran in ("batch", "sample"):
-        _, st = R.classroom(zs, zm, y, granularity=gran)
+        _, st = ref("classroom", zs, zm, y, granularity=gran)
         assert float(st["mentor_active"][1]) == 0.0
-        _, st = R.classroom(zs, zm, y, variant="official", granularity=gran)
+        _, st = ref("classroom", zs, zm, y, variant="official", granularity=gran)
         assert float(st["mentor_active"][1]) == 1.0
 
 
@@ -120,7 +125,7 @@ def test_dkd_matches_original_code():
     nckd = F.kl_div(F.log_softmax(zs / T - 1000.0 * gt, 1),
                     F.softmax(zm[0] / T - 1000.0 * gt, 1), reduction="sum") * T**2 / B
     expect = F.cross_entropy(zs, y) + min(5 / 20, 1.0) * (1.0 * tckd + 8.0 * nckd)
-    close(R.dkd(zs, zm, y, epoch=5)[0], expect)
+    close(ref("dkd", zs, zm, y, epoch=5)[0], expect)
 
 
 def test_tekap_uses_keyed_noise():
@@ -129,8 +134,8 @@ def test_tekap_uses_keyed_noise():
     expect = F.cross_entropy(zs, y) + hinton(zm[0], zs, 4.0)
     for i in range(3):
         expect = expect + 0.8 * hinton(0.1 * eta[i] + 0.9 * zm[0], zs, 4.0)
-    close(R.tekap(zs, zm, y, seed=9, step=3)[0], expect)
-    assert not torch.equal(R.tekap(zs, zm, y, seed=9, step=4)[0], expect)
+    close(ref("tekap", zs, zm, y, seed=9, step=3)[0], expect)
+    assert not torch.equal(ref("tekap", zs, zm, y, seed=9, step=4)[0], expect)
 
 
 def test_dgkd_mask_and_average():
@@ -142,7 +147,7 @@ def test_dgkd_mask_and_average():
     keep = dgkd_keep_mask(2, 11, 4, 0.5)
     kept = [m for m in range(4) if keep[m]]
     expect = F.cross_entropy(zs, y) + sum(hinton(zm[m], zs, 5.0) for m in kept) / len(kept)
-    loss, st = R.dgkd(zs, zm, y, tau=5.0, p=0.5, seed=2, step=11)
+    loss, st = ref("dgkd", zs, zm, y, tau=5.0, p=0.5, seed=2, step=11)
     close(loss, expect)
     assert st["mentor_active"].tolist() == [float(k) for k in keep]
 

@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from ckd.cli.main import main as cli
+from ckd.methods import select_mentors
 from ckd.train import load_config, make_schedule, train
-from ckd.train.methods import loss_kwargs, select_mentors
 
 TINY = dict(n_train=64, n_test=32, num_classes=10, seed=0)
 BASE = dict(dataset="synthetic", dataset_options=TINY, student="resnet8", epochs=2,
@@ -65,14 +65,17 @@ def test_classroom_warmup_schedule():
 
 # ---------------------------------------------------------------------------- methods
 def test_methods_are_data():
-    kw = loss_kwargs("classroom", num_mentors=6)
-    assert kw == {"method": "classroom", "backend": "auto", "tau": 12.0, "beta": 1.0,
-                  "delta": 0.0, "lam": 6.0, "variant": "paper", "granularity": "batch"}
-    assert loss_kwargs("classroom", num_mentors=6, lam=2, tau=4)["lam"] == 2.0
-    kd = loss_kwargs("kd", num_mentors=1, tau=3.0)
-    assert kd["T"] == 3.0 and "tau" not in kd and "lam" not in kd  # kd's name is T
-    assert loss_kwargs("nokd", num_mentors=0) == {"method": "nokd", "backend": "auto"}
-    assert loss_kwargs("dgkd", num_mentors=3, extra={"p": 0.25})["p"] == 0.25
+    plan = load_config(None, method="classroom").loss_plan()
+    (term,) = plan.terms
+    assert term.params == {"tau": 12.0, "beta": 1.0, "delta": 0.0, "lam": None,
+                           "variant": "paper", "granularity": "batch", "rank_logits": None}
+    cfg = load_config(None, method="classroom", lam=2, tau=4)
+    assert cfg.loss_plan().terms[0].params["lam"] == 2.0
+    kd = load_config(None, method="kd", tau=3.0).loss_plan().terms[0].params
+    assert kd == {"T": 3.0, "alpha_ce": 1.0, "alpha_kd": 1.0}  # kd's temperature is T
+    assert load_config(None, method="nokd").loss_plan().terms[0].params == {}
+    dgkd = load_config(None, method="dgkd", method_params={"p": 0.25}).loss_plan()
+    assert dgkd.terms[0].params["p"] == 0.25
     assert select_mentors("kd", ["t", "a", "b"]) == ["t"]
     assert select_mentors("aver", ["t", "a"]) == ["t", "a"]
     assert select_mentors("nokd", ["t"]) == []

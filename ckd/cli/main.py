@@ -1,16 +1,42 @@
-"""The `ckd` command: a click group; each stage adds its commands from its own module."""
+"""The `ckd` command: a click group; each stage adds its commands from its own module.
+
+Errors: a command's failure reaches the user as one line naming the problem and the fix
+(`Error: ...`, exit code 1; click's own usage errors exit 2). `ckd --debug COMMAND` shows
+the full traceback instead.
+"""
 
 import importlib
 
 import click
 
 # Modules that define a module-level `commands` list of click commands/groups.
-STAGE_MODULES = ("data", "models", "cache", "train", "demo")
+STAGE_MODULES = ("data", "models", "methods", "cache", "train", "demo")
+# what a user's mistake raises (bad values, missing or existing files, corrupt inputs)
+USAGE_ERRORS = (ValueError, TypeError, KeyError, LookupError, OSError, RuntimeError)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CkdGroup(click.Group):
+    """Turns exceptions escaping a command into click errors unless `--debug` is given."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:
+            if ctx.params.get("debug") or not isinstance(err, USAGE_ERRORS):
+                raise
+            if isinstance(err, (ValueError, OSError)):  # the message names value and fix
+                raise click.ClickException(str(err)) from err
+            raise click.ClickException(f"{type(err).__name__}: {err} (run `ckd --debug "
+                                       f"{ctx.invoked_subcommand} ...` for the traceback)"
+                                       ) from err
+
+
+@click.group(cls=CkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.version_option(package_name="ckd")
-def main() -> None:
+def main(debug: bool) -> None:
     """ckd: multi-mentor knowledge distillation from an offline logit cache."""
 
 

@@ -12,6 +12,40 @@ import yaml
 _ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
 
 
+class MethodExpr(click.ParamType):
+    """--method: a registered method or a weighted sum, checked against the registry."""
+
+    name = "method"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        from ckd.methods import method_names  # noqa: PLC0415
+
+        return "[" + "|".join(method_names()) + "|A+W*B]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        from ckd.methods import MethodError, parse_method  # noqa: PLC0415
+
+        try:
+            parse_method(value)
+        except MethodError as err:
+            self.fail(str(err), param, ctx)
+        return value
+
+
+class ParamHelpOption(click.Option):
+    """--param, whose help lists every method's parameters from the registry."""
+
+    def get_help_record(self, ctx: click.Context):
+        from ckd.methods import all_methods  # noqa: PLC0415
+
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        per = "; ".join(f"{m.name}: {m.param_names()}" for m in all_methods().values()
+                        if any(p.cli for p in m.params))
+        return record[0], f"{record[1]} Parameters by method: {per}."
+
+
 def _kv(pairs: tuple[str, ...], flag: str) -> dict[str, Any] | None:
     if not pairs:
         return None
@@ -94,10 +128,11 @@ def _summary(result: dict[str, Any]) -> None:
 @click.option("--cache", type=click.Path(file_okay=False), help="Logit cache (ckd cache-logits).")
 @click.option("--cache-mode", type=click.Choice(["memory", "stream"]))
 @click.option("--student", help="Student architecture (default resnet20).")
-@click.option("--method", type=click.Choice(["nokd", "kd", "aver", "dgkd", "tekap", "dkd",
-                                             "classroom"]))
-@click.option("--variant", type=click.Choice(["paper", "official"]))
-@click.option("--granularity", type=click.Choice(["batch", "sample"]))
+@click.option("--method", type=MethodExpr(),
+              help="A method or a weighted sum (kd+0.5*OTHER); `ckd methods` lists them "
+              "with their parameters. Default classroom.")
+@click.option("--variant", help="classroom: paper | official.")
+@click.option("--granularity", help="classroom: batch | sample.")
 @click.option("--backend", type=click.Choice(["auto", "triton", "reference"]))
 @click.option("--mentors", help="Comma list, teacher first: a subset of the cached mentors, "
               "or with --mentors-online NAME or NAME=checkpoint.pt.")
@@ -106,11 +141,14 @@ def _summary(result: dict[str, Any]) -> None:
 @click.option("--mentor-dir", type=click.Path(file_okay=False),
               help="Online mentors: NAME is <mentor-dir>/<dataset>/<arch>.pt (default "
               "./mentors), as in `ckd cache-logits`.")
-@click.option("--tau", type=float, help="Base temperature (classroom default 12).")
-@click.option("--beta", type=float)
-@click.option("--delta", type=float)
-@click.option("--lam", type=float, help="Rank scale lambda (default: number of mentors).")
-@click.option("--param", multiple=True, help="Extra distill_loss parameter KEY=VALUE.")
+@click.option("--tau", type=float, help="The method's temperature parameter (tau or T).")
+@click.option("--beta", type=float, help="classroom: weight of the mentoring terms.")
+@click.option("--delta", type=float, help="classroom: weight of the extra CE + teacher KL.")
+@click.option("--lam", type=float, help="classroom: rank scale lambda.")
+@click.option("--param", multiple=True, metavar="KEY=VALUE", cls=ParamHelpOption,
+              help="A method parameter (METHOD.KEY=VALUE in a sum).")
+@click.option("--preset", help="A named parameter set of the method, e.g. repdistiller for "
+              "kd (0.1 CE + 0.9 KD); `ckd methods` lists them.")
 def train(**kw: Any) -> None:
     """Train a student from cached (or live) mentor logits."""
     from ckd.train import load_config

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ckd.kernels import distill as D
+from ckd.kernels.output import DistillOutput
 from ckd.kernels.rank import classroom_weights_fused
 from ckd.kernels.rng import dgkd_keep_mask
 
@@ -87,8 +88,6 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
     """The fused counterpart of `reference.REFERENCE[method]`; returns DistillOutput.
     ClassroomKD: `_gt_ce_kernel` (CE per model and sample), `_rank_kernel` (selection,
     one program), then the main kernel: three launches, no host sync."""
-    from ckd.kernels.api import DistillOutput
-
     dev = zs.device
     B, C = zs.shape
     M = 0 if zm is None else zm.shape[0]

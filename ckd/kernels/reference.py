@@ -1,7 +1,8 @@
-"""Eager reference of every distillation loss of ../shared/METHOD.md: the contract.
+"""Eager reference of every logit distillation loss of docs/METHODS.md: the contract.
 
 Each method is a plain PyTorch function `f(student [B,C], mentors [M,B,C] | None,
-labels [B], **params) -> (loss, stats)`, written for clarity and checked in the tests
+labels [B], **params) -> (loss, stats)` (parameters without defaults: they are declared
+once, in `ckd.methods`), written for clarity and checked in the tests
 against independent textbook formulas. The fused Triton kernels are tested against
 these functions.
 
@@ -9,7 +10,7 @@ Conventions shared by all methods:
 - Math runs in fp32 (fp64 if the student is fp64); the loss is a 0-dim tensor, mean
   over the batch; gradients flow into the student logits only.
 - `L_distill(zm, zs; T) = T^2 * KL(softmax(zm/T) || softmax(zs/T))`, batch mean.
-- Selection signals (ranks, masks, temperatures) are detached (METHOD.md item 8).
+- Selection signals (ranks, masks, temperatures) are detached (docs/METHODS.md).
 - `stats`: `mentor_rank [M]` (ClassroomKD rank r_m; for the other methods the weight
   of the mentor's distillation term), `mentor_active [M]` (float: fraction of samples
   at sample granularity), `mentor_temp [M]` (temperature used; 1 for an inactive
@@ -54,7 +55,7 @@ def kl_rows(z_mentor: Tensor, z_student: Tensor, T: Tensor | float) -> Tensor:
 
 
 def l_distill(z_mentor: Tensor, z_student: Tensor, T: float) -> Tensor:
-    """T^2 * KL_batchmean(softmax(zm/T) || softmax(zs/T)) (METHOD.md, Eq. 7)."""
+    """T^2 * KL_batchmean(softmax(zm/T) || softmax(zs/T)) (docs/METHODS.md)."""
     return T * T * kl_rows(z_mentor, z_student, T).mean()
 
 
@@ -90,11 +91,8 @@ def nokd(student_logits: Tensor, mentor_logits: Tensor | None, labels: Tensor):
     return loss, _stats(M, student_logits.device, flag=flag)
 
 
-def kd(student_logits, mentor_logits, labels, *, T=4.0, alpha_ce=1.0, alpha_kd=1.0):
-    """Hinton KD with the teacher (mentor 0): alpha_ce * CE + alpha_kd * L_distill(T).
-
-    Defaults T=4, alpha_ce=1, alpha_kd=1 (RepDistiller uses alpha_ce=0.1, alpha_kd=0.9 for
-    CIFAR; pass those explicitly to reproduce it)."""
+def kd(student_logits, mentor_logits, labels, *, T, alpha_ce, alpha_kd):
+    """Hinton KD with the teacher (mentor 0): alpha_ce * CE + alpha_kd * L_distill(T)."""
     zt = mentor_logits[0]
     loss = alpha_ce * ce_rows(student_logits, labels).mean()
     loss = loss + alpha_kd * l_distill(zt, student_logits, T)
@@ -105,7 +103,7 @@ def kd(student_logits, mentor_logits, labels, *, T=4.0, alpha_ce=1.0, alpha_kd=1
                         alpha_ce, _flag(student_logits, [zt], labels))
 
 
-def aver(student_logits, mentor_logits, labels, *, tau=12.0):
+def aver(student_logits, mentor_logits, labels, *, tau):
     """AVER (Eq. 12): CE + sum_m L_distill(zm, zs; tau), every mentor, equal weights."""
     loss = ce_rows(student_logits, labels).mean()
     for zm in _mentor_list(mentor_logits):
@@ -116,7 +114,7 @@ def aver(student_logits, mentor_logits, labels, *, tau=12.0):
                         _flag(student_logits, _mentor_list(mentor_logits), labels))
 
 
-def dgkd(student_logits, mentor_logits, labels, *, tau=12.0, p=0.5, seed=0, step=0):
+def dgkd(student_logits, mentor_logits, labels, *, tau, p, seed, step):
     """Random mentor drop: each mentor dropped w.p. p (keyed by seed, step, mentor), the
     kept ones averaged: CE + (1/K) sum_{kept} L_distill(zm, zs; tau).
 
@@ -132,8 +130,8 @@ def dgkd(student_logits, mentor_logits, labels, *, tau=12.0, p=0.5, seed=0, step
                         _flag(student_logits, [mentor_logits[m] for m in kept], labels))
 
 
-def tekap(student_logits, mentor_logits, labels, *, T=4.0, a=0.1, n_copies=3,
-          lam_clean=1.0, lam_noisy=0.8, alpha_ce=1.0, seed=0, step=0):
+def tekap(student_logits, mentor_logits, labels, *, T, a, n_copies, lam_clean, lam_noisy,
+          alpha_ce, seed, step):
     """TeKAP, logit level, teacher only: copies z_i = a * eta_i + (1 - a) * z with
     eta ~ N(0, 1) from `tekap_noise(seed, step, ...)`; loss = alpha_ce * CE +
     lam_clean * L_distill(z, zs; T) + lam_noisy * sum_i L_distill(z_i, zs; T)."""
@@ -152,10 +150,11 @@ def tekap(student_logits, mentor_logits, labels, *, T=4.0, a=0.1, n_copies=3,
                         _flag(student_logits, [mentor_logits[0]], labels))
 
 
-def dkd(student_logits, mentor_logits, labels, *, T=4.0, alpha_ce=1.0, dkd_alpha=1.0,
-        dkd_beta=8.0, epoch=None, warmup=20):
+def dkd(student_logits, mentor_logits, labels, *, T, alpha_ce, dkd_alpha, dkd_beta, warmup,
+        epoch):
     """Decoupled KD with the teacher: alpha_ce * CE + min(epoch/warmup, 1) *
     (dkd_alpha * TCKD + dkd_beta * NCKD), both scaled by T^2 and averaged over the batch.
+    `epoch` counts from 1 as in mdistiller's trainer (the first epoch has 1/warmup);
     `epoch=None` means past the warm-up (factor 1). The non-target distributions exclude
     the target class exactly (the DKD code subtracts 1000 from it: same to e^-1000)."""
     zs, zt = _acc(student_logits), _acc(mentor_logits[0])
@@ -243,9 +242,9 @@ def classroom_stats(cw: dict[str, Tensor], flag: Tensor) -> Stats:
                   cw["r_s"].mean(), flag)
 
 
-def classroom(student_logits, mentor_logits, labels, *, tau=12.0, beta=1.0, delta=0.0,
-              lam=None, variant="paper", granularity="batch", rank_logits=None):
-    """ClassroomKD (METHOD.md Eq. 1-11, or the authors' code with variant='official').
+def classroom(student_logits, mentor_logits, labels, *, tau, beta, delta, lam, variant,
+              granularity, rank_logits=None):
+    """ClassroomKD (docs/METHODS.md, or the authors' code with variant='official').
 
     `rank_logits` (default: the student logits, detached) are the student logits used for
     ranking only; a fixed tensor there holds the selection constant (for gradcheck)."""
@@ -268,6 +267,3 @@ def classroom(student_logits, mentor_logits, labels, *, tau=12.0, beta=1.0, delt
     flag = _flag(student_logits, _mentor_list(mentor_logits), labels)
     return loss, classroom_stats(cw, flag)
 
-
-REFERENCE = {"nokd": nokd, "kd": kd, "aver": aver, "dgkd": dgkd, "tekap": tekap,
-             "classroom": classroom, "dkd": dkd}

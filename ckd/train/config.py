@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ckd.io import atomic_write_text
-from ckd.train.methods import METHODS, loss_kwargs
+from ckd.methods import LossPlan, make_plan
 
 # Students trained at lr 0.01 in the paper (MobileNet/ShuffleNet), canonical names.
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -24,9 +24,9 @@ LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 class TrainConfig:
     # what to train
     student: str = "resnet20"
-    method: str = "classroom"
-    variant: str = "paper"  # paper | official (classroom only)
-    granularity: str = "batch"  # batch | sample
+    method: str = "classroom"  # a registered method or a sum, e.g. kd+0.5*crd (ckd methods)
+    variant: str | None = None  # classroom: paper | official (None: the method's default)
+    granularity: str | None = None  # classroom: batch | sample
     backend: str = "auto"  # distill_loss backend: auto | triton | reference
     # data
     dataset: str | None = None
@@ -40,12 +40,14 @@ class TrainConfig:
     mentors: list[str] | None = None  # subset (teacher first); "name" or "name=path.pt"
     mentors_online: bool = False
     mentor_dir: str | None = None  # <mentor_dir>/<dataset>/<arch>.pt; default ./mentors
-    # loss hyper-parameters (None: method default, lam None: number of mentors)
+    # loss hyper-parameters (None: the method's declared default, lam None: number of
+    # mentors); tau sets the method's temperature (tau or T), method_params any parameter
     tau: float | None = None
     beta: float | None = None
     delta: float | None = None
     lam: float | None = None
     method_params: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None  # a named parameter set of the method, e.g. repdistiller (kd)
     # optimisation
     epochs: int = 240
     batch_size: int = 64
@@ -79,21 +81,15 @@ class TrainConfig:
 
         return 0.01 if resolve_arch(self.student) in LOW_LR_STUDENTS else 0.05
 
-    def loss_kwargs(self, num_mentors: int) -> dict[str, Any]:
-        """Keyword arguments for `distill_loss` (method data + config overrides)."""
-        return loss_kwargs(self.method, num_mentors=num_mentors, tau=self.tau,
-                           beta=self.beta, delta=self.delta, lam=self.lam,
-                           variant=self.variant, granularity=self.granularity,
-                           backend=self.backend, extra=self.method_params)
+    def loss_plan(self) -> LossPlan:
+        """The run's loss, every method parameter resolved and checked (ckd.methods)."""
+        shortcuts = dict(tau=self.tau, beta=self.beta, delta=self.delta, lam=self.lam,
+                         variant=self.variant, granularity=self.granularity)
+        return make_plan(self.method, self.method_params, self.preset, shortcuts,
+                         backend=self.backend)
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of "
-                             f"{', '.join(METHODS)}")
-        if self.variant not in ("paper", "official"):
-            raise ValueError(f"--variant must be paper or official, got {self.variant!r}")
-        if self.granularity not in ("batch", "sample"):
-            raise ValueError(f"--granularity must be batch or sample, got {self.granularity!r}")
+        self.loss_plan()
         if self.loader not in ("memory", "ffcv"):
             raise ValueError(f"--loader must be memory or ffcv, got {self.loader!r}")
         if self.schedule not in ("step", "classroom-warmup", "constant"):

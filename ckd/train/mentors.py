@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckd.methods import method_mentors, select_mentors
 from ckd.train.config import TrainConfig
-from ckd.train.methods import METHODS, select_mentors
 from ckd.train.setup import norm_name
 
 
@@ -141,7 +141,7 @@ def make_mentor_source(cfg: TrainConfig, ds, device: torch.device,
                        autocast: Callable) -> MentorSource:
     """Open the cache (checked against the data) and/or load the online mentors."""
     specs = parse_mentor_specs(cfg.mentors)
-    need = METHODS[cfg.method].mentors != "none"
+    need = method_mentors(cfg.method) != "none"
     cache, found = None, {}
     if cfg.cache is not None and not (cfg.mentors_online and not need):
         cache, found, specs = _open_cache(cfg, ds, device, specs, need)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ckd.methods import LossPlan
 from ckd.train.checkpoint import save_training_state, set_rng_state
 from ckd.train.config import TrainConfig, as_config, save_config
 from ckd.train.ddp import (
@@ -30,7 +31,6 @@ from ckd.train.ddp import (
     wrap,
 )
 from ckd.train.mentors import MentorSource, make_mentor_source
-from ckd.train.methods import METHODS
 from ckd.train.metrics import MetricsLogger
 from ckd.train.run_dir import resume_state, run_folder_lock
 from ckd.train.schedules import make_schedule
@@ -128,7 +128,7 @@ class Run:
     info: DistInfo
     ds: Any
     source: MentorSource
-    loss_kw: dict[str, Any]
+    loss_plan: LossPlan
     train_loader: Any
     test_loader: Any
     run_dir: Path
@@ -156,7 +156,7 @@ def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> 
     autocast = _autocast_factory(device, cfg.amp)
     ds = load_data(cfg)
     source = make_mentor_source(cfg, ds, device, autocast)
-    loss_kw = cfg.loss_kwargs(len(source.names))
+    loss_plan = cfg.loss_plan()
     train_loader, test_loader = make_loaders(cfg, ds, device, info.rank, info.world_size)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, ds.name)
     cfg.out = str(run_dir)
@@ -178,7 +178,7 @@ def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> 
     steps = len(train_loader)
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
-    run = Run(cfg, info, ds, source, loss_kw, train_loader, test_loader, run_dir, student,
+    run = Run(cfg, info, ds, source, loss_plan, train_loader, test_loader, run_dir, student,
               torch.compile(model) if cfg.compile else model, opt, sched,
               MetricsLogger(run_dir, info.is_main), autocast, steps)
     if state is not None:
@@ -196,7 +196,7 @@ def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> 
                               "dataset": ds.name, "num_classes": ds.num_classes,
                               "mentors": source.names, "mentor_source": source.kind,
                               "world_size": info.world_size, "device": str(device),
-                              "loss_kwargs": loss_kw, "lr": base_lr, "epochs": cfg.epochs})
+                              "loss": loss_plan.describe(), "lr": base_lr, "epochs": cfg.epochs})
         else:
             run.logger.truncate_after(run.start_epoch)
             for change in state.get("allowed_changes", []):
@@ -207,8 +207,6 @@ def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> 
 def train_epoch(run: Run, epoch: int) -> tuple[DeviceSums, float]:
     """One epoch of steps; returns the epoch's device sums and its wall time."""
     from ckd.data.views import apply_views  # noqa: PLC0415
-    from ckd.kernels import distill_loss  # noqa: PLC0415
-
     cfg, info, ds, source = run.cfg, run.info, run.ds, run.source
     lr = run.sched.lr_at(epoch)
     for g in run.opt.param_groups:
@@ -216,7 +214,6 @@ def train_epoch(run: Run, epoch: int) -> tuple[DeviceSums, float]:
     loader = run.train_loader
     loader.set_epoch(epoch)
     source.start_epoch(epoch, loader.order(epoch) if hasattr(loader, "order") else None)
-    counters = METHODS[cfg.method].counters
     run.model.train()
     interval, whole = DeviceSums(info.device), DeviceSums(info.device)
     t_epoch = time.perf_counter()
@@ -230,11 +227,10 @@ def train_epoch(run: Run, epoch: int) -> tuple[DeviceSums, float]:
         slots, vids = source.views(epoch, idx)
         x = apply_views(images, vids, ds.mean, ds.std, channels_last=cfg.channels_last)
         mentor = source.logits(slots, idx, x)
-        extra = {k: v for k, v in (("epoch", epoch), ("step", run.step), ("seed", cfg.seed))
-                 if k in counters}
         with run.autocast():
             logits = run.model(x)
-        out = distill_loss(logits, mentor, labels, **run.loss_kw, **extra)
+        out = run.loss_plan.loss(logits, mentor, labels, epoch=epoch, step=run.step,
+                                 seed=cfg.seed)
         run.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         run.opt.step()
