@@ -151,3 +151,14 @@ def test_upgrade_of_a_v1_store_with_a_hole(built, tmp_path):
     assert tree(v1) == tree(built["v2"])
     assert np.array_equal(zarr.open_group(str(v1), mode="r")["mentors/r8b/logits"][1],
                           zarr.open_group(str(built["v2"]), mode="r")["mentors/r8b/logits"][1])
+
+
+def test_upgrade_finishes_an_interrupted_array_swap(built, tmp_path):
+    """Killed between the two renames of an array swap: `labels` gone, the old array as
+    `labels.replaced`, the complete new one as `labels.upgrade-new`."""
+    v1 = write_v1(built["v2"], tmp_path / "v1")
+    (v1 / "labels").rename(v1 / "labels.replaced")
+    shutil.copytree(built["v2"] / "labels", v1 / "labels.upgrade-new")
+    res = _cli("cache", "upgrade", v1, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert tree(v1) == tree(built["v2"])

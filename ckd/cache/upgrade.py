@@ -1,8 +1,8 @@
 """`ckd cache upgrade PATH`: convert a version-1 store to the current version in place.
 
 Resumable and atomic per array: an array whose codecs change is written whole beside the
-old one (`<name>.upgrade-new`) and swapped in by two renames (a rerun finishes a swap that
-a kill interrupted); new per-unit arrays (stats, unit markers) are filled unit by unit,
+old one (`<name>.upgrade-new`) and swapped in by `ckd.io.replace_dir` (a rerun finishes a
+swap that a kill interrupted); new per-unit arrays (stats, unit markers) are filled unit by unit,
 marker last, like a build. The root attributes get the new version and the digests last,
 so until then the store stays a version-1 store that a rerun continues to upgrade.
 Units of a version-1 store whose logits chunk file is missing are left undone; the
@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.storage import LocalStore
+
+from ckd.io import finish_replace_dir, replace_dir
 
 from .integrity import chunk_file, marker_columns, mentor_digest, root_data_digests, unit_marker
 from .layout import (
@@ -54,11 +56,8 @@ def _has_checksum(folder: Path, store: Path) -> bool:
 def _rewrite_with_checksum(store: Path, name: str) -> None:
     """Rewrite array `name` with `data_codecs` (compression + crc32c), atomically: written
     whole as `<name>.upgrade-new`, then swapped in; a rerun completes an interrupted swap."""
-    cur, new, old = (store / f"{name}{s}" for s in ("", ".upgrade-new", ".upgrade-old"))
-    if not cur.exists() and new.exists():
-        new.rename(cur)  # killed between the two renames: the new array was complete
-    if old.exists():
-        shutil.rmtree(old)
+    cur, new = store / name, store / f"{name}.upgrade-new"
+    finish_replace_dir(new, cur)
     if _has_checksum(cur, store):
         return
     arr = zarr.open_array(LocalStore(store), path=name, mode="r")
@@ -70,9 +69,7 @@ def _rewrite_with_checksum(store: Path, name: str) -> None:
         dimension_names=arr.metadata.dimension_names, config={"write_empty_chunks": True},
         **data_codecs(str(vals.dtype)))
     fresh[...] = vals
-    cur.rename(old)
-    new.rename(cur)
-    shutil.rmtree(old)
+    replace_dir(new, cur)
 
 
 def _upgrade_mentor(store: Path, alias: str, attrs: dict[str, Any], lay: Layout,

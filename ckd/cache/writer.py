@@ -296,18 +296,22 @@ def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset:
                        "train_acc": round(float(per_view.mean()), 4),
                        "train_acc_per_view": [round(float(v), 4) for v in per_view],
                        "complete": True})
-    record_mentor_digest(out, alias)
+        record_mentor_digest(out, alias)
+    else:  # killed between `complete` and its digest: record it now; never re-bless a
+        record_mentor_digest(out, alias, only_if_missing=True)  # digest that differs
 
 
-def record_mentor_digest(out: Path, alias: str) -> None:
+def record_mentor_digest(out: Path, alias: str, only_if_missing: bool = False) -> None:
     """Root attributes `digests.mentors[alias]` := the mentor's current digest (last step
     of a build or upgrade, rank 0 only)."""
-    marker = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r")[MARKER][:]
-    digest = mentor_digest(out, alias, marker)
     root = zarr.open_group(LocalStore(out), mode="r+")
     attrs = read_json_attrs(out, out / "zarr.json")
     digests = dict(attrs.get("digests") or {})
     mentors = dict(digests.get("mentors") or {})
+    if only_if_missing and alias in mentors:
+        return
+    marker = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r")[MARKER][:]
+    digest = mentor_digest(out, alias, marker)
     if mentors.get(alias) != digest:
         mentors[alias] = digest
         root.attrs.put({**attrs, "digests": {**digests, "mentors": dict(sorted(mentors.items()))}})
