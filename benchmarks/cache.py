@@ -182,8 +182,10 @@ def write_vs_inference(ds, ckpt: Path, model: torch.nn.Module, n: int, bs: int,
 
 def synthetic_store(path: Path, logits: np.ndarray, n: int, mentors: int) -> None:
     """A big cache made by tiling real all-view logits (reader speed does not depend on
-    the values, only on sizes and compressibility)."""
-    from ckd.cache.layout import logits_codecs
+    the values, only on sizes and compressibility), written unit by unit through the
+    cache's own writer (checksums, stats, markers, digests: what the reader checks)."""
+    from ckd.cache.store import _init_mentor, _init_root, _mentor_attrs
+    from ckd.cache.writer import UnitWriter, record_mentor_digest
 
     s, n0, c = logits.shape
     lay = make_layout(s, n, c, keyed=False)
@@ -191,21 +193,23 @@ def synthetic_store(path: Path, logits: np.ndarray, n: int, mentors: int) -> Non
                             num_test=0, num_classes=c, recipe=RECIPE, keyed=False,
                             num_slots=s, seeds=None, mean=(0.5,) * 3, std=(0.25,) * 3,
                             layout=lay)
-    zarr.create_array(str(path / "labels"), shape=(n,), dtype="int64", fill_value=0)[:] = \
-        np.arange(n) % c
+    path.mkdir(parents=True, exist_ok=True)
+    labels = np.arange(n) % c
+    _init_root(path, attrs, labels, None)
     f16 = logits.astype(np.float16)
     for m in range(mentors):
-        z = zarr.create_array(str(path / "mentors" / f"m{m}" / "logits"), shape=lay.shape,
-                              chunks=lay.chunks, dtype="float16", fill_value=0,
-                              **logits_codecs(lay))
-        step = lay.samples_per_chunk
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            reps = -(-(b - a) // n0)
-            z[:, a:b, :] = np.roll(np.tile(f16, (1, reps, 1))[:, : b - a], m, axis=2)
-        zarr.open_group(str(path / "mentors" / f"m{m}"), mode="a").attrs.put(
-            {"alias": f"m{m}", "arch": "tiled", "complete": True})
-    zarr.open_group(str(path), mode="a").attrs.put(attrs)
+        alias = f"m{m}"
+        meta = _mentor_attrs(alias, "tiled", Path("none"), "0" * 64, c)
+        _init_mentor(path, alias, lay, meta)
+        writer = UnitWriter(path, alias, lay, labels)
+        for a, b in lay.units():
+            rng = lay.sample_range(b)
+            reps = -(-len(rng) // n0)
+            vals = np.roll(np.tile(f16, (1, reps, 1))[:, : len(rng)], m, axis=2)
+            writer.write(a, b, np.ascontiguousarray(vals), np.zeros(s, np.int32))
+        zarr.open_group(str(path / "mentors" / alias), mode="r+").attrs.put(
+            {**meta, "complete": True})
+        record_mentor_digest(path, alias)
 
 
 def gather_bench(path: Path, n: int, mentors: int, batch: int) -> None:

@@ -100,3 +100,28 @@ def safe_torch_load(path: str | os.PathLike, *, map_location: Any = "cpu",
     except Exception as err:  # noqa: BLE001 - truncated/corrupt zip, random bytes, ...
         raise error(f"{path} is not a readable {what} "
                     f"({type(err).__name__}: {err})") from err
+
+
+def replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Swap the complete folder `new` in for `dest` by two renames (`dest` ->
+    `<dest>.replaced`, `new` -> `dest`), then delete the old one. After a kill at any
+    point, `finish_replace_dir(new, dest)` completes the swap."""
+    import shutil
+
+    new, dest = Path(new), Path(dest)
+    old = dest.with_name(dest.name + ".replaced")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Complete a `replace_dir(new, dest)` that a kill interrupted (no-op otherwise)."""
+    import shutil
+
+    new, dest = Path(new), Path(dest)
+    old = dest.with_name(dest.name + ".replaced")
+    if not dest.exists() and new.exists():
+        os.replace(new, dest)  # killed between the two renames: `new` was complete
+    shutil.rmtree(old, ignore_errors=True)

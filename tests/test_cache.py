@@ -54,7 +54,7 @@ def setup(tmp_path_factory):
 def test_store_layout_is_plain_zarr(setup):
     root = zarr.open_group(str(setup["keyed"]), mode="r")
     a = root.attrs.asdict()
-    assert a["format"] == "ckd-logit-cache" and a["version"] == 1
+    assert a["format"] == "ckd-logit-cache" and a["version"] == 2
     assert a["dataset"]["fingerprint"] == setup["ds"].fingerprint
     assert a["num_samples"] == N_TRAIN and a["num_classes"] == C
     assert a["views"]["recipe"] == RECIPE and a["views"]["mode"] == "keyed"
@@ -184,7 +184,9 @@ def test_info_and_verify(setup, tmp_path):
     assert rows[0]["raw_bytes"] == 3 * N_TRAIN * C * 4 and rows[0]["bytes"] > 0
     rep = verify(setup["keyed"], recompute=10, dataset=setup["ds"])
     assert rep.ok, rep.problems
-    assert rep.chunks_read == 18 and rep.rows_recomputed == 20 and rep.max_abs_diff == 0.0
+    # labels, view_ids, then per mentor and unit: logits, stats, train_correct
+    assert rep.chunks_read == 2 + 2 * 9 * 3 and rep.rows_recomputed == 20
+    assert rep.max_abs_diff == 0.0
     # corrupt one byte of one chunk: the crc32c codec catches it
     bad = tmp_path / "bad"
     shutil.copytree(setup["keyed"], bad)
@@ -193,8 +195,8 @@ def test_info_and_verify(setup, tmp_path):
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     rep = verify(bad)
-    assert not rep.ok and any("r8/logits/c/1/2/0: unreadable" in p for p in rep.problems)
-    # non-finite values and a missing chunk marker
+    assert not rep.ok and any(f"cannot read {chunk}" in p for p in rep.problems)
+    # non-finite values (written through zarr: checksums match) and a missing chunk file
     bad2 = tmp_path / "bad2"
     shutil.copytree(setup["keyed"], bad2)
     arr = zarr.open_array(str(bad2 / "mentors" / "r8b" / "logits"), mode="r+")
@@ -202,7 +204,7 @@ def test_info_and_verify(setup, tmp_path):
     (bad2 / "mentors" / "r8b" / "train_correct" / "c" / "2" / "1").unlink()
     rep = verify(bad2)
     assert any("non-finite" in p for p in rep.problems)
-    assert any("r8b/logits/c/2/1/0: not computed" in p for p in rep.problems)
+    assert any("r8b/train_correct/c/2/1: missing chunk file" in p for p in rep.problems)
 
 
 def test_resolve_mentors_errors(setup, tmp_path):

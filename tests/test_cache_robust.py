@@ -71,10 +71,10 @@ def test_sigkill_then_resume_is_byte_identical(ckpts, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(cli(*args, "--out", str(out)), env=env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    markers = out / "mentors"  # train_correct chunk files: one per finished logits chunk
+    markers = out / "mentors"  # unit_crc32c chunk files: one per finished work unit
 
     def finished() -> list[Path]:
-        return [p for p in markers.glob("*/train_correct/c/*/*") if p.is_file()]
+        return [p for p in markers.glob("*/unit_crc32c/c/*/*/0") if p.is_file()]
 
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

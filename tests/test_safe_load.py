@@ -173,7 +173,7 @@ def test_atomic_writes_leave_no_temp_file(tmp_path, monkeypatch):
 
 
 def test_one_atomic_write_in_the_package():
-    """os.replace / rename live only in ckd/io.py (one atomic write for the package)."""
+    """os.replace / rename live only in ckd/io.py (one atomic write, one folder swap)."""
     root = Path(__file__).resolve().parents[1] / "ckd"
     hits = [str(p.relative_to(root)) for p in root.rglob("*.py")
             if "os.replace(" in p.read_text() or ".rename(" in p.read_text()]

@@ -2,8 +2,9 @@
 (`build_cache`), read back by `LogitCache` (memory or stream mode). Format:
 docs/CACHE_FORMAT.md."""
 
-from .layout import CacheMismatchError, epoch_seed
+from .layout import CacheIncompleteError, CacheMismatchError, CacheReadError, epoch_seed
 from .reader import LogitCache, list_mentors
 from .writer import build_cache
 
-__all__ = ["LogitCache", "build_cache", "CacheMismatchError", "epoch_seed", "list_mentors"]
+__all__ = ["LogitCache", "build_cache", "CacheMismatchError", "CacheIncompleteError",
+           "CacheReadError", "epoch_seed", "list_mentors"]

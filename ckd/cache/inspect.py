@@ -9,10 +9,26 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.storage import LocalStore
 
-from .layout import check_compatible, layout_from_attrs, read_root_attrs
-from .reader import list_mentors
+from .integrity import (
+    array_digest,
+    check_unit,
+    marker_columns,
+    mentor_digest,
+    mentor_specs,
+    unit_status,
+)
+from .layout import (
+    CORRECT,
+    MARKER,
+    CacheReadError,
+    UnitValues,
+    check_compatible,
+    layout_from_attrs,
+    read_json_attrs,
+    read_root_attrs,
+)
+from .reader import list_mentors, open_root, read_array
 
 
 def dir_size(path: Path) -> int:
@@ -21,23 +37,30 @@ def dir_size(path: Path) -> int:
 
 def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(root attributes, one row per mentor: alias, arch, test_acc, train_acc, views,
-    complete, done_chunks, total_chunks, bytes (on disk), raw_bytes, ratio)."""
+    complete, done_chunks (units whose marker and chunk files are all present),
+    total_chunks, missing_files, digest_ok (metadata as recorded), bytes (logits on disk),
+    raw_bytes, ratio). Reads metadata and markers only; `verify` reads every chunk."""
     path = Path(path)
     attrs = read_root_attrs(str(path))
     lay = layout_from_attrs(attrs)
-    itemsize = 2 if lay.dtype == "float16" else 4
-    raw = lay.num_slots * lay.num_samples * lay.num_classes * itemsize
+    raw = lay.num_slots * lay.num_samples * lay.num_classes * np.dtype(lay.dtype).itemsize
     rows = []
-    root = zarr.open_group(LocalStore(path), mode="r")
+    root = open_root(path)
+    for name in ("labels", "view_ids") if attrs["views"]["mode"] == "keyed" else ("labels",):
+        read_array(path, root, name)  # small; names a damaged file
+    digests = (attrs.get("digests") or {}).get("mentors") or {}
     for alias, m in list_mentors(path).items():
-        marker = root[f"mentors/{alias}/train_correct"][:]
-        done = sum(int((marker[lay.slot_range(a).start:lay.slot_range(a).stop, b] >= 0).all())
-                   for a, b in lay.units())
+        marker = read_array(path, root, f"mentors/{alias}/{MARKER}")
+        undone, holes = unit_status(path, alias, lay, marker, mentor_specs(m))
+        intact = mentor_digest(path, alias, marker) == digests.get(alias)
         disk = dir_size(path / "mentors" / alias / "logits")
         rows.append(dict(alias=alias, arch=m.get("arch"), test_acc=m.get("test_acc"),
                          train_acc=m.get("train_acc"), views=lay.num_slots,
                          mode=attrs["views"]["mode"], complete=bool(m.get("complete")),
-                         done_chunks=done, total_chunks=len(lay.units()), bytes=disk,
+                         done_chunks=len(lay.units()) - len(undone) - len(holes),
+                         total_chunks=len(lay.units()),
+                         missing_files=sum(len(v) for v in holes.values()),
+                         digest_ok=intact or not m.get("complete"), bytes=disk,
                          raw_bytes=raw, ratio=raw / max(1, disk)))
     return attrs, rows
 
@@ -54,10 +77,49 @@ class VerifyReport:
         return not self.problems
 
 
+def _mentor_attrs(path: Path, rep: VerifyReport) -> dict[str, dict[str, Any]]:
+    """Every mentor group's attributes; a damaged zarr.json is a problem, not a stop."""
+    out = {}
+    mdir = path / "mentors"
+    for d in sorted(p for p in mdir.iterdir() if p.is_dir()) if mdir.is_dir() else []:
+        try:
+            attrs = read_json_attrs(path, d / "zarr.json")
+        except CacheReadError as err:
+            rep.problems.append(str(err))
+            continue
+        if "alias" in attrs:
+            out[d.name] = attrs
+    return out
+
+
+def _check_root_arrays(path: Path, attrs: dict[str, Any], root: zarr.Group, lay: Any,
+                       rep: VerifyReport) -> np.ndarray | None:
+    digests = attrs.get("digests") or {}
+    labels = None
+    for name in ("labels", "view_ids") if attrs["views"]["mode"] == "keyed" else ("labels",):
+        try:
+            vals = read_array(path, root, name)
+        except CacheReadError as err:
+            rep.problems.append(str(err))
+            continue
+        rep.chunks_read += 1
+        if array_digest(vals) != digests.get(name):
+            rep.problems.append(f"{path / name}: values differ from the digest recorded at "
+                                "build time")
+        if name == "labels":
+            labels = vals
+            if vals.shape != (lay.num_samples,) or vals.min() < 0 or \
+                    vals.max() >= lay.num_classes:
+                rep.problems.append("labels array is missing entries or out of range")
+    return labels
+
+
 def verify(path: str | Path, *, recompute: int = 0, dataset: Any = None, device: str = "cpu",
            seed: int = 0, progress: bool = False) -> VerifyReport:
-    """Completeness (markers, `complete` attr), checksums and finite values of every chunk
-    (each chunk is read: the crc32c codec checks it), and with `recompute` > 0 that many
+    """Every check the format allows: completeness (markers *and* chunk files), each
+    chunk read through its crc32c codec and compared with its unit checksum, the digests
+    of the root arrays and of each mentor's metadata, finite logits, derived arrays
+    (stats) recomputed exactly from the stored logits, and with `recompute` > 0 that many
     random (slot, sample) rows per mentor recomputed from its checkpoint."""
     from tqdm import tqdm
 
@@ -65,42 +127,80 @@ def verify(path: str | Path, *, recompute: int = 0, dataset: Any = None, device:
     rep = VerifyReport()
     attrs = read_root_attrs(str(path))
     lay = layout_from_attrs(attrs)
-    root = zarr.open_group(LocalStore(path), mode="r")
-    mentors = list_mentors(path)
-    if not mentors:
+    root = open_root(path)
+    mentors = _mentor_attrs(path, rep)
+    if not mentors and not rep.problems:
         rep.problems.append("no mentors in the cache")
-    labels = root["labels"][:]
-    if labels.shape != (lay.num_samples,) or labels.min() < 0 or \
-            labels.max() >= lay.num_classes:
-        rep.problems.append("labels array is missing entries or out of range")
+    labels = _check_root_arrays(path, attrs, root, lay, rep)
     units = lay.units()
     with tqdm(total=len(units) * len(mentors), desc="verify chunks", unit="chunk",
               disable=not progress) as bar:
         for alias, m in mentors.items():
-            if not m.get("complete"):
-                rep.problems.append(f"{alias}: incomplete (rerun the cache-logits command)")
-            arr, marker = root[f"mentors/{alias}/logits"], root[f"mentors/{alias}/train_correct"][:]
-            for a, b in units:
-                sr, sm = lay.slot_range(a), lay.sample_range(b)
-                key = f"{alias}/logits/c/{a}/{b}/0"
-                if (marker[sr.start:sr.stop, b] < 0).any():
-                    rep.problems.append(f"{key}: not computed (no completion marker)")
-                    bar.update(1)
-                    continue
-                try:
-                    vals = arr[sr.start:sr.stop, sm.start:sm.stop, :]
-                except Exception as err:  # noqa: BLE001 - crc32c / codec failure
-                    rep.problems.append(f"{key}: unreadable ({err})")
-                    bar.update(1)
-                    continue
-                rep.chunks_read += 1
-                if not np.isfinite(vals).all():
-                    rep.problems.append(f"{key}: {int((~np.isfinite(vals)).sum())} "
-                                        "non-finite values")
-                bar.update(1)
-    if recompute > 0 and mentors:
+            _verify_mentor(path, attrs, lay, root, alias, m, labels, rep, bar)
+    if recompute > 0 and mentors and not rep.problems:
         _recompute(path, attrs, lay, root, mentors, recompute, dataset, device, seed, rep)
     return rep
+
+
+def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group, alias: str,
+                   m: dict[str, Any], labels: np.ndarray | None, rep: VerifyReport,
+                   bar: Any) -> None:
+    specs = mentor_specs(m)
+    columns = marker_columns(specs)
+    if not m.get("complete"):
+        rep.problems.append(f"{alias}: incomplete (rerun the cache-logits command)")
+    try:
+        marker = read_array(path, root, f"mentors/{alias}/{MARKER}")
+        if m.get("complete") and mentor_digest(path, alias, marker) != \
+                (attrs.get("digests") or {}).get("mentors", {}).get(alias):
+            rep.problems.append(f"{alias}: metadata (attributes, array metadata or unit "
+                                "markers) differs from the digest recorded at build time")
+    except CacheReadError as err:
+        rep.problems.append(str(err))
+        bar.update(len(lay.units()))
+        return
+    undone, holes = unit_status(path, alias, lay, marker, specs)
+    if undone and m.get("complete"):
+        rep.problems.append(f"{alias}: {len(undone)} units have no completion marker")
+    for files in holes.values():
+        rep.problems.extend(f"{f}: missing chunk file (rerun the cache-logits command: it "
+                            "rebuilds missing chunks)" for f in files)
+    for a, b in lay.units():
+        bar.update(1)
+        if (a, b) in holes or (a, b) in undone:
+            continue
+        sr, sm = lay.slot_range(a), lay.sample_range(b)
+        region = (slice(sr.start, sr.stop), slice(sm.start, sm.stop))
+        named = {}
+        try:
+            for spec in specs:
+                named[spec.name] = read_array(path, root, f"mentors/{alias}/{spec.name}",
+                                              region, (a, b, *[0] * len(spec.suffix(lay))))
+            named[CORRECT] = read_array(path, root, f"mentors/{alias}/{CORRECT}",
+                                        (region[0], slice(b, b + 1)), (a, b))
+        except CacheReadError as err:
+            rep.problems.append(str(err))
+            continue
+        rep.chunks_read += len(named)
+        logits = named["logits"]
+        if not np.isfinite(logits).all():
+            rep.problems.append(f"{alias}/logits/c/{a}/{b}/0: "
+                                f"{int((~np.isfinite(logits)).sum())} non-finite values")
+        try:
+            for name, vals in named.items():
+                check_unit(path, alias, lay, a, b, name, vals, marker, columns,
+                           vals.ndim - 2 if name != CORRECT else 0)
+        except CacheReadError as err:
+            rep.problems.append(str(err))
+            continue
+        if labels is None:
+            continue
+        unit = UnitValues(logits, labels[sm.start:sm.stop])
+        for spec in specs:
+            if spec.derived and not np.array_equal(
+                    spec.compute(unit).view(np.uint8), named[spec.name].view(np.uint8)):
+                rep.problems.append(f"{alias}/{spec.name}/c/{a}/{b}/0: differs from "
+                                    f"{spec.name} recomputed from the stored logits")
 
 
 def load_cache_dataset(attrs: dict[str, Any], data_dir: str | None = None,
@@ -152,7 +252,11 @@ def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
             ref = model(apply_views(images, torch.from_numpy(vids).to(dev), mean, std)).cpu()
         arr = root[f"mentors/{alias}/logits"]
         cls = np.arange(lay.num_classes)[None]
-        got = torch.from_numpy(np.asarray(arr.vindex[slots[:, None], idx[:, None], cls]))
+        try:
+            got = torch.from_numpy(np.asarray(arr.vindex[slots[:, None], idx[:, None], cls]))
+        except Exception as err:  # noqa: BLE001 - named like every other read failure
+            rep.problems.append(f"{alias}: cannot read the recomputed rows ({err})")
+            continue
         ref = ref.to(got.dtype).float()
         got = got.float()
         diff = (got - ref).abs()

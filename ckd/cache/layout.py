@@ -1,30 +1,40 @@
-"""The logit-cache store: schema, codecs, attributes and compatibility checks.
+"""The logit-cache store, version 2: schema, codecs, attributes and compatibility checks.
 
-One Zarr v3 group (any zarr client opens it; layout in docs/CACHE_FORMAT.md):
+One Zarr v3 group (any zarr client opens it; the format is described in
+docs/CACHE_FORMAT.md, the single description of it):
 
-    <root>/zarr.json                root attributes (format, dataset, views, normalization)
-    <root>/labels                   int64 [N]
-    <root>/view_ids                 int16 [K, N]   (keyed mode only: the view of slot k)
-    <root>/mentors/<alias>/logits   fp16|fp32 [S, N, C]   S view slots per sample
-    <root>/mentors/<alias>/train_correct  int32 [S, n_blocks]  per-chunk completion marker
-                                    (= correct top-1 count of that chunk, -1 = not done)
+    <root>/zarr.json                      root attributes (format, dataset, views, digests)
+    <root>/labels                         int64 [N]
+    <root>/view_ids                       int16 [K, N]   (keyed mode only: view of slot k)
+    <root>/mentors/<alias>/<array>        one per `MENTOR_ARRAYS` declaration, [S, N, ...]
+                                          (logits fp16|fp32 [S, N, C], stats fp32 [S, N, K])
+    <root>/mentors/<alias>/train_correct  int32 [S, n_blocks]  correct top-1 per chunk
+    <root>/mentors/<alias>/unit_crc32c    int64 [n_slot_chunks, n_blocks, arrays + 1]  marker
 
-A *work unit* is one chunk of `logits`: (slot chunk a, sample block b). Its marker chunk
-in `train_correct` is written only after the logits chunk, so "marker present" means
-"chunk complete" (zarr's LocalStore writes every file via tmp + rename).
+A *work unit* is one chunk (slot chunk a, sample block b) of every declared array. Its
+marker `unit_crc32c[a, b]` (a crc32c of each array's decoded values, -1 = not done) is
+written last, so "marker present, every chunk file present and matching the marker"
+means "unit complete". Every array carries a crc32c codec; the root attributes hold a
+sha256 of each complete mentor's metadata and unit markers (`digests`).
+
+To add a per-mentor array: add an `ArraySpec` to `MENTOR_ARRAYS` (name, dtype, per-row
+shape, codec, how to compute it from the unit's values). Writer, reader, verify and
+`ckd cache upgrade` pick it up from there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import zarr
+import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 FORMAT = "ckd-logit-cache"
-VERSION = 1
+VERSION = 2
+LOCK_FILE = ".ckd-writer.lock"  # fcntl lock of the one writer (cache-logits, upgrade)
 SEED_MIX = 1_000_003  # epoch seed = seed * SEED_MIX + epoch (same mix online and cached)
 DTYPES = {"fp16": "float16", "fp32": "float32"}
 TARGET_CHUNK_BYTES = 8 << 20  # ~8 MiB raw per logits chunk: big enough to compress well,
@@ -51,6 +61,34 @@ DEFAULT_CODEC = "blosc-zstd5"
 
 class CacheMismatchError(ValueError):
     """The cache was built for other data (fingerprint, view recipe, class count...)."""
+
+
+class CacheIncompleteError(ValueError):
+    """A mentor's build is unfinished or has holes (missing chunk files)."""
+
+
+class CacheReadError(ValueError):
+    """A file of the store is missing, unreadable or fails its checksum/digest."""
+
+
+def repair_hint(store: str | Path, file: str | Path | None = None) -> str:
+    """What to do about a damaged `file` of the cache at `store`."""
+    rel = Path(file).relative_to(store) if file is not None and \
+        Path(file).is_relative_to(store) else None
+    parts = rel.parts if rel is not None else ()
+    if len(parts) >= 3 and parts[0] == "mentors" and "c" in parts:
+        return (f"delete {file} and rerun the `ckd cache-logits --out {store} ...` command "
+                "that built the store: it rebuilds missing chunks")
+    if len(parts) >= 2 and parts[0] == "mentors":
+        return (f"delete {Path(store) / 'mentors' / parts[1]} and rerun the `ckd cache-logits "
+                f"--out {store} ...` command that built the store: it recomputes that mentor")
+    return (f"run `ckd cache verify {store}` to list every damaged file; if the store's own "
+            f"files are damaged, delete {store} and rebuild it with `ckd cache-logits`")
+
+
+def read_error(store: str | Path, file: str | Path, err: BaseException) -> CacheReadError:
+    why = f"{type(err).__name__}: {err}".strip()
+    return CacheReadError(f"cannot read {file} ({why[:300]}): {repair_hint(store, file)}")
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -124,21 +162,104 @@ def make_layout(num_slots: int, num_samples: int, num_classes: int, *, keyed: bo
     return Layout(num_slots, num_samples, num_classes, spc, samples_per_chunk, dtype, codec)
 
 
+def _compressor(codec: str, itemsize: int) -> list[Any]:
+    cfg = CODECS[codec]
+    if codec.startswith("blosc"):
+        return [BloscCodec(typesize=itemsize, shuffle="shuffle", **cfg)]
+    if codec.startswith("zstd"):
+        return [ZstdCodec(**cfg)]
+    return []
+
+
+def data_codecs(dtype: str) -> dict[str, Any]:
+    """Every array other than logits: compressed, then a crc32c of the compressed bytes."""
+    return dict(serializer=BytesCodec(endian="little"),
+                compressors=[*_compressor(DEFAULT_CODEC, np.dtype(dtype).itemsize),
+                             Crc32cCodec()])
+
+
 def logits_codecs(layout: Layout) -> dict[str, Any]:
     """zarr `create_array` codec kwargs: in-chunk transpose to [samples, slots, classes]
     (views of one sample adjacent), compressor, then a crc32c checksum of the compressed
     bytes (verified on every read)."""
     filters = [TransposeCodec(order=(1, 0, 2))] if layout.slots_per_chunk > 1 else []
-    cfg = CODECS[layout.codec]
-    itemsize = 2 if layout.dtype == "float16" else 4
-    if layout.codec.startswith("blosc"):
-        comp = [BloscCodec(typesize=itemsize, shuffle="shuffle", **cfg)]
-    elif layout.codec.startswith("zstd"):
-        comp = [ZstdCodec(**cfg)]
-    else:
-        comp = []
+    comp = _compressor(layout.codec, np.dtype(layout.dtype).itemsize)
     return dict(filters=filters, serializer=BytesCodec(endian="little"),
                 compressors=[*comp, Crc32cCodec()])
+
+
+# ------------------------------------------------------------------ per-mentor arrays
+@dataclass(frozen=True)
+class UnitValues:
+    """What a work unit computed, handed to every `ArraySpec.compute`."""
+
+    logits: np.ndarray  # [slots, samples, C] in the cache dtype (as stored)
+    labels: np.ndarray  # [samples] int64
+    outputs: dict[str, Any] = field(default_factory=dict)  # extra model outputs, if any
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-mentor array [S, N, *suffix(layout)], chunked like `logits` (a unit writes
+    chunk (a, b, 0...) of every array) and covered by the unit's completion marker."""
+
+    name: str
+    dtype: str | None  # None: the cache's logits dtype
+    suffix: Callable[[Layout], tuple[int, ...]]
+    dims: tuple[str, ...]  # names of the suffix dimensions
+    codec: str  # "logits": the store's codec and view transpose; "data": data_codecs
+    compute: Callable[[UnitValues], np.ndarray]
+    derived: bool = False  # a function of the stored logits and labels only: verify
+    #                        recomputes it exactly, `ckd cache upgrade` computes it
+
+    def dtype_for(self, layout: Layout) -> str:
+        return self.dtype or layout.dtype
+
+    def create_kwargs(self, layout: Layout) -> dict[str, Any]:
+        dtype = self.dtype_for(layout)
+        codecs = logits_codecs(layout) if self.codec == "logits" else data_codecs(dtype)
+        return dict(shape=(layout.num_slots, layout.num_samples, *self.suffix(layout)),
+                    chunks=(layout.slots_per_chunk, layout.samples_per_chunk,
+                            *self.suffix(layout)),
+                    dtype=dtype, fill_value=0, dimension_names=("slot", "sample", *self.dims),
+                    config={"write_empty_chunks": True}, **codecs)
+
+
+def _stats(u: UnitValues) -> np.ndarray:
+    from .stats import stored_row_stats
+
+    return stored_row_stats(u.logits, u.labels)
+
+
+def _num_stats(layout: Layout) -> tuple[int, ...]:
+    from .stats import STAT_FIELDS
+
+    return (len(STAT_FIELDS),)
+
+
+MENTOR_ARRAYS: tuple[ArraySpec, ...] = (
+    ArraySpec("logits", None, lambda lay: (lay.num_classes,), ("class",), "logits",
+              lambda u: u.logits),
+    ArraySpec("stats", "float32", _num_stats, ("stat",), "data", _stats, derived=True),
+)
+CORRECT = "train_correct"  # int32 [S, n_blocks]: correct top-1 count of each unit's slots
+MARKER = "unit_crc32c"  # int64 [n_slot_chunks, n_blocks, arrays + 1]: crc32c of each array's
+#                        values in the unit (declared arrays, then CORRECT); -1 = not done
+
+
+def marker_arrays_kwargs(layout: Layout, num_arrays: int) -> dict[str, dict[str, Any]]:
+    """create_array kwargs of the two per-unit arrays (not [S, N, ...] shaped); the marker
+    holds one crc32c per declared array of the mentor (`num_arrays`) and one of CORRECT."""
+    na, nb = layout.grid
+    return {
+        CORRECT: dict(shape=(layout.num_slots, nb), chunks=(layout.slots_per_chunk, 1),
+                      dtype="int32", fill_value=-1, dimension_names=("slot", "block"),
+                      config={"write_empty_chunks": True}, **data_codecs("int32")),
+        MARKER: dict(shape=(na, nb, num_arrays + 1), chunks=(1, 1, num_arrays + 1),
+                     dtype="int64", fill_value=-1,
+                     dimension_names=("slot_chunk", "block", "array"),
+                     config={"write_empty_chunks": True}, **data_codecs("int64")),
+    }
 
 
 def root_attributes(*, dataset_name: str, fingerprint: str, num_samples: int,
@@ -173,21 +294,50 @@ def layout_from_attrs(attrs: dict[str, Any]) -> Layout:
 
 def read_root_attrs(path: str) -> dict[str, Any]:
     """Root attributes of a cache, with a clear error when `path` is not one."""
-    try:
-        root = zarr.open_group(str(path), mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
-        raise FileNotFoundError(
-            f"no logit cache at {path}: build one with `ckd cache-logits --out {path} ...`"
-        ) from err
-    attrs = root.attrs.asdict()
+    attrs = read_json_attrs(path, Path(path) / "zarr.json", missing=(
+        f"no logit cache at {path}: build one with `ckd cache-logits --out {path} ...`"))
     if attrs.get("format") != FORMAT:
         raise CacheMismatchError(f"{path} is a zarr group but not a {FORMAT} store "
                                  f"(format={attrs.get('format')!r})")
-    if attrs.get("version") != VERSION:
-        raise CacheMismatchError(
-            f"{path} has cache format version {attrs.get('version')}, this ckd reads "
-            f"version {VERSION}: rebuild it with `ckd cache-logits --out {path} --overwrite`")
+    check_version(attrs, path)
     return attrs
+
+
+def check_version(attrs: dict[str, Any], path: str | Path) -> None:
+    """Refuse a store of another format version, naming the command that converts it."""
+    version = attrs.get("version")
+    if version == VERSION:
+        return
+    if isinstance(version, int) and version < VERSION:
+        raise CacheMismatchError(
+            f"{path} has cache format version {version}, this ckd reads version {VERSION}: "
+            f"convert it in place with `ckd cache upgrade {path}` (adds checksums, digests "
+            "and mentor statistics; resumable)")
+    raise CacheMismatchError(
+        f"{path} has cache format version {version!r}, newer than this ckd's {VERSION}: "
+        "update ckd, or rebuild the cache with this version into a new --out")
+
+
+def read_json_attrs(store: str | Path, file: Path, missing: str | None = None
+                    ) -> dict[str, Any]:
+    """The `attributes` of a zarr.json, reading it as JSON: a missing, truncated or
+    invalid file is a CacheReadError naming it (or FileNotFoundError(`missing`))."""
+    import json
+
+    if not file.is_file():
+        if missing is not None:
+            raise FileNotFoundError(missing)
+        raise read_error(store, file, FileNotFoundError("missing"))
+    try:
+        meta = json.loads(file.read_bytes())
+        if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
+            raise ValueError("not a Zarr v3 metadata document")
+        attrs = meta.get("attributes", {})
+        if not isinstance(attrs, dict):
+            raise ValueError("attributes is not an object")
+        return attrs
+    except (ValueError, UnicodeDecodeError) as err:
+        raise read_error(store, file, err) from err
 
 
 def check_compatible(attrs: dict[str, Any], *, dataset_name: str | None = None,

@@ -9,17 +9,27 @@ import torch
 
 
 def mentor_arch(alias: str, path: Path) -> str:
-    """Arch recorded in (or inferred from) the checkpoint, else the alias's arch."""
+    """Arch recorded in (or inferred from) the checkpoint, else the alias's arch. An alias
+    that names an architecture (r14) must name the checkpoint's real one."""
     from ckd.models import read_checkpoint_meta, resolve_arch
 
     arch = read_checkpoint_meta(path).get("arch")
-    if arch:
-        return str(arch)
     try:
-        return resolve_arch(alias)
+        named = resolve_arch(alias)
     except ValueError:
+        named = None
+    if arch:
+        real = resolve_arch(str(arch))
+        if named is not None and named != real:
+            raise ValueError(
+                f"mentor alias {alias!r} names {named} but {path} is a {real} checkpoint: "
+                f"name it after its architecture ({real}={path}), or pass the {named} "
+                "checkpoint you meant")
+        return real
+    if named is None:
         raise ValueError(f"cannot tell the architecture of {path} (mentor {alias!r}): name the "
-                         "mentor after its arch, e.g. r110=path.pt") from None
+                         "mentor after its arch, e.g. r110=path.pt")
+    return named
 
 
 def load_mentor(alias: str, path: Path, num_classes: int, device: torch.device

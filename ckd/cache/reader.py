@@ -8,6 +8,12 @@
   (and prefetches e + 1) and a background thread reads the store in chunk order, picking
   each sample's planned row into an epoch buffer; `gather` waits only for the sample
   blocks it needs. Both modes return identical tensors.
+
+Opening checks the store before serving anything: format version, the digests recorded in
+the root attributes (labels, view ids, each mentor's metadata and unit markers), and that
+every chunk file of every unit exists (zarr would read a missing one as zeros). Every unit
+read is then checked against its crc32c in the marker. Any failure names the file and the
+command that repairs it.
 """
 
 from __future__ import annotations
@@ -23,12 +29,28 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
+from .integrity import (
+    array_digest,
+    check_unit,
+    chunk_file,
+    marker_columns,
+    mentor_digest,
+    mentor_specs,
+    unit_status,
+)
 from .layout import (
+    CORRECT,
+    MARKER,
+    CacheIncompleteError,
     CacheMismatchError,
+    CacheReadError,
     check_compatible,
     epoch_seed,
     layout_from_attrs,
+    read_error,
+    read_json_attrs,
     read_root_attrs,
+    repair_hint,
 )
 
 READ_BYTES = 64 << 20  # raw bytes per zarr read call (zarr decodes its chunks in parallel)
@@ -39,22 +61,107 @@ def list_mentors(path: str | Path) -> dict[str, dict[str, Any]]:
     mdir = Path(path) / "mentors"
     out = {}
     if mdir.is_dir():
-        store = LocalStore(Path(path))
         for d in sorted(p for p in mdir.iterdir() if (p / "zarr.json").exists()):
-            attrs = zarr.open_group(store, path=f"mentors/{d.name}", mode="r").attrs.asdict()
+            attrs = read_json_attrs(path, d / "zarr.json")
             if "alias" in attrs:
                 out[d.name] = attrs
     return out
+
+
+def read_array(store: Path, root: zarr.Group, name: str, region: Any = slice(None),
+               coords: tuple[int, ...] | None = None) -> np.ndarray:
+    """root[name][region] with any open/decode/checksum failure named by file: the chunk at
+    `coords` when given, else the first chunk of the array that fails to read."""
+    try:
+        return np.asarray(root[name][region])
+    except (CacheReadError, CacheMismatchError):
+        raise
+    except Exception as err:  # noqa: BLE001 - zarr/codec/crc32c/JSON failures
+        where = Path(store).joinpath(*name.split("/"))
+        if coords is not None:
+            where = chunk_file(store, name, coords)
+        else:
+            where = _first_bad_chunk(store, root, name) or where
+        raise read_error(store, where, err) from err
+
+
+def _first_bad_chunk(store: Path, root: zarr.Group, name: str) -> Path | None:
+    """The file of the first chunk of `name` that fails to read (error path only)."""
+    import itertools
+
+    try:
+        arr = root[name]
+    except Exception:  # noqa: BLE001 - the array's own metadata is the problem
+        return Path(store).joinpath(*name.split("/"), "zarr.json")
+    grid = [range(-(-n // c)) for n, c in zip(arr.shape, arr.chunks, strict=True)]
+    for coords in itertools.product(*grid):
+        try:
+            arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, arr.chunks,
+                                                                   strict=True))]
+        except Exception:  # noqa: BLE001 - found it
+            return chunk_file(store, name, coords)
+    return None
+
+
+def open_root(store: Path) -> zarr.Group:
+    try:
+        return zarr.open_group(LocalStore(store), mode="r")
+    except Exception as err:  # noqa: BLE001 - invalid metadata
+        raise read_error(store, store / "zarr.json", err) from err
+
+
+def check_store(path: Path, meta: dict[str, Any], root: zarr.Group,
+                mentors: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Digests and completeness of the store for `mentors` (a CacheReadError or
+    CacheIncompleteError naming the file and the repair); returns each mentor's marker."""
+    digests = meta.get("digests") or {}
+    for name in ("labels", "view_ids"):
+        if name not in digests:
+            continue
+        vals = read_array(path, root, name)
+        if array_digest(vals) != digests[name]:
+            raise CacheReadError(f"{path / name}: its values do not match the digest recorded "
+                                 f"when the store was built: {repair_hint(path)}")
+    lay = layout_from_attrs(meta)
+    markers = {}
+    for m, attrs in mentors.items():
+        marker = read_array(path, root, f"mentors/{m}/{MARKER}")
+        undone, holes = unit_status(path, m, lay, marker, mentor_specs(attrs))
+        if undone or holes:
+            files = [f for fs in holes.values() for f in fs]
+            what = (f"{len(holes)} unit(s) with missing chunk files (e.g. {files[0]})" if holes
+                    else f"{len(undone)} unit(s) not computed (e.g. slot chunk {undone[0][0]}, "
+                         f"sample block {undone[0][1]})")
+            raise CacheIncompleteError(
+                f"mentor {m!r} in {path} has holes: {what}. Rerun the `ckd cache-logits --out "
+                f"{path} --mentors {m}={attrs.get('checkpoint')} ...` command that built it: "
+                "it rebuilds exactly the missing chunks")
+        want = (digests.get("mentors") or {}).get(m)
+        if mentor_digest(path, m, marker) != want:
+            raise CacheReadError(
+                f"mentor {m!r} in {path}: its metadata (attributes, array metadata or unit "
+                "markers) does not match the digest recorded when it was built (edited or "
+                f"damaged): run `ckd cache verify {path}`, then delete {path / 'mentors' / m} "
+                f"and rerun the `ckd cache-logits --out {path} ...` command to recompute it")
+        correct = read_array(path, root, f"mentors/{m}/{CORRECT}")  # tiny: check it all
+        columns = marker_columns(mentor_specs(attrs))
+        for a, b in lay.units():
+            sr = lay.slot_range(a)
+            check_unit(path, m, lay, a, b, CORRECT, correct[sr.start:sr.stop, b:b + 1], marker,
+                       columns, suffix_dims=-1)
+        markers[m] = marker
+    return markers
 
 
 class _Plan:
     """One epoch's rows: slot per sample (-1: not needed) and the buffer being filled."""
 
     def __init__(self, key: Any, slots: torch.Tensor, num_mentors: int, num_classes: int,
-                 dtype: torch.dtype, num_blocks: int, block: int) -> None:
+                 num_stats: int, dtype: torch.dtype, num_blocks: int, block: int) -> None:
         self.key = key
         self.slots = slots  # int64 [N], -1 where the sample is not in the plan
         self.buf = torch.zeros((num_mentors, len(slots), num_classes), dtype=dtype)
+        self.stats = torch.zeros((num_mentors, len(slots), num_stats), dtype=torch.float32)
         self.ready = [threading.Event() for _ in range(num_blocks)]
         self.block = block
         self.error: BaseException | None = None
@@ -86,19 +193,22 @@ class LogitCache:
             raise ValueError(f"{path} holds no mentors: run `ckd cache-logits --out {path} ...`")
         incomplete = [m for m in chosen if not found[m].get("complete")]
         if incomplete:
-            raise RuntimeError(f"mentors {incomplete} in {path} are incomplete (interrupted "
-                               "build): rerun the same `ckd cache-logits` command to finish")
+            raise CacheIncompleteError(
+                f"mentors {incomplete} in {path} are incomplete (interrupted build): rerun "
+                "the same `ckd cache-logits` command to finish")
         self.mentors = chosen
         self.mentor_meta = {m: found[m] for m in chosen}
-        root = zarr.open_group(LocalStore(self.path), mode="r")
-        self._arrays = [root[f"mentors/{m}/logits"] for m in chosen]
-        self.labels = torch.from_numpy(root["labels"][:])
-        self._vid_table = torch.from_numpy(root["view_ids"][:]).to(torch.int64) \
-            if self.keyed else None
+        self._root = root = open_root(self.path)
+        self._markers = check_store(self.path, self.meta, root, self.mentor_meta)
+        self._columns = {m: marker_columns(mentor_specs(self.mentor_meta[m])) for m in chosen}
+        self.stat_fields = tuple(self.mentor_meta[chosen[0]].get("stat_fields", ()))
+        self.labels = torch.from_numpy(read_array(self.path, root, "labels"))
+        self._vid_table = torch.from_numpy(read_array(self.path, root, "view_ids")).to(
+            torch.int64) if self.keyed else None
         self.dtype = torch.float16 if self.layout.dtype == "float16" else torch.float32
         self._progress = progress
         if mode == "memory":
-            self._buf = self._load_all()
+            self._buf, self._stats = self._load_all()
         else:
             self._plans: dict[Any, _Plan] = {}
             self._current: _Plan | None = None
@@ -139,8 +249,10 @@ class LogitCache:
         return vids, vids
 
     def gather(self, slots: torch.Tensor, indices: torch.Tensor,
-               mentors: Sequence[str] | None = None) -> torch.Tensor:
-        """Logits [M, B, C] (store dtype) of sample `indices[b]` in slot `slots[b]`."""
+               mentors: Sequence[str] | None = None, with_stats: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [M, B, C] (store dtype) of sample `indices[b]` in slot `slots[b]`; with
+        `with_stats`, also the mentors' row statistics [M, B, K] (fp32, `stat_fields`)."""
         slots = torch.as_tensor(slots, dtype=torch.int64)
         indices = torch.as_tensor(indices, dtype=torch.int64)
         if slots.shape != indices.shape or slots.ndim != 1:
@@ -148,13 +260,19 @@ class LogitCache:
                              "must be 1-D of the same length")
         sel = None if mentors is None else torch.tensor([self._mentor_pos(m) for m in mentors])
         if self.mode == "memory":
-            buf = self._buf
-            flat = (slots.to(buf.device) * self.num_samples + indices.to(buf.device))
-            out = buf.index_select(1, flat) if sel is None else \
-                buf.index_select(0, sel.to(buf.device)).index_select(1, flat)
+            flat = (slots.to(self._buf.device) * self.num_samples
+                    + indices.to(self._buf.device))
+            out, stats = (self._pick(t, flat, sel) for t in (self._buf, self._stats))
         else:
-            out = self._stream_gather(slots, indices, sel)
-        return out.to(self.device, non_blocking=True)
+            out, stats = self._stream_gather(slots, indices, sel)
+        out = out.to(self.device, non_blocking=True)
+        return (out, stats.to(self.device, non_blocking=True)) if with_stats else out
+
+    @staticmethod
+    def _pick(buf: torch.Tensor, rows: torch.Tensor, sel: torch.Tensor | None
+              ) -> torch.Tensor:
+        return buf.index_select(1, rows) if sel is None else \
+            buf.index_select(0, sel.to(buf.device)).index_select(1, rows)
 
     def _mentor_pos(self, m: str) -> int:
         if m not in self.mentors:
@@ -162,29 +280,53 @@ class LogitCache:
         return self.mentors.index(m)
 
     # ---------------------------------------------------------------- memory mode
-    def _load_all(self) -> torch.Tensor:
+    def _load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         m, s, n, c = len(self.mentors), self.num_slots, self.num_samples, self.num_classes
-        nbytes = m * s * n * c * (2 if self.dtype == torch.float16 else 4)
+        k = len(self.stat_fields)
+        nbytes = m * s * n * (c * (2 if self.dtype == torch.float16 else 4) + 4 * k)
         on_gpu = self.device.type == "cuda" and \
             torch.cuda.mem_get_info(self.device)[0] > nbytes * 1.2 + (1 << 30)
         pin = self.device.type == "cuda" and not on_gpu
+        dev = self.device if on_gpu else "cpu"
         # Filled block by block in place (straight into GPU memory when it fits).
-        buf = torch.empty((m, s * n, c), dtype=self.dtype, pin_memory=pin,
-                          device=self.device if on_gpu else "cpu")
-        view = buf.view(m, s, n, c)
-        step = max(self.layout.samples_per_chunk,
+        buf = torch.empty((m, s * n, c), dtype=self.dtype, pin_memory=pin, device=dev)
+        stats = torch.empty((m, s * n, k), dtype=torch.float32, pin_memory=pin, device=dev)
+        view, sview = buf.view(m, s, n, c), stats.view(m, s, n, k)
+        lay = self.layout
+        step = max(lay.samples_per_chunk,
                    READ_BYTES // max(1, s * c * buf.element_size())
-                   // self.layout.samples_per_chunk * self.layout.samples_per_chunk)
+                   // lay.samples_per_chunk * lay.samples_per_chunk)
         from tqdm import tqdm
 
         with tqdm(total=m * n, desc="load logit cache", unit="sample", unit_scale=True,
                   disable=not self._progress) as bar:
-            for j, arr in enumerate(self._arrays):
+            for j, alias in enumerate(self.mentors):
                 for n0 in range(0, n, step):
                     n1 = min(n, n0 + step)
-                    view[j, :, n0:n1] = torch.from_numpy(arr[:, n0:n1, :])
+                    vals = self._read_checked(alias, "logits", slice(None), slice(n0, n1))
+                    view[j, :, n0:n1] = torch.from_numpy(vals)
+                    st = self._read_checked(alias, "stats", slice(None), slice(n0, n1))
+                    sview[j, :, n0:n1] = torch.from_numpy(st)
                     bar.update(n1 - n0)
-        return buf
+        return buf, stats
+
+    def _read_checked(self, alias: str, name: str, slots: slice, samples: slice
+                      ) -> np.ndarray:
+        """mentors/alias/name[slots, samples] (whole units), each unit checked against
+        its crc32c in the marker; a failure names the unit's chunk file."""
+        lay = self.layout
+        path = f"mentors/{alias}/{name}"
+        s0, s1, _ = slots.indices(lay.num_slots)
+        n0, n1, _ = samples.indices(lay.num_samples)
+        a0, b0 = s0 // lay.slots_per_chunk, n0 // lay.samples_per_chunk
+        vals = read_array(self.path, self._root, path, (slots, samples))
+        for a in range(a0, -(-s1 // lay.slots_per_chunk)):
+            for b in range(b0, -(-n1 // lay.samples_per_chunk)):
+                sr, sm = lay.slot_range(a), lay.sample_range(b)
+                unit = vals[sr.start - s0:sr.stop - s0, sm.start - n0:sm.stop - n0]
+                check_unit(self.path, alias, lay, a, b, name, unit, self._markers[alias],
+                           self._columns[alias], unit.ndim - 2)
+        return vals
 
     # ---------------------------------------------------------------- stream mode
     def start_epoch(self, epoch: int, seed: int, indices: torch.Tensor | None = None) -> None:
@@ -224,8 +366,8 @@ class LogitCache:
         full = torch.full((self.num_samples,), -1, dtype=torch.int64)
         full[torch.as_tensor(indices, dtype=torch.int64).cpu()] = \
             torch.as_tensor(slots, dtype=torch.int64).cpu()
-        return _Plan(key, full, len(self.mentors), self.num_classes, self.dtype,
-                     self.layout.grid[1], self.layout.samples_per_chunk)
+        return _Plan(key, full, len(self.mentors), self.num_classes, len(self.stat_fields),
+                     self.dtype, self.layout.grid[1], self.layout.samples_per_chunk)
 
     def _worker(self) -> None:
         while True:
@@ -252,14 +394,18 @@ class LogitCache:
                 for a in np.unique(slots[want] // lay.slots_per_chunk):
                     sr = lay.slot_range(int(a))
                     rows = want[(slots[want] >= sr.start) & (slots[want] < sr.stop)]
-                    for j, arr in enumerate(self._arrays):
-                        block = arr[sr.start:sr.stop, rng.start:rng.stop, :]
+                    region = (slice(sr.start, sr.stop), slice(rng.start, rng.stop))
+                    for j, alias in enumerate(self.mentors):
+                        block = self._read_checked(alias, "logits", *region)
                         plan.buf[j, rng.start + rows] = torch.from_numpy(
+                            block[slots[rows] - sr.start, rows])
+                        block = self._read_checked(alias, "stats", *region)
+                        plan.stats[j, rng.start + rows] = torch.from_numpy(
                             block[slots[rows] - sr.start, rows])
             plan.ready[b].set()
 
     def _stream_gather(self, slots: torch.Tensor, indices: torch.Tensor,
-                       sel: torch.Tensor | None) -> torch.Tensor:
+                       sel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self._current
         if plan is None:
             raise RuntimeError("stream mode: call start_epoch(epoch, seed) (or plan_epoch) "
@@ -271,10 +417,12 @@ class LogitCache:
                              "the epoch/seed used by epoch_views, or use mode='memory'")
         for b in torch.unique(idx // plan.block).tolist():
             plan.ready[b].wait()
+        if isinstance(plan.error, CacheMismatchError | CacheReadError):
+            raise type(plan.error)(str(plan.error)) from plan.error
         if plan.error is not None:
-            raise RuntimeError(f"stream reader failed on {self.path}") from plan.error
-        out = plan.buf.index_select(1, idx)
-        return out if sel is None else out.index_select(0, sel)
+            raise RuntimeError(f"stream reader failed on {self.path}: {plan.error}"
+                               ) from plan.error
+        return self._pick(plan.buf, idx, sel), self._pick(plan.stats, idx, sel)
 
     def close(self) -> None:
         if self.mode == "stream" and self._thread.is_alive():
@@ -288,4 +436,4 @@ class LogitCache:
         self.close()
 
 
-__all__ = ["LogitCache", "CacheMismatchError", "list_mentors"]
+__all__ = ["LogitCache", "CacheMismatchError", "list_mentors", "check_store", "read_array"]

@@ -14,7 +14,20 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
-from .layout import CacheMismatchError, Layout, check_compatible, layout_from_attrs, logits_codecs
+from .integrity import mentor_specs, root_data_digests, unit_status
+from .layout import (
+    LOCK_FILE,
+    MARKER,
+    MENTOR_ARRAYS,
+    CacheMismatchError,
+    Layout,
+    check_compatible,
+    check_version,
+    data_codecs,
+    layout_from_attrs,
+    marker_arrays_kwargs,
+    read_json_attrs,
+)
 from .mentors import mentor_arch
 
 
@@ -24,77 +37,117 @@ def _clean_partials(out: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _open_root(out: Path) -> zarr.Group | None:
-    """The root group if `out` is an initialized cache (attrs written), else None."""
+def clear_store(out: Path) -> None:
+    """Delete everything in `out` but the writer lock (held by this process)."""
+    for p in out.iterdir():
+        if p.name != LOCK_FILE:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+_STORE_ENTRIES = {"zarr.json", "labels", "view_ids", "mentors"}
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an --out that exists but is not a cache (before taking its writer lock)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a logit cache folder: choose another --out")
+    names = {p.name for p in out.iterdir()} - {LOCK_FILE} if out.is_dir() else set()
+    if names and not names <= _STORE_ENTRIES:
+        raise FileExistsError(f"{out} exists and is not a logit cache (holds "
+                              f"{sorted(names)[:5]}): choose another --out or delete it")
+
+
+def _open_root(out: Path) -> dict[str, Any] | None:
+    """The root attributes if `out` is an initialized cache (attrs written), else None."""
     if not (out / "zarr.json").exists():
         return None
-    root = zarr.open_group(LocalStore(out), mode="r+")
-    return root if "format" in root.attrs else None
+    attrs = read_json_attrs(out, out / "zarr.json")
+    if "format" not in attrs:
+        return None
+    check_version(attrs, out)
+    return attrs
 
 
 def _init_root(out: Path, attrs: dict[str, Any], labels: np.ndarray,
                view_ids: np.ndarray | None) -> None:
     """Create arrays first and the root attributes last: attrs present == initialized."""
-    if out.exists() and any(out.iterdir()):
-        leftovers = {p.name for p in out.iterdir()}
-        if not leftovers <= {"zarr.json", "labels", "view_ids", "mentors"}:
-            raise FileExistsError(
-                f"{out} exists and is not a logit cache (holds {sorted(leftovers)[:5]}): "
-                "choose another --out or delete it")
-        shutil.rmtree(out)  # an interrupted initialization: start it again
+    check_out_folder(out)
+    clear_store(out)  # an interrupted initialization: start it again
     store = LocalStore(out)
     lab = zarr.create_array(store, name="labels", shape=labels.shape, dtype="int64",
-                            chunks=labels.shape, fill_value=-1)
+                            chunks=labels.shape, fill_value=-1, **data_codecs("int64"))
     lab[:] = labels
     if view_ids is not None:
         vid = zarr.create_array(store, name="view_ids", shape=view_ids.shape, dtype="int16",
-                                chunks=(1, view_ids.shape[1]), fill_value=-1)
+                                chunks=(1, view_ids.shape[1]), fill_value=-1,
+                                config={"write_empty_chunks": True}, **data_codecs("int16"))
         vid[:] = view_ids
     zarr.open_group(store, path="mentors", mode="a")
-    zarr.open_group(store, mode="r+").attrs.put(attrs)
+    digests = {**root_data_digests(np.asarray(labels, dtype=np.int64), view_ids), "mentors": {}}
+    zarr.open_group(store, mode="r+").attrs.put({**attrs, "digests": digests})
 
 
 def _mentor_attrs(alias: str, arch: str, path: Path, sha: str, num_classes: int,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    from .stats import STAT_FIELDS
+
     attrs = {"alias": alias, "arch": arch, "num_classes": int(num_classes),
-             "checkpoint": str(path), "checkpoint_sha256": sha, "complete": False}
+             "checkpoint": str(path), "checkpoint_sha256": sha,
+             "arrays": [s.name for s in MENTOR_ARRAYS], "stat_fields": list(STAT_FIELDS),
+             "complete": False}
     attrs.update(extra or {})
     return attrs
+
+
+def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = None) -> None:
+    """Create the declared arrays and the per-unit arrays of a mentor (only those in
+    `names` if given: `ckd cache upgrade` adds the ones a version-1 store lacks)."""
+    store = LocalStore(out)
+    for spec in MENTOR_ARRAYS:
+        if names is None or spec.name in names:
+            zarr.create_array(store, name=f"mentors/{alias}/{spec.name}",
+                              **spec.create_kwargs(layout))
+    for name, kw in marker_arrays_kwargs(layout, len(MENTOR_ARRAYS)).items():
+        if names is None or name in names:
+            zarr.create_array(store, name=f"mentors/{alias}/{name}", **kw)
 
 
 def _init_mentor(out: Path, alias: str, layout: Layout, attrs: dict[str, Any]) -> None:
     mdir = out / "mentors" / alias
     if mdir.exists():
         shutil.rmtree(mdir)
-    store = LocalStore(out)
-    zarr.create_array(store, name=f"mentors/{alias}/logits", shape=layout.shape,
-                      chunks=layout.chunks, dtype=layout.dtype, fill_value=0,
-                      dimension_names=("slot", "sample", "class"),
-                      config={"write_empty_chunks": True}, **logits_codecs(layout))
-    na, nb = layout.grid
-    zarr.create_array(store, name=f"mentors/{alias}/train_correct",
-                      shape=(layout.num_slots, nb), chunks=(layout.slots_per_chunk, 1),
-                      dtype="int32", fill_value=-1, dimension_names=("slot", "block"),
-                      config={"write_empty_chunks": True})
-    zarr.open_group(store, path=f"mentors/{alias}", mode="r+").attrs.put(attrs)
+    create_mentor_arrays(out, alias, layout)
+    zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+").attrs.put(attrs)
 
 
 def _mentor_state(out: Path, alias: str) -> dict[str, Any] | None:
-    if not (out / "mentors" / alias / "zarr.json").exists():
+    file = out / "mentors" / alias / "zarr.json"
+    if not file.exists():
         return None
-    attrs = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r").attrs.asdict()
+    attrs = read_json_attrs(out, file)
     return attrs if "alias" in attrs else None
 
 
+def _reopen_holes(out: Path, alias: str, layout: Layout, state: dict[str, Any]) -> None:
+    """A mentor with missing chunk files is complete no more: drop the markers of the
+    damaged units (so the ranks recompute them) and its `complete` flag."""
+    grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
+    marker = grp[MARKER][:]
+    undone, holes = unit_status(out, alias, layout, marker, mentor_specs(state))
+    for a, b in holes:
+        grp[MARKER][a:a + 1, b:b + 1] = -1
+    if (undone or holes) and state.get("complete"):
+        grp.attrs.put({**state, "complete": False})
+
+
 def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: torch.Tensor | None,
-             layout: Layout, paths: Mapping[str, Path], shas: Mapping[str, str],
-             overwrite: bool) -> None:
+                  layout: Layout, paths: Mapping[str, Path], shas: Mapping[str, str],
+                  overwrite: bool) -> None:
     """Rank 0: create or check the store and every mentor group before anyone writes."""
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
-    root = _open_root(out)
-    if root is not None:
-        have = root.attrs.asdict()
+    have = _open_root(out)
+    if have is not None:
         try:
             check_compatible(have, dataset_name=attrs["dataset"]["name"],
                              fingerprint=attrs["dataset"]["fingerprint"],
@@ -108,13 +161,12 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
         except CacheMismatchError:
             if not overwrite:
                 raise
-            shutil.rmtree(out)
-            out.mkdir(parents=True)
-            root = None
-    if root is None:
+            clear_store(out)
+            have = None
+    if have is None:
         vid = None if keyed_ids is None else keyed_ids.numpy()
         _init_root(out, attrs, dataset.train.labels, vid)
-    layout = layout_from_attrs(zarr.open_group(LocalStore(out), mode="r").attrs.asdict())
+    layout = layout_from_attrs(read_json_attrs(out, out / "zarr.json"))
     for alias, path in paths.items():
         state = _mentor_state(out, alias)
         if state is not None and state["checkpoint_sha256"] != shas[alias]:
@@ -128,5 +180,5 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
             arch = mentor_arch(alias, path)
             _init_mentor(out, alias, layout,
                          _mentor_attrs(alias, arch, path, shas[alias], layout.num_classes))
-
-
+        else:
+            _reopen_holes(out, alias, layout, state)

@@ -25,17 +25,23 @@ from zarr.storage import LocalStore
 
 from ckd.dist import barrier, dist_context, process_group
 
+from .integrity import marker_columns, mentor_digest, mentor_specs, unit_marker, unit_status
 from .layout import (
+    CORRECT,
     DEFAULT_CODEC,
     DTYPES,
+    MARKER,
     Layout,
+    UnitValues,
     epoch_seed,
     layout_from_attrs,
     make_layout,
+    read_json_attrs,
     root_attributes,
 )
+from .lock import writer_lock
 from .mentors import load_mentor, resolve_mentors  # noqa: F401 (re-export)
-from .store import prepare_store
+from .store import check_out_folder, prepare_store
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
 
@@ -180,7 +186,12 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
-    with process_group("gloo"):
+    # One writer per store: rank 0 holds the lock for the whole build (ranks of one torchrun
+    # job share the work by unit, a second job is refused).
+    if rank == 0:
+        check_out_folder(out)
+    lock = writer_lock(out, "ckd cache-logits") if rank == 0 else contextlib.nullcontext()
+    with process_group("gloo"), lock:
         if rank == 0:
             prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite)
         barrier()
@@ -201,30 +212,51 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     return out
 
 
+class UnitWriter:
+    """Writes whole work units of one mentor: every declared array's chunk (computed from
+    the logits as stored by its `ArraySpec.compute`), the correct counts, then the marker
+    (a crc32c of each) last, so "marker present" means "unit complete"."""
+
+    def __init__(self, out: Path, alias: str, layout: Layout, labels: np.ndarray) -> None:
+        grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
+        state = grp.attrs.asdict()
+        self.complete = bool(state.get("complete"))
+        self.layout, self.labels = layout, labels
+        self.specs = mentor_specs(state)
+        self.columns = marker_columns(self.specs)
+        self.arrays = {s.name: grp[s.name] for s in self.specs}
+        self.correct, self.marker = grp[CORRECT], grp[MARKER]
+
+    def write(self, a: int, b: int, vals: np.ndarray, correct: np.ndarray) -> None:
+        """Unit (a, b): `vals` [slots, samples, C] in the cache dtype, `correct` [slots]."""
+        sl, sm = self.layout.slot_range(a), self.layout.sample_range(b)
+        unit = UnitValues(vals, self.labels[sm.start:sm.stop])
+        named = {s.name: s.compute(unit) for s in self.specs}
+        named[CORRECT] = np.asarray(correct, dtype=np.int32)[:, None]
+        for name, arr in self.arrays.items():
+            arr[sl.start:sl.stop, sm.start:sm.stop] = named[name]
+        self.correct[sl.start:sl.stop, b:b + 1] = named[CORRECT]
+        self.marker[a:a + 1, b:b + 1] = unit_marker(a, b, named, self.columns)
+
+
 def _run_mentor(out: Path, alias: str, path: Path, layout: Layout, images: torch.Tensor,
                 labels: torch.Tensor, keyed_ids: torch.Tensor | None, dataset: Any,
                 batch_size: int, dev: torch.device, rank: int, world: int,
                 progress: bool) -> None:
     from tqdm import tqdm
 
-    grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
-    if grp.attrs.get("complete"):
+    unit_writer = UnitWriter(out, alias, layout, labels.numpy())
+    if unit_writer.complete:  # prepare_store reopened a complete mentor that has holes
         return
-    logits, marker = grp["logits"], grp["train_correct"]
-    done = marker[:]
+    done = unit_writer.marker[:]
     units = [u for i, u in enumerate(layout.units()) if i % world == rank]
-    todo = [(a, b) for a, b in units
-            if (done[layout.slot_range(a).start:layout.slot_range(a).stop, b] < 0).any()]
+    todo = [(a, b) for a, b in units if (done[a, b] < 0).any()]
     if not todo:
         return
     model = load_mentor(alias, path, layout.num_classes, dev)
     total = sum(len(layout.slot_range(a)) * len(layout.sample_range(b)) for a, b in todo)
     desc = f"{alias}" + (f" [rank {rank}]" if world > 1 else "")
-
-    def write(a: int, b: int, vals: np.ndarray, correct: np.ndarray) -> None:
-        sl, sm = layout.slot_range(a), layout.sample_range(b)
-        logits[sl.start:sl.stop, sm.start:sm.stop, :] = vals
-        marker[sl.start:sl.stop, b:b + 1] = correct[:, None]  # marker last: unit done
+    write = unit_writer.write
 
     # Compression + writing of chunk k overlaps the inference of chunk k + 1 (one writer
     # thread, at most 2 chunks in flight), so the mentor never waits on the codec.
@@ -246,21 +278,40 @@ def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset:
                      batch_size: int, dev: torch.device) -> None:
     grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
     attrs = grp.attrs.asdict()
-    if attrs.get("complete"):
+    if not attrs.get("complete"):
+        marker = grp[MARKER][:]
+        undone, holes = unit_status(out, alias, layout, marker, mentor_specs(attrs))
+        if undone or holes:
+            raise RuntimeError(
+                f"mentor {alias!r}: {len(undone) + len(holes)} units still missing after all "
+                "ranks finished; rerun the same command to complete them")
+        model = load_mentor(alias, path, layout.num_classes, dev)
+        with deterministic(dev):
+            test_acc = test_accuracy(model, dataset.test.images, dataset.test.labels,
+                                     dataset.mean, dataset.std, batch_size, dev)
+        per_view = grp[CORRECT][:].sum(axis=1) / layout.num_samples * 100.0
+        keep = ("alias", "arch", "num_classes", "checkpoint", "checkpoint_sha256", "arrays",
+                "stat_fields")
+        grp.attrs.put({**{k: attrs[k] for k in keep if k in attrs}, "test_acc": test_acc,
+                       "train_acc": round(float(per_view.mean()), 4),
+                       "train_acc_per_view": [round(float(v), 4) for v in per_view],
+                       "complete": True})
+        record_mentor_digest(out, alias)
+    else:  # killed between `complete` and its digest: record it now; never re-bless a
+        record_mentor_digest(out, alias, only_if_missing=True)  # digest that differs
+
+
+def record_mentor_digest(out: Path, alias: str, only_if_missing: bool = False) -> None:
+    """Root attributes `digests.mentors[alias]` := the mentor's current digest (last step
+    of a build or upgrade, rank 0 only)."""
+    root = zarr.open_group(LocalStore(out), mode="r+")
+    attrs = read_json_attrs(out, out / "zarr.json")
+    digests = dict(attrs.get("digests") or {})
+    mentors = dict(digests.get("mentors") or {})
+    if only_if_missing and alias in mentors:
         return
-    done = grp["train_correct"][:]
-    if (done < 0).any():
-        missing = int((done < 0).any(axis=0).sum())
-        raise RuntimeError(f"mentor {alias!r}: {missing} sample blocks still missing after "
-                           "all ranks finished; rerun the same command to complete them")
-    model = load_mentor(alias, path, layout.num_classes, dev)
-    with deterministic(dev):
-        test_acc = test_accuracy(model, dataset.test.images, dataset.test.labels,
-                                 dataset.mean, dataset.std, batch_size, dev)
-    per_view = done.sum(axis=1) / layout.num_samples * 100.0
-    base = {k: attrs[k] for k in ("alias", "arch", "num_classes", "checkpoint",
-                                  "checkpoint_sha256")}
-    grp.attrs.put({**base, "test_acc": test_acc,
-                   "train_acc": round(float(per_view.mean()), 4),
-                   "train_acc_per_view": [round(float(v), 4) for v in per_view],
-                   "complete": True})
+    marker = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r")[MARKER][:]
+    digest = mentor_digest(out, alias, marker)
+    if mentors.get(alias) != digest:
+        mentors[alias] = digest
+        root.attrs.put({**attrs, "digests": {**digests, "mentors": dict(sorted(mentors.items()))}})

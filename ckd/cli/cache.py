@@ -1,4 +1,4 @@
-"""`ckd cache-logits` and `ckd cache info|verify` (thin: the logic is in ckd.cache)."""
+"""`ckd cache-logits` and `ckd cache info|verify|upgrade` (thin: the logic is in ckd.cache)."""
 
 from __future__ import annotations
 
@@ -112,14 +112,17 @@ def _print_info(path: str) -> None:
                   "-" if r["test_acc"] is None else f"{r['test_acc']:.2f}",
                   "-" if r["train_acc"] is None else f"{r['train_acc']:.2f}",
                   str(r["views"]), f"{r['done_chunks']}/{r['total_chunks']}"
-                  + ("" if r["complete"] else " (incomplete)"),
+                  + ("" if r["complete"] and not r["missing_files"] else " (incomplete)")
+                  + (f" ({r['missing_files']} chunk files missing: rerun cache-logits)"
+                     if r["missing_files"] else "")
+                  + ("" if r["digest_ok"] else f" (metadata changed: ckd cache verify {path})"),
                   f"{r['bytes'] / 2**20:.1f} MiB", f"{r['ratio']:.2f}x")
     Console().print(t)
 
 
 @click.group("cache")
 def cache_group() -> None:
-    """Inspect and verify logit caches."""
+    """Inspect, verify and upgrade logit caches."""
 
 
 @cache_group.command("info")
@@ -143,7 +146,8 @@ def cache_info(path: str) -> None:
 @click.option("--seed", default=0, show_default=True, help="Which random rows to recompute.")
 def cache_verify(path: str, recompute: int, data_dir: str | None, prepared: str | None,
                  device: str, seed: int) -> None:
-    """Check completeness, checksums (every chunk is read) and finite values."""
+    """Check completeness (markers and chunk files), every checksum and digest (every
+    chunk is read), finite values and the mentor statistics."""
     from ckd.cache.inspect import load_cache_dataset, verify
     from ckd.cache.layout import read_root_attrs
 
@@ -162,6 +166,27 @@ def cache_verify(path: str, recompute: int, data_dir: str | None, prepared: str 
             click.echo(f"  PROBLEM {p}", err=True)
         raise click.ClickException(f"{path}: {len(rep.problems)} problem(s)")
     click.echo(f"{path}: OK")
+
+
+@cache_group.command("upgrade")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def cache_upgrade(path: str, quiet: bool) -> None:
+    """Convert an older cache store to the current format version, in place.
+
+    Adds checksums to every array, digests of each mentor's metadata and the mentor
+    statistics (computed from the stored logits). Resumable: rerun it after an
+    interruption. Example: ckd cache upgrade cache/cifar100
+    """
+    from ckd.cache.upgrade import upgrade
+
+    try:
+        notes = upgrade(path, progress=not quiet)
+    except _ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    for note in notes:
+        click.echo(note)
+    click.echo(f"{path}: upgraded; check it with `ckd cache verify {path}`")
 
 
 commands = [cache_logits, cache_group]
