@@ -28,9 +28,9 @@ BASE = dict(dataset="synthetic", dataset_options=TINY, student="resnet8", method
 
 def test_second_writer_of_a_run_folder_is_refused(tmp_path):
     out = tmp_path / "run"
-    with exclusive_lock(out, "run folder", "wait"):  # another process's lock, in effect
+    with exclusive_lock(out, holder="test", busy=LockedError):  # another holder, in effect
         with pytest.raises(LockedError, match=rf"in use by another ckd process \(pid "
-                                              rf"{os.getpid()}\).*another --out"):
+                                              rf"{os.getpid()}: test\).*another --out"):
             train(dict(BASE, out=str(out)))
     assert not (out / "checkpoint.pt").exists()
     train(dict(BASE, out=str(out)))  # released with the block: the run goes ahead
@@ -38,17 +38,17 @@ def test_second_writer_of_a_run_folder_is_refused(tmp_path):
 
 def test_lock_dies_with_its_process(tmp_path):
     code = ("import sys, time; from ckd.locks import exclusive_lock\n"
-            "with exclusive_lock(sys.argv[1], 'x', 'y'):\n"
+            "with exclusive_lock(sys.argv[1], holder='x', busy=RuntimeError):\n"
             "    print('held', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     with pytest.raises(LockedError, match=f"pid {proc.pid}"), \
-            exclusive_lock(tmp_path, "x", "y"):
+            exclusive_lock(tmp_path, holder="y", busy=LockedError):
         pass
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    with exclusive_lock(tmp_path, "x", "y"):  # no stale lock after kill -9
+    with exclusive_lock(tmp_path, holder="y", busy=LockedError):  # no stale lock after kill -9
         pass
 
 

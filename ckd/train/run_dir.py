@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ckd.locks import exclusive_lock
+from ckd.locks import LockedError, exclusive_lock
 from ckd.train.checkpoint import CHECKPOINT, load_training_state
 from ckd.train.config import TrainConfig
 
@@ -28,8 +28,11 @@ RUN_FILES = (CHECKPOINT, "metrics.jsonl", "config.yaml", "student.pt")
 
 @contextlib.contextmanager
 def run_folder_lock(run_dir: Path) -> Iterator[Path]:
-    with exclusive_lock(run_dir, "run folder",
-                        "wait for that run to finish, or pass another --out") as path:
+    def busy(who: str) -> LockedError:
+        return LockedError(f"run folder {run_dir} is in use by another ckd process ({who}): "
+                           "wait for that run to finish, or pass another --out")
+
+    with exclusive_lock(run_dir, holder="ckd train", busy=busy) as path:
         yield path
 
 
