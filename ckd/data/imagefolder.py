@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ckd.io import atomic_open, atomic_path, atomic_write_text
+
 from .beton import META, ffcv_workers
 from .datasets import histogram_stats
 
@@ -163,10 +165,8 @@ def _encode_part(root: str, rows: list[tuple[str, int]], max_side: int,
 
 
 def _save_part(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def _load_part(path: Path) -> dict:
@@ -218,10 +218,9 @@ def _write_split_beton(rows: _PartRows, path: Path, quality: int) -> None:
     image.encode = _EncodedJpeg()
     fields = {"image": image, "label": IntField(), "index": IntField(),
               "orig_height": IntField(), "orig_width": IntField()}
-    tmp = path.with_name(path.name + ".tmp")
-    writer = DatasetWriter(str(tmp), fields, num_workers=ffcv_workers())
-    writer.from_indexed_dataset(rows, chunksize=256)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        writer = DatasetWriter(str(tmp), fields, num_workers=ffcv_workers())
+        writer.from_indexed_dataset(rows, chunksize=256)
 
 
 def _fingerprint(classes: list[str], per_split: list[tuple]) -> str:
@@ -283,7 +282,7 @@ def prepare_imagefolder(data_dir: str | Path, out: str | Path, *, imagenet: bool
                 f"{ {k: old.get(k) for k in diff} } vs { {k: manifest[k] for k in diff} }); "
                 "rerun with the original options, or delete the folder to start over")
     else:
-        man_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(man_path, json.dumps(manifest, indent=2) + "\n")
 
     jobs = [(split, k, rows) for split in SPLIT_FOLDERS
             for k, rows in enumerate(_chunks(scan.files[split], part_size))]
@@ -340,13 +339,13 @@ def _assemble(out: Path, scan: FolderScan, jobs: list, part_path: dict, manifest
                for k in ("labels", "orig", "stored", "digests", "paths")}
         del arrays
         per_split.append((cat["labels"], cat["orig"], cat["stored"], cat["digests"]))
-        with open(out / f"{split}_files.txt", "w") as f:
+        with atomic_open(out / f"{split}_files.txt", "w") as f:
             f.writelines(f"{p}\t{lab}\n"
                          for p, lab in zip(cat["paths"], cat["labels"], strict=True))
         if progress:
             print(f"[prepare] writing {out / f'{split}.beton'} ({counts[split]} images)")
         _write_split_beton(_PartRows(paths, sizes), out / f"{split}.beton", manifest["quality"])
-    (out / "skipped.txt").write_text("".join(f"{p}\t{e}\n" for p, e in skipped))
+    atomic_write_text(out / "skipped.txt", "".join(f"{p}\t{e}\n" for p, e in skipped))
     if imagenet:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
@@ -358,9 +357,7 @@ def _assemble(out: Path, scan: FolderScan, jobs: list, part_path: dict, manifest
                 fields=list(FIELDS), num_skipped=len(skipped),
                 extra=dict(max_side=manifest["max_side"], quality=manifest["quality"],
                            source=manifest["data_dir"], test_folder=scan.split_dirs["test"]))
-    tmp = out / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / META)
+    atomic_write_text(out / META, json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(out / PARTS)
     return meta
 
