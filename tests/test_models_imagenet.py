@@ -128,3 +128,33 @@ def test_cli_lists_imagenet_models():
     assert out.exit_code == 0, out.output
     line = next(ln for ln in out.output.splitlines() if ln.startswith("resnet50"))
     assert "r50" in line and "25.557M" in line and "224 px" in line
+
+
+FEATURES_224 = {
+    "resnet18": [(64, 112, 112), (64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7),
+                 (512,)],
+    "resnet50": [(64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14),
+                 (2048, 7, 7), (2048,)],
+    "mobilenet_v2": [(32, 112, 112), (24, 56, 56), (32, 28, 28), (96, 14, 14), (320, 7, 7),
+                     (1280,)],
+}
+
+
+def test_features_for_feature_methods():
+    from ckd.models import feature_shapes
+
+    for name, shapes in FEATURES_224.items():
+        assert list(feature_shapes(name, 224, 1000)) == shapes
+    torch.manual_seed(0)
+    for name in ("resnet18", "mobilenet_v2"):
+        model = create_model(name, 10).eval()
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            plain = model(x)
+            feats, logits = model(x, is_feat=True)
+            pre, logits_pre = model(x, is_feat=True, preact=True)
+        assert torch.equal(plain, logits) and torch.equal(plain, logits_pre)
+        head = dict(model.named_modules())[ARCHS[name].classifier]
+        assert torch.equal(head(feats[-1]), logits)
+        if name == "resnet18":
+            assert (pre[2] < 0).any() and torch.equal(torch.relu(pre[2]), feats[2])

@@ -28,10 +28,15 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, the sum before the final ReLU)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        pre = out + (x if self.downsample is None else self.downsample(x))
+        return F.relu(pre), pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_preact(x)[0]
 
 
 class Bottleneck(nn.Module):
@@ -50,11 +55,16 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, the sum before the final ReLU)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        pre = out + (x if self.downsample is None else self.downsample(x))
+        return F.relu(pre), pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_preact(x)[0]
 
 
 class ImageNetResNet(nn.Module):
@@ -89,10 +99,21 @@ class ImageNetResNet(nn.Module):
         layers += [block(self._cin, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
+        """Logits; with `is_feat` ([f0, f1, f2, f3, f4, pooled], logits) as the CIFAR zoo
+        gives them: f0 the stem (before the max-pool), f1..f4 the stage outputs (their
+        pre-ReLU sums with `preact`), pooled the classifier's input."""
+        f0 = F.relu(self.bn1(self.conv1(x)))
+        x, feats, pre = self.maxpool(f0), [f0], [f0]
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x, x_pre = stage[-1].forward_preact(stage[:-1](x))
+            feats.append(x)
+            pre.append(x_pre)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        logits = self.fc(pooled)
+        if not is_feat:
+            return logits
+        return [*(pre if preact else feats), pooled], logits
 
 
 def resnet18(num_classes: int = 1000) -> ImageNetResNet:
@@ -158,9 +179,22 @@ class ImageNetMobileNetV2(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(self.features(x), 1)
-        return self.classifier(torch.flatten(x, 1))
+    # Feature taps: the stem and the ends of stages 1, 2, 4 and 6 (the CIFAR zoo's choice).
+    FEATURE_ENDS = (0, 3, 6, 13, 17)
+
+    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
+        """Logits; with `is_feat` ([stem, 24, 32, 96, 320-channel stage ends, pooled],
+        logits); `preact` changes nothing (the stage ends are linear bottlenecks)."""
+        feats = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.FEATURE_ENDS:
+                feats.append(x)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        logits = self.classifier(pooled)
+        if not is_feat:
+            return logits
+        return [*feats, pooled], logits
 
 
 def mobilenet_v2(num_classes: int = 1000) -> ImageNetMobileNetV2:
