@@ -169,9 +169,9 @@ def _save_part(path: Path, arrays: dict) -> None:
         np.savez(f, **arrays)
 
 
-def _load_part(path: Path) -> dict:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+def _load_part(path: Path, skip: tuple[str, ...] = ()) -> dict:
+    with np.load(path) as z:  # npz members are read only when asked for
+        return {k: z[k] for k in z.files if k not in skip}
 
 
 class _PartRows:
@@ -325,7 +325,7 @@ def _assemble(out: Path, scan: FolderScan, jobs: list, part_path: dict, manifest
     counts, skipped, hist, per_split = {}, [], np.zeros((3, 256), np.int64), []
     for split in SPLIT_FOLDERS:
         paths = [part_path[(s, k)] for s, k, _ in jobs if s == split]
-        arrays = [_load_part(p) for p in paths]  # small: the JPEG bytes are dropped below
+        arrays = [_load_part(p, skip=("jpeg",)) for p in paths]  # JPEG bytes stay on disk
         sizes = [len(a["labels"]) for a in arrays]
         counts[split] = sum(sizes)
         if counts[split] == 0:
@@ -337,7 +337,6 @@ def _assemble(out: Path, scan: FolderScan, jobs: list, part_path: dict, manifest
             hist += sum(a["hist"] for a in arrays)
         cat = {k: np.concatenate([a[k] for a in arrays])
                for k in ("labels", "orig", "stored", "digests", "paths")}
-        del arrays
         per_split.append((cat["labels"], cat["orig"], cat["stored"], cat["digests"]))
         with atomic_open(out / f"{split}_files.txt", "w") as f:
             f.writelines(f"{p}\t{lab}\n"
