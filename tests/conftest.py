@@ -5,3 +5,52 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+# ------------------------------------------------------------------ a small image folder
+import pytest  # noqa: E402
+
+
+def write_image_folder(root, *, train_per_class: int = 6, val_per_class: int = 2):
+    """`root/{train,val}/class{0,1,2}/img*.{jpg,png}`: scikit-learn's two sample photos
+    at several sizes and aspect ratios (classes 0, 1) and upscaled digits (class 2), plus
+    one corrupt JPEG in train/class0. Returns root."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits, load_sample_images
+
+    photos = load_sample_images().images  # two 427 x 640 RGB photos
+    digits = load_digits().images
+    scales = (1.0, 0.5, 0.3, 0.17, 0.8, 0.25)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for j in range(n):
+                if c < 2:
+                    s = scales[j % len(scales)]
+                    size = (max(8, int(640 * s)), max(8, int(427 * s * (1 + 0.3 * (j % 3)))))
+                    im = Image.fromarray(photos[(c + j) % 2]).resize(size, Image.BILINEAR)
+                else:
+                    grey = (digits[10 * c + j + (50 if split == "val" else 0)] * 15)
+                    im = Image.fromarray(grey.astype(np.uint8)).resize(
+                        (8 * (j + 2), 8 * (j + 3)), Image.NEAREST)
+                im.save(folder / f"img{j}.{'png' if j % 2 else 'jpg'}")
+    (root / "train" / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("imagefolder"))
+
+
+@pytest.fixture(scope="session")
+def prepared_images(image_folder, tmp_path_factory):
+    """`ckd prepare imagefolder` output of `image_folder` at --max-side 128."""
+    from ckd.data.imagefolder import prepare_imagefolder
+
+    out = tmp_path_factory.mktemp("prepared") / "images"
+    prepare_imagefolder(image_folder, out, max_side=128, workers=2, part_size=4,
+                        progress=False)
+    return out

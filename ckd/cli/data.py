@@ -4,22 +4,39 @@ from __future__ import annotations
 
 import click
 
+IMAGE_FOLDERS = ("imagefolder", "imagenet")
+
 
 @click.command()
 @click.argument("dataset")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Directory for train.beton, test.beton and meta.json.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Where CIFAR archives are found/downloaded (default $CKD_DATA_DIR or ./data).")
+              help="Where CIFAR archives are found/downloaded (default $CKD_DATA_DIR or "
+                   "./data); for imagefolder/imagenet the folder holding train/ and val/.")
 @click.option("--no-download", is_flag=True, help="Never download; fail if the archive is missing.")
 @click.option("--n-train", type=int, default=None, help="synthetic only: training samples.")
 @click.option("--n-test", type=int, default=None, help="synthetic only: test samples.")
 @click.option("--num-classes", type=int, default=None, help="synthetic only: classes.")
 @click.option("--seed", type=int, default=None, help="synthetic only: generator seed.")
+@click.option("--max-side", type=int, default=512, show_default=True,
+              help="imagefolder/imagenet: longer side of the stored JPEGs (larger are shrunk).")
+@click.option("--quality", type=int, default=90, show_default=True,
+              help="imagefolder/imagenet: JPEG quality of the stored images.")
+@click.option("--resume", is_flag=True,
+              help="imagefolder/imagenet: continue an interrupted run (finished parts kept).")
+@click.option("--workers", type=int, default=None,
+              help="imagefolder/imagenet: decoding processes (default: all cores).")
 def prepare(dataset: str, out: str, data_dir: str | None, no_download: bool,
             n_train: int | None, n_test: int | None, num_classes: int | None,
-            seed: int | None) -> None:
-    """Load DATASET (cifar10, cifar100, digits, synthetic) and write it as .beton files."""
+            seed: int | None, max_side: int, quality: int, resume: bool,
+            workers: int | None) -> None:
+    """Load DATASET (cifar10, cifar100, digits, synthetic, imagefolder, imagenet) and write
+    it as .beton files. Example: ckd prepare imagenet --data-dir /data/imagenet --out
+    prepared/imagenet"""
+    if dataset.lower() in IMAGE_FOLDERS:
+        _prepare_images(dataset.lower(), data_dir, out, max_side, quality, resume, workers)
+        return
     from ckd.data.beton import write_betons
     from ckd.data.datasets import load_dataset
 
@@ -35,6 +52,26 @@ def prepare(dataset: str, out: str, data_dir: str | None, no_download: bool,
     for name in ("train.beton", "test.beton", "meta.json"):
         click.echo(f"  wrote {path / name}")
     click.echo(f"fingerprint {ds.fingerprint}")
+
+
+def _prepare_images(kind: str, data_dir: str | None, out: str, max_side: int, quality: int,
+                    resume: bool, workers: int | None) -> None:
+    from ckd.data.imagefolder import prepare_imagefolder
+
+    if not data_dir:
+        raise click.UsageError(f"{kind} needs --data-dir DIR (the folder holding train/ "
+                               "and val/)")
+    try:
+        meta = prepare_imagefolder(data_dir, out, imagenet=kind == "imagenet",
+                                   max_side=max_side, quality=quality, resume=resume,
+                                   workers=workers)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{meta['name']}: {meta['n_train']} train + {meta['n_test']} test images, "
+               f"{meta['num_classes']} classes, {meta['num_skipped']} unreadable file(s) "
+               f"skipped" + (f" (listed in {out}/skipped.txt)" if meta["num_skipped"] else ""))
+    click.echo(f"wrote {out}/train.beton, test.beton, meta.json; fingerprint "
+               f"{meta['fingerprint']}")
 
 
 commands = [prepare]

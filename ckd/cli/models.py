@@ -1,4 +1,4 @@
-"""`ckd models`: list the CIFAR model zoo (thin wrapper over ckd.models.list_models)."""
+"""`ckd models`: list the model zoo (thin wrapper over ckd.models.list_models)."""
 
 import click
 
@@ -11,10 +11,11 @@ from ckd.models import list_models
 def models(num_classes: int) -> None:
     """List architectures, their aliases and parameter counts."""
     rows = list_models(num_classes)
-    click.echo(f"{'name':<12}  {'aliases':<22}  {'params':>10}  (at {num_classes} classes)")
+    click.echo(f"{'name':<12}  {'aliases':<26}  {'params':>10}  {'input':>7}  "
+               f"(at {num_classes} classes)")
     for r in rows:
-        click.echo(f"{r['name']:<12}  {', '.join(r['aliases']):<22}  "
-                   f"{r['params'] / 1e6:>9.3f}M")
+        click.echo(f"{r['name']:<12}  {', '.join(r['aliases']):<26}  "
+                   f"{r['params'] / 1e6:>9.3f}M  {r['input_size']:>4} px")
 
 
 commands = [models]

@@ -97,10 +97,16 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     """Per-channel mean/std of uint8 NHWC images scaled to [0, 1] (float64, deterministic)."""
     # From per-channel histograms of the 256 uint8 values: exact, no float copy of the data.
     flat = images.reshape(-1, images.shape[-1])
+    return histogram_stats(np.stack([np.bincount(flat[:, c], minlength=256)
+                                     for c in range(flat.shape[1])]))
+
+
+def histogram_stats(hist: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std in [0, 1] from per-channel 256-bin uint8 histograms [C, 256]."""
     vals = np.arange(256, dtype=np.float64) / 255.0
     mean, std = [], []
-    for c in range(flat.shape[1]):
-        p = np.bincount(flat[:, c], minlength=256) / flat.shape[0]
+    for counts in hist:
+        p = counts / max(1, counts.sum())
         m = float((p * vals).sum())
         mean.append(m)
         std.append(float(np.sqrt((p * (vals - m) ** 2).sum())))

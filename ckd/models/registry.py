@@ -1,7 +1,8 @@
-"""Name -> constructor table for the CIFAR zoo, with short aliases.
+"""Name -> constructor table for the model zoo, with short aliases.
 
-Canonical names are RepDistiller's `model_dict` keys (except `MobileNetV2` for its
-`mobile_half`), so RepDistiller checkpoint folders map directly onto them.
+CIFAR (32 px): canonical names are RepDistiller's `model_dict` keys (except `MobileNetV2`
+for its `mobile_half`), so RepDistiller checkpoint folders map directly onto them.
+ImageNet (224 px): resnet18/34/50 and mobilenet_v2 with torchvision's names and keys.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from .imagenet import mobilenet_v2, resnet18, resnet34, resnet50
 from .mobilenetv2 import mobilenetv2_half
 from .resnet import resnet
 from .shufflenet import ShuffleNetV1, ShuffleNetV2
@@ -26,6 +28,7 @@ class ArchSpec:
     build: Callable[[int], nn.Module]  # num_classes -> model
     aliases: tuple[str, ...]
     classifier: str  # state_dict prefix of the final Linear ("fc", "classifier.0", ...)
+    input_size: int = 32  # the resolution the architecture is designed for (pixels)
 
 
 def _resnet(depth: int, wide: bool = False) -> Callable[[int], nn.Module]:
@@ -50,6 +53,11 @@ _SPECS: list[ArchSpec] = [
     ArchSpec("MobileNetV2", mobilenetv2_half, ("mbv2", "mobile_half"), "classifier.0"),
     ArchSpec("ShuffleV1", lambda nc: ShuffleNetV1(num_classes=nc), ("sn-v1",), "linear"),
     ArchSpec("ShuffleV2", lambda nc: ShuffleNetV2(num_classes=nc), ("sn-v2",), "linear"),
+    # ImageNet, torchvision layout (checkpoints load as plain state_dicts)
+    ArchSpec("resnet18", resnet18, ("r18",), "fc", 224),
+    ArchSpec("resnet34", resnet34, ("r34",), "fc", 224),
+    ArchSpec("resnet50", resnet50, ("r50",), "fc", 224),
+    ArchSpec("mobilenet_v2", mobilenet_v2, ("mbv2-224", "mobilenetv2_224"), "classifier.1", 224),
 ]
 ARCHS: dict[str, ArchSpec] = {s.name: s for s in _SPECS}
 
@@ -81,7 +89,8 @@ def arch_spec(name: str) -> ArchSpec:
 
 
 def create_model(name_or_alias: str, num_classes: int = 100) -> nn.Module:
-    """Build a freshly initialised model; forward(x [B,3,32,32]) -> logits [B, num_classes]."""
+    """Build a freshly initialised model; forward(x [B, 3, S, S]) -> logits [B, num_classes]
+    (S = the spec's input_size: 32 for the CIFAR zoo, 224 for the ImageNet one)."""
     spec = arch_spec(name_or_alias)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -122,6 +131,7 @@ def feature_shapes(name_or_alias: str, image_size: int = 32,
 
 
 def list_models(num_classes: int = 100) -> list[dict]:
-    """One row per arch: {'name', 'aliases' (tuple), 'params' (int, at num_classes)}."""
-    return [{"name": s.name, "aliases": s.aliases, "params": param_count(s.name, num_classes)}
-            for s in _SPECS]
+    """One row per arch: {'name', 'aliases' (tuple), 'params' (int, at num_classes),
+    'input_size' (pixels)}."""
+    return [{"name": s.name, "aliases": s.aliases, "params": param_count(s.name, num_classes),
+             "input_size": s.input_size} for s in _SPECS]
