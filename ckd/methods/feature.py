@@ -116,7 +116,7 @@ register(Method(
             Param("alpha_ffb", 1.0, float, "weight of the proxy's CE (trains the FFB)",
                   low=0.0)),
     paper=SDKD_PAPER, reference=sdkd_loss, build_modules=_build_sdkd, loss=_sdkd,
-    notes="The poster leaves the proxy's update, the fused stage and the FFB's form open; "
+    notes="The paper leaves the proxy's update, the fused stage and the FFB's form open; "
           "ckd's reading (proxy follows the student every step, fusion at the pooled "
           "feature, residual Linear FFB trained by the proxy's CE) and the alternatives "
           "are in docs/METHODS.md."))
