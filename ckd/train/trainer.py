@@ -352,7 +352,7 @@ def finish_run(run: Run) -> dict[str, Any]:
             "mentors": run.source.names, "epochs": cfg.epochs, "steps": run.step,
             "steps_per_epoch": run.steps_per_epoch, "img_per_s": run.imgs_per_s,
             "history": run.history, "model": run.student, "rank": info.rank,
-            "world_size": info.world_size}
+            "world_size": info.world_size, "method_modules": run.feat.modules}
 
 
 def train_mentor(arch: str, dataset: str | None = None, *, out: str | Path | None = None,
