@@ -142,9 +142,33 @@ def make_feature_run(cfg: Any, plan: Any, ds: Any, source: Any, student: nn.Modu
     image_size = int(ds.train.images.shape[1])
     mentor_shapes = []
     if feature_needs(plan.terms) or any(t.method.build_modules for t in plan.terms):
-        for m in source.models or []:
-            arch = infer_arch(m.state_dict())
-            mentor_shapes.append(feature_shapes(arch, image_size))
+        if getattr(source, "models", None):  # online: from the mentors' architectures
+            for m in source.models:
+                mentor_shapes.append(feature_shapes(infer_arch(m.state_dict()), image_size))
+        elif getattr(source, "cache", None) is not None:
+            mentor_shapes = cached_mentor_shapes(source.cache, image_size)
     labels = torch.as_tensor(ds.train.labels, dtype=torch.int64)
     context = BuildContext(labels, ds.num_classes, cfg.seed)
     return FeatureRun(plan, student, cfg.student, mentor_shapes, context, image_size, device)
+
+
+def cached_mentor_shapes(cache: Any, image_size: int) -> list[tuple[tuple[int, ...], ...]]:
+    """Each cached mentor's feature shapes (its architecture's `is_feat` shapes, with the
+    cached pool/map shapes checked against them: a mismatch is refused by name)."""
+    from ckd.models import feature_shapes  # noqa: PLC0415
+
+    out = []
+    for j, alias in enumerate(cache.mentors):
+        arch = cache.mentor_meta[alias].get("arch")
+        shapes = feature_shapes(arch, image_size)
+        expect = {"pool": tuple(shapes[-1]), "map": tuple(shapes[-2])}
+        for name, per_mentor in cache.feature_shapes.items():
+            if tuple(per_mentor[j]) != expect[name]:
+                raise ValueError(
+                    f"the cache {cache.path} holds {name} features of shape "
+                    f"{tuple(per_mentor[j])} for mentor {alias!r}, but its architecture {arch} "
+                    f"gives {expect[name]} at {image_size}x{image_size}: rebuild that mentor "
+                    f"with `ckd cache-logits --out {cache.path} --mentors {alias}=CHECKPOINT "
+                    f"--features {name} --overwrite`")
+        out.append(shapes)
+    return out

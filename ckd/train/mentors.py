@@ -199,7 +199,11 @@ def _open_cache(cfg: TrainConfig, ds, device: torch.device,
         names = select_mentors(cfg.method, names)
     else:
         names = avail[:1]  # only views/compatibility are needed: load the least
-    cache = LogitCache(cfg.cache, mode=cfg.cache_mode, device=str(device), mentors=names)
+    from ckd.features.runtime import feature_needs  # noqa: PLC0415
+
+    needs = feature_needs(cfg.loss_plan().terms) if need and not cfg.mentors_online else ()
+    cache = LogitCache(cfg.cache, mode=cfg.cache_mode, device=str(device), mentors=names,
+                       features=needs)
     cache.check_compatible(ds.name, ds.fingerprint, ds.num_classes)
     if cfg.mentors_online:
         # no NAME=PATH given: the checkpoint the cache was built from, if it is there
