@@ -23,7 +23,7 @@ COMMON = dict(dataset="synthetic", dataset_options=DS_OPTS, student="resnet8", e
 @pytest.fixture(scope="module")
 def classroom_cache(tmp_path_factory) -> dict:
     """Two resnet8 mentors (trained 2 and 1 epochs, so they disagree) and an fp32
-    all-views cache of them."""
+    all-views cache of their logits and pooled features."""
     from ckd.cache import build_cache
 
     root = tmp_path_factory.mktemp("exact")
@@ -36,7 +36,7 @@ def classroom_cache(tmp_path_factory) -> dict:
         paths[alias] = res["mentor_path"]
     ds = load_dataset("synthetic", **DS_OPTS)
     cache = build_cache(ds, paths, root / "cache", views="all", dtype="fp32", batch_size=512,
-                        progress=False)
+                        progress=False, features="pool")
     return {"root": root, "cache": str(cache), "paths": paths}
 
 
@@ -86,3 +86,31 @@ def test_cache_gives_different_views_each_epoch(classroom_cache):
     logits = c.gather(s0, idx)
     assert logits.dtype == torch.float32 and logits.shape == (2, 8, 10)
     assert not torch.allclose(logits[0], logits[1])
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("kd+0.8*crd", {"crd.nce_k": 8}),
+    pytest.param("tekap+0.8*tekap-f", {"tekap-f.nce_k": 8}, marks=pytest.mark.slow),
+    pytest.param("sdkd", {}, marks=pytest.mark.slow),
+    pytest.param("fitnet", {}, marks=pytest.mark.slow),
+])
+def test_feature_method_cached_equals_online(classroom_cache, method, params):
+    """A feature method trained from the cache's logits and pooled features == the same run
+    with the teacher evaluated live: same per-step losses, weights and method modules."""
+    root, cache = classroom_cache["root"], classroom_cache["cache"]
+    tag = method.replace("*", "x").replace("+", "_")
+    cached = train(dict(COMMON, method=method, method_params=params, cache=cache,
+                        mentors=["teacher"], out=str(root / f"{tag}-cached")))
+    online = train(dict(COMMON, method=method, method_params=params, mentors_online=True,
+                        mentors=[f"teacher={classroom_cache['paths']['teacher']}"],
+                        out=str(root / f"{tag}-online")))
+    a, b = _steps(cached["run_dir"]), _steps(online["run_dir"])
+    assert len(a) == len(b) == 4
+    diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)]
+    assert max(diffs) <= 1e-6, diffs
+    for (k, p), q in zip(cached["model"].state_dict().items(),
+                         online["model"].state_dict().values(), strict=True):
+        assert torch.allclose(p.float(), q.float(), atol=1e-6, rtol=0), k
+    for (k, p), q in zip(cached["method_modules"].state_dict().items(),
+                         online["method_modules"].state_dict().values(), strict=True):
+        assert torch.allclose(p.float(), q.float(), atol=1e-6, rtol=0), k

@@ -54,7 +54,11 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         undone, holes = unit_status(path, alias, lay, marker, mentor_specs(m))
         intact = mentor_digest(path, alias, marker) == digests.get(alias)
         disk = dir_size(path / "mentors" / alias / "logits")
+        feats = dict(m.get("features") or {})
         rows.append(dict(alias=alias, arch=m.get("arch"), test_acc=m.get("test_acc"),
+                         features=feats,
+                         feature_bytes=sum(dir_size(path / "mentors" / alias / f)
+                                           for f in feats),
                          train_acc=m.get("train_acc"), views=lay.num_slots,
                          mode=attrs["views"]["mode"], complete=bool(m.get("complete")),
                          done_chunks=len(lay.units()) - len(undone) - len(holes),
@@ -183,9 +187,12 @@ def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group
             continue
         rep.chunks_read += len(named)
         logits = named["logits"]
-        if not np.isfinite(logits).all():
-            rep.problems.append(f"{alias}/logits/c/{a}/{b}/0: "
-                                f"{int((~np.isfinite(logits)).sum())} non-finite values")
+        for name in ("logits", *(m.get("features") or {})):
+            vals = named[name]
+            if not np.isfinite(vals).all():
+                zeros = "/".join("0" * (vals.ndim - 2))
+                rep.problems.append(f"{alias}/{name}/c/{a}/{b}/{zeros}: "
+                                    f"{int((~np.isfinite(vals)).sum())} non-finite values")
         try:
             for name, vals in named.items():
                 check_unit(path, alias, lay, a, b, name, vals, marker, columns,

@@ -23,15 +23,19 @@ from .layout import (
     ArraySpec,
     CacheReadError,
     Layout,
+    feature_spec,
     read_error,
     repair_hint,
 )
 
 
 def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpec]:
-    """The declared arrays a mentor holds (all of them unless its attrs list fewer)."""
+    """The declared arrays a mentor holds (all of them unless its attrs list fewer), then
+    its feature arrays (`features`: name -> per-row shape, when cached with --features)."""
     names = (mentor_attrs or {}).get("arrays")
-    return [s for s in MENTOR_ARRAYS if names is None or s.name in names]
+    feats = (mentor_attrs or {}).get("features") or {}
+    return [*(s for s in MENTOR_ARRAYS if names is None or s.name in names),
+            *(feature_spec(n, shape) for n, shape in feats.items())]
 
 
 def chunk_file(store: Path, array_path: str, coords: Sequence[int]) -> Path:

@@ -242,6 +242,23 @@ MENTOR_ARRAYS: tuple[ArraySpec, ...] = (
               lambda u: u.logits),
     ArraySpec("stats", "float32", _num_stats, ("stat",), "data", _stats, derived=True),
 )
+# Optional per-mentor feature arrays (`ckd cache-logits --features pool[,map]`): the pooled
+# feature the classifier reads, [S, N, D], and the last stage's map, [S, N, C, H, W]; their
+# per-row shapes depend on the mentor and are recorded in its attributes ("features").
+FEATURES = ("pool", "map")
+_FEATURE_DIMS = {"pool": ("feature",), "map": ("channel", "height", "width")}
+
+
+def feature_spec(name: str, shape: Sequence[int]) -> ArraySpec:
+    """The ArraySpec of a mentor's feature array `name` with per-row `shape`, in the
+    cache's dtype; its values come from the unit's model outputs."""
+    if name not in FEATURES:
+        raise ValueError(f"unknown feature {name!r}; cacheable features: {', '.join(FEATURES)}")
+    shape = tuple(int(d) for d in shape)
+    return ArraySpec(name, None, lambda lay: shape, _FEATURE_DIMS[name], "data",
+                     lambda u: u.outputs[name])
+
+
 CORRECT = "train_correct"  # int32 [S, n_blocks]: correct top-1 count of each unit's slots
 MARKER = "unit_crc32c"  # int64 [n_slot_chunks, n_blocks, arrays + 1]: crc32c of each array's
 #                        values in the unit (declared arrays, then CORRECT); -1 = not done

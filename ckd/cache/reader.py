@@ -172,7 +172,8 @@ class LogitCache:
     """Read a logit cache built by `ckd cache-logits` (see docs/CACHE_FORMAT.md)."""
 
     def __init__(self, path: str | Path, mode: str = "memory", device: str | torch.device = "cpu",
-                 mentors: Sequence[str] | None = None, progress: bool = False) -> None:
+                 mentors: Sequence[str] | None = None, progress: bool = False,
+                 features: Sequence[str] = ()) -> None:
         if mode not in ("memory", "stream"):
             raise ValueError(f"mode must be 'memory' or 'stream', got {mode!r}")
         self.path, self.mode = Path(path), mode
@@ -207,8 +208,11 @@ class LogitCache:
             torch.int64) if self.keyed else None
         self.dtype = torch.float16 if self.layout.dtype == "float16" else torch.float32
         self._progress = progress
+        self.features = tuple(features)
+        self.feature_shapes = self._check_features(self.features)
         if mode == "memory":
             self._buf, self._stats = self._load_all()
+            self._feat = self._load_features()
         else:
             self._plans: dict[Any, _Plan] = {}
             self._current: _Plan | None = None
@@ -267,6 +271,63 @@ class LogitCache:
             out, stats = self._stream_gather(slots, indices, sel)
         out = out.to(self.device, non_blocking=True)
         return (out, stats.to(self.device, non_blocking=True)) if with_stats else out
+
+    def gather_with_features(self, slots: torch.Tensor, indices: torch.Tensor,
+                             features: Sequence[str]) -> tuple[torch.Tensor, dict[str, list]]:
+        """(logits [M, B, C] as `gather`, {feature: one fp32 [B, *shape] tensor per mentor})
+        of the same rows: what online mentors' `forward(x, is_feat=True)` gives."""
+        logits = self.gather(slots, indices)
+        missing = [f for f in features if f not in self.features]
+        if missing:
+            raise KeyError(f"features {missing} were not loaded: open the cache with "
+                           f"features={list(features)}")
+        flat = (torch.as_tensor(slots, dtype=torch.int64) * self.num_samples
+                + torch.as_tensor(indices, dtype=torch.int64))
+        out = {}
+        for name in features:
+            out[name] = [t.index_select(0, flat.to(t.device)).to(self.device).float()
+                         for t in self._feat[name]]
+        return logits, out
+
+    def _check_features(self, features: Sequence[str]) -> dict[str, list[tuple[int, ...]]]:
+        """Per-row shape of each requested feature, per mentor; a mentor cached without
+        one is refused with the command that adds it."""
+        if not features:
+            return {}
+        from .layout import FEATURES
+
+        bad = [f for f in features if f not in FEATURES]
+        if bad:
+            raise ValueError(f"unknown features {bad}; cacheable: {', '.join(FEATURES)}")
+        if self.mode != "memory":
+            raise ValueError("mentor features are read in --cache-mode memory only (the "
+                             "pooled features of a CIFAR cache take ~1/2 of its logits)")
+        shapes: dict[str, list[tuple[int, ...]]] = {f: [] for f in features}
+        for m in self.mentors:
+            have = self.mentor_meta[m].get("features") or {}
+            lack = [f for f in features if f not in have]
+            if lack:
+                raise CacheMismatchError(
+                    f"mentor {m!r} in {self.path} was cached without the {','.join(lack)} "
+                    f"feature(s) this method reads: add them with `ckd cache-logits --out "
+                    f"{self.path} --mentors {m}=CHECKPOINT --features "
+                    f"{','.join(features)} ...` (the same options as the cache was built "
+                    "with; only the missing features are computed)")
+            for f in features:
+                shapes[f].append(tuple(int(d) for d in have[f]))
+        return shapes
+
+    def _load_features(self) -> dict[str, list[torch.Tensor]]:
+        """Every requested feature array, one [S * N, *shape] tensor per mentor (store
+        dtype, on the device when it fits), each unit checked against its checksum."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for name in self.features:
+            out[name] = []
+            for alias in self.mentors:
+                vals = self._read_checked(alias, name, slice(None), slice(None))
+                t = torch.from_numpy(vals).reshape(-1, *vals.shape[2:])
+                out[name].append(t.to(self.device) if self.device.type == "cuda" else t)
+        return out
 
     @staticmethod
     def _pick(buf: torch.Tensor, rows: torch.Tensor, sel: torch.Tensor | None

@@ -16,6 +16,7 @@ from zarr.storage import LocalStore
 
 from .integrity import mentor_specs, root_data_digests, unit_status
 from .layout import (
+    FEATURES,
     LOCK_FILE,
     MARKER,
     MENTOR_ARRAYS,
@@ -88,36 +89,63 @@ def _init_root(out: Path, attrs: dict[str, Any], labels: np.ndarray,
 
 
 def _mentor_attrs(alias: str, arch: str, path: Path, sha: str, num_classes: int,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None,
+                  features: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from .stats import STAT_FIELDS
 
     attrs = {"alias": alias, "arch": arch, "num_classes": int(num_classes),
              "checkpoint": str(path), "checkpoint_sha256": sha,
              "arrays": [s.name for s in MENTOR_ARRAYS], "stat_fields": list(STAT_FIELDS),
              "complete": False}
+    if features:
+        attrs["features"] = {k: [int(d) for d in v] for k, v in features.items()}
     attrs.update(extra or {})
     return attrs
 
 
-def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = None) -> None:
-    """Create the declared arrays and the per-unit arrays of a mentor (only those in
-    `names` if given: `ckd cache upgrade` adds the ones a version-1 store lacks)."""
+def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = None,
+                         attrs: Mapping[str, Any] | None = None) -> None:
+    """Create the declared arrays (and the feature arrays `attrs` lists) and the per-unit
+    arrays of a mentor (only those in `names` if given: `ckd cache upgrade` adds the ones
+    a version-1 store lacks, --features the feature arrays an existing mentor lacks)."""
     store = LocalStore(out)
-    for spec in MENTOR_ARRAYS:
+    specs = mentor_specs({"features": (attrs or {}).get("features")})
+    for spec in specs:
         if names is None or spec.name in names:
             zarr.create_array(store, name=f"mentors/{alias}/{spec.name}",
+                              overwrite=spec.name in FEATURES,  # a retried --features
                               **spec.create_kwargs(layout))
-    for name, kw in marker_arrays_kwargs(layout, len(MENTOR_ARRAYS)).items():
+    for name, kw in marker_arrays_kwargs(layout, len(specs)).items():
         if names is None or name in names:
-            zarr.create_array(store, name=f"mentors/{alias}/{name}", **kw)
+            zarr.create_array(store, name=f"mentors/{alias}/{name}", overwrite=True, **kw)
 
 
 def _init_mentor(out: Path, alias: str, layout: Layout, attrs: dict[str, Any]) -> None:
     mdir = out / "mentors" / alias
     if mdir.exists():
         shutil.rmtree(mdir)
-    create_mentor_arrays(out, alias, layout)
+    create_mentor_arrays(out, alias, layout, attrs=attrs)
     zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+").attrs.put(attrs)
+
+
+def add_features(out: Path, alias: str, layout: Layout, state: dict[str, Any],
+                 features: Mapping[str, Any]) -> bool:
+    """Give an existing mentor the feature arrays it lacks (True if any): the arrays are
+    created, the unit markers reset (a unit is redone whole: one forward gives its logits,
+    identical to the stored ones, and its features) and the mentor marked incomplete; a
+    later interruption resumes from the units already redone."""
+    have = dict(state.get("features") or {})
+    new = {k: [int(d) for d in v] for k, v in features.items() if k not in have}
+    if not new:
+        return False
+    grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
+    attrs = {**state, "features": {**have, **new}, "complete": False}
+    # incomplete first: a kill between the steps leaves a mentor that is rebuilt, never
+    # one that claims features it does not hold
+    grp.attrs.put({**state, "complete": False})
+    create_mentor_arrays(out, alias, layout, names=[*new, MARKER], attrs=attrs)
+    grp.attrs.put(attrs)
+    return True
 
 
 def _mentor_state(out: Path, alias: str) -> dict[str, Any] | None:
@@ -142,7 +170,8 @@ def _reopen_holes(out: Path, alias: str, layout: Layout, state: dict[str, Any]) 
 
 def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: torch.Tensor | None,
                   layout: Layout, paths: Mapping[str, Path], shas: Mapping[str, str],
-                  overwrite: bool) -> None:
+                  overwrite: bool, features: Mapping[str, Mapping[str, Any]] | None = None
+                  ) -> None:
     """Rank 0: create or check the store and every mentor group before anyone writes."""
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
@@ -179,6 +208,7 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
         if state is None:
             arch = mentor_arch(alias, path)
             _init_mentor(out, alias, layout,
-                         _mentor_attrs(alias, arch, path, shas[alias], layout.num_classes))
-        else:
+                         _mentor_attrs(alias, arch, path, shas[alias], layout.num_classes,
+                                       features=(features or {}).get(alias)))
+        elif not add_features(out, alias, layout, state, (features or {}).get(alias) or {}):
             _reopen_holes(out, alias, layout, state)

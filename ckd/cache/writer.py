@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -78,10 +78,13 @@ def _slot_views(keyed_ids: torch.Tensor | None, slots: range, idx: torch.Tensor
 @torch.no_grad()
 def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  layout: Layout, a: int, b: int, keyed_ids: torch.Tensor | None,
-                 mean: Any, std: Any, batch_size: int, progress: Any = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits [slots_a, samples_b, C] (float32 cast to the store dtype) and per-slot
-    correct counts for one work unit. Fixed batch composition: deterministic bytes."""
+                 mean: Any, std: Any, batch_size: int, progress: Any = None,
+                 features: Sequence[str] = ()
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Logits [slots_a, samples_b, C] (float32 cast to the store dtype), per-slot correct
+    counts and the requested features ([slots_a, samples_b, *shape], same dtype) for one
+    work unit. Fixed batch composition: deterministic bytes. With features, one forward
+    (`is_feat=True`) gives both; its logits equal the plain forward's bit for bit."""
     from ckd.data.views import apply_views
 
     slots, samples = layout.slot_range(a), layout.sample_range(b)
@@ -90,12 +93,28 @@ def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     sidx = idx.repeat(len(slots))
     dev = images.device
     out = torch.empty((len(vids), layout.num_classes), dtype=torch.float32)
+    feats: dict[str, torch.Tensor] = {}
     for s in range(0, len(vids), batch_size):
         bi, bv = sidx[s:s + batch_size].to(dev), vids[s:s + batch_size].to(dev)
         x = apply_views(images[bi], bv, mean, std)
-        out[s:s + len(bi)] = model(x).float().cpu()
+        if features:
+            stages, z = model(x, is_feat=True)
+            for name, t in zip(("pool", "map"), (stages[-1], stages[-2]), strict=True):
+                if name in features:
+                    if name not in feats:
+                        feats[name] = torch.empty((len(vids), *t.shape[1:]),
+                                                  dtype=torch.float32)
+                    feats[name][s:s + len(bi)] = t.float().cpu()
+        else:
+            z = model(x)
+        out[s:s + len(bi)] = z.float().cpu()
         if progress is not None:
             progress.update(len(bi))
+    outputs = {}
+    for name, t in feats.items():
+        _check_values(t, samples, f"{name} features")
+        outputs[name] = t.reshape(len(slots), len(samples), *t.shape[1:]).numpy().astype(
+            layout.dtype)
     logits = out.reshape(len(slots), len(samples), -1)
     # Bad mentor output must stop the build, not land in the cache as NaN/inf.
     if not torch.isfinite(logits).all():
@@ -109,7 +128,14 @@ def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
             "this cache with --dtype fp32 (or check the checkpoint: trained mentors stay far "
             "below this)")
     correct = (logits.argmax(-1) == labels[idx][None]).sum(1).to(torch.int32).numpy()
-    return logits.numpy().astype(layout.dtype), correct
+    return logits.numpy().astype(layout.dtype), correct, outputs
+
+
+def _check_values(t: torch.Tensor, samples: range, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise FloatingPointError(f"the mentor produced non-finite {what} for samples "
+                                 f"{samples.start}..{samples.stop - 1}: the checkpoint is "
+                                 "broken or diverged; retrain or replace it")
 
 
 @torch.no_grad()
@@ -133,14 +159,18 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                 views: str | int = "all", seed: int = 0, batch_size: int = 512,
                 device: str = "cpu", dtype: str = "fp16", overwrite: bool = False,
                 codec: str | None = None, samples_per_chunk: int | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, features: str | Sequence[str] | None = None) -> Path:
     """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset) in
     the Zarr store `out`. Rerunning the same call resumes; new aliases are added; an alias
     whose checkpoint changed is refused unless `overwrite` (which recomputes it; a store
     built for other data is deleted and rebuilt). Under torchrun, ranks share the work.
+    `features` ("pool", "pool,map"): also store each mentor's pooled feature / last stage
+    map per cached view; added to mentors cached without them by redoing their units.
     """
     from ckd.data.views import NUM_VIEWS, RECIPE, view_ids
     from ckd.models import file_sha256
+
+    from .features import parse_features, plan_features
 
     out = Path(out)
     if dtype not in DTYPES:
@@ -182,6 +212,9 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
         params=getattr(dataset, "extra", None))
     shas = {alias: file_sha256(p) for alias, p in paths.items()}
     rank, world = dist_context()
+    feature_names = parse_features(features)
+    feature_shapes = plan_features(feature_names, paths, dataset, num_slots, DTYPES[dtype],
+                                   say=print if rank == 0 else (lambda _: None))
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -193,7 +226,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     lock = writer_lock(out, "ckd cache-logits") if rank == 0 else contextlib.nullcontext()
     with process_group("gloo"), lock:
         if rank == 0:
-            prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite)
+            prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite,
+                          feature_shapes)
         barrier()
         root = zarr.open_group(LocalStore(out), mode="r")
         layout = layout_from_attrs(root.attrs.asdict())  # an existing store's chunking wins
@@ -223,14 +257,17 @@ class UnitWriter:
         self.complete = bool(state.get("complete"))
         self.layout, self.labels = layout, labels
         self.specs = mentor_specs(state)
+        self.features = tuple(state.get("features") or {})
         self.columns = marker_columns(self.specs)
         self.arrays = {s.name: grp[s.name] for s in self.specs}
         self.correct, self.marker = grp[CORRECT], grp[MARKER]
 
-    def write(self, a: int, b: int, vals: np.ndarray, correct: np.ndarray) -> None:
-        """Unit (a, b): `vals` [slots, samples, C] in the cache dtype, `correct` [slots]."""
+    def write(self, a: int, b: int, vals: np.ndarray, correct: np.ndarray,
+              outputs: dict[str, np.ndarray] | None = None) -> None:
+        """Unit (a, b): `vals` [slots, samples, C] in the cache dtype, `correct` [slots],
+        `outputs` the model's other outputs (features) the declared arrays read."""
         sl, sm = self.layout.slot_range(a), self.layout.sample_range(b)
-        unit = UnitValues(vals, self.labels[sm.start:sm.stop])
+        unit = UnitValues(vals, self.labels[sm.start:sm.stop], outputs or {})
         named = {s.name: s.compute(unit) for s in self.specs}
         named[CORRECT] = np.asarray(correct, dtype=np.int32)[:, None]
         for name, arr in self.arrays.items():
@@ -264,10 +301,12 @@ def _run_mentor(out: Path, alias: str, path: Path, layout: Layout, images: torch
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckd-cache-write") as pool, \
             tqdm(total=total, desc=desc, unit="img", unit_scale=True,
                  disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+        feats = tuple(unit_writer.features)
         for a, b in todo:
-            vals, correct = compute_unit(model, images, labels, layout, a, b, keyed_ids,
-                                         dataset.mean, dataset.std, batch_size, bar)
-            pending.append(pool.submit(write, a, b, vals, correct))
+            vals, correct, outputs = compute_unit(model, images, labels, layout, a, b,
+                                                  keyed_ids, dataset.mean, dataset.std,
+                                                  batch_size, bar, feats)
+            pending.append(pool.submit(write, a, b, vals, correct, outputs))
             if len(pending) >= 2:
                 pending.pop(0).result()
         for f in pending:
@@ -291,7 +330,7 @@ def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset:
                                      dataset.mean, dataset.std, batch_size, dev)
         per_view = grp[CORRECT][:].sum(axis=1) / layout.num_samples * 100.0
         keep = ("alias", "arch", "num_classes", "checkpoint", "checkpoint_sha256", "arrays",
-                "stat_fields")
+                "stat_fields", "features")
         grp.attrs.put({**{k: attrs[k] for k in keep if k in attrs}, "test_acc": test_acc,
                        "train_acc": round(float(per_view.mean()), 4),
                        "train_acc_per_view": [round(float(v), 4) for v in per_view],

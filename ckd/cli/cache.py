@@ -67,12 +67,16 @@ def _default_device() -> str:
 @click.option("--overwrite", is_flag=True,
               help="Recompute mentors whose checkpoint changed; rebuild a store made for "
                    "other data.")
+@click.option("--features", default=None, metavar="pool[,map]",
+              help="Also store each mentor's pooled feature (pool) and/or last stage map "
+                   "(map) per cached view, for feature methods (crd, fitnet, sdkd, ...). "
+                   "Added to an existing cache, only what is missing is computed.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None,
                  dataset_opts: tuple[str, ...], mentors: str, mentor_dir: str, out: str,
                  views: str, seed: int, batch_size: int, device: str | None, dtype: str,
                  codec: str, samples_per_chunk: int | None, overwrite: bool,
-                 quiet: bool) -> None:
+                 features: str | None, quiet: bool) -> None:
     """Run each frozen mentor once per view over the training set into a Zarr cache.
 
     Resumable (rerun the same command after an interruption), and sharded when launched
@@ -87,7 +91,8 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
         paths = resolve_mentors(mentors, ds.name, mentor_dir)
         build_cache(ds, paths, out, views=views, seed=seed, batch_size=batch_size,
                     device=device or _default_device(), dtype=dtype, overwrite=overwrite,
-                    codec=codec, samples_per_chunk=samples_per_chunk, progress=not quiet)
+                    codec=codec, samples_per_chunk=samples_per_chunk, progress=not quiet,
+                    features=features)
     except _ERRORS as err:
         raise click.ClickException(str(err)) from err
     _print_info(out)
@@ -105,7 +110,7 @@ def _print_info(path: str) -> None:
                     f"samples x {attrs['views']['num_slots']} views ({attrs['views']['mode']}), "
                     f"{attrs['num_classes']} classes, {attrs['dtype']}")
     for col in ("mentor", "arch", "test acc %", "train acc %", "views", "chunks",
-                "size on disk", "ratio"):
+                "size on disk", "ratio", "features"):
         t.add_column(col, justify="left" if col in ("mentor", "arch") else "right")
     for r in rows:
         t.add_row(r["alias"], str(r["arch"]),
@@ -116,7 +121,9 @@ def _print_info(path: str) -> None:
                   + (f" ({r['missing_files']} chunk files missing: rerun cache-logits)"
                      if r["missing_files"] else "")
                   + ("" if r["digest_ok"] else f" (metadata changed: ckd cache verify {path})"),
-                  f"{r['bytes'] / 2**20:.1f} MiB", f"{r['ratio']:.2f}x")
+                  f"{r['bytes'] / 2**20:.1f} MiB", f"{r['ratio']:.2f}x",
+                  ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["features"].items())
+                  + (f" ({r['feature_bytes'] / 2**20:.1f} MiB)" if r["features"] else "-"))
     Console().print(t)
 
 

@@ -157,12 +157,15 @@ class LossPlan:
     def logit_term(self) -> Term:
         return next(t for t in self.terms if t.method.logit)
 
-    def build_modules(self, student_shapes: Any, mentor_shapes: Any) -> nn.ModuleDict | None:
-        """Trainable modules of the terms that own some, keyed by method name."""
+    def build_modules(self, student_shapes: Any, mentor_shapes: Any,
+                      context: Any = None) -> nn.ModuleDict | None:
+        """Trainable modules of the terms that own some, keyed by method name. `context`
+        (`ckd.features.runtime.BuildContext`: training labels...) is passed on when given."""
         mods = {}
+        extra = {} if context is None else {"context": context}
         for t in self.terms:
             if t.method.build_modules is not None:
-                mod = t.method.build_modules(student_shapes, mentor_shapes, t.params)
+                mod = t.method.build_modules(student_shapes, mentor_shapes, t.params, **extra)
                 if mod is not None:
                     mods[t.method.name] = mod
         return nn.ModuleDict(mods) if mods else None

@@ -229,9 +229,12 @@ def _discover() -> None:
 
 
 def all_methods() -> dict[str, Method]:
-    """Every registered method, by name, in registration order."""
+    """Every registered method, by name: the logit methods in registration order, then
+    the others by name (an order independent of which module was imported first)."""
     _discover()
-    return dict(_REGISTRY)
+    logit = [(n, m) for n, m in _REGISTRY.items() if m.logit]
+    other = sorted((n, m) for n, m in _REGISTRY.items() if not m.logit)
+    return dict(logit + other)
 
 
 def method_names() -> tuple[str, ...]:

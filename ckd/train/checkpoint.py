@@ -42,12 +42,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_training_state(run_dir: str | Path, *, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, schedule: dict, epoch: int,
                         step: int, best_acc: float, last_acc: float,
-                        config: dict) -> Path:
-    """`epoch` is the number of finished epochs (the epoch a resume starts at)."""
+                        config: dict, method_modules: torch.nn.Module | None = None) -> Path:
+    """`epoch` is the number of finished epochs (the epoch a resume starts at);
+    `method_modules`: the feature methods' trainable modules (CRD's memories, ...)."""
     path = Path(run_dir) / CHECKPOINT
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "schedule": schedule, "epoch": epoch, "step": step, "best_acc": best_acc,
-                 "last_acc": last_acc, "rng": rng_state(), "config": config}, path)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "schedule": schedule, "epoch": epoch, "step": step, "best_acc": best_acc,
+             "last_acc": last_acc, "rng": rng_state(), "config": config}
+    if method_modules is not None:
+        state["method_modules"] = method_modules.state_dict()
+    atomic_save(state, path)
     return path
 
 

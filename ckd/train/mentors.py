@@ -45,6 +45,12 @@ class NoMentors:
                x: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def gather(self, slots: torch.Tensor | None, idx: torch.Tensor, x: torch.Tensor,
+               needs: tuple[str, ...] = ()) -> tuple[torch.Tensor | None, dict[str, list]]:
+        """(mentor logits, {feature name: one tensor per mentor}) for one step; `needs`
+        names the features the method reads (`pool`, `map`)."""
+        return self.logits(slots, idx, x), {}
+
     def start_epoch(self, epoch: int, order: torch.Tensor | None) -> None:
         return None
 
@@ -58,6 +64,11 @@ class CachedMentors(NoMentors):
 
     def logits(self, slots, idx, x):
         return self.cache.gather(slots, idx)
+
+    def gather(self, slots, idx, x, needs=()):
+        if not needs:
+            return self.logits(slots, idx, x), {}
+        return self.cache.gather_with_features(slots, idx, needs)
 
     def start_epoch(self, epoch, order):
         self.cache.start_epoch(epoch, self.seed, order)  # stream mode: plan + prefetch
@@ -83,6 +94,19 @@ class OnlineMentors(NoMentors):
         xm = x.contiguous() if self.contiguous else x
         with self.autocast():
             return torch.stack([m(xm) for m in self.models])
+
+    @torch.no_grad()
+    def gather(self, slots, idx, x, needs=()):
+        if not needs:
+            return self.logits(slots, idx, x), {}
+        from ckd.features.runtime import mentor_features  # noqa: PLC0415
+
+        xm = x.contiguous() if self.contiguous else x
+        with self.autocast():  # one forward gives the logits and the features
+            outs = [m(xm, is_feat=True) for m in self.models]
+        feats = [mentor_features(f, needs) for f, _ in outs]
+        return (torch.stack([z for _, z in outs]),
+                {n: [f[n].float() for f in feats] for n in needs})
 
 
 MentorSource = NoMentors | CachedMentors | OnlineMentors
@@ -175,7 +199,11 @@ def _open_cache(cfg: TrainConfig, ds, device: torch.device,
         names = select_mentors(cfg.method, names)
     else:
         names = avail[:1]  # only views/compatibility are needed: load the least
-    cache = LogitCache(cfg.cache, mode=cfg.cache_mode, device=str(device), mentors=names)
+    from ckd.features.runtime import feature_needs  # noqa: PLC0415
+
+    needs = feature_needs(cfg.loss_plan().terms) if need and not cfg.mentors_online else ()
+    cache = LogitCache(cfg.cache, mode=cfg.cache_mode, device=str(device), mentors=names,
+                       features=needs)
     cache.check_compatible(ds.name, ds.fingerprint, ds.num_classes)
     if cfg.mentors_online:
         # no NAME=PATH given: the checkpoint the cache was built from, if it is there

@@ -18,6 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ckd.features.runtime import (
+    MODULES_KEY,
+    FeatureRun,
+    check_module_state,
+    make_feature_run,
+    sync_module_grads,
+)
 from ckd.methods import LossPlan
 from ckd.train.checkpoint import save_training_state, set_rng_state
 from ckd.train.config import TrainConfig, as_config, save_config
@@ -145,6 +152,7 @@ class Run:
     last_acc: float = float("nan")
     imgs_per_s: float = float("nan")
     history: list[dict[str, Any]] = field(default_factory=list)
+    feat: FeatureRun | None = None  # feature terms: their modules and inputs
 
 
 def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> Run:
@@ -169,8 +177,10 @@ def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> 
     if cfg.channels_last:  # faster on CUDA and on CPU (benchmarks/RESULTS.md)
         student = student.to(memory_format=torch.channels_last)
     base_lr = cfg.resolved_lr()
-    opt = torch.optim.SGD(student.parameters(), lr=base_lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    feat = make_feature_run(cfg, loss_plan, ds, source, student, device)
+    opt = torch.optim.SGD([{"params": list(student.parameters())},
+                           *feat.param_group(base_lr, cfg.momentum, cfg.weight_decay)],
+                          lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = make_schedule(cfg.schedule, base_lr=base_lr, epochs=cfg.epochs,
                           milestones=cfg.milestones, gamma=cfg.gamma,
                           warmup_epochs=cfg.warmup_epochs, warmup_end_lr=cfg.warmup_end_lr)
@@ -180,9 +190,12 @@ def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> 
         steps = min(steps, cfg.max_steps_per_epoch)
     run = Run(cfg, info, ds, source, loss_plan, train_loader, test_loader, run_dir, student,
               torch.compile(model) if cfg.compile else model, opt, sched,
-              MetricsLogger(run_dir, info.is_main), autocast, steps)
+              MetricsLogger(run_dir, info.is_main), autocast, steps, feat=feat)
     if state is not None:
         student.load_state_dict(state["model"])
+        check_module_state(state, feat.modules, cfg.method, str(run_dir))
+        if feat.modules is not None:
+            feat.modules.load_state_dict(state[MODULES_KEY])
         opt.load_state_dict(state["optimizer"])
         run.start_epoch, run.step = int(state["epoch"]), int(state["step"])
         run.best_acc, run.last_acc = float(state["best_acc"]), float(state["last_acc"])
@@ -196,7 +209,8 @@ def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> 
                               "dataset": ds.name, "num_classes": ds.num_classes,
                               "mentors": source.names, "mentor_source": source.kind,
                               "world_size": info.world_size, "device": str(device),
-                              "loss": loss_plan.describe(), "lr": base_lr, "epochs": cfg.epochs})
+                              "loss": loss_plan.describe(), "lr": base_lr,
+                              "epochs": cfg.epochs, "method_modules": feat.summary()})
         else:
             run.logger.truncate_after(run.start_epoch)
             for change in state.get("allowed_changes", []):
@@ -207,7 +221,7 @@ def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> 
 def train_epoch(run: Run, epoch: int) -> tuple[DeviceSums, float]:
     """One epoch of steps; returns the epoch's device sums and its wall time."""
     from ckd.data.views import apply_views  # noqa: PLC0415
-    cfg, info, ds, source = run.cfg, run.info, run.ds, run.source
+    cfg, info, ds, source, feat = run.cfg, run.info, run.ds, run.source, run.feat
     lr = run.sched.lr_at(epoch)
     for g in run.opt.param_groups:
         g["lr"] = lr
@@ -226,13 +240,18 @@ def train_epoch(run: Run, epoch: int) -> tuple[DeviceSums, float]:
             break
         slots, vids = source.views(epoch, idx)
         x = apply_views(images, vids, ds.mean, ds.std, channels_last=cfg.channels_last)
-        mentor = source.logits(slots, idx, x)
+        mentor, mentor_feats = source.gather(slots, idx, x, feat.needs)
         with run.autocast():
-            logits = run.model(x)
+            if feat.active:
+                feats, logits = run.model(x, is_feat=True)
+            else:
+                feats, logits = None, run.model(x)
         out = run.loss_plan.loss(logits, mentor, labels, epoch=epoch, step=run.step,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, modules=feat.modules,
+                                 **feat.extra(feats, mentor_feats, idx))
         run.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        sync_module_grads(feat.modules)
         run.opt.step()
         run.step += 1
         correct = (logits.detach().argmax(1) == labels).float().sum()
@@ -314,7 +333,7 @@ def end_epoch(run: Run, epoch: int, whole: DeviceSums, train_time: float) -> Non
         save_training_state(run.run_dir, model=run.student, optimizer=run.opt,
                             schedule=run.sched.state_dict(), epoch=epoch + 1, step=run.step,
                             best_acc=run.best_acc, last_acc=run.last_acc,
-                            config=cfg.to_dict())
+                            config=cfg.to_dict(), method_modules=run.feat.modules)
     barrier(info)
 
 
@@ -333,7 +352,7 @@ def finish_run(run: Run) -> dict[str, Any]:
             "mentors": run.source.names, "epochs": cfg.epochs, "steps": run.step,
             "steps_per_epoch": run.steps_per_epoch, "img_per_s": run.imgs_per_s,
             "history": run.history, "model": run.student, "rank": info.rank,
-            "world_size": info.world_size}
+            "world_size": info.world_size, "method_modules": run.feat.modules}
 
 
 def train_mentor(arch: str, dataset: str | None = None, *, out: str | Path | None = None,

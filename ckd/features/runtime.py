@@ -1,0 +1,174 @@
+"""What a training run with feature terms needs beside the loop: which mentor features to
+read, the methods' trainable modules (built from the feature shapes, in the optimizer,
+in checkpoints, synchronised under DDP) and the per-step inputs handed to their losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+FEATURE_INPUTS = ("pool", "map")  # what a method may read from the mentors besides logits
+MODULES_KEY = "method_modules"  # training-checkpoint entry of the methods' modules
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What module builders may need besides shapes (CRD: one memory row per sample)."""
+
+    train_labels: Tensor  # [N] int64, the training set's labels (index = dataset index)
+    num_classes: int
+    seed: int
+
+
+def feature_needs(terms: Sequence[Any]) -> tuple[str, ...]:
+    """The mentor feature arrays the terms read (subset of FEATURE_INPUTS, in that order)."""
+    want = {i for t in terms for i in getattr(t.method, "inputs", ()) if i in FEATURE_INPUTS}
+    return tuple(i for i in FEATURE_INPUTS if i in want)
+
+
+def mentor_features(feats: Sequence[Tensor], needs: Sequence[str]) -> dict[str, Tensor]:
+    """A model's `is_feat` list -> the named features a cache stores: `pool` (the pooled
+    feature, [B, D]) and `map` (the last stage's map, [B, C, H, W])."""
+    out = {}
+    if "pool" in needs:
+        out["pool"] = feats[-1]
+    if "map" in needs:
+        out["map"] = feats[-2]
+    return out
+
+
+def module_summary(modules: nn.Module | None) -> dict[str, Any]:
+    """Parameter count and buffer bytes (CRD's memories) of the methods' modules."""
+    if modules is None:
+        return {"params": 0, "buffer_bytes": 0}
+    return {"params": sum(p.numel() for p in modules.parameters()),
+            "buffer_bytes": sum(b.numel() * b.element_size() for b in modules.buffers())}
+
+
+def check_module_state(state: dict[str, Any], modules: nn.Module | None, method: str,
+                       run_dir: str) -> None:
+    """Refuse to resume a run whose checkpoint lacks (or has other) method modules."""
+    saved = state.get(MODULES_KEY)
+    if modules is None:
+        return
+    if saved is None:
+        raise ValueError(f"--resume: {run_dir}/checkpoint.pt holds no trainable modules for "
+                         f"--method {method} (it was trained without them); start a new run "
+                         "with another --out")
+    want, have = set(modules.state_dict()), set(saved)
+    if want != have:
+        missing = sorted(want - have)[:4]
+        extra = sorted(have - want)[:4]
+        raise ValueError(f"--resume: the method modules in {run_dir}/checkpoint.pt do not fit "
+                         f"--method {method} (missing {missing}, unexpected {extra}); resume "
+                         "with the method it was trained with, or start a new --out")
+
+
+def sync_module_grads(modules: nn.Module | None) -> None:
+    """Average the modules' gradients over the ranks (the student's own gradients are
+    averaged by DDP; these parameters live outside its forward)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if modules is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    grads = [p.grad for p in modules.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class FeatureRun:
+    """The feature terms of one run: their modules on the device (in the optimizer, the
+    checkpoint and synchronised under DDP) and the per-step `extra` for their losses."""
+
+    def __init__(self, plan: Any, student: nn.Module, student_arch: str,
+                 mentor_shapes: Sequence[Sequence[tuple[int, ...]]], context: BuildContext,
+                 image_size: int, device: torch.device) -> None:
+        from ckd.models import feature_shapes  # noqa: PLC0415
+        from ckd.models.registry import arch_spec  # noqa: PLC0415
+
+        self.needs = feature_needs(plan.terms)
+        self.student_shapes = feature_shapes(student_arch, image_size)
+        built = plan.build_modules(self.student_shapes, mentor_shapes, context)
+        self.modules = None if built is None else built.to(device)
+        self.classifier = dict(student.named_modules())[arch_spec(student_arch).classifier]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.needs) or self.modules is not None
+
+    def summary(self) -> dict[str, Any]:
+        return {"features": list(self.needs), **module_summary(self.modules)}
+
+    def param_group(self, lr: float, momentum: float, weight_decay: float) -> list[dict]:
+        """The modules' parameters as one SGD group, optimised like the student (as
+        RepDistiller's `trainable_list`)."""
+        if self.modules is None:
+            return []
+        params = [p for p in self.modules.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "momentum": momentum,
+                 "weight_decay": weight_decay}] if params else []
+
+    def extra(self, student_feats: Sequence[Tensor] | None,
+              mentor_feats: dict[str, Sequence[Tensor]] | None, idx: Tensor) -> dict[str, Any]:
+        """`inputs.extra` of the feature terms' losses."""
+        if not self.active:
+            return {}
+        out: dict[str, Any] = {"student_features": student_feats, "idx": idx,
+                               "classifier": self.classifier}
+        for name, tensors in (mentor_feats or {}).items():
+            out[f"mentor_{name}"] = tensors
+        return out
+
+
+def make_feature_run(cfg: Any, plan: Any, ds: Any, source: Any, student: nn.Module,
+                     device: torch.device) -> FeatureRun:
+    """The run's feature terms, their modules built from the student's and the mentors'
+    feature shapes (mentors: their architectures online, the cache's arrays cached)."""
+    from ckd.models import feature_shapes, infer_arch  # noqa: PLC0415
+
+    image_size = int(ds.train.images.shape[1])
+    mentor_shapes = []
+    if feature_needs(plan.terms) or any(t.method.build_modules for t in plan.terms):
+        if getattr(source, "models", None):  # online: from the mentors' architectures
+            for m in source.models:
+                mentor_shapes.append(feature_shapes(infer_arch(m.state_dict()), image_size))
+        elif getattr(source, "cache", None) is not None:
+            mentor_shapes = cached_mentor_shapes(source.cache, image_size)
+    labels = torch.as_tensor(ds.train.labels, dtype=torch.int64)
+    context = BuildContext(labels, ds.num_classes, cfg.seed)
+    return FeatureRun(plan, student, cfg.student, mentor_shapes, context, image_size, device)
+
+
+def cached_mentor_shapes(cache: Any, image_size: int) -> list[tuple[tuple[int, ...], ...]]:
+    """Each cached mentor's feature shapes (its architecture's `is_feat` shapes, with the
+    cached pool/map shapes checked against them: a mismatch is refused by name)."""
+    from ckd.models import feature_shapes  # noqa: PLC0415
+
+    out = []
+    for j, alias in enumerate(cache.mentors):
+        arch = cache.mentor_meta[alias].get("arch")
+        shapes = feature_shapes(arch, image_size)
+        expect = {"pool": tuple(shapes[-1]), "map": tuple(shapes[-2])}
+        for name, per_mentor in cache.feature_shapes.items():
+            if tuple(per_mentor[j]) != expect[name]:
+                raise ValueError(
+                    f"the cache {cache.path} holds {name} features of shape "
+                    f"{tuple(per_mentor[j])} for mentor {alias!r}, but its architecture {arch} "
+                    f"gives {expect[name]} at {image_size}x{image_size}: rebuild that mentor "
+                    f"with `ckd cache-logits --out {cache.path} --mentors {alias}=CHECKPOINT "
+                    f"--features {name} --overwrite`")
+        out.append(shapes)
+    return out
