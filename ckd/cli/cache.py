@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -124,7 +125,8 @@ def _print_info(path: str) -> None:
                   f"{r['bytes'] / 2**20:.1f} MiB", f"{r['ratio']:.2f}x",
                   ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["features"].items())
                   + (f" ({r['feature_bytes'] / 2**20:.1f} MiB)" if r["features"] else "-"))
-    Console().print(t)
+    # piped or captured output is read whole: never squeeze columns into "…" there
+    Console(width=None if sys.stdout.isatty() else 240).print(t)
 
 
 @click.group("cache")
