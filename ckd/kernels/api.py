@@ -84,6 +84,7 @@ def distill_loss(
     method: str = "classroom", tau: float | None = None, beta: float | None = None,
     delta: float | None = None, lam: float | None = None, variant: str | None = None,
     granularity: str | None = None, backend: str = "auto", validate: bool | str = "auto",
+    mentor_stats: Tensor | None = None,
     **method_params,
 ) -> DistillOutput:
     """Distillation loss of a logit `method` (docs/METHODS.md) and its selection statistics.
@@ -98,6 +99,10 @@ def distill_loss(
     method and ignored where unused; any other unknown keyword is a TypeError.
     `validate`: "auto" checks the label range on CPU only (it needs a host sync), True
     always, False never (the kernel still flags bad labels in stats.nonfinite).
+    `mentor_stats` [M, B, 2] fp32: `mentor_row_stats(mentor_logits, labels)` (the cache
+    stores them): the fused ranking reads these instead of a pass over mentor logits;
+    computed here when None. `step` and `epoch` may be 0-dim device tensors (CUDA-graph
+    capture: the kernels read them on the device).
     """
     zs, zm, y = student_logits, mentor_logits, labels
     spec = logit_method(method)
@@ -116,6 +121,7 @@ def distill_loss(
     if zm is not None and zm.shape[0] == 0:
         zm = None
     if resolve_backend(backend, zs.device) == "reference":
+        counters = {k: int(v) if isinstance(v, Tensor) else v for k, v in counters.items()}
         loss, stats = spec.reference(zs, zm, y.long(), **params, **counters)
         return DistillOutput(loss, stats)
     from ckd.kernels import fused  # imports triton only when the kernels are used
@@ -124,7 +130,20 @@ def distill_loss(
                             tau=params.get("tau"), beta=params.get("beta"),
                             delta=params.get("delta"), lam=params.get("lam"),
                             variant=params.get("variant"),
-                            granularity=params.get("granularity"))
+                            granularity=params.get("granularity"),
+                            mentor_stats=_check_stats(mentor_stats, zm, y))
+
+
+def _check_stats(stats: Tensor | None, zm: Tensor | None, y: Tensor) -> Tensor | None:
+    if stats is None or zm is None:
+        return None
+    want = (zm.shape[0], y.shape[0], 2)
+    if tuple(stats.shape) != want or stats.dtype != torch.float32:
+        raise ValueError(f"mentor_stats must be float32 {list(want)} (mentor_row_stats of "
+                         f"the mentor logits), got {stats.dtype} {list(stats.shape)}")
+    if stats.device != zm.device:
+        raise ValueError(f"mentor_stats on {stats.device} but mentor_logits on {zm.device}")
+    return stats
 
 
 __all__ = ["DistillOutput", "NonFiniteError", "check_finite", "distill_loss",

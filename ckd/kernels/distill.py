@@ -1,37 +1,52 @@
-"""Triton kernels: one fused family for every distillation loss of METHOD.md.
+"""Triton kernels: one fused family for every distillation loss of the methods.
 
-A method is a list of *terms* j = (mentor src_j, TeKAP copy_j or -1, weight w_j[b],
-temperature T_j[b]) plus a CE weight w_ce[b]; per sample
+A method is a list of *terms* j (a mentor row, optionally a TeKAP noisy copy of the
+teacher, a weight w_j[b] and a temperature T_j[b]) plus a CE weight w_ce[b]; per sample
 
     loss_b = w_ce * CE(zs_b, y_b) + sum_j w_j T_j^2 KL(softmax(z_j/T_j) || softmax(zs/T_j))
 
-and the kernel writes loss_b / B and the gradient row d(sum_b loss_b / B)/d zs_b in the
-forward pass (as Liger-Kernel's ops/jsd.py), so the backward only scales it.
+and the kernel writes the gradient row d(sum_b loss_b / B)/d zs_b in the forward pass (as
+Liger-Kernel's ops/jsd.py), so the backward only scales it.
 
-- One program per sample row; class loop in blocks of BLOCK_C with an online softmax
-  (pass 1: max / sum-exp of the student at T=1 and of student and mentor at every T_j;
-  pass 2: probabilities, KL and the gradient, written once in the student's dtype).
-  Extra memory: the gradient plus O(B x terms); no [M, B, C] intermediate.
-- Terms with weight 0 (inactive mentors) are skipped: their logits are never read.
-- ClassroomKD first runs `_gt_ce_kernel` (CE of every model per sample, [1+M, B]); the
-  ranking over the batch is then one tiny program (`rank.py`, the same arithmetic as
-  `reference.classroom_weights`), all on device, before the main kernel.
-- TeKAP noise is generated in-kernel from the counter-based hash of `rng.py`.
-- Non-finite logits and out-of-range labels set bits of one int32 flag word
-  (1 student, 2 mentor, 4 label) with an atomic OR (only rows that found a problem
-  touch it); nothing syncs.
-- DKD has its own kernel (`_dkd_kernel`), same structure, one teacher term.
+Memory traffic (the point of the design):
+- C <= MAX_BLOCK_C: each program holds ROWS whole rows in registers. The student tile
+  [ROWS, C] and all term tiles [TERMS, ROWS, C] are loaded by one `tl.load` each (every
+  mentor's load in flight together); the maxima, the multi-temperature softmax sums, the
+  KL and the gradient are computed from those registers: every row is read from global
+  memory once and the gradient written once. Above MAX_BLOCK_C a class-blocked path
+  reads the rows once per pass (3 passes).
+- 128-bit loads: when a tensor's row strides are multiples of 16 bytes (the cache pads
+  its rows, `ckd.kernels.aligned_rows`), the launcher passes VEC = 16 / itemsize and
+  the kernel declares the alignment (`tl.multiple_of`) and loads whole VEC groups (the
+  pad lanes are masked out of the math).
+- The batch loss and the statistics are reduced without an extra launch: every program
+  writes its partial sums, and the last program to finish (an atomic ticket, reset by
+  that program) adds them in a fixed order (deterministic) and writes the scalars.
+- Selection (ClassroomKD): at sample granularity inside the kernel, from the student's
+  own CE and the mentors' cached statistics (log-probability of the true class), with no
+  pass over mentor logits; at batch granularity one small kernel before (`rank.py`).
+- Per-step scalars (the dgkd/TeKAP key's step, the dkd epoch) come from a device tensor
+  or a fixed-width i32/fp32 argument that Triton does not specialize: no recompiles
+  while training, and a CUDA graph replays the right values.
+- Non-finite logits and out-of-range labels set bits of the int32 flag output
+  (1 student, 2 mentor, 4 label).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ckd.kernels.rng import STREAM_TEKAP, stream_key
+from ckd.kernels.rng import STREAM_DGKD, STREAM_TEKAP
 
-MAX_BLOCK_C = 4096
+_DGKD = tl.constexpr(STREAM_DGKD)
+_TEKAP = tl.constexpr(STREAM_TEKAP)
+
+MAX_BLOCK_C = 4096  # whole rows in registers up to this many classes
+ROW_TILE = 1024  # elements of one row-vector tile per program (8 per thread at 4 warps)
+MODE_TABLE, MODE_DGKD, MODE_SAMPLE = 0, 1, 2  # where the term weights come from
+# per-step integer arguments: never specialized on their value (no recompiles mid-run)
+UNSPECIALIZED = ["seed32", "step_val"]
 
 
 @triton.jit
@@ -51,6 +66,18 @@ def _hash32(x):
 
 
 @triton.jit
+def _stream_key(stream, seed32, step_val, step_ptr, STEP_FROM_PTR: tl.constexpr):
+    """rng.stream_key(stream, seed, step) in-kernel; the step from a device tensor or a
+    fixed-width argument (both taken mod 2**32)."""
+    if STEP_FROM_PTR:
+        step = tl.load(step_ptr).to(tl.int64)
+    else:
+        step = step_val.to(tl.int64)
+    seed = seed32.to(tl.int64) & 0xFFFFFFFF
+    return _hash32(_hash32(seed ^ stream) ^ (step & 0xFFFFFFFF))
+
+
+@triton.jit
 def _gauss(key, cols):
     """Box-Muller normal for (key, class cols), as rng.tekap_noise."""
     h1 = _hash32(key ^ (2 * cols))
@@ -61,300 +88,505 @@ def _gauss(key, cols):
 
 
 @triton.jit
-def _online(m, d, a):
-    """Online softmax update of (running max m, running sum d) with block values a
-    (masked lanes = -inf); safe when every lane so far is -inf."""
-    mx = tl.maximum(m, tl.max(a, 0))
-    ref = tl.where(mx == float("-inf"), 0.0, mx)
-    d = d * tl.exp(m - ref) + tl.sum(tl.exp(a - ref), 0)
-    return mx, d
+def _rint(x):
+    """Round half to even (torch.round) for 0 <= x <= 100, exact in fp32."""
+    f = tl.floor(x + 0.5)
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where(((f - x) == 0.5) & odd, f - 1.0, f)
 
 
 @triton.jit
-def _pick(vec, sel):
-    """Element `sel` (a one-hot mask) of a small vector, as a scalar."""
-    return tl.sum(tl.where(sel, vec, 0), 0)
+def select(s_score, m_score, m_ok, lam, tau, beta, delta, OFFICIAL: tl.constexpr,
+           BLOCK_T: tl.constexpr):
+    """ClassroomKD selection, the arithmetic of reference.classroom_weights in its order.
+
+    s_score [N] (student), m_score [BLOCK_T, N] (mentors, m_ok marks real ones).
+    Returns (r_s [N], r_m, active, w_kl, temp [BLOCK_T, N], w_ce [N])."""
+    jv = tl.arange(0, BLOCK_T)[:, None]
+    m_score = tl.where(m_ok, m_score, 0.0)
+    total = s_score
+    for k in tl.static_range(BLOCK_T):  # sequential sum over the classroom
+        total = total + tl.sum(tl.where(jv == k, m_score, 0.0), 0)
+    pos = total > 0
+    safe_total = tl.where(pos, total, 1.0)
+    f_s = tl.where(pos, tl.div_rn(s_score, safe_total), 0.0)
+    f_m = tl.where(pos[None, :], tl.div_rn(m_score, safe_total[None, :]), 0.0)
+    if OFFICIAL:
+        r_s = tl.div_rn(_rint(f_s * 100.0), 100.0) * lam
+        r_m = tl.div_rn(_rint(f_m * 100.0), 100.0) * lam
+        active = m_ok & (r_m >= r_s[None, :])
+        w_kl = tl.where(active, r_m, 0.0)
+        w_ce = s_score
+    else:
+        r_s = lam * f_s
+        r_m = lam * f_m
+        active = m_ok & (r_m > r_s[None, :])
+        w_kl = tl.where(active, beta * r_m, 0.0)
+        w_ce = r_s + delta
+    safe = tl.where(r_m > 0, r_m, 1.0)
+    temp = tl.where(active & (r_m > 0), 1.0 + tl.div_rn(tau * (r_m - r_s[None, :]), safe), 1.0)
+    return r_s, r_m, active, w_kl, temp, w_ce
 
 
 @triton.jit
-def _gt_ce_kernel(z_ptr, s_k, s_b, s_c, y_ptr, ce_ptr, flag_ptr, B, C,
-                  FLAG_BIT: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """ce[k, b] = logsumexp(z[k, b]) - z[k, b, y_b]; flags non-finite rows and bad labels."""
-    b = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
-    row = z_ptr + k * s_k + b * s_b
-    offs = tl.arange(0, BLOCK_C)
-    y = tl.load(y_ptr + b).to(tl.int64)
-    y_ok = (y >= 0) & (y < C)
-    zero = tl.sum(tl.zeros([BLOCK_C], ACC), 0)
-    m = zero + float("-inf")
-    d = zero
-    bad = tl.zeros([BLOCK_C], tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs
-        cm = cols < C
-        x = tl.load(row + cols * s_c, mask=cm, other=0.0).to(ACC)
-        bad = bad | ((x - x) != 0).to(tl.int32)
-        m, d = _online(m, d, tl.where(cm, x, float("-inf")))
-    zy = tl.load(row + tl.where(y_ok, y, 0) * s_c).to(ACC)
-    tl.store(ce_ptr + k * B + b, (m + tl.log(d) - zy).to(tl.float32))
-    flag = tl.max(bad, 0) * FLAG_BIT + tl.where(y_ok, 0, 4)
-    tl.atomic_or(flag_ptr, flag, mask=flag != 0)
+def _load_student(ptr, rows, rmask, s_b, s_c, c0, C, BLOCK_C: tl.constexpr,
+                  VEC: tl.constexpr, ACC: tl.constexpr):
+    """Student tile [ROWS, BLOCK_C] in ACC, -inf outside the row; plus its bad-lane count."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    valid = rmask[:, None] & (cols < C)[None, :]
+    if VEC > 1:  # row starts are 16-byte aligned: load whole VEC groups (pad lanes masked)
+        base = tl.multiple_of(rows.to(tl.int64) * s_b, [VEC])
+        in_group = (cols // VEC) < tl.cdiv(C, VEC)  # whole VEC groups: constant per group
+        x = tl.load(ptr + base[:, None] + cols[None, :],
+                    mask=rmask[:, None] & in_group[None, :], other=0.0)
+    else:
+        x = tl.load(ptr + rows.to(tl.int64)[:, None] * s_b + cols[None, :] * s_c, mask=valid,
+                    other=0.0)
+    x = x.to(ACC)
+    bad = tl.max(tl.max(tl.where(valid & ((x - x) != 0), 1, 0), 1), 0)
+    return tl.where(valid, x, float("-inf")), valid, bad
 
 
 @triton.jit
-def _mentor_block(zm_ptr, s_mm, s_mb, s_mc, src, b, cols, cm, copy, root, a, one_minus_a,
-                  NOISE: tl.constexpr, ACC: tl.constexpr):
-    z = tl.load(zm_ptr + src * s_mm + b * s_mb + cols * s_mc, mask=cm, other=0.0).to(ACC)
-    if NOISE:
-        if copy >= 0:  # TeKAP copy: z_i = a * eta + (1 - a) * z, eta drawn in-kernel
-            key = _hash32(_hash32(root ^ b) ^ copy)
-            eta = _gauss(key, cols.to(tl.int64)).to(ACC)
-            z = a * eta + one_minus_a * z
-    return z
+def _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root, noise_a,
+                NM: tl.constexpr, NT: tl.constexpr, NOISE: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+                ACC: tl.constexpr):
+    """Term tiles [BLOCK_T, ROWS, BLOCK_C] (one load for every term). Term j < NM reads
+    mentor j; terms NM..NT-1 read the teacher (TeKAP noisy copies j-1 when NOISE, else the
+    delta term). `kept` [BLOCK_T, 1] masks terms that need not be read."""
+    jv = tl.arange(0, BLOCK_T)[:, None, None]
+    cols = c0 + tl.arange(0, BLOCK_C)[None, None, :]
+    src = tl.where(jv < NM, jv, 0).to(tl.int64)
+    tmask = (jv < NT) & (kept[:, :, None] != 0)
+    valid = tmask & rmask[None, :, None] & (cols < C)
+    r64 = rows.to(tl.int64)[None, :, None]
+    if VEC > 1:
+        base = tl.multiple_of(src * s_mm + r64 * s_mb, [VEC, VEC, VEC])
+        in_group = (cols // VEC) < tl.cdiv(C, VEC)
+        z = tl.load(zm_ptr + base + cols, mask=tmask & rmask[None, :, None] & in_group,
+                    other=0.0)
+    else:
+        z = tl.load(zm_ptr + src * s_mm + r64 * s_mb + cols * s_mc, mask=valid, other=0.0)
+    z = z.to(ACC)
+    bad = tl.max(tl.max(tl.max(tl.where(valid & ((z - z) != 0), 1, 0), 2), 1), 0)
+    if NOISE:  # TeKAP copy i = j - 1: z_i = a * eta + (1 - a) * z, eta drawn in-kernel
+        key = _hash32(_hash32(root ^ r64) ^ (jv - 1).to(tl.int64))
+        eta = _gauss(key, cols.to(tl.int64)).to(ACC)
+        z = tl.where(jv >= 1, noise_a * eta + (1.0 - noise_a) * z, z)
+    return tl.where(valid, z, float("-inf")), valid, bad
 
 
 @triton.jit
-def _distill_kernel(
-    zs_ptr, s_sb, s_sc, zm_ptr, s_mm, s_mb, s_mc, y_ptr, src_ptr, copy_ptr,
-    w_ptr, s_wj, s_wb, t_ptr, s_tj, s_tb, wce_ptr, s_wce,
-    grad_ptr, s_gb, loss_ptr, flag_ptr,
-    C, J, inv_B, root, a, one_minus_a,
-    BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, NOISE: tl.constexpr,
-    ACC: tl.constexpr, WRITE_GRAD: tl.constexpr,
+def _finish(part_ptr, cnt_ptr, pid, values, NV: tl.constexpr):
+    """Write this program's partial sums [NV]; True in the program that finishes last
+    (it then owns every partial; the ticket is reset for the next launch)."""
+    tl.store(part_ptr + pid * NV + tl.arange(0, NV), values)
+    tl.debug_barrier()  # every thread's partials are written before the ticket
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    last = ticket == tl.num_programs(0) - 1
+    return last
+
+
+@triton.jit
+def _reduce(part_ptr, nprog, NV: tl.constexpr):
+    """Column sums of the partials [nprog, NV] in a fixed order (deterministic)."""
+    acc = tl.zeros([NV], tl.float32).to(part_ptr.dtype.element_ty)
+    for p in range(0, nprog):
+        acc += tl.load(part_ptr + p * NV + tl.arange(0, NV), cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
+def _pick(vec, i, NV: tl.constexpr):
+    return tl.sum(tl.where(tl.arange(0, NV) == i, vec, 0.0), 0)
+
+
+@triton.jit(do_not_specialize=UNSPECIALIZED)
+def _terms_kernel(
+    zs_ptr, s_sb, s_sc, zr_ptr, s_rb, s_rc, zm_ptr, s_mm, s_mb, s_mc, y_ptr, s_y,
+    st_ptr, s_stm, s_stb, tab_ptr, grad_ptr, part_ptr, cnt_ptr, loss_ptr, flag_ptr, out_ptr,
+    state_ptr,
+    B, C, inv_B, seed32, step_val, step_ptr, tau, beta, delta, lam, noise_a,
+    NM: tl.constexpr, NT: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr,
+    NOISE: tl.constexpr, DELTA_TERM: tl.constexpr, OFFICIAL: tl.constexpr,
+    DROP_THRESHOLD: tl.constexpr, STEP_FROM_PTR: tl.constexpr, RANK_SEPARATE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ONE_BLOCK: tl.constexpr, VEC_S: tl.constexpr,
+    VEC_M: tl.constexpr, VEC_G: tl.constexpr, ACC: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    NV: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_C)
-    jv = tl.arange(0, BLOCK_J)
-    jm = jv < J
-    y = tl.load(y_ptr + b).to(tl.int64)
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < B
+    jv = tl.arange(0, BLOCK_T)[:, None]  # [BLOCK_T, 1]
+    y = tl.load(y_ptr + rows.to(tl.int64) * s_y, mask=rmask, other=0).to(tl.int64)
     y_ok = (y >= 0) & (y < C)
-    root = root.to(tl.int64)
-    wce = tl.load(wce_ptr + b * s_wce).to(ACC)
-    w_vec = tl.load(w_ptr + jv * s_wj + b * s_wb, mask=jm, other=0.0).to(ACC)
-    t_vec = tl.load(t_ptr + jv * s_tj + b * s_tb, mask=jm, other=1.0).to(ACC)
-    src_vec = tl.load(src_ptr + jv, mask=jm, other=0).to(tl.int64)
-    copy_vec = tl.load(copy_ptr + jv, mask=jm, other=-1).to(tl.int64)
-    zs_row = zs_ptr + b * s_sb
-    zero = tl.sum(tl.zeros([BLOCK_C], ACC), 0)
-    m1 = zero + float("-inf")
-    d1 = zero
-    ms = tl.full([BLOCK_J], float("-inf"), ACC)
-    ds = tl.zeros([BLOCK_J], ACC)
-    mm = tl.full([BLOCK_J], float("-inf"), ACC)
-    dm = tl.zeros([BLOCK_J], ACC)
-    bad_s = tl.zeros([BLOCK_C], tl.int32)
-    bad_m = tl.zeros([BLOCK_C], tl.int32)
-    # pass 1: softmax normalizers of the student (T=1 and every T_j) and of every term
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs
-        cm = cols < C
-        x = tl.load(zs_row + cols * s_sc, mask=cm, other=0.0).to(ACC)
-        bad_s = bad_s | ((x - x) != 0).to(tl.int32)
-        m1, d1 = _online(m1, d1, tl.where(cm, x, float("-inf")))
-        for j in range(J):
-            sel = jv == j
-            w = _pick(w_vec, sel)
-            if w != 0.0:
-                T = _pick(t_vec, sel)
-                z = _mentor_block(zm_ptr, s_mm, s_mb, s_mc, _pick(src_vec, sel), b, cols, cm,
-                                  _pick(copy_vec, sel), root, a, one_minus_a, NOISE, ACC)
-                bad_m = bad_m | ((z - z) != 0).to(tl.int32)
-                msj, dsj = _online(_pick(ms, sel), _pick(ds, sel),
-                                   tl.where(cm, x / T, float("-inf")))
-                mmj, dmj = _online(_pick(mm, sel), _pick(dm, sel),
-                                   tl.where(cm, z / T, float("-inf")))
-                ms = tl.where(sel, msj, ms)
-                ds = tl.where(sel, dsj, ds)
-                mm = tl.where(sel, mmj, mm)
-                dm = tl.where(sel, dmj, dm)
-    # log-softmax as (a - max) - log(sum): never round max + log(sum) into one number,
-    # whose error T^2 would amplify. Inactive terms keep d = 0: log of 1 (never used).
+    bad_y = tl.max(tl.where(rmask & ~y_ok, 1, 0), 0)
+    # ---- weights known before any logit is read (table, dgkd key)
+    kept = tl.where(jv < NT, 1, 0)
+    root = tl.zeros([1], tl.int64)
+    if MODE == 1:  # dgkd: keep mask from the key; none kept -> the teacher
+        key = _stream_key(_DGKD, seed32, step_val, step_ptr, STEP_FROM_PTR)
+        h = _hash32(key ^ jv.to(tl.int64))
+        kept = tl.where((jv < NT) & (h >= DROP_THRESHOLD), 1, 0)
+        kept = tl.where((tl.sum(kept, 0)[None, :] == 0) & (jv == 0), 1, kept)
+    if NOISE:
+        root = _stream_key(_TEKAP, seed32, step_val, step_ptr, STEP_FROM_PTR) + root
+    zero_r = tl.zeros([ROWS], ACC)
+    # ---- pass A: maxima and the student's T=1 normalizer (the only pass when ONE_BLOCK)
+    if ONE_BLOCK:
+        x, xv, bad_s = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, 0, C, BLOCK_C, VEC_S, ACC)
+        z, zv, bad_m = _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, 0, C, kept, root,
+                                   noise_a, NM, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M, ACC)
+        m1 = tl.max(x, 1)
+        m1 = tl.where(m1 == float("-inf"), 0.0, m1)
+        d1 = tl.sum(tl.exp(x - m1[:, None]), 1)
+        mz = tl.max(z, 2)
+        cols = tl.arange(0, BLOCK_C)
+        zy = tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)
+    else:
+        m1 = zero_r + float("-inf")
+        d1 = zero_r
+        mz = tl.zeros([BLOCK_T, ROWS], ACC) + float("-inf")
+        zy = zero_r
+        bad_s = tl.sum(tl.zeros([1], tl.int32), 0)
+        bad_m = tl.sum(tl.zeros([1], tl.int32), 0)
+        for c0 in range(0, C, BLOCK_C):
+            x, xv, bs = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, c0, C, BLOCK_C, VEC_S,
+                                      ACC)
+            z, zv, bm = _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root,
+                                    noise_a, NM, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M, ACC)
+            bad_s = tl.maximum(bad_s, bs)
+            bad_m = tl.maximum(bad_m, bm)
+            mx = tl.maximum(m1, tl.max(x, 1))
+            ref = tl.where(mx == float("-inf"), 0.0, mx)
+            d1 = d1 * tl.exp(m1 - ref) + tl.sum(tl.exp(x - ref[:, None]), 1)
+            m1 = mx
+            mz = tl.maximum(mz, tl.max(z, 2))
+            cols = c0 + tl.arange(0, BLOCK_C)
+            zy += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)
+        m1 = tl.where(m1 == float("-inf"), 0.0, m1)
     ld1 = tl.log(d1)
+    ce = (m1 - zy) + ld1  # the student's CE per row
+    mz = tl.where(mz == float("-inf"), 0.0, mz)
+    # ---- term weights and temperatures [BLOCK_T, ROWS], CE weight [ROWS]
+    stat_part = tl.zeros([NV], tl.float32)
+    nv = tl.arange(0, NV)
+    if MODE == 2:  # ClassroomKD, per sample, from the mentors' cached statistics
+        if RANK_SEPARATE:  # testing hook: rank with other student logits
+            zr, zrv, _b = _load_student(zr_ptr, rows, rmask, s_rb, s_rc, 0, C, BLOCK_C, 1, ACC)
+            mr = tl.max(zr, 1)
+            mr = tl.where(mr == float("-inf"), 0.0, mr)
+            zry = tl.sum(tl.where(tl.arange(0, BLOCK_C)[None, :] == y[:, None], zr, 0.0), 1)
+            ce_rank = (mr - zry) + tl.log(tl.sum(tl.exp(zr - mr[:, None]), 1))
+        else:
+            ce_rank = ce
+        logp = tl.load(st_ptr + jv * s_stm + rows.to(tl.int64)[None, :] * s_stb,
+                       mask=(jv < NM) & rmask[None, :], other=0.0).to(tl.float32)
+        m_ok = (jv < NM) & rmask[None, :]
+        r_s, r_m, active, w_kl, temp, w_ce = select(
+            tl.exp(-ce_rank.to(tl.float32)), tl.exp(logp), m_ok, lam, tau, beta, delta,
+            OFFICIAL, BLOCK_T)
+        w = w_kl
+        t = temp
+        if DELTA_TERM:
+            w = tl.where(jv == NM, delta, w)
+            t = tl.where(jv == NM, 1.0, t)
+        wce = w_ce.to(ACC)
+        act = tl.where(active & rmask[None, :], 1.0, 0.0)
+        # partial sums for the logged stats: r_m, active, active * temp per mentor; r_s
+        r_sum = tl.sum(tl.where(m_ok, r_m, 0.0), 1)
+        a_sum = tl.sum(act, 1)
+        t_sum = tl.sum(act * temp, 1)
+        j1 = tl.arange(0, BLOCK_T)
+        for k in tl.static_range(BLOCK_T):
+            stat_part += tl.where(nv == 4 + k, tl.sum(tl.where(j1 == k, r_sum, 0.0), 0), 0.0)
+            stat_part += tl.where(nv == 4 + BLOCK_T + k,
+                                  tl.sum(tl.where(j1 == k, a_sum, 0.0), 0), 0.0)
+            stat_part += tl.where(nv == 4 + 2 * BLOCK_T + k,
+                                  tl.sum(tl.where(j1 == k, t_sum, 0.0), 0), 0.0)
+        stat_part += tl.where(nv == 4 + 3 * BLOCK_T,
+                              tl.sum(tl.where(rmask, r_s, 0.0), 0), 0.0)
+    elif MODE == 1:
+        n_kept = tl.sum(kept, 0).to(tl.float32)
+        w = tl.where(kept != 0, 1.0 / n_kept, 0.0) + tl.zeros([BLOCK_T, ROWS], tl.float32)
+        t = tl.where(kept != 0, tau, 1.0) + tl.zeros([BLOCK_T, ROWS], tl.float32)
+        wce = zero_r + 1.0
+        if pid == 0:  # the stats depend on the key only
+            j1 = tl.arange(0, BLOCK_T)
+            k1 = tl.sum(tl.where(jv == j1[None, :], kept, 0), 0)  # kept as a [BLOCK_T] row
+            a1 = tl.where(k1 != 0, 1.0, 0.0)
+            tl.store(out_ptr + j1, a1 / n_kept, mask=j1 < NT)
+            tl.store(out_ptr + NT + j1, a1, mask=j1 < NT)
+            tl.store(out_ptr + 2 * NT + j1, a1 * (tau - 1.0) + 1.0, mask=j1 < NT)
+            tl.store(out_ptr + 3 * NT, 1.0)
+    else:  # fixed table [w (BLOCK_T) | T (BLOCK_T) | w_ce]
+        wv = tl.load(tab_ptr + jv, mask=jv < NT, other=0.0)
+        tv = tl.load(tab_ptr + BLOCK_T + jv, mask=jv < NT, other=1.0)
+        w = wv + tl.zeros([BLOCK_T, ROWS], tl.float32)
+        t = tv + tl.zeros([BLOCK_T, ROWS], tl.float32)
+        wce = zero_r + tl.load(tab_ptr + 2 * BLOCK_T).to(ACC)
+    w = w.to(ACC)
+    t = tl.where(w != 0, t, 1.0).to(ACC)
+    inv_t = 1.0 / t
+    # ---- pass B: softmax sums at every term's temperature (fixed maxima: no rescaling)
+    if ONE_BLOCK:
+        ds = tl.sum(tl.exp((x[None, :, :] - m1[None, :, None]) * inv_t[:, :, None]), 2)
+        dm = tl.sum(tl.exp((z - mz[:, :, None]) * inv_t[:, :, None]), 2)
+    else:
+        ds = tl.zeros([BLOCK_T, ROWS], ACC)
+        dm = tl.zeros([BLOCK_T, ROWS], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            x, xv, bs = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, c0, C, BLOCK_C, VEC_S,
+                                      ACC)
+            z, zv, bm = _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root,
+                                    noise_a, NM, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M, ACC)
+            ds += tl.sum(tl.exp((x[None, :, :] - m1[None, :, None]) * inv_t[:, :, None]), 2)
+            dm += tl.sum(tl.exp((z - mz[:, :, None]) * inv_t[:, :, None]), 2)
     lds = tl.log(tl.where(ds > 0, ds, 1.0))
     ldm = tl.log(tl.where(dm > 0, dm, 1.0))
-    zy = tl.load(zs_row + tl.where(y_ok, y, 0) * s_sc).to(ACC)
-    kl = tl.zeros([BLOCK_J], ACC)
-    # pass 2: probabilities, KL per term and the gradient row (written once)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs
-        cm = cols < C
-        x = tl.load(zs_row + cols * s_sc, mask=cm, other=0.0).to(ACC)
-        g = wce * (tl.exp((x - m1) - ld1) - tl.where(cols == y, 1.0, 0.0))
-        for j in range(J):
-            sel = jv == j
-            w = _pick(w_vec, sel)
-            if w != 0.0:
-                T = _pick(t_vec, sel)
-                z = _mentor_block(zm_ptr, s_mm, s_mb, s_mc, _pick(src_vec, sel), b, cols, cm,
-                                  _pick(copy_vec, sel), root, a, one_minus_a, NOISE, ACC)
-                lq = (x / T - _pick(ms, sel)) - _pick(lds, sel)
-                lp = (z / T - _pick(mm, sel)) - _pick(ldm, sel)
-                pm = tl.exp(lp)
-                kl = tl.where(sel, kl + tl.sum(tl.where(cm, pm * (lp - lq), 0.0), 0), kl)
-                g = g + (w * T) * (tl.exp(lq) - pm)
-        if WRITE_GRAD:
-            tl.store(grad_ptr + b * s_gb + cols, (g * inv_B).to(grad_ptr.dtype.element_ty),
-                     mask=cm)
-    loss = wce * ((m1 - zy) + ld1) + tl.sum(w_vec * t_vec * t_vec * kl, 0)
-    tl.store(loss_ptr + b, (loss * inv_B).to(loss_ptr.dtype.element_ty))
-    flag = tl.max(bad_s, 0) + 2 * tl.max(bad_m, 0) + tl.where(y_ok, 0, 4)
-    tl.atomic_or(flag_ptr, flag, mask=flag != 0)
+    on = w != 0
+    wt = tl.where(on, w * t, 0.0)
+    # ---- pass C: KL per term and the gradient row (written once)
+    if ONE_BLOCK:
+        kl = _kl_grad(x, xv, z, zv, y, m1, ld1, mz, inv_t, lds, ldm, on, wt, wce, rows, 0,
+                      grad_ptr, C, inv_B, BLOCK_C, VEC_G, WRITE_GRAD)
+    else:
+        kl = tl.zeros([BLOCK_T, ROWS], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            x, xv, bs = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, c0, C, BLOCK_C, VEC_S,
+                                      ACC)
+            z, zv, bm = _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root,
+                                    noise_a, NM, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M, ACC)
+            kl += _kl_grad(x, xv, z, zv, y, m1, ld1, mz, inv_t, lds, ldm, on, wt, wce, rows,
+                           c0, grad_ptr, C, inv_B, BLOCK_C, VEC_G, WRITE_GRAD)
+    loss = wce * ce + tl.sum(tl.where(on, wt * t * kl, 0.0), 0)
+    loss_sum = tl.sum(tl.where(rmask, loss, 0.0), 0)
+    # ---- batch reduction: the last program adds the partials in program order
+    part = stat_part.to(ACC) + tl.where(nv == 0, loss_sum, 0.0)
+    part += tl.where(nv == 1, bad_s, 0) + tl.where(nv == 2, bad_m, 0) + tl.where(nv == 3, bad_y, 0)
+    if _finish(part_ptr, cnt_ptr, pid, part, NV):
+        tot = _reduce(part_ptr, tl.num_programs(0), NV)
+        tl.store(loss_ptr, (_pick(tot, 0, NV) * inv_B).to(loss_ptr.dtype.element_ty))
+        flag = (tl.where(_pick(tot, 1, NV) > 0, 1, 0) + tl.where(_pick(tot, 2, NV) > 0, 2, 0)
+                + tl.where(_pick(tot, 3, NV) > 0, 4, 0))
+        tl.store(flag_ptr, flag.to(tl.int32))
+        tl.store(state_ptr, tl.full([], 1.0, state_ptr.dtype.element_ty))  # no scale yet
+        if MODE == 2:
+            n_out = B.to(tl.float32)
+            for k in tl.static_range(NM):
+                n_act = _pick(tot, 4 + BLOCK_T + k, NV).to(tl.float32)
+                t_act = _pick(tot, 4 + 2 * BLOCK_T + k, NV).to(tl.float32)
+                tl.store(out_ptr + k, _pick(tot, 4 + k, NV).to(tl.float32) / n_out)
+                tl.store(out_ptr + NM + k, n_act / n_out)
+                tl.store(out_ptr + 2 * NM + k,
+                         tl.where(n_act > 0, t_act / tl.maximum(n_act, 1.0), 1.0))
+            tl.store(out_ptr + 3 * NM, _pick(tot, 4 + 3 * BLOCK_T, NV).to(tl.float32) / n_out)
+        tl.atomic_xchg(cnt_ptr, 0)
+
+
+@triton.jit
+def _store_grad(grad_ptr, g, rows, cols, valid, C, VEC_G: tl.constexpr):
+    """Gradient rows of C (contiguous): 128-bit stores when C is a multiple of VEC_G."""
+    base = rows.to(tl.int64) * C
+    if VEC_G > 1:  # C % VEC_G == 0: the row mask is constant over VEC_G groups
+        base = tl.multiple_of(base, [VEC_G])
+        in_group = (cols // VEC_G) < tl.cdiv(C, VEC_G)
+        mask = (tl.max(valid.to(tl.int32), 1) > 0)[:, None] & in_group[None, :]
+    else:
+        mask = valid
+    tl.store(grad_ptr + base[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _kl_grad(x, xv, z, zv, y, m1, ld1, mz, inv_t, lds, ldm, on, wt, wce, rows, c0,
+             grad_ptr, C, inv_B, BLOCK_C: tl.constexpr, VEC_G: tl.constexpr,
+             WRITE_GRAD: tl.constexpr):
+    """KL per (term, row) of this class block; stores its gradient block (rows of C)."""
+    lq = (x[None, :, :] - m1[None, :, None]) * inv_t[:, :, None] - lds[:, :, None]
+    lp = (z - mz[:, :, None]) * inv_t[:, :, None] - ldm[:, :, None]
+    pm = tl.exp(lp)
+    kl = tl.sum(tl.where(zv, pm * (lp - lq), 0.0), 2)
+    if WRITE_GRAD:
+        cols = c0 + tl.arange(0, BLOCK_C)
+        sm = tl.exp((x - m1[:, None]) - ld1[:, None])
+        g = wce[:, None] * (sm - tl.where(cols[None, :] == y[:, None], 1.0, 0.0))
+        g += tl.sum(tl.where(on[:, :, None], wt[:, :, None] * (tl.exp(lq) - pm), 0.0), 0)
+        _store_grad(grad_ptr, g * inv_B, rows, cols, xv, C, VEC_G)
+    return kl
+
+
+@triton.jit
+def _dkd_sums(x, z, nt, m1, mz, iT):
+    """Softmax sums at T of the student and the teacher, whole row and non-target."""
+    es = tl.exp((x - m1[:, None]) * iT)
+    et = tl.exp((z - mz[:, None]) * iT)
+    return (tl.sum(es, 1), tl.sum(tl.where(nt, es, 0.0), 1), tl.sum(et, 1),
+            tl.sum(tl.where(nt, et, 0.0), 1))
+
+
+@triton.jit
+def _dkd_grad(x, xv, z, y, m1, ld1, mz, iT, ldsn, ldtn, bs, bt, alpha_ce, w_tckd, w_nckd, T,
+              rows, c0, grad_ptr, C, inv_B, BLOCK_C: tl.constexpr, VEC_G: tl.constexpr,
+              WRITE_GRAD: tl.constexpr):
+    cols = c0 + tl.arange(0, BLOCK_C)
+    is_y = cols[None, :] == y[:, None]
+    nt = xv & ~is_y
+    lqs = (x - m1[:, None]) * iT - ldsn[:, None]
+    lqt = (z - mz[:, None]) * iT - ldtn[:, None]
+    qs = tl.where(nt, tl.exp(lqs), 0.0)
+    qt = tl.where(nt, tl.exp(lqt), 0.0)
+    nckd = tl.sum(tl.where(nt, qt * (lqt - lqs), 0.0), 1)
+    if WRITE_GRAD:
+        g_t = tl.where(is_y, (bs - bt)[:, None], (bt - bs)[:, None] * qs)
+        g = alpha_ce * (tl.exp((x - m1[:, None]) - ld1[:, None]) - tl.where(is_y, 1.0, 0.0))
+        g = g + T * (w_tckd * g_t + w_nckd * (qs - qt))
+        _store_grad(grad_ptr, g * inv_B, rows, cols, xv, C, VEC_G)
+    return nckd
 
 
 @triton.jit
 def _dkd_kernel(
-    zs_ptr, s_sb, s_sc, zt_ptr, s_tb, s_tc, y_ptr, grad_ptr, s_gb, loss_ptr, flag_ptr,
-    C, inv_B, T, alpha_ce, w_tckd, w_nckd,
-    BLOCK_C: tl.constexpr, ACC: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    zs_ptr, s_sb, s_sc, zt_ptr, s_tb, s_tc, y_ptr, s_y, grad_ptr, part_ptr, cnt_ptr,
+    loss_ptr, flag_ptr, out_ptr, state_ptr, B, C, inv_B, T, alpha_ce, dkd_alpha, dkd_beta, warm_val,
+    epoch_ptr, warmup,
+    EPOCH_FROM_PTR: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, VEC_S: tl.constexpr, VEC_M: tl.constexpr, VEC_G: tl.constexpr,
+    ACC: tl.constexpr, WRITE_GRAD: tl.constexpr, NV: tl.constexpr,
 ):
-    """DKD: alpha_ce*CE + w_tckd*T^2*TCKD + w_nckd*T^2*NCKD per row (w_* include warm-up)."""
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_C)
-    y = tl.load(y_ptr + b).to(tl.int64)
+    """DKD: alpha_ce*CE + warm*T^2*(dkd_alpha*TCKD + dkd_beta*NCKD) per row; warm is
+    min(epoch / warmup, 1) with the epoch from a device tensor, or the fp32 `warm_val`."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < B
+    y = tl.load(y_ptr + rows.to(tl.int64) * s_y, mask=rmask, other=0).to(tl.int64)
     y_ok = (y >= 0) & (y < C)
-    zs_row = zs_ptr + b * s_sb
-    zt_row = zt_ptr + b * s_tb
-    zero = tl.sum(tl.zeros([BLOCK_C], ACC), 0)
-    ninf = zero + float("-inf")
-    m1, d1, ms, ds, msn, dsn = ninf, zero, ninf, zero, ninf, zero
-    mt, dt, mtn, dtn = ninf, zero, ninf, zero
-    bad_s = tl.zeros([BLOCK_C], tl.int32)
-    bad_m = tl.zeros([BLOCK_C], tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs
-        cm = cols < C
-        nt = cm & (cols != y)
-        x = tl.load(zs_row + cols * s_sc, mask=cm, other=0.0).to(ACC)
-        z = tl.load(zt_row + cols * s_tc, mask=cm, other=0.0).to(ACC)
-        bad_s = bad_s | ((x - x) != 0).to(tl.int32)
-        bad_m = bad_m | ((z - z) != 0).to(tl.int32)
-        m1, d1 = _online(m1, d1, tl.where(cm, x, float("-inf")))
-        ms, ds = _online(ms, ds, tl.where(cm, x / T, float("-inf")))
-        msn, dsn = _online(msn, dsn, tl.where(nt, x / T, float("-inf")))
-        mt, dt = _online(mt, dt, tl.where(cm, z / T, float("-inf")))
-        mtn, dtn = _online(mtn, dtn, tl.where(nt, z / T, float("-inf")))
+    bad_y = tl.max(tl.where(rmask & ~y_ok, 1, 0), 0)
+    if EPOCH_FROM_PTR:
+        warm = tl.minimum(tl.load(epoch_ptr).to(tl.float32) / warmup, 1.0)
+    else:
+        warm = warm_val
+    w_tckd = warm * dkd_alpha
+    w_nckd = warm * dkd_beta
+    iT = 1.0 / T
+    zero_r = tl.zeros([ROWS], ACC)
+    if ONE_BLOCK:
+        x, xv, bad_s = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, 0, C, BLOCK_C, VEC_S, ACC)
+        z, zv, bad_m = _load_student(zt_ptr, rows, rmask, s_tb, s_tc, 0, C, BLOCK_C, VEC_M, ACC)
+        m1 = tl.max(x, 1)
+        m1 = tl.where(m1 == float("-inf"), 0.0, m1)
+        mz = tl.max(z, 1)
+        mz = tl.where(mz == float("-inf"), 0.0, mz)
+        d1 = tl.sum(tl.exp(x - m1[:, None]), 1)
+        is_y = tl.arange(0, BLOCK_C)[None, :] == y[:, None]
+        zy = tl.sum(tl.where(is_y, x, 0.0), 1)
+        ty = tl.sum(tl.where(is_y, z, 0.0), 1)
+        ds, dsn, dt, dtn = _dkd_sums(x, z, xv & ~is_y, m1, mz, iT)
+    else:
+        m1 = zero_r + float("-inf")
+        mz = zero_r + float("-inf")
+        d1 = zero_r
+        zy = zero_r
+        ty = zero_r
+        bad_s = tl.sum(tl.zeros([1], tl.int32), 0)
+        bad_m = tl.sum(tl.zeros([1], tl.int32), 0)
+        for c0 in range(0, C, BLOCK_C):
+            x, xv, bs = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, c0, C, BLOCK_C, VEC_S,
+                                      ACC)
+            z, zv, bm = _load_student(zt_ptr, rows, rmask, s_tb, s_tc, c0, C, BLOCK_C, VEC_M,
+                                      ACC)
+            bad_s = tl.maximum(bad_s, bs)
+            bad_m = tl.maximum(bad_m, bm)
+            mx = tl.maximum(m1, tl.max(x, 1))
+            ref = tl.where(mx == float("-inf"), 0.0, mx)
+            d1 = d1 * tl.exp(m1 - ref) + tl.sum(tl.exp(x - ref[:, None]), 1)
+            m1 = mx
+            mz = tl.maximum(mz, tl.max(z, 1))
+            is_y = (c0 + tl.arange(0, BLOCK_C))[None, :] == y[:, None]
+            zy += tl.sum(tl.where(is_y, x, 0.0), 1)
+            ty += tl.sum(tl.where(is_y, z, 0.0), 1)
+        m1 = tl.where(m1 == float("-inf"), 0.0, m1)
+        mz = tl.where(mz == float("-inf"), 0.0, mz)
+        ds = zero_r
+        dsn = zero_r
+        dt = zero_r
+        dtn = zero_r
+        for c0 in range(0, C, BLOCK_C):
+            x, xv, bs = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, c0, C, BLOCK_C, VEC_S,
+                                      ACC)
+            z, zv, bm = _load_student(zt_ptr, rows, rmask, s_tb, s_tc, c0, C, BLOCK_C, VEC_M,
+                                      ACC)
+            nt = xv & ((c0 + tl.arange(0, BLOCK_C))[None, :] != y[:, None])
+            a0, a1, a2, a3 = _dkd_sums(x, z, nt, m1, mz, iT)
+            ds += a0
+            dsn += a1
+            dt += a2
+            dtn += a3
     ld1 = tl.log(d1)
     lds = tl.log(ds)
     ldsn = tl.log(dsn)
     ldt = tl.log(dt)
     ldtn = tl.log(dtn)
-    y_safe = tl.where(y_ok, y, 0)
-    zy = tl.load(zs_row + y_safe * s_sc).to(ACC)
-    ty = tl.load(zt_row + y_safe * s_tc).to(ACC)
-    log_bs = (zy / T - ms) - lds
-    log_bt = (ty / T - mt) - ldt
-    log_rs = (msn - ms) + (ldsn - lds)  # log(1 - b_s)
-    log_rt = (mtn - mt) + (ldtn - ldt)
+    log_bs = (zy - m1) * iT - lds
+    log_bt = (ty - mz) * iT - ldt
+    log_rs = ldsn - lds  # log(1 - b_s)
+    log_rt = ldtn - ldt
     bs = tl.exp(log_bs)
     bt = tl.exp(log_bt)
     tckd = bt * (log_bt - log_bs) + tl.exp(log_rt) * (log_rt - log_rs)
-    nckd = zero
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + offs
-        cm = cols < C
-        nt = cm & (cols != y)
-        x = tl.load(zs_row + cols * s_sc, mask=cm, other=0.0).to(ACC)
-        z = tl.load(zt_row + cols * s_tc, mask=cm, other=0.0).to(ACC)
-        lqs = (x / T - msn) - ldsn
-        lqt = (z / T - mtn) - ldtn
-        qs = tl.where(nt, tl.exp(lqs), 0.0)
-        qt = tl.where(nt, tl.exp(lqt), 0.0)
-        nckd += tl.sum(tl.where(nt, qt * (lqt - lqs), 0.0), 0)
-        is_y = cols == y
-        g_t = tl.where(is_y, bs - bt, (bt - bs) * qs)
-        g = alpha_ce * (tl.exp((x - m1) - ld1) - tl.where(is_y, 1.0, 0.0))
-        g = g + T * (w_tckd * g_t + w_nckd * (qs - qt))
-        if WRITE_GRAD:
-            tl.store(grad_ptr + b * s_gb + cols, (g * inv_B).to(grad_ptr.dtype.element_ty),
-                     mask=cm)
+    if ONE_BLOCK:
+        nckd = _dkd_grad(x, xv, z, y, m1, ld1, mz, iT, ldsn, ldtn, bs, bt, alpha_ce, w_tckd,
+                         w_nckd, T, rows, 0, grad_ptr, C, inv_B, BLOCK_C, VEC_G, WRITE_GRAD)
+    else:
+        nckd = zero_r
+        for c0 in range(0, C, BLOCK_C):
+            x, xv, bs_ = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, c0, C, BLOCK_C, VEC_S,
+                                       ACC)
+            z, zv, bm_ = _load_student(zt_ptr, rows, rmask, s_tb, s_tc, c0, C, BLOCK_C, VEC_M,
+                                       ACC)
+            nckd += _dkd_grad(x, xv, z, y, m1, ld1, mz, iT, ldsn, ldtn, bs, bt, alpha_ce,
+                              w_tckd, w_nckd, T, rows, c0, grad_ptr, C, inv_B, BLOCK_C, VEC_G,
+                              WRITE_GRAD)
     loss = alpha_ce * ((m1 - zy) + ld1) + T * T * (w_tckd * tckd + w_nckd * nckd)
-    tl.store(loss_ptr + b, (loss * inv_B).to(loss_ptr.dtype.element_ty))
-    flag = tl.max(bad_s, 0) + 2 * tl.max(bad_m, 0) + tl.where(y_ok, 0, 4)
-    tl.atomic_or(flag_ptr, flag, mask=flag != 0)
+    nv = tl.arange(0, NV)
+    part = tl.where(nv == 0, tl.sum(tl.where(rmask, loss, 0.0), 0), 0.0)
+    part += tl.where(nv == 1, bad_s, 0) + tl.where(nv == 2, bad_m, 0) + tl.where(nv == 3, bad_y, 0)
+    if pid == 0:  # mentor_rank = (warm-up factor, 0, ...)
+        jm = tl.arange(0, BLOCK_M)
+        tl.store(out_ptr + jm, tl.where(jm == 0, warm, 0.0).to(tl.float32), mask=jm < M)
+    if _finish(part_ptr, cnt_ptr, pid, part.to(ACC), NV):
+        tot = _reduce(part_ptr, tl.num_programs(0), NV)
+        tl.store(loss_ptr, (_pick(tot, 0, NV) * inv_B).to(loss_ptr.dtype.element_ty))
+        flag = (tl.where(_pick(tot, 1, NV) > 0, 1, 0) + tl.where(_pick(tot, 2, NV) > 0, 2, 0)
+                + tl.where(_pick(tot, 3, NV) > 0, 4, 0))
+        tl.store(flag_ptr, flag.to(tl.int32))
+        tl.store(state_ptr, tl.full([], 1.0, state_ptr.dtype.element_ty))  # no scale yet
+        tl.atomic_xchg(cnt_ptr, 0)
 
 
-# ----------------------------------------------------------------------------- launchers
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def block_size(C: int, block_c: int | None = None) -> int:
-    """Class block: the whole row up to MAX_BLOCK_C, else an online-softmax loop."""
-    if block_c is not None:
-        return triton.next_power_of_2(block_c)
-    return min(triton.next_power_of_2(C), MAX_BLOCK_C)
-
-
-def _warps(block: int) -> int:
-    # sm_90 ptxas (tests/test_kernels_compile.py): BLOCK 1024 / 4 warps ~110 registers,
-    # BLOCK 4096 / 16 warps ~115, no spills
-    return min(16, max(4, block // 256))
-
-
-def new_flag(device: torch.device) -> torch.Tensor:
-    """The 0-dim int32 flag word the kernels OR their bits into."""
-    return torch.zeros((), device=device, dtype=torch.int32)
-
-
-def gt_ce(zs: torch.Tensor, zm: torch.Tensor | None, y: torch.Tensor, flag: torch.Tensor,
-          block_c: int | None = None) -> torch.Tensor:
-    """CE of the student and of every mentor per sample: ce [1+M, B] fp32."""
-    B, C = zs.shape
-    M = 0 if zm is None else zm.shape[0]
-    ce = torch.empty(1 + M, B, device=zs.device, dtype=torch.float32)
-    blk = block_size(C, block_c)
-    _gt_ce_kernel[(B, 1)](zs, 0, zs.stride(0), zs.stride(1), y, ce, flag, B, C,
-                          FLAG_BIT=1, BLOCK_C=blk, ACC=_acc_dtype(zs.dtype),
-                          num_warps=_warps(blk))
-    if M:
-        _gt_ce_kernel[(B, M)](zm, zm.stride(0), zm.stride(1), zm.stride(2), y, ce[1:],
-                              flag, B, C, FLAG_BIT=2, BLOCK_C=blk,
-                              ACC=_acc_dtype(zs.dtype), num_warps=_warps(blk))
-    return ce
-
-
-def fused_distill(zs, zm, y, src, copy, w, t, wce, flag, *, noise=None, write_grad=True,
-                  block_c=None):
-    """Launch the main kernel. src/copy: int32 [J] device tensors; w, t: [J, B] (any
-    strides, e.g. stride 0 over B); wce: [B]; noise: (seed, step, a) for TeKAP copies.
-    Returns (loss_rows [B] fp32 (fp64 for fp64 students) already divided by B,
-    grad [B, C] or None); problems are OR-ed into `flag` (see new_flag)."""
-    B, C = zs.shape
-    J = int(src.numel()) if w.numel() else 0
-    dev = zs.device
-    loss_rows = torch.empty(B, device=dev, dtype=_loss_dtype(zs.dtype))
-    grad = torch.empty_like(zs, memory_format=torch.contiguous_format) if write_grad else None
-    zm_arg, ms = (zs, (0, 0, 0)) if zm is None else (zm, zm.stride())
-    root, a = 0, 0.0
-    if noise is not None:
-        seed, step, a = noise
-        root = stream_key(STREAM_TEKAP, int(seed), int(step))
-    blk = block_size(C, block_c)
-    _distill_kernel[(B,)](
-        zs, zs.stride(0), zs.stride(1), zm_arg, *ms, y, src, copy,
-        w, w.stride(0), w.stride(1), t, t.stride(0), t.stride(1), wce, wce.stride(0),
-        grad if write_grad else loss_rows, C if write_grad else 0, loss_rows, flag,
-        C, J, 1.0 / B, root, float(a), float(1.0 - a),
-        BLOCK_C=blk, BLOCK_J=triton.next_power_of_2(max(J, 1)), NOISE=noise is not None,
-        ACC=_acc_dtype(zs.dtype), WRITE_GRAD=write_grad, num_warps=_warps(blk))
-    return loss_rows, grad
-
-
-def fused_dkd(zs, zt, y, flag, *, T, alpha_ce, w_tckd, w_nckd, write_grad=True, block_c=None):
-    """Launch the DKD kernel on the teacher logits zt [B, C] (any strides)."""
-    B, C = zs.shape
-    dev = zs.device
-    loss_rows = torch.empty(B, device=dev, dtype=_loss_dtype(zs.dtype))
-    grad = torch.empty_like(zs, memory_format=torch.contiguous_format) if write_grad else None
-    blk = block_size(C, block_c)
-    _dkd_kernel[(B,)](
-        zs, zs.stride(0), zs.stride(1), zt, zt.stride(0), zt.stride(1), y,
-        grad if write_grad else loss_rows, C if write_grad else 0, loss_rows, flag,
-        C, 1.0 / B, float(T), float(alpha_ce), float(w_tckd), float(w_nckd),
-        BLOCK_C=blk, ACC=_acc_dtype(zs.dtype), WRITE_GRAD=write_grad, num_warps=_warps(blk))
-    return loss_rows, grad
+@triton.jit
+def _scale_kernel(grad_ptr, out_ptr, gout_ptr, state_ptr, cnt_ptr, N,
+                  IN_PLACE: tl.constexpr, BLOCK: tl.constexpr):
+    """Backward: gradient * upstream gradient. In place (fp32/bf16/fp64 students) it
+    multiplies by upstream / already-applied factor, which is 1 (no memory traffic) for
+    an upstream gradient of 1; the last program records the applied factor, so a second
+    backward through the same graph stays right. Out of place (fp16 students): the fp32
+    gradient times the fp32 upstream gradient, rounded to fp16 once."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    g = tl.load(gout_ptr)
+    if IN_PLACE:
+        f = g / tl.load(state_ptr)
+        if f != 1.0:
+            v = tl.load(grad_ptr + offs, mask=m)
+            tl.store(grad_ptr + offs, (v * f).to(grad_ptr.dtype.element_ty), mask=m)
+        tl.debug_barrier()
+        if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+            tl.store(state_ptr, g)
+            tl.atomic_xchg(cnt_ptr, 0)
+    else:
+        v = tl.load(grad_ptr + offs, mask=m)
+        tl.store(out_ptr + offs, (v * g).to(out_ptr.dtype.element_ty), mask=m)

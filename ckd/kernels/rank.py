@@ -1,114 +1,90 @@
-"""ClassroomKD selection (ranks, gate, temperatures, loss weights and logged stats) in one
-tiny Triton program, from the per-sample CE `[1+M, B]` of `distill._gt_ce_kernel`.
+"""ClassroomKD selection at batch granularity: one small kernel before the loss kernel.
 
-Same arithmetic, in the same order, as `reference.classroom_weights` +
-`reference.classroom_stats` (sequential sum over the classroom, round-half-even to two
-decimals, IEEE divisions via `div_rn`); only the batch mean's summation order differs
-(so the official variant's rounding can differ from torch's only when a normalized
-score sits within float rounding of a .005 boundary). One launch instead of ~25 small
-torch ops: at B=256, C=100 those launches would cost more than the loss kernel itself.
+Every program computes the CE of its student rows (from the student's logits) and reads
+the mentors' cached statistics (log-probability of the true class: no pass over mentor
+logits), and writes per-model partial sums of the score; the program that finishes last
+adds them in program order (deterministic), applies `distill.select` (the arithmetic of
+`reference.classroom_weights`, in its order) and writes the loss kernel's term table
+[w_kl | temperature | w_ce] and the logged statistics. Sample granularity needs no batch
+reduction: the loss kernel selects per row itself.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _rint(x):
-    """Round half to even (torch.round) for 0 <= x <= 100, exact in fp32."""
-    f = tl.floor(x + 0.5)
-    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-    return tl.where(((f - x) == 0.5) & odd, f - 1.0, f)
+from ckd.kernels.distill import _finish, _load_student, _pick, _reduce, select
 
 
 @triton.jit
-def _rank_kernel(ce_ptr, wkl_ptr, temp_ptr, wce_ptr, st_ptr, B, M, lam, tau, beta, delta,
-                 OFFICIAL: tl.constexpr, SAMPLE: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_B: tl.constexpr):
-    k = tl.arange(0, BLOCK_K)[:, None]
-    kv = k <= M
-    is_m = kv & (k >= 1)
-    cols = tl.arange(0, BLOCK_B)[None, :]
-    if SAMPLE:
-        n_out = B
-    else:  # batch: per-model mean over the batch of g (paper) or of CE (official)
-        acc = tl.zeros([BLOCK_K, BLOCK_B], tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            msk = kv & ((b0 + cols) < B)
-            ce = tl.load(ce_ptr + k * B + b0 + cols, mask=msk, other=0.0)
-            acc += tl.where(msk, ce if OFFICIAL else tl.exp(-ce), 0.0)
-        mean = tl.sum(acc, 1) / B
-        n_out = 1
-    sum_r = tl.zeros([BLOCK_K], tl.float32)
-    n_act = tl.zeros([BLOCK_K], tl.float32)
-    t_act = tl.zeros([BLOCK_K], tl.float32)
-    for b0 in range(0, n_out, BLOCK_B):
-        bm = (b0 + cols) < n_out
-        if SAMPLE:
-            ce = tl.load(ce_ptr + k * B + b0 + cols, mask=kv & bm, other=0.0)
-            score = tl.where(kv & bm, tl.exp(-ce), 0.0)
-        else:
-            s1 = tl.exp(-mean) if OFFICIAL else mean
-            score = tl.where(kv & bm, s1[:, None] + tl.zeros([BLOCK_K, BLOCK_B], tl.float32),
-                             0.0)
-        total = tl.zeros([BLOCK_B], tl.float32)
-        for kk in range(0, M + 1):  # sequential, as the reference
-            total = total + tl.sum(tl.where(k == kk, score, 0.0), 0)
-        total = total[None, :]
-        frac = tl.where(total > 0, tl.div_rn(score, tl.where(total > 0, total, 1.0)), 0.0)
-        if OFFICIAL:
-            r = tl.div_rn(_rint(frac * 100.0), 100.0) * lam
-        else:
-            r = lam * frac
-        r_s = tl.sum(tl.where(k == 0, r, 0.0), 0)[None, :]
-        if OFFICIAL:
-            active = is_m & (r >= r_s)
-            w_kl = tl.where(active, r, 0.0)
-            w_ce = tl.sum(tl.where(k == 0, score, 0.0), 0)[None, :]
-        else:
-            active = is_m & (r > r_s)
-            w_kl = tl.where(active, beta * r, 0.0)
-            w_ce = r_s + delta
-        safe = tl.where(r > 0, r, 1.0)
-        temp = tl.where(active & (r > 0), 1.0 + tl.div_rn(tau * (r - r_s), safe), 1.0)
-        out = (k - 1) * n_out + b0 + cols
-        tl.store(wkl_ptr + out, w_kl, mask=is_m & bm)
-        tl.store(temp_ptr + out, temp, mask=is_m & bm)
-        tl.store(wce_ptr + b0 + cols, w_ce, mask=bm)
-        sum_r += tl.sum(tl.where(kv & bm, r, 0.0), 1)
-        act = tl.where(active & bm, 1.0, 0.0)
-        n_act += tl.sum(act, 1)
-        t_act += tl.sum(act * temp, 1)
-    kk = tl.arange(0, BLOCK_K)
-    mm = (kk >= 1) & (kk <= M)
-    tl.store(st_ptr + kk - 1, sum_r / n_out, mask=mm)  # mentor_rank
-    tl.store(st_ptr + M + kk - 1, n_act / n_out, mask=mm)  # mentor_active
-    tl.store(st_ptr + 2 * M + kk - 1,
-             tl.where(n_act > 0, t_act / tl.maximum(n_act, 1.0), 1.0), mask=mm)  # mentor_temp
-    tl.store(st_ptr + 3 * M + kk, sum_r / n_out, mask=kk == 0)  # student_rank
-
-
-def classroom_weights_fused(ce: torch.Tensor, *, tau: float, beta: float, delta: float,
-                            lam: float | None, variant: str, granularity: str):
-    """(w_kl [M, B], temp [M, B], w_ce [B], stats) from ce [1+M, B] fp32, one launch.
-    At batch granularity the [., B] outputs are stride-0 broadcasts."""
-    K, B = ce.shape
-    M = K - 1
-    sample = granularity == "sample"
-    n = B if sample else 1
-    buf = torch.empty(2 * M * n + n + 3 * M + 1, device=ce.device, dtype=torch.float32)
-    w_kl = buf[: M * n].view(M, n)
-    temp = buf[M * n: 2 * M * n].view(M, n)
-    w_ce = buf[2 * M * n: 2 * M * n + n]
-    st = buf[2 * M * n + n:]
-    block_k = triton.next_power_of_2(K)
-    block_b = min(triton.next_power_of_2(B), max(16, 2048 // block_k))
-    _rank_kernel[(1,)](ce, w_kl, temp, w_ce, st, B, M, float(M if lam is None else lam),
-                       float(tau), float(beta), float(delta), OFFICIAL=variant == "official",
-                       SAMPLE=sample, BLOCK_K=block_k, BLOCK_B=block_b, num_warps=4)
-    stats = {"mentor_rank": st[:M], "mentor_active": st[M: 2 * M],
-             "mentor_temp": st[2 * M: 3 * M], "student_rank": st[3 * M]}
-    return w_kl.expand(M, B), temp.expand(M, B), w_ce.expand(B), stats
+def _rank_batch_kernel(
+    zr_ptr, s_rb, s_rc, y_ptr, s_y, st_ptr, s_stm, s_stb, tab_ptr, out_ptr, part_ptr, cnt_ptr,
+    B, C, lam, tau, beta, delta,
+    NM: tl.constexpr, BLOCK_T: tl.constexpr, OFFICIAL: tl.constexpr,
+    DELTA_TERM: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr, NV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < B
+    y = tl.load(y_ptr + rows.to(tl.int64) * s_y, mask=rmask, other=0).to(tl.int64)
+    if ONE_BLOCK:
+        x, xv, bad = _load_student(zr_ptr, rows, rmask, s_rb, s_rc, 0, C, BLOCK_C, VEC, ACC)
+        m = tl.max(x, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        d = tl.sum(tl.exp(x - m[:, None]), 1)
+        zy = tl.sum(tl.where(tl.arange(0, BLOCK_C)[None, :] == y[:, None], x, 0.0), 1)
+    else:
+        m = tl.zeros([ROWS], ACC) + float("-inf")
+        d = tl.zeros([ROWS], ACC)
+        zy = tl.zeros([ROWS], ACC)
+        for c0 in range(0, C, BLOCK_C):
+            x, xv, bad = _load_student(zr_ptr, rows, rmask, s_rb, s_rc, c0, C, BLOCK_C, VEC,
+                                       ACC)
+            mx = tl.maximum(m, tl.max(x, 1))
+            ref = tl.where(mx == float("-inf"), 0.0, mx)
+            d = d * tl.exp(m - ref) + tl.sum(tl.exp(x - ref[:, None]), 1)
+            m = mx
+            zy += tl.sum(tl.where((c0 + tl.arange(0, BLOCK_C))[None, :] == y[:, None], x, 0.0),
+                         1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+    ce_s = ((m - zy) + tl.log(d)).to(tl.float32)
+    jv = tl.arange(0, BLOCK_T)[:, None]
+    m_ok = (jv < NM) & rmask[None, :]
+    logp = tl.load(st_ptr + jv * s_stm + rows.to(tl.int64)[None, :] * s_stb, mask=m_ok,
+                   other=0.0).to(tl.float32)
+    if OFFICIAL:  # mean CE over the batch
+        s_part = tl.sum(tl.where(rmask, ce_s, 0.0), 0)
+        m_part = tl.sum(tl.where(m_ok, -logp, 0.0), 1)
+    else:  # mean probability of the true class over the batch
+        s_part = tl.sum(tl.where(rmask, tl.exp(-ce_s), 0.0), 0)
+        m_part = tl.sum(tl.where(m_ok, tl.exp(logp), 0.0), 1)
+    nv = tl.arange(0, NV)
+    part = tl.where(nv == BLOCK_T, s_part, 0.0)
+    j1 = tl.arange(0, BLOCK_T)
+    for k in tl.static_range(BLOCK_T):
+        part += tl.where(nv == k, tl.sum(tl.where(j1 == k, m_part, 0.0), 0), 0.0)
+    if _finish(part_ptr, cnt_ptr, pid, part, NV):
+        tot = _reduce(part_ptr, tl.num_programs(0), NV)
+        mean = tot / B
+        score = tl.exp(-mean) if OFFICIAL else mean
+        s_score = _pick(score, BLOCK_T, NV) + tl.zeros([1], tl.float32)
+        m_score = tl.zeros([BLOCK_T, 1], tl.float32)
+        for k in tl.static_range(BLOCK_T):
+            m_score += tl.where(jv == k, _pick(score, k, NV), 0.0)
+        r_s, r_m, active, w_kl, temp, w_ce = select(s_score, m_score, jv < NM, lam, tau, beta,
+                                                    delta, OFFICIAL, BLOCK_T)
+        w = w_kl
+        t = temp
+        if DELTA_TERM:  # Eq. 11: delta * L_distill(teacher; T=1) as one more term
+            w = tl.where(jv == NM, delta, w)
+            t = tl.where(jv == NM, 1.0, t)
+        tl.store(tab_ptr + jv, w)
+        tl.store(tab_ptr + BLOCK_T + jv, t)
+        tl.store(tab_ptr + 2 * BLOCK_T + tl.zeros([1], tl.int32), w_ce)
+        tl.store(out_ptr + jv, r_m, mask=jv < NM)  # mentor_rank
+        tl.store(out_ptr + NM + jv, tl.where(active, 1.0, 0.0), mask=jv < NM)  # active
+        tl.store(out_ptr + 2 * NM + jv, temp, mask=jv < NM)  # mentor_temp
+        tl.store(out_ptr + 3 * NM + tl.zeros([1], tl.int32), r_s)  # student_rank
+        tl.atomic_xchg(cnt_ptr, 0)

@@ -1,0 +1,165 @@
+"""Static GPU evidence without a GPU: compile the loss kernels exactly as a launch would
+(the same arguments, hence the same specialization) for an NVIDIA target with the ptxas
+bundled in triton, and read the result: registers, spills, 128-bit global loads/stores
+(PTX `ld.global.v4` / SASS `LDG.E.128`) and the launches per loss call.
+
+    TRITON_INTERPRET= python -m ckd.kernels.static --arch 90 --C 100 1000
+
+Run it with TRITON_INTERPRET unset (the kernels must be JIT functions, not the
+interpreter's); nothing is launched: `fused.run` is replaced by a recorder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+CASES = {  # name -> distill_loss keyword arguments
+    "classroom-batch": dict(method="classroom"),
+    "classroom-sample": dict(method="classroom", granularity="sample"),
+    "classroom-official": dict(method="classroom", variant="official"),
+    "classroom-delta": dict(method="classroom", delta=0.5),
+    "aver": dict(method="aver"), "kd": dict(method="kd"), "nokd": dict(method="nokd"),
+    "dgkd": dict(method="dgkd", step=3), "tekap": dict(method="tekap", step=3),
+    "dkd": dict(method="dkd", epoch=5),
+}
+
+
+@contextmanager
+def recorded_launches():
+    """Replace fused.run by a recorder: yields the list of (kernel, grid, args, kwargs)."""
+    from ckd.kernels import fused
+
+    calls: list = []
+    saved = fused.run
+    fused.run = lambda kernel, grid, args, kwargs: calls.append((kernel, grid, args, kwargs))
+    try:
+        yield calls
+    finally:
+        fused.run = saved
+
+
+def loss_launches(case: str, B: int, C: int, M: int, student=torch.float32,
+                  mentor=torch.float16, backward: bool = True) -> list:
+    """The launches of one distill_loss forward (+ backward) on CPU tensors laid out as
+    the trainer's: a contiguous student, mentors in 16-byte aligned (padded) rows."""
+    from ckd.kernels import fused
+    from ckd.kernels.api import distill_loss
+
+    zs = torch.randn(B, C).to(student).requires_grad_()
+    zm = fused.aligned_rows((M, B, C), mentor, "cpu")
+    zm.copy_(torch.randn(M, B, C))
+    y = torch.randint(0, C, (B,))
+    stats = fused.mentor_row_stats(zm, y)
+    with recorded_launches() as calls:
+        out = distill_loss(zs, zm, y, backend="triton", validate=False, mentor_stats=stats,
+                           **CASES[case])
+        if backward:
+            out.loss.backward()
+    return calls
+
+
+def compile_launch(call, arch: int = 90):
+    """triton.compile of one recorded launch for sm_<arch>, specialized as JIT would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel, _grid, args, kwargs = call
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec,
+                                                              options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def inspect(compiled) -> dict:
+    """Registers, spills and global load/store widths of a compiled kernel."""
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    arch = re.search(r"\.target sm_(\d+a?)", ptx).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, bin_ = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        src.write_text(ptx)
+        bin_.write_bytes(cubin)
+        for ptxas in ("ptxas-blackwell", "ptxas"):  # the one triton used for this PTX
+            r = subprocess.run([_tool(ptxas), "-v", f"--gpu-name=sm_{arch}", str(src), "-o",
+                                str(Path(tmp) / "v.cubin")], capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+        verbose = r.stderr
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(bin_)], capture_output=True,
+                              text=True, check=True).stdout
+    regs = int(re.search(r"Used (\d+) registers", verbose).group(1))
+    stack = int(re.search(r"(\d+) bytes stack frame", verbose).group(1))
+    spill_st = int(re.search(r"(\d+) bytes spill stores", verbose).group(1))
+    spill_ld = int(re.search(r"(\d+) bytes spill loads", verbose).group(1))
+    return dict(
+        regs=regs, stack=stack, spill_stores=spill_st, spill_loads=spill_ld,
+        ptx_ld_v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)),
+        ptx_ld_v2=len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.", ptx)),
+        ptx_ld_scalar=len(re.findall(r"ld\.global(?:\.\w+)*\.(?:b|u|f|s)(?:8|16|32|64)\b",
+                                     ptx)),
+        sass_ldg128=len(re.findall(r"LDG\.E\.128", sass)),
+        sass_stg128=len(re.findall(r"STG\.E\.128", sass)),
+    )
+
+
+def report(cases, Cs, M: int, B: int, arch: int, student, mentor) -> list[dict]:
+    rows = []
+    for C in Cs:
+        for case in cases:
+            for kernel, grid, args, kwargs in loss_launches(case, B, C, M, student, mentor):
+                info = inspect(compile_launch((kernel, grid, args, kwargs), arch))
+                keep = ("ROWS", "BLOCK_C", "BLOCK_T", "VEC_S", "VEC_M", "VEC", "num_warps")
+                rows.append(dict(case=case, C=C, M=M, kernel=kernel.__name__, grid=grid[0],
+                                 **{k: kwargs[k] for k in keep if k in kwargs}, **info))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--C", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--M", type=int, default=6)
+    ap.add_argument("--B", type=int, default=256)
+    ap.add_argument("--cases", nargs="+", default=list(CASES))
+    ap.add_argument("--student", default="float32")
+    ap.add_argument("--mentor", default="float16")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
+    rows = report(args.cases, args.C, args.M, args.B, args.arch, getattr(torch, args.student),
+                  getattr(torch, args.mentor))
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    cols = ["case", "C", "kernel", "grid", "ROWS", "BLOCK_C", "num_warps", "regs", "stack",
+            "spill_stores", "spill_loads", "ptx_ld_v4", "ptx_ld_scalar", "sass_ldg128",
+            "sass_stg128"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
