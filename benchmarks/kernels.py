@@ -105,9 +105,12 @@ def copy_bandwidth(nbytes: int, device: torch.device) -> float:
 
 def make_loss(impl: str, method: str, zs, zm, y):
     name, kw = METHODS[method]
-    if impl == "triton":
+    if impl == "triton":  # the mentors' row statistics come from the cache in training
+        from ckd.kernels.fused import mentor_row_stats
+
+        stats = mentor_row_stats(zm, y)
         return lambda: distill_loss(zs, zm, y, method=name, backend="triton", validate=False,
-                                    **kw).loss
+                                    mentor_stats=stats, **kw).loss
     spec = get_method(name)
     fn = partial(spec.reference, **spec.resolve(kw), **spec.counter_values({}))
     if impl == "compile":
@@ -119,7 +122,8 @@ def make_loss(impl: str, method: str, zs, zm, y):
 def run_one(impl, method, B, C, M, device, sdtype, mdtype):
     g = torch.Generator(device="cpu").manual_seed(0)
     zs = torch.randn(B, C, generator=g).to(device, sdtype).requires_grad_()
-    zm = (2 * torch.randn(M, B, C, generator=g)).to(device, mdtype)
+    zm = torch.empty(M, B, (C + 7) // 8 * 8, device=device, dtype=mdtype)[:, :, :C]
+    zm.copy_(2 * torch.randn(M, B, C, generator=g))  # rows padded to 16 bytes, as the cache
     y = torch.randint(0, C, (B,), generator=g).to(device)
     loss = make_loss(impl, method, zs, zm, y)
     cuda = device.type == "cuda"
@@ -169,6 +173,9 @@ def plot(rows, path: Path, device_name: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small grid (for CPU)")
+    ap.add_argument("--gpu-check", action="store_true",
+                    help="the target shapes only (B=256, C=100 and B=4096, C=1000; M=6; "
+                         "classroom and aver): scripts/gpu_check.sh")
     ap.add_argument("--impls", default="eager,compile,triton")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--student-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -195,7 +202,10 @@ def main(argv=None) -> int:
     else:
         name = torch.cuda.get_device_name()
     grid = ([(64, 100, 6), (256, 100, 6), (256, 1000, 6), (256, 100, 1)] if args.quick else
+            [(256, 100, 6), (4096, 1000, 6)] if args.gpu_check else
             [(B, C, M) for B in (64, 256, 1024, 4096) for C in (100, 1000) for M in (1, 3, 6)])
+    if args.gpu_check and args.methods == ",".join(METHODS):
+        args.methods = "classroom-paper,aver"
     sd, md = getattr(torch, args.student_dtype), getattr(torch, args.mentor_dtype)
     from tqdm import tqdm
 

@@ -1,9 +1,14 @@
 """Test-wide set-up. TRITON_INTERPRET must be set before anything imports triton, so
-that the Triton kernels run (slowly, on numpy) on CPU-only machines."""
+that the Triton kernels run (slowly, on numpy) on CPU-only machines.
+
+`CKD_TEST_DEVICE=cuda` (scripts/gpu_check.sh) runs the kernel and view tests on the GPU
+instead: compiled kernels, no interpreter; those tests read the device from
+`tests/device.py`."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("CKD_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 

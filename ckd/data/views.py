@@ -76,6 +76,10 @@ def view_ids(seed: int, indices: torch.Tensor) -> torch.Tensor:
     indices = torch.as_tensor(indices)
     if int(seed) == IDENTITY_SEED:
         return torch.full(indices.shape, IDENTITY_VIEW, dtype=torch.int64, device=indices.device)
+    if indices.is_cuda and indices.ndim == 1:  # one kernel instead of ~20 integer ops
+        from ckd.kernels.views import view_ids_fused  # noqa: PLC0415 - needs triton
+
+        return view_ids_fused(_seed_keys(int(seed)), indices, NUM_VIEWS)
     return (hash32(seed, indices) * NUM_VIEWS) >> 32
 
 
@@ -153,6 +157,18 @@ def apply_views(images_u8: torch.Tensor, ids: torch.Tensor, mean: Sequence[float
     """uint8 NHWC [B,H,W,3] + view ids [B] -> normalized float32 NCHW [B,3,H,W].
 
     `channels_last=True` returns the same values in torch.channels_last memory format
-    (no copy: the NHWC result permuted)."""
+    (no copy: the NHWC result permuted). On CUDA one kernel (ckd.kernels.views) computes
+    the same bits as the ~15 torch ops below."""
+    if images_u8.is_cuda and images_u8.dtype == torch.uint8 and images_u8.ndim == 4 \
+            and images_u8.is_contiguous():
+        from ckd.kernels.views import views_fused  # noqa: PLC0415 - needs triton
+
+        ids = torch.as_tensor(ids, device=images_u8.device)
+        if ids.shape != (images_u8.shape[0],):
+            raise ValueError(f"need one view id per image: ids {tuple(ids.shape)} vs "
+                             f"B={images_u8.shape[0]}")
+        scale, shift = _affine(mean, std, images_u8.device)
+        return views_fused(images_u8, scale, shift, ids=ids.to(torch.int64),
+                           channels_last=channels_last, pad=PAD, num_views=NUM_VIEWS)[0]
     out = normalize(crop_flip_u8(images_u8, ids), mean, std).permute(0, 3, 1, 2)
     return out if channels_last else out.contiguous()
