@@ -41,7 +41,7 @@ run() {  # run a step, copy its output into the results file, remember failures
 section "Kernel and view tests on the GPU (CKD_TEST_DEVICE=cuda)"
 run env CKD_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_kernels_triton.py tests/test_kernels_budget.py tests/test_kernels_reference.py \
-    tests/test_views.py
+    tests/test_views.py tests/test_views_fused.py
 endsec
 
 section "Loss microbenchmark (benchmarks/kernels.py --gpu-check)"

@@ -185,3 +185,20 @@ def test_aligned_rows_give_128_bit_width():
     assert F.vec_width(torch.empty(6, 5, 100, dtype=torch.float16), 100) == 1
     assert F.vec_width(torch.empty(5, 100), 100) == 4  # fp32 rows of 400 bytes
     assert F.vec_width(torch.empty(5, 200, dtype=torch.float16)[:, 3:103], 100) == 1
+
+
+def test_kernel_and_view_tests_import_no_cache_or_loader_packages():
+    """gpu_check.sh runs these tests on machines without zarr/ffcv (e.g. torch 2.11)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import test_kernels_triton, test_kernels_budget, test_kernels_reference, "
+            "test_views_fused, ckd.kernels.fused, ckd.kernels.static, ckd.data.views\n"
+            "bad = {'zarr', 'ffcv', 'numcodecs'} & set(sys.modules)\n"
+            "assert not bad, bad" % str(tests))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
