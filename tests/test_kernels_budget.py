@@ -194,11 +194,11 @@ def test_kernel_and_view_tests_import_no_cache_or_loader_packages():
     from pathlib import Path
 
     tests = Path(__file__).parent
-    code = ("import sys; sys.path.insert(0, %r)\n"
+    code = (f"import sys; sys.path.insert(0, {str(tests)!r})\n"
             "import test_kernels_triton, test_kernels_budget, test_kernels_reference, "
             "test_views_fused, ckd.kernels.fused, ckd.kernels.static, ckd.data.views\n"
             "bad = {'zarr', 'ffcv', 'numcodecs'} & set(sys.modules)\n"
-            "assert not bad, bad" % str(tests))
+            "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -167,8 +167,8 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
     vec_s = vec_width(zs_d, C)
     vec_g = vec_width(grad, C) if write_grad else 1
     one_hot = [1.0] + [0.0] * (M - 1)
-    seed32 = _i32(p.get("seed", 0) or 0)
-    step_val, step_ptr, step_from_ptr = _step_args(p.get("step", 0) or 0)
+    seed32 = _i32(0 if p.get("seed") is None else p["seed"])
+    step_val, step_ptr, step_from_ptr = _step_args(0 if p.get("step") is None else p["step"])
 
     if method == "dkd":
         zt = zm[0]
