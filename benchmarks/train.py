@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--num-classes", type=int, default=100)
     ap.add_argument("--cases", default="nokd,cache,online")
     ap.add_argument("--compile", action="store_true", help="torch.compile the student")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also run every case with --cuda-graphs (CUDA only)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--fastpaths", action="store_true",
                     help="only time the student step under each fast path")
@@ -146,8 +148,16 @@ def main() -> None:
     # a throwaway run first: the process's first training run pays one-off costs (oneDNN
     # primitive creation, allocator growth) that would otherwise land on whichever case is first
     run_case("warm-up", dict(base, method="nokd", epochs=2, out=str(root / "warmup")))
+    graph_modes = [False, True] if args.cuda_graphs else [False]
+
+    def run_modes(name: str, cfg: dict) -> None:
+        for graphs in graph_modes:
+            suffix, out = (" + CUDA graphs", "-graphs") if graphs else ("", "")
+            rows.append(run_case(name + suffix, dict(cfg, cuda_graphs=graphs,
+                                                     out=cfg["out"] + out)))
+
     if "nokd" in cases:
-        rows.append(run_case("nokd", dict(base, method="nokd", out=str(root / "nokd"))))
+        run_modes("nokd", dict(base, method="nokd", out=str(root / "nokd")))
     if "cache" in cases or "online" in cases:
         t = time.perf_counter()
         mentors = make_mentors(root / "mentors", args.num_classes)
@@ -156,14 +166,13 @@ def main() -> None:
                             progress=False)
         print(f"[built 6-mentor cache for {n} samples in {time.perf_counter() - t:.0f} s]")
         if "cache" in cases:
-            rows.append(run_case("classroom, cached logits",
-                                 dict(base, method="classroom", cache=str(cache),
-                                      mentors=CLASSROOM, out=str(root / "cached"))))
+            run_modes("classroom, cached logits",
+                      dict(base, method="classroom", cache=str(cache), mentors=CLASSROOM,
+                           out=str(root / "cached")))
         if "online" in cases:
-            rows.append(run_case("classroom, online mentors",
-                                 dict(base, method="classroom", cache=str(cache),
-                                      mentors_online=True, mentors=CLASSROOM,
-                                      out=str(root / "online"))))
+            run_modes("classroom, online mentors",
+                      dict(base, method="classroom", cache=str(cache), mentors_online=True,
+                           mentors=CLASSROOM, out=str(root / "online")))
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"\ndevice: {dev}; torch {torch.__version__}; batch {args.batch_size}, "

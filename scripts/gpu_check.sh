@@ -41,17 +41,16 @@ run() {  # run a step, copy its output into the results file, remember failures
 section "Kernel and view tests on the GPU (CKD_TEST_DEVICE=cuda)"
 run env CKD_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_kernels_triton.py tests/test_kernels_budget.py tests/test_kernels_reference.py \
-    tests/test_views.py tests/test_views_fused.py
+    tests/test_views.py tests/test_views_fused.py tests/test_train_graphs.py
 endsec
 
 section "Loss microbenchmark (benchmarks/kernels.py --gpu-check)"
 run "$PY" benchmarks/kernels.py --gpu-check --out benchmarks/out
 endsec
 
-section "Trainer benchmark (benchmarks/train.py --device cuda)"
+section "Trainer benchmark, eager and --cuda-graphs (benchmarks/train.py --device cuda)"
 run "$PY" benchmarks/train.py --device cuda --repeats 3 --steps 20 --batch-size 64 \
-    --cases nokd,cache,online
+    --cases nokd,cache,online --cuda-graphs
 endsec
-echo "(--cuda-graphs is not implemented in the trainer yet: no graph-replay case.)" >> "$OUT"
 echo "gpu_check: results in $OUT (status $status)"
 exit $status
