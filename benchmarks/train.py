@@ -123,8 +123,6 @@ def main() -> None:
     ap.add_argument("--num-classes", type=int, default=100)
     ap.add_argument("--cases", default="nokd,cache,online")
     ap.add_argument("--compile", action="store_true", help="torch.compile the student")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="also run every case with --cuda-graphs (CUDA only)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--fastpaths", action="store_true",
                     help="only time the student step under each fast path")
@@ -148,13 +146,8 @@ def main() -> None:
     # a throwaway run first: the process's first training run pays one-off costs (oneDNN
     # primitive creation, allocator growth) that would otherwise land on whichever case is first
     run_case("warm-up", dict(base, method="nokd", epochs=2, out=str(root / "warmup")))
-    graph_modes = [False, True] if args.cuda_graphs else [False]
-
     def run_modes(name: str, cfg: dict) -> None:
-        for graphs in graph_modes:
-            suffix, out = (" + CUDA graphs", "-graphs") if graphs else ("", "")
-            rows.append(run_case(name + suffix, dict(cfg, cuda_graphs=graphs,
-                                                     out=cfg["out"] + out)))
+        rows.append(run_case(name, cfg))
 
     if "nokd" in cases:
         run_modes("nokd", dict(base, method="nokd", out=str(root / "nokd")))

@@ -69,11 +69,14 @@ def aligned_rows(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
 
 def mentor_row_stats(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-row statistics [..., 2] fp32 of mentor logits [..., B, C]: the log-probability
-    of the true class and the logsumexp, both at T=1 (what the ranking reads)."""
-    z = logits.double() if logits.dtype == torch.float64 else logits.float()
-    lse = torch.logsumexp(z, dim=-1)
-    zy = z.gather(-1, labels.long().expand(*z.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-    return torch.stack([zy - lse, lse], -1).float()
+    of the true class and the logsumexp, both at T=1 (what the ranking reads). The same
+    arithmetic as `ckd.cache.stats.mentor_row_stats`, which the cache stores (a test holds
+    them equal bit for bit); kept here so the kernels import no cache (zarr) code."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    lab = torch.as_tensor(labels, device=x.device).to(torch.int64).expand(x.shape[:-1])
+    true = x.gather(-1, lab.unsqueeze(-1)).squeeze(-1)
+    return torch.stack([true - lse, lse], dim=-1)
 
 
 def _tiles(B: int, C: int, n_terms: int, block_c: int | None, extra_term: bool = False):
