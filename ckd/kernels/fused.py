@@ -156,6 +156,10 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
     B, C = zs.shape
     M = 0 if zm is None else zm.shape[0]
     f32 = torch.float32
+    # parameters a method does not declare come as None (unused by its kernel path)
+    tau = 1.0 if tau is None else tau
+    beta = 1.0 if beta is None else beta
+    delta = 0.0 if delta is None else delta
     write_grad = zs.requires_grad and torch.is_grad_enabled()
     loss_dtype = torch.float64 if zs.dtype == torch.float64 else f32
     in_place = zs.dtype != torch.float16  # fp16: the gradient stays fp32 until scaled
