@@ -111,6 +111,12 @@ def test_info_and_verify_cover_the_feature_arrays(mentors, tmp_path):
                        features="pool")
     _, rows = info(path)
     assert rows[0]["features"] == {"pool": [64]} and rows[0]["feature_bytes"] > 0
+    from click.testing import CliRunner
+
+    from ckd.cli.main import main
+
+    res = CliRunner().invoke(main, ["cache", "info", str(path)])
+    assert res.exit_code == 0 and "pool 64" in res.output, res.output
     assert verify(path).ok
     chunk = next((path / "mentors" / "t" / "pool" / "c").rglob("*"))
     while chunk.is_dir():
