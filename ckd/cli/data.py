@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import click
 
+from ckd.cli import params
+
 IMAGE_FOLDERS = ("imagefolder", "imagenet")
 
 
 @click.command()
 @click.argument("dataset")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              callback=params.writable_dir,
               help="Directory for train.beton, test.beton and meta.json.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Where CIFAR archives are found/downloaded (default $CKD_DATA_DIR or "
