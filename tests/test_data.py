@@ -206,4 +206,5 @@ def test_prepare_cli_bad_dataset(tmp_path):
     from ckd.cli.data import prepare
 
     res = CliRunner().invoke(prepare, ["mnist", "--out", str(tmp_path / "x")])
-    assert res.exit_code != 0 and "must be one of cifar10, cifar100, digits, synthetic" in res.output
+    assert res.exit_code != 0
+    assert "must be one of cifar10, cifar100, digits, synthetic" in res.output
