@@ -1,5 +1,5 @@
 """Microbenchmarks of the distillation loss: eager reference vs torch.compile(reference) vs
-the fused Triton kernels (issue 3, section 5).
+the fused Triton kernels.
 
 For every (impl, method, B, C, M): forward, backward and forward+backward median time,
 peak extra memory, and the achieved bandwidth of forward+backward (minimal bytes: read

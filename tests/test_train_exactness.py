@@ -1,4 +1,4 @@
-"""Cached training == online distillation (issue 6 section 2): a student trained from an
+"""Cached training == online distillation: a student trained from an
 `--views all` fp32 logit cache and one trained with the same mentors evaluated live on the
 same views, from the same seed, see the same per-step loss (max abs diff <= 1e-6, fp32 CPU)
 and end at the same weights. Runs the default `distill_loss` path (Triton interpreter

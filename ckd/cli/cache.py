@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ckd.cache.layout import CODECS, DEFAULT_CODEC
+from ckd.cli import params
 
 _ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
 
@@ -53,17 +54,21 @@ def _default_device() -> str:
                    "alias=path.pt (RepDistiller or ckd checkpoint).")
 @click.option("--mentor-dir", default="mentors", show_default=True, type=click.Path(),
               help="Aliases resolve to <mentor-dir>/<dataset>/<arch>.pt.")
-@click.option("--out", required=True, type=click.Path(), help="Cache store (a folder).")
-@click.option("--views", default="all", show_default=True,
+@click.option("--out", required=True, type=click.Path(), callback=params.writable_dir,
+              help="Cache store (a folder).")
+@click.option("--views", default="all", show_default=True, type=params.Views(),
               help="'all' (every distinct view: 162 for CIFAR) or K keyed views per sample.")
-@click.option("--seed", default=0, show_default=True, help="Augmentation seed (--views K).")
-@click.option("--batch-size", default=512, show_default=True)
-@click.option("--device", default=None, help="cpu|cuda (default: cuda when available).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Augmentation seed (--views K).")
+@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Images per mentor forward pass.")
+@click.option("--device", default=None, callback=params.device,
+              help="cpu|cuda|cuda:N (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["fp16", "fp32"]), default="fp16",
               show_default=True, help="Storage precision of the logits.")
 @click.option("--codec", type=click.Choice(list(CODECS)), default=DEFAULT_CODEC,
               show_default=True, help="Compression (new stores only).")
-@click.option("--samples-per-chunk", type=int, default=None,
+@click.option("--samples-per-chunk", type=click.IntRange(min=1), default=None,
               help="Chunk height (default: ~8 MiB raw chunks; new stores only).")
 @click.option("--overwrite", is_flag=True,
               help="Recompute mentors whose checkpoint changed; rebuild a store made for "
@@ -146,13 +151,14 @@ def cache_info(path: str) -> None:
 
 @cache_group.command("verify")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--recompute", default=0, show_default=True,
+@click.option("--recompute", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also recompute N random rows per mentor from its checkpoint.")
 @click.option("--data-dir", type=click.Path(), help="Raw dataset folder (for --recompute).")
 @click.option("--prepared", type=click.Path(exists=True, file_okay=False),
               help="Prepared dataset folder (for --recompute).")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Which random rows to recompute.")
+@click.option("--device", default="cpu", show_default=True, callback=params.device)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Which random rows to recompute.")
 def cache_verify(path: str, recompute: int, data_dir: str | None, prepared: str | None,
                  device: str, seed: int) -> None:
     """Check completeness (markers and chunk files), every checksum and digest (every

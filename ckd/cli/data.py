@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import click
 
+from ckd.cli import params
+
 IMAGE_FOLDERS = ("imagefolder", "imagenet")
 
 
 @click.command()
 @click.argument("dataset")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              callback=params.writable_dir,
               help="Directory for train.beton, test.beton and meta.json.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Where CIFAR archives are found/downloaded (default $CKD_DATA_DIR or "
@@ -19,13 +22,13 @@ IMAGE_FOLDERS = ("imagefolder", "imagenet")
 @click.option("--n-test", type=int, default=None, help="synthetic only: test samples.")
 @click.option("--num-classes", type=int, default=None, help="synthetic only: classes.")
 @click.option("--seed", type=int, default=None, help="synthetic only: generator seed.")
-@click.option("--max-side", type=int, default=512, show_default=True,
+@click.option("--max-side", type=click.IntRange(min=1), default=512, show_default=True,
               help="imagefolder/imagenet: longer side of the stored JPEGs (larger are shrunk).")
-@click.option("--quality", type=int, default=90, show_default=True,
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
               help="imagefolder/imagenet: JPEG quality of the stored images.")
 @click.option("--resume", is_flag=True,
               help="imagefolder/imagenet: continue an interrupted run (finished parts kept).")
-@click.option("--workers", type=int, default=None,
+@click.option("--workers", type=click.IntRange(min=1), default=None,
               help="imagefolder/imagenet: decoding processes (default: all cores).")
 def prepare(dataset: str, out: str, data_dir: str | None, no_download: bool,
             n_train: int | None, n_test: int | None, num_classes: int | None,

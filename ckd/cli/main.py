@@ -16,15 +16,21 @@ USAGE_ERRORS = (ValueError, TypeError, KeyError, LookupError, OSError, RuntimeEr
 
 
 class CkdGroup(click.Group):
-    """Turns exceptions escaping a command into click errors unless `--debug` is given."""
+    """One error policy for every command: a failure is one line naming the problem and
+    the fix; `--debug` re-raises the underlying exception with its traceback."""
 
     def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except click.ClickException as err:  # commands wrap their errors `from err`
+            if debug and err.__cause__ is not None:
+                raise err.__cause__ from None
+            raise
+        except (click.exceptions.Exit, click.Abort):
             raise
         except Exception as err:
-            if ctx.params.get("debug") or not isinstance(err, USAGE_ERRORS):
+            if debug or not isinstance(err, USAGE_ERRORS):
                 raise
             if isinstance(err, (ValueError, OSError)):  # the message names value and fix
                 raise click.ClickException(str(err)) from err

@@ -9,6 +9,8 @@ from typing import Any
 import click
 import yaml
 
+from ckd.cli import params
+
 _ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
 
 
@@ -165,7 +167,7 @@ def train(**kw: Any) -> None:
 
 @click.command("train-mentor")
 @click.option("--arch", required=True, help="Mentor architecture, e.g. r110, resnet56, vgg13.")
-@click.option("--mentor-dir", type=click.Path(file_okay=False),
+@click.option("--mentor-dir", type=click.Path(file_okay=False), callback=params.writable_dir,
               help="Writes <mentor-dir>/<dataset>/<arch>.pt (default ./mentors).")
 @_common
 def train_mentor(arch: str, mentor_dir: str | None, **kw: Any) -> None:

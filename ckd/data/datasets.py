@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ckd.io import atomic_open
+from ckd.options import OptionError, Param
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -248,13 +249,11 @@ def _load_cifar(name: str, data_dir: Path, download: bool) -> Dataset:
 
 
 # -------------------------------------------------------------------------- digits
-def _load_digits(image_size: int = 32) -> Dataset:
+def _load_digits(image_size: int) -> Dataset:
     """sklearn's 1797 8x8 digits (0..16) -> uint8 0..255, nearest-neighbour upscale to
     `image_size` (32 by default: each pixel a 4x4 block, exact, no interpolation choices),
     grey -> RGB. `image_size=16` quarters every model's compute (the CPU demo uses it).
     Split: stratified 75/25, `train_test_split(random_state=0)`: 1347 train, 450 test."""
-    if image_size not in (8, 16, 32):
-        raise ValueError(f"digits image_size must be 8, 16 or 32, got {image_size}")
     scale = image_size // 8
     from sklearn.datasets import load_digits  # noqa: PLC0415 - heavy import
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
@@ -274,12 +273,9 @@ def _load_digits(image_size: int = 32) -> Dataset:
 
 
 # ----------------------------------------------------------------------- synthetic
-def _load_synthetic(n_train: int = 1000, n_test: int = 200, num_classes: int = 10,
-                    seed: int = 0) -> Dataset:
+def _load_synthetic(n_train: int, n_test: int, num_classes: int, seed: int) -> Dataset:
     """Class c = a fixed random 4x4x3 colour prototype (upscaled to 32x32 blocks) plus
     Gaussian noise (sd 40 of 255): learnable by a small CNN, deterministic from `seed`."""
-    if n_train < 1 or n_test < 1 or num_classes < 2:
-        raise ValueError("synthetic needs n_train >= 1, n_test >= 1, num_classes >= 2")
     rng = np.random.default_rng(seed)
     protos = rng.uniform(30, 225, size=(num_classes, 4, 4, 3))
     protos = protos.repeat(8, axis=1).repeat(8, axis=2).astype(np.float32)  # [C,32,32,3]
@@ -299,6 +295,36 @@ def _load_synthetic(n_train: int = 1000, n_test: int = 200, num_classes: int = 1
 
 
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic")
+# each dataset's options (`-D KEY=VALUE`, `dataset_options:` in a config), declared once
+DATASET_OPTIONS: dict[str, tuple[Param, ...]] = {
+    "digits": (Param("image_size", 32, int, "side of the upscaled images",
+                     choices=(8, 16, 32)),),
+    "synthetic": (Param("n_train", 1000, int, "training images", low=1),
+                  Param("n_test", 200, int, "test images", low=1),
+                  Param("num_classes", 10, int, "classes", low=2),
+                  Param("seed", 0, int, "generator seed", low=0)),
+}
+
+
+def dataset_key(name: str) -> str:
+    """The canonical name (`CIFAR-100` -> `cifar100`); ValueError listing the valid ones."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in DATASETS:
+        raise OptionError(f"--dataset {name!r} is invalid: must be one of "
+                          f"{', '.join(DATASETS)}")
+    return key
+
+
+def dataset_options(name: str, given: dict[str, Any] | None) -> dict[str, Any]:
+    """All options of dataset `name`: declared defaults < `given`, each checked."""
+    key = dataset_key(name)
+    declared = {p.name: p for p in DATASET_OPTIONS.get(key, ())}
+    unknown = sorted(set(given or {}) - set(declared))
+    if unknown:
+        raise OptionError(f"dataset {key} takes no option(s) {unknown}; its options: "
+                          f"{', '.join(declared) or 'none'}")
+    values = {**{n: p.default for n, p in declared.items()}, **(given or {})}
+    return {n: p.check(values[n], f"dataset {key}: ") for n, p in declared.items()}
 
 
 def default_data_dir() -> Path:
@@ -312,14 +338,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
 
     `data_dir` is only used by CIFAR (default `$CKD_DATA_DIR` or `./data`); `synthetic`
     takes `n_train`, `n_test`, `num_classes`, `seed`; `digits` takes `image_size`."""
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    allowed = {"synthetic": {"n_train", "n_test", "num_classes", "seed"},
-               "digits": {"image_size"}}.get(key, set())
-    if set(kw) - allowed:
-        raise TypeError(f"dataset {key!r} takes options {sorted(allowed) or 'none'}, "
-                        f"got {sorted(kw)}")
+    key = dataset_key(name)
+    kw = dataset_options(key, kw)
     if key in _CIFAR:
         return _load_cifar(key, Path(data_dir) if data_dir else default_data_dir(), download)
     if key == "digits":

@@ -19,8 +19,6 @@ from torch import Tensor, nn
 from ckd.methods.registry import COUNTERS, Method, MethodError, get_method
 
 _TERM = re.compile(r"^\s*(?:(?P<w>[0-9.eE+-]+)\s*\*\s*)?(?P<name>[A-Za-z0-9_-]+)\s*$")
-# `--tau` and friends: trainer flags that set a parameter of the logit method
-SHORTCUTS = ("tau", "beta", "delta", "lam", "variant", "granularity")
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ modules in this package are discovered on first lookup, so nothing else is edite
 from __future__ import annotations
 
 import importlib
-import math
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from ckd.options import OptionError, Param
 
 MENTOR_NEEDS = ("none", "teacher", "all")  # teacher = mentor 0 only
 # per-step counters a trainer supplies (see `ckd.methods.compose.LossPlan.loss`), with the
@@ -25,7 +26,7 @@ COUNTER_DEFAULTS: dict[str, Any] = {"seed": 0, "step": 0, "epoch": None}
 COUNTERS = tuple(COUNTER_DEFAULTS)
 
 
-class MethodError(ValueError):
+class MethodError(OptionError):
     """A bad method name, expression, parameter or parameter value (a usage error)."""
 
 
@@ -38,75 +39,6 @@ class Paper:
 
     def cite(self) -> str:
         return f"{self.authors}, *{self.title}*, {self.venue}"
-
-
-@dataclass(frozen=True)
-class Param:
-    """One method parameter. `low`/`high` bound numbers (`low_open`/`high_open`: strict);
-    `choices` bounds strings; `optional`: None is allowed (and means what `help` says);
-    `cli=False` hides a programmatic hook (e.g. a tensor) from the CLI and configs."""
-
-    name: str
-    default: Any
-    type: type
-    help: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple[str, ...] = ()
-    optional: bool = False
-    cli: bool = True
-
-    def range_text(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        parts = []
-        if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {_num(self.low)}")
-        if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {_num(self.high)}")
-        kind = {int: "an integer", float: "a number", str: "a string",
-                bool: "true or false"}.get(self.type, self.type.__name__)
-        text = kind + (" " + " and ".join(parts) if parts else "")
-        return text + (" (or null)" if self.optional else "")
-
-    def check(self, value: Any, where: str = "") -> Any:
-        """The value coerced to `type`; MethodError naming the parameter, value and range."""
-        if not self.cli and value is not None:
-            return value  # programmatic hook (tests): passed through as is
-        if value is None and (self.optional or self.default is None):
-            return None
-        bad = MethodError(f"{where}{self.name}={value!r} is invalid: must be "
-                          f"{self.range_text()} ({self.help})")
-        if self.type is str:
-            if not isinstance(value, str) or (self.choices and value not in self.choices):
-                raise bad
-            return value
-        if self.type is bool:
-            if not isinstance(value, bool):
-                raise bad
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        if self.type is int:
-            if float(value) != int(value):
-                raise bad
-            value = int(value)
-        else:
-            value = float(value)
-        if not math.isfinite(value):
-            raise bad
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            raise bad
-        if self.high is not None and (value > self.high
-                                      or (self.high_open and value == self.high)):
-            raise bad
-        return value
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 @dataclass(frozen=True)
@@ -182,7 +114,10 @@ class Method:
                                   f"parameters: {self.param_names()}")
             values[key] = value
         where = f"method {self.name}: "
-        out = {p.name: p.check(values[p.name], where) for p in self.params}
+        try:
+            out = {p.name: p.check(values[p.name], where) for p in self.params}
+        except OptionError as err:
+            raise MethodError(str(err)) from None
         problem = self.check(out) if self.check else None
         if problem:
             raise MethodError(where + problem)

@@ -15,9 +15,28 @@ import yaml
 
 from ckd.io import atomic_write_text
 from ckd.methods import LossPlan, make_plan
+from ckd.options import (
+    OptionError,
+    Param,
+    check_device,
+    check_existing_dir,
+    check_triton_backend,
+    check_writable_dir,
+)
 
 # Students trained at lr 0.01 in the paper (MobileNet/ShuffleNet), canonical names.
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+
+def _opt(default: Any, type_: type, help_: str, **limits: Any) -> Any:
+    """A config field declared with its type, valid range and help (checked by validate)."""
+    return field(default=default, metadata={"option": Param("", default, type_, help_,
+                                                             **limits)})
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a config field."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -27,18 +46,20 @@ class TrainConfig:
     method: str = "classroom"  # a registered method or a sum, e.g. kd+0.5*crd (ckd methods)
     variant: str | None = None  # classroom: paper | official (None: the method's default)
     granularity: str | None = None  # classroom: batch | sample
-    backend: str = "auto"  # distill_loss backend: auto | triton | reference
+    backend: str = _opt("auto", str, "distill_loss backend",
+                        choices=("auto", "triton", "reference"))
     # data
     dataset: str | None = None
     data_dir: str | None = None
     dataset_options: dict[str, Any] = field(default_factory=dict)  # synthetic: n_train, ...
     prepared: str | None = None  # beton dir written by `ckd prepare`
-    loader: str = "memory"  # memory | ffcv
+    loader: str = _opt("memory", str, "data loader", choices=("memory", "ffcv"))
     # mentors
     cache: str | None = None
-    cache_mode: str = "memory"  # memory | stream
+    cache_mode: str = _opt("memory", str, "where cached logits live while training",
+                           choices=("memory", "stream"))
     mentors: list[str] | None = None  # subset (teacher first); "name" or "name=path.pt"
-    mentors_online: bool = False
+    mentors_online: bool = _opt(False, bool, "run the mentors live")
     mentor_dir: str | None = None  # <mentor_dir>/<dataset>/<arch>.pt; default ./mentors
     # loss hyper-parameters (None: the method's declared default, lam None: number of
     # mentors); tau sets the method's temperature (tau or T), method_params any parameter
@@ -49,30 +70,39 @@ class TrainConfig:
     method_params: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None  # a named parameter set of the method, e.g. repdistiller (kd)
     # optimisation
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float | None = None  # None: 0.05, or 0.01 for MobileNet/ShuffleNet students
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "step"  # step | classroom-warmup | constant
+    epochs: int = _opt(240, int, "training epochs", low=1)
+    batch_size: int = _opt(64, int, "samples per step and process", low=1)
+    # None: 0.05, or 0.01 for MobileNet/ShuffleNet students
+    lr: float | None = _opt(None, float, "base learning rate", low=0, low_open=True,
+                            optional=True)
+    momentum: float = _opt(0.9, float, "SGD momentum", low=0, high=1, high_open=True)
+    weight_decay: float = _opt(5e-4, float, "SGD weight decay", low=0)
+    schedule: str = _opt("step", str, "learning-rate schedule",
+                         choices=("step", "classroom-warmup", "constant"))
     milestones: list[int] | None = None  # None: 150,180,210 scaled to `epochs`
-    gamma: float = 0.1
-    warmup_epochs: int | None = None  # classroom-warmup; None: 120 scaled to `epochs`
-    warmup_end_lr: float = 0.01
-    seed: int = 0
+    gamma: float = _opt(0.1, float, "learning-rate factor at each milestone", low=0,
+                        low_open=True, high=1)
+    # classroom-warmup; None: 120 scaled to `epochs`
+    warmup_epochs: int | None = _opt(None, int, "warm-up epochs of classroom-warmup", low=1,
+                                     optional=True)
+    warmup_end_lr: float = _opt(0.01, float, "learning rate at the end of the warm-up",
+                                low=0, low_open=True)
+    seed: int = _opt(0, int, "seed of the views, the order and the initial weights", low=0)
     # run
     out: str | None = None
-    resume: bool = False
+    resume: bool = _opt(False, bool, "continue the run in --out")
     resume_allow: list[str] | None = None  # settings a --resume may change (recorded)
-    overwrite: bool = False  # start over in an --out that holds a run
+    overwrite: bool = _opt(False, bool, "start over in an --out that holds a run")
     device: str | None = None  # None: cuda if available else cpu
-    amp: bool = True  # bf16 autocast (CUDA only)
-    channels_last: bool = True  # student (CPU and CUDA) and online mentors (CUDA)
-    compile: bool = False
-    log_every: int = 50
-    max_steps_per_epoch: int | None = None  # truncate epochs (tests, benchmarks)
-    progress: bool = True
-    eval_every: int = 1
+    amp: bool = _opt(True, bool, "bf16 autocast (CUDA only)")
+    # student (CPU and CUDA) and online mentors (CUDA)
+    channels_last: bool = _opt(True, bool, "channels_last memory format")
+    compile: bool = _opt(False, bool, "torch.compile the student")
+    log_every: int = _opt(50, int, "steps between metrics records", low=1)
+    max_steps_per_epoch: int | None = _opt(None, int, "truncate epochs (tests, benchmarks)",
+                                           low=1, optional=True)
+    progress: bool = _opt(True, bool, "progress bars")
+    eval_every: int = _opt(1, int, "epochs between test evaluations", low=1)
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -89,20 +119,43 @@ class TrainConfig:
                          backend=self.backend)
 
     def validate(self) -> None:
+        """Every value against its declaration, then the cross-field rules: before any
+        work starts, each error naming the option, the value and the valid range."""
+        for f in dataclasses.fields(self):
+            if "option" in f.metadata:
+                setattr(self, f.name, f.metadata["option"].check(getattr(self, f.name),
+                                                                 label=flag(f.name)))
         self.loss_plan()
-        if self.loader not in ("memory", "ffcv"):
-            raise ValueError(f"--loader must be memory or ffcv, got {self.loader!r}")
-        if self.schedule not in ("step", "classroom-warmup", "constant"):
-            raise ValueError(f"--schedule must be step, classroom-warmup or constant, "
-                             f"got {self.schedule!r}")
+        self._check_schedule()
+        if self.dataset is not None:
+            from ckd.data.datasets import dataset_options  # noqa: PLC0415
+
+            dataset_options(self.dataset, self.dataset_options)
+        check_existing_dir(self.prepared, "--prepared", "write it with `ckd prepare`")
+        check_existing_dir(self.cache, "--cache", "build it with `ckd cache-logits`")
+        check_writable_dir(self.out, "--out")
+        check_device(self.device)
+        check_triton_backend(self.backend, self.device)
         if self.dataset is None and self.prepared is None:
             raise ValueError("no data: pass --dataset NAME (with --data-dir) or "
                              "--prepared DIR (from `ckd prepare`)")
         if self.loader == "ffcv" and self.prepared is None:
             raise ValueError("--loader ffcv reads beton files: pass --prepared DIR "
                              "(write it with `ckd prepare`)")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("--epochs and --batch-size must be >= 1")
+
+    def _check_schedule(self) -> None:
+        uses_milestones = self.schedule in ("step", "classroom-warmup")
+        if self.milestones is not None and uses_milestones:
+            ms = self.milestones
+            if not all(isinstance(m, int) and not isinstance(m, bool) for m in ms) or \
+                    any(b <= a for a, b in zip(ms, ms[1:], strict=False)) or \
+                    (ms and not 1 <= ms[0] <= ms[-1] < self.epochs):
+                raise OptionError(f"--milestones={ms} is invalid: must be increasing integer "
+                                  f"epochs in [1, {self.epochs - 1}] (--epochs {self.epochs})")
+        if self.schedule == "classroom-warmup" and self.warmup_epochs is not None \
+                and self.warmup_epochs >= self.epochs:
+            raise OptionError(f"--warmup-epochs={self.warmup_epochs} is invalid: the warm-up "
+                              f"must end before training does (< --epochs {self.epochs})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,11 +191,21 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     for key in ("mentors", "milestones", "resume_allow"):
         if isinstance(values.get(key), str):  # "a,b,c" from a flag or the file
             parts = [s.strip() for s in values[key].split(",") if s.strip()]
-            values[key] = [int(s) for s in parts] if key == "milestones" else parts
+            values[key] = _ints(parts, values[key]) if key == "milestones" else parts
+    if isinstance(values.get("milestones"), int):
+        values["milestones"] = [values["milestones"]]
     for key in ("method_params", "dataset_options"):
         if values.get(key) is not None and not isinstance(values[key], dict):
             raise ValueError(f"{key} must be a mapping, got {values[key]!r}")
     return TrainConfig(**values)
+
+
+def _ints(parts: list[str], text: str) -> list[int]:
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise OptionError(f"--milestones={text!r} is invalid: must be a comma list of "
+                          "integer epochs, e.g. 150,180,210") from None
 
 
 def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
