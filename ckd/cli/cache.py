@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
@@ -134,21 +133,30 @@ def _print_info(path: str) -> None:
                     f"{attrs['num_classes']} classes, {attrs['dtype']}")
     for col in ("mentor", "arch", "test acc %", "train acc %", "views", "chunks",
                 "size on disk", "ratio", "features"):
-        t.add_column(col, justify="left" if col in ("mentor", "arch") else "right")
+        left = col in ("mentor", "arch")
+        t.add_column(col, justify="left" if left else "right", no_wrap=left or col == "chunks")
+    notes = []
     for r in rows:
         t.add_row(r["alias"], str(r["arch"]),
                   "-" if r["test_acc"] is None else f"{r['test_acc']:.2f}",
                   "-" if r["train_acc"] is None else f"{r['train_acc']:.2f}",
                   str(r["views"]), f"{r['done_chunks']}/{r['total_chunks']}"
-                  + ("" if r["complete"] and not r["missing_files"] else " (incomplete)")
-                  + (f" ({r['missing_files']} chunk files missing: rerun cache-logits)"
-                     if r["missing_files"] else "")
-                  + ("" if r["digest_ok"] else f" (metadata changed: ckd cache verify {path})"),
+                  + ("" if r["complete"] and not r["missing_files"] else " (incomplete)"),
                   f"{r['bytes'] / 2**20:.1f} MiB", f"{r['ratio']:.2f}x",
                   ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["features"].items())
                   + (f" ({r['feature_bytes'] / 2**20:.1f} MiB)" if r["features"] else "-"))
-    # piped or captured output is read whole: never squeeze columns into "…" there
-    Console(width=None if sys.stdout.isatty() else 240).print(t)
+        if r["missing_files"]:
+            notes.append(f"{r['alias']}: {r['missing_files']} chunk files missing: rerun the "
+                         f"`ckd cache-logits --out {path} ...` command (it rebuilds them)")
+        if not r["digest_ok"]:
+            notes.append(f"{r['alias']}: metadata differs from its recorded digest: run "
+                         f"`ckd cache verify {path}`")
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not cut names at 80 columns
+        console = Console(width=160)
+    console.print(t)
+    for note in notes:
+        click.echo(note)
 
 
 @click.group("cache")
