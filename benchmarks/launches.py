@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ckd.hashing import seed_keys
+
 NO_LAUNCH = {"empty.memory_format", "empty_strided.default", "detach.default", "view.default",
              "select.int", "slice.Tensor", "alias.default", "expand.default",
              "as_strided.default", "_unsafe_view.default", "t.default", "permute.default",
@@ -124,7 +126,7 @@ def step_counts(B=64, C=100, M=6) -> dict[str, int]:
     def views_kernel():  # what apply_views/view_ids run on CUDA (one kernel each)
         from ckd.kernels.views import view_ids_fused, views_fused
 
-        ids = view_ids_fused(V._seed_keys(7), idx)
+        ids = view_ids_fused(seed_keys(7), idx)
         scale, shift = V._affine(mean, std, images.device)
         return views_fused(images, scale, shift, ids=ids, channels_last=True)[0], ids
 

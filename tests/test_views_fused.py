@@ -9,6 +9,7 @@ import torch
 from device import DEVICE
 
 from ckd.data import views as V
+from ckd.hashing import hash32, seed_keys
 from ckd.kernels.views import view_ids_fused, views_fused
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -33,15 +34,15 @@ def test_fused_views_equal_torch_bit_for_bit(seed, shape, channels_last):
     images = _images(b, h, w, seed % 97)
     indices = torch.tensor([0, 5, 2**33 + 1, 49999, 12, 3][:b])
     scale, shift = V._affine(MEAN, STD, DEVICE)
-    x, ids = views_fused(images.to(DEVICE), scale, shift, keys=V._seed_keys(seed),
+    x, ids = views_fused(images.to(DEVICE), scale, shift, keys=seed_keys(seed),
                          indices=indices.to(DEVICE), channels_last=channels_last)
-    expect_ids = (V.hash32(seed, indices) * V.NUM_VIEWS) >> 32
+    expect_ids = (hash32(seed, indices) * V.NUM_VIEWS) >> 32
     assert torch.equal(ids.cpu(), expect_ids)
     expect = _torch_views(images, expect_ids, channels_last)
     assert torch.equal(x.cpu(), expect)
     assert x.is_contiguous(memory_format=torch.channels_last if channels_last
                            else torch.contiguous_format)
-    assert torch.equal(view_ids_fused(V._seed_keys(seed), indices.to(DEVICE)).cpu(), expect_ids)
+    assert torch.equal(view_ids_fused(seed_keys(seed), indices.to(DEVICE)).cpu(), expect_ids)
 
 
 def test_fused_views_given_ids_every_view_and_identity():

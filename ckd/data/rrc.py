@@ -3,7 +3,7 @@
 `rrc_view(seed, i, k)` is torchvision's `RandomResizedCrop.get_params` (scale (0.08, 1),
 ratio (3/4, 4/3), 10 attempts, then the center-crop fallback) followed by a horizontal
 flip with probability 1/2, on image i's ORIGINAL size, with every random draw taken from
-ckd's counter-based hash (`ckd.data.views.hash32`) instead of a global RNG:
+ckd's counter-based hash (`ckd.hashing.hash32`) instead of a global RNG:
 
     slot seed      = epoch_seed(seed, k)                 (as CIFAR's keyed slots)
     draw d of i    = hash32(slot seed, i * 64 + d)       d = 0..40, uniform 32-bit
@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .views import hash32
+from ckd.hashing import hash32
 
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)

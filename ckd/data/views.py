@@ -17,56 +17,14 @@ from collections.abc import Sequence
 
 import torch
 
+from ckd.hashing import hash32, seed_keys
+
 NUM_VIEWS = 162
 IDENTITY_VIEW = -1
 IDENTITY_SEED = -1
 RECIPE = {"name": "cifar-pad4-crop32-flip", "version": 1}
 PAD = 4
 _OFFSETS = 2 * PAD + 1  # 9 crop offsets per axis
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32), c a 32-bit constant, without int64 overflow:
-    split c into 16-bit halves so every product is < 2^48."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (Chris Wellons' hash-prospector): a bijection on 32-bit integers."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _mix32_int(x: int) -> int:
-    """Python-int twin of `_mix32` (used to fold the seed into two 32-bit keys)."""
-    x &= _M32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def _seed_keys(seed: int) -> tuple[int, int]:
-    lo, hi = seed & _M32, (seed >> 32) & _M32
-    k1 = _mix32_int(lo ^ _mix32_int(hi ^ 0x9E3779B9))
-    k2 = _mix32_int(k1 ^ 0x85EBCA6B)
-    return k1, k2
-
-
-def hash32(seed: int, indices: torch.Tensor) -> torch.Tensor:
-    """Uniform 32-bit hash of (seed, index) as int64 in [0, 2^32), on indices' device."""
-    idx = indices.to(torch.int64)
-    k1, k2 = _seed_keys(int(seed))
-    h = _mix32((idx & _M32) ^ k1)  # bijective in the low 32 bits of the index
-    return _mix32(h ^ ((idx >> 32) & _M32) ^ k2)
-
 
 def view_ids(seed: int, indices: torch.Tensor) -> torch.Tensor:
     """View id in 0..161 for each sample index (int64, same device as `indices`).
@@ -79,7 +37,7 @@ def view_ids(seed: int, indices: torch.Tensor) -> torch.Tensor:
     if indices.is_cuda and indices.ndim == 1:  # one kernel instead of ~20 integer ops
         from ckd.kernels.views import view_ids_fused  # noqa: PLC0415 - needs triton
 
-        return view_ids_fused(_seed_keys(int(seed)), indices, NUM_VIEWS)
+        return view_ids_fused(seed_keys(int(seed)), indices, NUM_VIEWS)
     return (hash32(seed, indices) * NUM_VIEWS) >> 32
 
 

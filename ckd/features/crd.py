@@ -29,7 +29,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ckd.kernels.rng import M32, hash32_t, stream_key, tekap_noise
+from ckd.hashing import M32, mix32
+from ckd.kernels.rng import stream_key, tekap_noise
 
 EPS = 1e-7  # RepDistiller's eps in ContrastLoss
 STREAM_CRD = 0x0C7D5A11  # negatives
@@ -69,7 +70,7 @@ def draw_negatives(seed: int, step: int, labels: Tensor, nce_k: int,
     root = stream_key(STREAM_CRD, seed, step)
     b = torch.arange(labels.shape[0], device=labels.device, dtype=torch.int64).view(-1, 1)
     k = torch.arange(nce_k, device=labels.device, dtype=torch.int64).view(1, -1)
-    h = hash32_t(hash32_t((root ^ b) & M32) ^ k)
+    h = mix32(mix32((root ^ b) & M32) ^ k)
     others = (n - class_count[labels]).view(-1, 1).clamp_min(1)
     pos = h % others
     start = class_start[labels].view(-1, 1)

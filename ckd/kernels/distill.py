@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ckd.kernels.rng import STREAM_DGKD, STREAM_TEKAP
+from ckd.kernels.views import mix32_tl
 
 _DGKD = tl.constexpr(STREAM_DGKD)
 _TEKAP = tl.constexpr(STREAM_TEKAP)
@@ -50,19 +51,9 @@ UNSPECIALIZED = ["seed32", "step_val"]
 
 
 @triton.jit
-def _lo32(x):
-    """Low 32 bits of a non-negative int64 (shifts only: same on every backend)."""
-    return x - ((x >> 32) << 32)
-
-
-@triton.jit
 def _hash32(x):
-    """rng.hash32 on int64 values in [0, 2**32); every product fits in int64."""
-    x = x ^ (x >> 16)
-    x = _lo32(x * 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _lo32(x * 0x5BD1E995)
-    return x ^ (x >> 16)
+    """ckd.hashing.mix32 on int64 values in [0, 2**32) (mixed as uint32)."""
+    return mix32_tl(x.to(tl.uint32)).to(tl.int64)
 
 
 @triton.jit

@@ -3,9 +3,8 @@
 Every random draw in `ckd.kernels` is a pure function of integer keys, so the eager
 reference and the fused kernel see exactly the same numbers without storing them:
 
-- `hash32(x)`: a 32-bit integer mixer (xorshift-multiply, constants < 2**31 so that every
-  product of a 32-bit value and a constant fits in a signed int64 without overflow; the
-  same int64 operations run in Python, in torch and in Triton and give identical bits).
+- the mixer is ckd's one counter-based hash (`ckd.hashing.mix32`, lowbias32): the same
+  bits come out of Python ints, torch int64 tensors and the Triton kernels.
 - DGKD mentor drop: `dgkd_keep_mask(seed, step, M, p)` in plain Python (M values per step,
   no device work, no sync).
 - TeKAP noise: `tekap_noise(seed, step, B, C, n_copies)`; the kernel computes the same
@@ -17,37 +16,16 @@ from __future__ import annotations
 
 import torch
 
-M32 = (1 << 32) - 1
-MUL1 = 0x7FEB352D
-MUL2 = 0x5BD1E995
+from ckd.hashing import M32, mix32, mix32_int
+
 STREAM_DGKD = 0x0D6A5EED
 STREAM_TEKAP = 0x7E4A9015
 TWO_PI = 6.283185307179586
 
 
-def hash32(x: int) -> int:
-    """Mix a 32-bit unsigned integer (Python ints)."""
-    x &= M32
-    x ^= x >> 16
-    x = (x * MUL1) & M32
-    x ^= x >> 15
-    x = (x * MUL2) & M32
-    x ^= x >> 16
-    return x
-
-
-def hash32_t(x: torch.Tensor) -> torch.Tensor:
-    """`hash32` on an int64 tensor holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = (x * MUL1) & M32
-    x = x ^ (x >> 15)
-    x = (x * MUL2) & M32
-    return x ^ (x >> 16)
-
-
 def stream_key(stream: int, seed: int, step: int) -> int:
     """Key of one (stream, seed, step): the per-step root every draw is derived from."""
-    return hash32(hash32((seed & M32) ^ stream) ^ (step & M32))
+    return mix32_int(mix32_int((seed & M32) ^ stream) ^ (step & M32))
 
 
 def dgkd_keep_mask(seed: int, step: int, num_mentors: int, p: float) -> list[bool]:
@@ -60,7 +38,7 @@ def dgkd_keep_mask(seed: int, step: int, num_mentors: int, p: float) -> list[boo
         raise ValueError(f"dgkd drop probability p must be in [0, 1], got {p}")
     threshold = int(p * 2.0**32)  # dropped iff hash < threshold: integer compare, exact
     root = stream_key(STREAM_DGKD, seed, step)
-    keep = [hash32(root ^ m) >= threshold for m in range(num_mentors)]
+    keep = [mix32_int(root ^ m) >= threshold for m in range(num_mentors)]
     if num_mentors and not any(keep):
         keep[0] = True
     return keep
@@ -78,9 +56,9 @@ def tekap_noise(
     b = torch.arange(B, device=device, dtype=torch.int64).view(1, B, 1)
     i = torch.arange(n_copies, device=device, dtype=torch.int64).view(n_copies, 1, 1)
     c = torch.arange(C, device=device, dtype=torch.int64).view(1, 1, C)
-    key = hash32_t(hash32_t(root ^ b) ^ i)
-    h1 = hash32_t(key ^ (2 * c))
-    h2 = hash32_t(key ^ (2 * c + 1))
+    key = mix32(mix32(root ^ b) ^ i)
+    h1 = mix32(key ^ (2 * c))
+    h2 = mix32(key ^ (2 * c + 1))
     u1 = ((h1 >> 8) + 1).to(torch.float32) * (2.0**-24)
     u2 = (h2 >> 8).to(torch.float32) * (2.0**-24)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(TWO_PI * u2)

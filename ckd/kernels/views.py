@@ -16,8 +16,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _mix32(x):
-    """lowbias32 on uint32 (wrapping multiplies), as ckd.data.views._mix32."""
+def mix32_tl(x):
+    """`ckd.hashing.mix32` on uint32 (wrapping multiplies): the Triton twin of ckd's hash."""
     x = x ^ (x >> 16)
     x = x * tl.full([], 0x7FEB352D, tl.uint32)
     x = x ^ (x >> 15)
@@ -39,8 +39,8 @@ def _views_kernel(img_ptr, ids_ptr, idx_ptr, out_ptr, scale_ptr, shift_ptr, k1, 
         idx = tl.load(idx_ptr + b).to(tl.int64)
         lo = (idx & 0xFFFFFFFF).to(tl.uint32)
         hi = ((idx >> 32) & 0xFFFFFFFF).to(tl.uint32)
-        h = _mix32(lo ^ k1.to(tl.uint32))
-        h = _mix32(h ^ hi ^ k2.to(tl.uint32))
+        h = mix32_tl(lo ^ k1.to(tl.uint32))
+        h = mix32_tl(h ^ hi ^ k2.to(tl.uint32))
         v = (h.to(tl.int64) * NUM_VIEWS) >> 32
     if not FROM_IDS:
         tl.store(ids_ptr + b, v)

@@ -1,0 +1,57 @@
+"""The one counter-based hash of ckd: every random draw (augmentation views, random-resized
+crops, DGKD mentor drops, TeKAP noise, CRD negatives) is a pure function of integer keys
+through this mixer, so eager code, torch tensors and the Triton kernels draw the same bits
+without storing them.
+
+`mix32` is lowbias32 (Chris Wellons' hash-prospector), a bijection on 32-bit integers. The
+tensor version splits each constant into 16-bit halves so every product fits in int64;
+the Triton twin (`ckd.kernels.views.mix32_tl`) multiplies uint32 with wrap-around.
+"""
+
+from __future__ import annotations
+
+import torch
+
+M32 = 0xFFFFFFFF
+MUL1, MUL2 = 0x7FEB352D, 0x846CA68B
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on an int64 tensor holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, MUL1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, MUL2)
+    return x ^ (x >> 16)
+
+
+def mix32_int(x: int) -> int:
+    """`mix32` on a Python int (its low 32 bits)."""
+    x &= M32
+    x ^= x >> 16
+    x = (x * MUL1) & M32
+    x ^= x >> 15
+    x = (x * MUL2) & M32
+    return x ^ (x >> 16)
+
+
+def seed_keys(seed: int) -> tuple[int, int]:
+    """Two 32-bit keys folded from a (up to 64-bit) seed."""
+    lo, hi = seed & M32, (seed >> 32) & M32
+    k1 = mix32_int(lo ^ mix32_int(hi ^ 0x9E3779B9))
+    k2 = mix32_int(k1 ^ 0x85EBCA6B)
+    return k1, k2
+
+
+def hash32(seed: int, indices: torch.Tensor) -> torch.Tensor:
+    """Uniform 32-bit hash of (seed, index) as int64 in [0, 2^32), on indices' device."""
+    idx = indices.to(torch.int64)
+    k1, k2 = seed_keys(int(seed))
+    h = mix32((idx & M32) ^ k1)  # bijective in the low 32 bits of the index
+    return mix32(h ^ ((idx >> 32) & M32) ^ k2)
