@@ -1,7 +1,7 @@
 """Image-folder benchmark: `ckd prepare imagefolder` images/s (decode + shrink + JPEG
 encode), random-resized-crop boxes/s, the replaying FFCV decoder's images/s (decode +
-crop + resize) and decode + crop + mentor forward images/s at 224 px (what `cache-logits`
-spends per view on an image folder).
+crop + resize), decode + crop + mentor forward images/s at 224 px, and `cache-logits`
+end to end on the JPEG folder (decode + crop + mentor + write).
 
     .venv/bin/python benchmarks/images.py [--images 256] [--out FILE.md]
 
@@ -54,11 +54,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    from ckd.cache import build_cache
+    from ckd.cache.image_views import ImageViews
     from ckd.data.imagefolder import prepare_imagefolder
     from ckd.data.images import ImageLoader
     from ckd.data.rrc import rrc_views
     from ckd.data.views import normalize
-    from ckd.models import create_model
+    from ckd.models import create_model, save_checkpoint
 
     torch.manual_seed(0)
     cores = os.cpu_count()
@@ -101,6 +103,16 @@ def main() -> None:
                     done += len(x)
             say(f"decode + crop + {arch} forward at 224 px, batch 32: "
                 f"{done / (time.perf_counter() - t):.1f} img/s")
+        ckpt = Path(tmp) / "resnet18.pt"
+        save_checkpoint(ckpt, create_model("resnet18", meta["num_classes"]), arch="resnet18",
+                        num_classes=meta["num_classes"], dataset=meta["name"], metrics=None)
+        t = time.perf_counter()
+        build_cache(ImageViews(out, batch_size=32), {"r18": ckpt}, Path(tmp) / "cache",
+                    views=1, batch_size=32, progress=False)
+        dt = time.perf_counter() - t
+        say(f"cache-logits --views 1, resnet18 at 224 px, {n} train + {meta['n_test']} test "
+            f"images (decoder compiles, checkpoint hash and the test pass included): "
+            f"{n / dt:.1f} train img/s end to end")
     if args.out:
         args.out.write_text("\n".join(LINES) + "\n")
 

@@ -27,6 +27,7 @@ from .layout import (
     layout_from_attrs,
     read_json_attrs,
     read_root_attrs,
+    root_array_names,
 )
 from .reader import list_mentors, open_root, read_array
 
@@ -46,7 +47,7 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     raw = lay.num_slots * lay.num_samples * lay.num_classes * np.dtype(lay.dtype).itemsize
     rows = []
     root = open_root(path)
-    for name in ("labels", "view_ids") if attrs["views"]["mode"] == "keyed" else ("labels",):
+    for name in root_array_names(attrs):
         read_array(path, root, name)  # small; names a damaged file
     digests = (attrs.get("digests") or {}).get("mentors") or {}
     for alias, m in list_mentors(path).items():
@@ -100,7 +101,7 @@ def _check_root_arrays(path: Path, attrs: dict[str, Any], root: zarr.Group, lay:
                        rep: VerifyReport) -> np.ndarray | None:
     digests = attrs.get("digests") or {}
     labels = None
-    for name in ("labels", "view_ids") if attrs["views"]["mode"] == "keyed" else ("labels",):
+    for name in root_array_names(attrs):
         try:
             vals = read_array(path, root, name)
         except CacheReadError as err:
@@ -216,6 +217,10 @@ def load_cache_dataset(attrs: dict[str, Any], data_dir: str | None = None,
     from ckd.data import load_dataset
 
     ds_attrs = attrs["dataset"]
+    from .image_views import ImageViews, is_image_folder
+
+    if is_image_folder(prepared):
+        return ImageViews(prepared)
     if prepared:
         from ckd.data import load_prepared
 
@@ -234,6 +239,11 @@ def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
 
     if dataset is None:
         dataset = load_cache_dataset(attrs)
+    from .image_views import ImageViews, recompute_rows
+
+    if isinstance(dataset, ImageViews):  # image folder: boxes re-derived, crops re-decoded
+        recompute_rows(path, attrs, lay, root, mentors, n_rows, dataset, device, seed, rep)
+        return
     check_compatible(attrs, fingerprint=dataset.fingerprint, num_classes=dataset.num_classes,
                      recipe=RECIPE, path=str(path))
     gen = np.random.default_rng(seed)

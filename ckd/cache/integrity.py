@@ -17,6 +17,7 @@ import crc32c
 import numpy as np
 
 from .layout import (
+    BOXES,
     CORRECT,
     MARKER,
     MENTOR_ARRAYS,
@@ -31,10 +32,12 @@ from .layout import (
 
 def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpec]:
     """The declared arrays a mentor holds (all of them unless its attrs list fewer), then
-    its feature arrays (`features`: name -> per-row shape, when cached with --features)."""
+    its view boxes (image folders: `boxes` true), then its feature arrays (`features`:
+    name -> per-row shape, when cached with --features)."""
     names = (mentor_attrs or {}).get("arrays")
     feats = (mentor_attrs or {}).get("features") or {}
     return [*(s for s in MENTOR_ARRAYS if names is None or s.name in names),
+            *([BOXES] if (mentor_attrs or {}).get("boxes") else []),
             *(feature_spec(n, shape) for n, shape in feats.items())]
 
 

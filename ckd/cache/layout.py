@@ -35,6 +35,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, Zst
 FORMAT = "ckd-logit-cache"
 VERSION = 2
 LOCK_FILE = ".ckd-writer.lock"  # fcntl lock of the one writer (cache-logits, upgrade)
+RRC_RECIPE_NAME = "rrc-0.08-1-flip"  # ckd.data.rrc.RECIPE["name"]
 SEED_MIX = 1_000_003  # epoch seed = seed * SEED_MIX + epoch (same mix online and cached)
 DTYPES = {"fp16": "float16", "fp32": "float32"}
 TARGET_CHUNK_BYTES = 8 << 20  # ~8 MiB raw per logits chunk: big enough to compress well,
@@ -247,6 +248,22 @@ MENTOR_ARRAYS: tuple[ArraySpec, ...] = (
 # per-row shapes depend on the mentor and are recorded in its attributes ("features").
 FEATURES = ("pool", "map")
 _FEATURE_DIMS = {"pool": ("feature",), "map": ("channel", "height", "width")}
+
+
+# Random-resized-crop caches (image folders): each view's (top, left, height, width, flip)
+# in the image's original pixels (ckd.data.rrc), held by every mentor whose attributes say
+# "boxes": true (the same boxes for all of them; each mentor sees them at its resolution).
+BOXES = ArraySpec("boxes", "uint16", lambda lay: (5,), ("box",), "data",
+                  lambda u: u.outputs["boxes"])
+
+
+def root_array_names(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """The root data arrays of a cache: labels, and view_ids for keyed discrete views
+    (random-resized-crop caches hold their boxes per mentor instead)."""
+    views = attrs["views"]
+    if views["mode"] == "keyed" and views["recipe"].get("name") != RRC_RECIPE_NAME:
+        return ("labels", "view_ids")
+    return ("labels",)
 
 
 def feature_spec(name: str, shape: Sequence[int]) -> ArraySpec:

@@ -41,6 +41,7 @@ from .integrity import (
 from .layout import (
     CORRECT,
     MARKER,
+    RRC_RECIPE_NAME,
     CacheIncompleteError,
     CacheMismatchError,
     CacheReadError,
@@ -184,6 +185,7 @@ class LogitCache:
         self.num_samples = int(self.meta["num_samples"])
         self.num_slots = int(self.meta["views"]["num_slots"])
         self.keyed = self.meta["views"]["mode"] == "keyed"
+        self.rrc = self.meta["views"]["recipe"].get("name") == RRC_RECIPE_NAME
         found = list_mentors(path)
         chosen = list(mentors) if mentors is not None else sorted(found)
         missing = [m for m in chosen if m not in found]
@@ -205,7 +207,7 @@ class LogitCache:
         self.stat_fields = tuple(self.mentor_meta[chosen[0]].get("stat_fields", ()))
         self.labels = torch.from_numpy(read_array(self.path, root, "labels"))
         self._vid_table = torch.from_numpy(read_array(self.path, root, "view_ids")).to(
-            torch.int64) if self.keyed else None
+            torch.int64) if self.keyed and not self.rrc else None
         self.dtype = torch.float16 if self.layout.dtype == "float16" else torch.float32
         self._progress = progress
         self.features = tuple(features)
@@ -239,8 +241,14 @@ class LogitCache:
     def epoch_views(self, epoch: int, indices: torch.Tensor, seed: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, view_ids) for these samples in `epoch`: which cached row to gather and
-        which view to apply to the student image. The single source of truth."""
+        which view to apply to the student image. The single source of truth. For
+        random-resized-crop caches both are the slot: sample i's view is `boxes[slot, i]`."""
         indices = torch.as_tensor(indices, dtype=torch.int64)
+        if self.rrc:  # random-resized crops: slot hash(seed, epoch, i) mod K per sample
+            from ckd.data.rrc import epoch_slots
+
+            slots = epoch_slots(seed, epoch, indices, self.num_slots)
+            return slots, slots  # the view is (slot, sample): its box is in `boxes`
         if self.keyed:
             slot = int(epoch) % self.num_slots
             if self._vid_table.device != indices.device:  # move once, not every step

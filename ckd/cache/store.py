@@ -5,7 +5,7 @@ so "attributes present" means "initialized" even after a kill -9 mid-way."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,8 @@ def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = Non
     arrays of a mentor (only those in `names` if given: `ckd cache upgrade` adds the ones
     a version-1 store lacks, --features the feature arrays an existing mentor lacks)."""
     store = LocalStore(out)
-    specs = mentor_specs({"features": (attrs or {}).get("features")})
+    specs = mentor_specs({"features": (attrs or {}).get("features"),
+                          "boxes": (attrs or {}).get("boxes")})
     for spec in specs:
         if names is None or spec.name in names:
             zarr.create_array(store, name=f"mentors/{alias}/{spec.name}",
@@ -170,9 +171,11 @@ def _reopen_holes(out: Path, alias: str, layout: Layout, state: dict[str, Any]) 
 
 def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: torch.Tensor | None,
                   layout: Layout, paths: Mapping[str, Path], shas: Mapping[str, str],
-                  overwrite: bool, features: Mapping[str, Mapping[str, Any]] | None = None
-                  ) -> None:
-    """Rank 0: create or check the store and every mentor group before anyone writes."""
+                  overwrite: bool, features: Mapping[str, Mapping[str, Any]] | None = None,
+                  mentor_extra: Callable[[str, str], dict[str, Any]] | None = None) -> None:
+    """Rank 0: create or check the store and every mentor group before anyone writes.
+    `mentor_extra(alias, arch)`: attributes a mentor gets beyond the standard ones (image
+    folders: its resolution and `boxes`)."""
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
     have = _open_root(out)
@@ -198,6 +201,14 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
     layout = layout_from_attrs(read_json_attrs(out, out / "zarr.json"))
     for alias, path in paths.items():
         state = _mentor_state(out, alias)
+        extra = mentor_extra(alias, mentor_arch(alias, path)) if mentor_extra else {}
+        if state is not None and extra.get("resolution") != state.get("resolution"):
+            if not overwrite:
+                raise CacheMismatchError(
+                    f"mentor {alias!r} in {out} was cached at resolution "
+                    f"{state.get('resolution')}, {extra.get('resolution')} requested: use the "
+                    "same --resolution, another alias, or --overwrite")
+            state = None
         if state is not None and state["checkpoint_sha256"] != shas[alias]:
             if not overwrite:
                 raise CacheMismatchError(
@@ -209,6 +220,6 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
             arch = mentor_arch(alias, path)
             _init_mentor(out, alias, layout,
                          _mentor_attrs(alias, arch, path, shas[alias], layout.num_classes,
-                                       features=(features or {}).get(alias)))
+                                       extra, features=(features or {}).get(alias)))
         elif not add_features(out, alias, layout, state, (features or {}).get(alias) or {}):
             _reopen_holes(out, alias, layout, state)

@@ -115,7 +115,16 @@ def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         _check_values(t, samples, f"{name} features")
         outputs[name] = t.reshape(len(slots), len(samples), *t.shape[1:]).numpy().astype(
             layout.dtype)
-    logits = out.reshape(len(slots), len(samples), -1)
+    vals, correct = checked_unit(out.reshape(len(slots), len(samples), -1), labels, samples,
+                                 layout)
+    return vals, correct, outputs
+
+
+def checked_unit(logits: torch.Tensor, labels: torch.Tensor, samples: range, layout: Layout,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """float32 logits [slots, samples, C] -> (store-dtype values, per-slot correct counts),
+    refusing non-finite or fp16-overflowing mentor output."""
+    idx = torch.arange(samples.start, samples.stop)
     # Bad mentor output must stop the build, not land in the cache as NaN/inf.
     if not torch.isfinite(logits).all():
         raise FloatingPointError(
@@ -128,7 +137,7 @@ def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
             "this cache with --dtype fp32 (or check the checkpoint: trained mentors stay far "
             "below this)")
     correct = (logits.argmax(-1) == labels[idx][None]).sum(1).to(torch.int32).numpy()
-    return logits.numpy().astype(layout.dtype), correct, outputs
+    return logits.numpy().astype(layout.dtype), correct
 
 
 def _check_values(t: torch.Tensor, samples: range, what: str) -> None:
@@ -159,8 +168,11 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                 views: str | int = "all", seed: int = 0, batch_size: int = 512,
                 device: str = "cpu", dtype: str = "fp16", overwrite: bool = False,
                 codec: str | None = None, samples_per_chunk: int | None = None,
-                progress: bool = True, features: str | Sequence[str] | None = None) -> Path:
-    """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset) in
+                progress: bool = True, features: str | Sequence[str] | None = None,
+                resolutions: Mapping[str, int] | None = None) -> Path:
+    """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset, or
+    `ImageViews` of a prepared image folder: K rrc views per image, each mentor at its
+    resolution, `resolutions` overriding the arch's input size per alias) in
     the Zarr store `out`. Rerunning the same call resumes; new aliases are added; an alias
     whose checkpoint changed is refused unless `overwrite` (which recomputes it; a store
     built for other data is deleted and rebuilt). Under torchrun, ranks share the work.
@@ -171,7 +183,9 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     from ckd.models import file_sha256
 
     from .features import parse_features, plan_features
+    from .image_views import ImageViews, mentor_resolution, storage_estimate
 
+    images_mode = isinstance(dataset, ImageViews)  # a prepared image folder: rrc views
     out = Path(out)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -183,6 +197,12 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
             raise ValueError(f"views must be 'all' or a positive int, got {views!r}") from None
         if k < 1:
             raise ValueError(f"views must be 'all' or a positive int, got {views!r}")
+    elif images_mode:
+        raise ValueError("an image folder's random-resized-crop views are continuous: pass "
+                         "--views K (K views per image, e.g. --views 10)")
+    if images_mode and features:
+        raise ValueError("--features is not supported for image folders yet; cache their "
+                         "logits without it")
     if not mentors:
         raise ValueError("no mentors given: pass --mentors r110,r8 or alias=path.pt")
     for alias in mentors:
@@ -204,17 +224,28 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                          samples_per_chunk=samples_per_chunk)
     idx_all = torch.arange(n)
     keyed_ids = (torch.stack([view_ids(s, idx_all) for s in seeds]).to(torch.int16)
-                 if keyed else None)
+                 if keyed and not images_mode else None)
     attrs = root_attributes(
         dataset_name=dataset.name, fingerprint=dataset.fingerprint, num_samples=n,
-        num_test=len(dataset.test), num_classes=c, recipe=RECIPE, keyed=keyed,
+        num_test=len(dataset.test), num_classes=c,
+        recipe=dataset.recipe if images_mode else RECIPE, keyed=keyed,
         num_slots=num_slots, seeds=seeds, mean=dataset.mean, std=dataset.std, layout=layout,
         params=getattr(dataset, "extra", None))
+    mentor_extra = None
+    if images_mode:
+        attrs["views"]["seed"] = int(seed)  # rrc_views(seed, i, k) re-derives every box
+        res = dict(resolutions or {})
+
+        def mentor_extra(alias: str, arch: str) -> dict[str, Any]:
+            return {"resolution": mentor_resolution(arch, res, alias), "boxes": True}
     shas = {alias: file_sha256(p) for alias, p in paths.items()}
     rank, world = dist_context()
     feature_names = parse_features(features)
-    feature_shapes = plan_features(feature_names, paths, dataset, num_slots, DTYPES[dtype],
-                                   say=print if rank == 0 else (lambda _: None))
+    if rank == 0 and progress and images_mode:
+        print(f"[cache-logits] {out}: {storage_estimate(n, num_slots, c, dtype)}", flush=True)
+    feature_shapes = {} if images_mode else plan_features(
+        feature_names, paths, dataset, num_slots, DTYPES[dtype],
+        say=print if rank == 0 else (lambda _: None))
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -227,17 +258,17 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     with process_group("gloo"), lock:
         if rank == 0:
             prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite,
-                          feature_shapes)
+                          feature_shapes, mentor_extra)
         barrier()
         root = zarr.open_group(LocalStore(out), mode="r")
         layout = layout_from_attrs(root.attrs.asdict())  # an existing store's chunking wins
-        keyed_ids = (torch.from_numpy(root["view_ids"][:]) if keyed else None)
-        images = torch.from_numpy(dataset.train.images).to(dev)
+        keyed_ids = (torch.from_numpy(root["view_ids"][:]) if keyed_ids is not None else None)
+        images = None if images_mode else torch.from_numpy(dataset.train.images).to(dev)
         labels = torch.from_numpy(dataset.train.labels)
         with deterministic(dev):
             for alias, path in paths.items():
                 _run_mentor(out, alias, path, layout, images, labels, keyed_ids, dataset,
-                            batch_size, dev, rank, world, progress)
+                            batch_size, dev, rank, world, progress, seed)
             barrier()
             if rank == 0:
                 for alias, path in paths.items():
@@ -258,6 +289,7 @@ class UnitWriter:
         self.layout, self.labels = layout, labels
         self.specs = mentor_specs(state)
         self.features = tuple(state.get("features") or {})
+        self.resolution = state.get("resolution")  # image caches: the mentor's input size
         self.columns = marker_columns(self.specs)
         self.arrays = {s.name: grp[s.name] for s in self.specs}
         self.correct, self.marker = grp[CORRECT], grp[MARKER]
@@ -276,10 +308,11 @@ class UnitWriter:
         self.marker[a:a + 1, b:b + 1] = unit_marker(a, b, named, self.columns)
 
 
-def _run_mentor(out: Path, alias: str, path: Path, layout: Layout, images: torch.Tensor,
-                labels: torch.Tensor, keyed_ids: torch.Tensor | None, dataset: Any,
-                batch_size: int, dev: torch.device, rank: int, world: int,
-                progress: bool) -> None:
+def _run_mentor(out: Path, alias: str, path: Path, layout: Layout,
+                images: torch.Tensor | None, labels: torch.Tensor,
+                keyed_ids: torch.Tensor | None, dataset: Any, batch_size: int,
+                dev: torch.device, rank: int, world: int, progress: bool,
+                seed: int = 0) -> None:
     from tqdm import tqdm
 
     unit_writer = UnitWriter(out, alias, layout, labels.numpy())
@@ -303,9 +336,16 @@ def _run_mentor(out: Path, alias: str, path: Path, layout: Layout, images: torch
                  disable=not progress or rank != 0, dynamic_ncols=True) as bar:
         feats = tuple(unit_writer.features)
         for a, b in todo:
-            vals, correct, outputs = compute_unit(model, images, labels, layout, a, b,
-                                                  keyed_ids, dataset.mean, dataset.std,
-                                                  batch_size, bar, feats)
+            if images is None:  # image folder: decode + crop + resize per unit
+                sl, sm = layout.slot_range(a), layout.sample_range(b)
+                logits, boxes = dataset.unit_logits(model, unit_writer.resolution, seed, sl,
+                                                    sm, dev, bar)
+                vals, correct = checked_unit(logits, labels, sm, layout)
+                outputs = {"boxes": boxes}
+            else:
+                vals, correct, outputs = compute_unit(model, images, labels, layout, a, b,
+                                                      keyed_ids, dataset.mean, dataset.std,
+                                                      batch_size, bar, feats)
             pending.append(pool.submit(write, a, b, vals, correct, outputs))
             if len(pending) >= 2:
                 pending.pop(0).result()
@@ -326,11 +366,14 @@ def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset:
                 "ranks finished; rerun the same command to complete them")
         model = load_mentor(alias, path, layout.num_classes, dev)
         with deterministic(dev):
-            test_acc = test_accuracy(model, dataset.test.images, dataset.test.labels,
-                                     dataset.mean, dataset.std, batch_size, dev)
+            if "resolution" in attrs:  # image folder: center crops at the mentor's size
+                test_acc = dataset.test_accuracy(model, attrs["resolution"], dev)
+            else:
+                test_acc = test_accuracy(model, dataset.test.images, dataset.test.labels,
+                                         dataset.mean, dataset.std, batch_size, dev)
         per_view = grp[CORRECT][:].sum(axis=1) / layout.num_samples * 100.0
         keep = ("alias", "arch", "num_classes", "checkpoint", "checkpoint_sha256", "arrays",
-                "stat_fields", "features")
+                "stat_fields", "features", "resolution", "boxes")
         grp.attrs.put({**{k: attrs[k] for k in keep if k in attrs}, "test_acc": test_acc,
                        "train_acc": round(float(per_view.mean()), 4),
                        "train_acc_per_view": [round(float(v), 4) for v in per_view],

@@ -23,9 +23,12 @@ def _dataset_kw(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _load(dataset: str | None, data_dir: str | None, prepared: str | None,
-          opts: tuple[str, ...]) -> Any:
+          opts: tuple[str, ...], batch_size: int = 64) -> Any:
+    from ckd.cache.image_views import ImageViews, is_image_folder
     from ckd.data import load_dataset
 
+    if is_image_folder(prepared):  # `ckd prepare imagefolder|imagenet` output
+        return ImageViews(prepared, batch_size=batch_size)
     if prepared:
         from ckd.data import load_prepared
 
@@ -72,12 +75,15 @@ def _default_device() -> str:
               help="Also store each mentor's pooled feature (pool) and/or last stage map "
                    "(map) per cached view, for feature methods (crd, fitnet, sdkd, ...). "
                    "Added to an existing cache, only what is missing is computed.")
+@click.option("--resolution", "resolutions", multiple=True, metavar="ALIAS=PIXELS",
+              help="Image folders: the input size of a mentor (default: its arch's, 224 for "
+                   "the ImageNet zoo); repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None,
                  dataset_opts: tuple[str, ...], mentors: str, mentor_dir: str, out: str,
                  views: str, seed: int, batch_size: int, device: str | None, dtype: str,
                  codec: str, samples_per_chunk: int | None, overwrite: bool,
-                 features: str | None, quiet: bool) -> None:
+                 features: str | None, resolutions: tuple[str, ...], quiet: bool) -> None:
     """Run each frozen mentor once per view over the training set into a Zarr cache.
 
     Resumable (rerun the same command after an interruption), and sharded when launched
@@ -87,13 +93,24 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
     from ckd.cache import build_cache
     from ckd.cache.mentors import resolve_mentors
 
+    res = {}
+    for item in resolutions:
+        alias, sep, px = item.partition("=")
+        if not sep or not px.strip().isdigit() or int(px) < 1:
+            raise click.BadParameter(f"expected ALIAS=PIXELS (e.g. r50=224), got {item!r}",
+                                     param_hint="--resolution")
+        res[alias.strip()] = int(px)
     try:
-        ds = _load(dataset, data_dir, prepared, dataset_opts)
+        ds = _load(dataset, data_dir, prepared, dataset_opts, batch_size)
         paths = resolve_mentors(mentors, ds.name, mentor_dir)
+        unknown = sorted(set(res) - set(paths))
+        if unknown:
+            raise ValueError(f"--resolution names {unknown}, not among the mentors "
+                             f"{sorted(paths)}")
         build_cache(ds, paths, out, views=views, seed=seed, batch_size=batch_size,
                     device=device or _default_device(), dtype=dtype, overwrite=overwrite,
                     codec=codec, samples_per_chunk=samples_per_chunk, progress=not quiet,
-                    features=features)
+                    features=features, resolutions=res or None)
     except _ERRORS as err:
         raise click.ClickException(str(err)) from err
     _print_info(out)

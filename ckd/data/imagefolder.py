@@ -124,6 +124,8 @@ def encode_image(data: bytes, max_side: int, quality: int) -> tuple[np.ndarray, 
     with Image.open(io.BytesIO(data)) as im:
         rgb = np.asarray(im.convert("RGB"))  # convert() loads: truncation raises here
     oh, ow = rgb.shape[:2]
+    if max(oh, ow) > 65535:  # crop boxes are stored as uint16 (as FFCV stores sizes)
+        raise ValueError(f"{ow} x {oh} px: larger than 65535 px on a side")
     if max(oh, ow) > max_side:  # FFCV's resizer: scale by max_side / long side, truncate
         ratio = max_side / max(oh, ow)
         size = (max(1, int(ratio * ow)), max(1, int(ratio * oh)))

@@ -45,7 +45,7 @@ class ImageBeton:
         md = self.reader.metadata
         col = {n: md[f"f{names.index(n)}"] for n in need}
         self.n = int(self.reader.num_samples)
-        self.labels = np.asarray(col["label"], dtype=np.int64)
+        self.labels = np.array(col["label"], dtype=np.int64)  # a copy: writable
         self.orig_hw = np.stack([col["orig_height"], col["orig_width"]], 1).astype(np.int64)
         self.stored_hw = np.stack([col["image"]["height"], col["image"]["width"]],
                                   1).astype(np.int64)
