@@ -109,7 +109,7 @@ def test_adapt_mentor_then_cache_and_analyze(tmp_path):
     r = CliRunner().invoke(cli, [
         "train", *data, "--student", "resnet8", "--method", "kd", "--cache",
         str(tmp_path / "cache"), "--mentors", "r8", "--epochs", "1", "--batch-size", "16",
-        "--device", "cpu", "--no-progress", "--param", "backend=reference",
+        "--device", "cpu", "--no-progress", "--backend", "reference",
         "--out", str(tmp_path / "stu")])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, ["analyze", "--cache", str(tmp_path / "cache"), "--mentor",
