@@ -13,6 +13,7 @@ only, no evaluation).
 
     .venv/bin/python benchmarks/train.py                 # CPU (reference loss)
     .venv/bin/python benchmarks/train.py --device cuda   # GPU: bf16, channels_last, Triton
+    .venv/bin/python benchmarks/train.py --multi r8,r14,wrn_16_1   # N students, one pass
 """
 
 from __future__ import annotations
@@ -114,6 +115,40 @@ def fastpaths(device: str, batch: int, num_classes: int, reps: int, compile_: bo
         print(f"| {name} | {1000 * best:.1f} |")
 
 
+def _median_epoch_s(res: dict) -> float:
+    times = sorted(e["time_s"] for e in res["history"][1:])
+    return times[len(times) // 2]
+
+
+def multi(students: list[str], base: dict, cache: str, root: Path) -> None:
+    """N students from one pass (one stream, one cache gather a step) vs N separate runs:
+    kd from the cached resnet110 logits; set-steps/s = steps an epoch / the time every
+    student needs for one epoch (one pass: the pass; separate: the sum of the runs)."""
+    from ckd.train import train
+
+    cfg = dict(base, method="kd", cache=cache, mentors=["resnet110"])
+    t0 = time.perf_counter()
+    joint = train(dict(cfg, student=",".join(students), out=str(root / "joint")))
+    joint_wall = time.perf_counter() - t0
+    steps = joint["students"][0]["steps_per_epoch"]
+    joint_s = _median_epoch_s(joint["students"][0])
+    sep_s, sep_wall = 0.0, 0.0
+    for name in students:
+        t0 = time.perf_counter()
+        sep_s += _median_epoch_s(train(dict(cfg, student=name, out=str(root / f"sep-{name}"))))
+        sep_wall += time.perf_counter() - t0
+    print(f"\nstudents {','.join(students)}; kd from cached resnet110 logits; "
+          f"{steps} steps an epoch, batch {base['batch_size']}, {base['device']}, "
+          f"{torch.get_num_threads()} threads")
+    print("| mode | epoch s (median) | set steps/s | wall s (incl. set-up, warm-up epoch) |")
+    print("|---|---|---|---|")
+    print(f"| {len(students)} students, one pass | {joint_s:.2f} | {steps / joint_s:.2f} | "
+          f"{joint_wall:.1f} |")
+    print(f"| {len(students)} separate runs | {sep_s:.2f} | {steps / sep_s:.2f} | "
+          f"{sep_wall:.1f} |")
+    print(f"one pass / separate: {sep_s / joint_s:.2f}x steps/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -124,6 +159,7 @@ def main() -> None:
     ap.add_argument("--cases", default="nokd,cache,online")
     ap.add_argument("--compile", action="store_true", help="torch.compile the student")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--multi", help="comma list of students: one pass vs separate runs")
     ap.add_argument("--fastpaths", action="store_true",
                     help="only time the student step under each fast path")
     args = ap.parse_args()
@@ -146,6 +182,12 @@ def main() -> None:
     # a throwaway run first: the process's first training run pays one-off costs (oneDNN
     # primitive creation, allocator growth) that would otherwise land on whichever case is first
     run_case("warm-up", dict(base, method="nokd", epochs=2, out=str(root / "warmup")))
+    if args.multi:
+        mentors = make_mentors(root / "mentors", args.num_classes)
+        cache = build_cache(load_dataset("synthetic", **opts), {"resnet110": mentors[
+            "resnet110"]}, root / "cache1", views=1, device=args.device, progress=False)
+        multi(args.multi.split(","), base, str(cache), root)
+        return
     def run_modes(name: str, cfg: dict) -> None:
         rows.append(run_case(name, cfg))
 

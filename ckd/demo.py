@@ -25,6 +25,12 @@ DEMO_METHODS: tuple[tuple[str, str, str | None], ...] = (
     ("classroom (paper)", "classroom", "paper"),
     ("classroom (official)", "classroom", "official"),
 )
+# Rows for the students beyond CNNs (`ckd demo --students`): kd and classroom from the
+# same cache as the main student.
+MORE_STUDENT_METHODS: tuple[tuple[str, str, str | None], ...] = (
+    ("kd", "kd", None),
+    ("classroom (official)", "classroom", "official"),
+)
 
 
 @dataclass
@@ -40,7 +46,16 @@ class DemoPlan:
     lr: float | None = None  # None: 0.05, or 0.01 for MobileNet/ShuffleNet (paper)
     tau: float = 4.0
     methods: tuple[tuple[str, str, str | None], ...] = DEMO_METHODS
+    more_students: tuple[str, ...] = ()  # e.g. ("mamba_tiny", "vit_tiny"): `--students`
+    more_methods: tuple[tuple[str, str, str | None], ...] = MORE_STUDENT_METHODS
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[str, str, str, str | None]]:
+        """(table label, student, method, variant) for every row of the results table."""
+        rows = [(label, self.student, m, v) for label, m, v in self.methods]
+        rows += [(f"{s} {label}", s, m, v) for s in self.more_students
+                 for label, m, v in self.more_methods]
+        return rows
 
 
 def _say(msg: str) -> None:
@@ -132,33 +147,38 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
 
     # 4. students ---------------------------------------------------------------------
     t0 = time.perf_counter()
-    results: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in plan.methods}
-    runs_by_method: dict[str, list[str]] = {label: [] for label, _, _ in plan.methods}
-    for label, method, variant in plan.methods:
+    rows = plan.rows()
+    results: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in rows}
+    runs_by_method: dict[str, list[str]] = {label: [] for label, *_ in rows}
+    for label, student, method, variant in rows:
         for seed in plan.seeds:
             name = f"{label.replace(' ', '').replace('(', '-').replace(')', '')}-s{seed}"
-            cfg = dict(common, student=plan.student, method=method, variant=variant,
+            cfg = dict(common, student=student, method=method, variant=variant,
                        epochs=plan.student_epochs, seed=seed, out=str(out / "runs" / name),
                        cache=None if method == "nokd" else str(cache),
                        mentors=None if method == "nokd" else [plan.teacher, *plan.peers],
                        tau=plan.tau if method in ("aver", "classroom") else None)
+            t_run = time.perf_counter()
             r = train(cfg)
-            results[label].append({"seed": seed, "best": r["best_acc"], "last": r["last_acc"]})
+            results[label].append({"seed": seed, "best": r["best_acc"], "last": r["last_acc"],
+                                   "time_s": time.perf_counter() - t_run})
             runs_by_method[label].append(r["run_dir"])
-            _say(f"student {plan.student} {label} seed {seed}: last {r['last_acc']:.2f}% "
+            _say(f"student {student} {label} seed {seed}: last {r['last_acc']:.2f}% "
                  f"best {r['best_acc']:.2f}%")
     stage_done("train students", t0)
 
     # 5. table + plots ----------------------------------------------------------------
-    lines = [f"Student {plan.student} on digits {plan.image_size}x{plan.image_size}, "
+    more = f" (and {', '.join(plan.more_students)})" if plan.more_students else ""
+    lines = [f"Student {plan.student}{more} on digits {plan.image_size}x{plan.image_size}, "
              f"{plan.student_epochs} epochs, seeds {list(plan.seeds)}; mentors (test top-1): "
              + ", ".join(f"{a} {acc:.2f}%" for a, acc in mentor_acc.items())
              + f" (teacher {plan.teacher})", "",
-             "| method | last top-1 (mean +- std) | best top-1 (mean +- std) |",
-             "|---|---|---|"]
-    for label, rows in results.items():
-        lines.append(f"| {label} | {_mean_std([r['last'] for r in rows])} | "
-                     f"{_mean_std([r['best'] for r in rows])} |")
+             "| method | last top-1 (mean +- std) | best top-1 (mean +- std) | s per run |",
+             "|---|---|---|---|"]
+    for label, rs in results.items():
+        lines.append(f"| {label} | {_mean_std([r['last'] for r in rs])} | "
+                     f"{_mean_std([r['best'] for r in rs])} | "
+                     f"{statistics.mean(r['time_s'] for r in rs):.1f} |")
     table = "\n".join(lines)
     plots = write_report([d for ds_ in runs_by_method.values() for d in ds_], out / "report")
     plots["methods"] = plot_methods(runs_by_method, out / "report" / "methods.png")

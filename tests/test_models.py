@@ -98,7 +98,7 @@ def test_forward_shapes(name: str) -> None:
         assert torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("name", CIFAR_ARCHS)
+@pytest.mark.parametrize("name", list(REPDISTILLER_NUM_KEYS))  # the CNNs (not mamba/vit)
 def test_state_dict_keys_follow_repdistiller(name: str) -> None:
     keys = list(state_shapes(name, 100))
     assert len(keys) == REPDISTILLER_NUM_KEYS[name]
@@ -376,6 +376,9 @@ FEATURE_SHAPES = {
     "MobileNetV2": [(16, 16, 16), (12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2), (1280,)],
     "ShuffleV1": [(24, 32, 32), (240, 16, 16), (480, 8, 8), (960, 4, 4), (960,)],
     "ShuffleV2": [(24, 32, 32), (116, 16, 16), (232, 8, 8), (464, 4, 4), (1024,)],
+    # students beyond CNNs: the 8x8 token map after the embedding and after each block
+    "mamba_tiny": [(64, 8, 8)] * 5 + [(64,)], "mamba_small": [(128, 8, 8)] * 7 + [(128,)],
+    "vit_tiny": [(96, 8, 8)] * 5 + [(96,)], "vit_small": [(192, 8, 8)] * 7 + [(192,)],
 }
 
 
@@ -388,7 +391,7 @@ def test_feature_shapes_of_every_arch() -> None:
 
 # one arch per family (the others share its forward code)
 @pytest.mark.parametrize("name", ["resnet8", "resnet8x4", "wrn_16_1", "vgg8", "MobileNetV2",
-                                  "ShuffleV1", "ShuffleV2"])
+                                  "ShuffleV1", "ShuffleV2", "mamba_tiny", "vit_tiny"])
 def test_is_feat_returns_repdistiller_features(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, 10)

@@ -44,10 +44,21 @@ def load_mentor(alias: str, path: Path, num_classes: int, device: torch.device
     return model
 
 
+def _run_weights(path: Path) -> Path:
+    """A trained run folder (`ckd train --out DIR`) stands for its final weights."""
+    if path.is_dir():
+        if not (path / "student.pt").is_file():
+            raise ValueError(f"mentor folder {path} holds no student.pt: pass a finished "
+                             "`ckd train` run folder or a checkpoint file")
+        return path / "student.pt"
+    return path
+
+
 def resolve_mentors(spec: str | list[str], dataset_name: str,
                     mentor_dir: str | Path = "mentors") -> dict[str, Path]:
     """"r110,r8" / ["r110=path.pt", ...] -> {alias: checkpoint}. A bare alias is looked up
-    as <mentor_dir>/<dataset>/<canonical arch>.pt (or <alias>.pt)."""
+    as <mentor_dir>/<dataset>/<canonical arch>.pt (or <alias>.pt); alias=RUN_DIR takes a
+    trained student's run folder (its student.pt) as a mentor."""
     from ckd.models import resolve_arch
 
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
@@ -58,7 +69,7 @@ def resolve_mentors(spec: str | list[str], dataset_name: str,
         if alias in out:
             raise ValueError(f"mentor alias {alias!r} given twice")
         if path:
-            out[alias] = Path(path.strip())
+            out[alias] = _run_weights(Path(path.strip()))
             continue
         arch = resolve_arch(alias)  # ValueError listing the valid names
         base = Path(mentor_dir) / dataset_name

@@ -53,7 +53,8 @@ def _default_device() -> str:
               help="Dataset option, e.g. -D n_train=512 for synthetic (repeatable).")
 @click.option("--mentors", required=True,
               help="Comma list of aliases (r110,r8: checkpoints from --mentor-dir) or "
-                   "alias=path.pt (RepDistiller or ckd checkpoint).")
+                   "alias=path.pt (RepDistiller or ckd checkpoint), or alias=RUN_DIR "
+                   "(a trained student's `ckd train` folder).")
 @click.option("--mentor-dir", default="mentors", show_default=True, type=click.Path(),
               help="Aliases resolve to <mentor-dir>/<dataset>/<arch>.pt.")
 @click.option("--out", required=True, type=click.Path(), callback=params.writable_dir,

@@ -9,11 +9,15 @@ import click
 @click.option("--seeds", default=3, show_default=True, help="Student seeds per method.")
 @click.option("--progress/--no-progress", default=False, show_default=True,
               help="Per-epoch progress bars (the stage lines are always printed).")
-def demo(out: str, seeds: int, progress: bool) -> None:
+@click.option("--students", "more_students", is_flag=True,
+              help="Also train the students beyond CNNs (mamba_tiny, vit_tiny) with kd and "
+              "classroom from the same cache (adds several minutes on 2 cores).")
+def demo(out: str, seeds: int, progress: bool, more_students: bool) -> None:
     """Prepare digits, train 4 mentors, cache all views, train students, report."""
     from ckd.demo import DemoPlan, run_demo  # noqa: PLC0415
 
-    run_demo(out, DemoPlan(seeds=tuple(range(seeds))), progress=progress)
+    extra = ("mamba_tiny", "vit_tiny") if more_students else ()
+    run_demo(out, DemoPlan(seeds=tuple(range(seeds)), more_students=extra), progress=progress)
 
 
 commands = [demo]

@@ -4,6 +4,7 @@ Every option defaults to None so that only flags actually given override `--conf
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -74,8 +75,11 @@ def _common(f):
         click.option("--loader", type=click.Choice(["memory", "ffcv"])),
         click.option("--epochs", type=int, help="Default 240."),
         click.option("--batch-size", type=int, help="Default 64."),
+        click.option("--optimizer", type=click.Choice(["sgd", "adamw"]),
+                     help="Default: sgd, adamw for the ViT/Mamba students."),
         click.option("--lr", type=float,
-                     help="Default 0.05 (0.01 for MobileNetV2/ShuffleNet students)."),
+                     help="Default 0.05 (0.01 for MobileNetV2/ShuffleNet students; 1e-3 "
+                     "with adamw)."),
         click.option("--momentum", type=float),
         click.option("--weight-decay", type=float),
         click.option("--schedule", type=click.Choice(["step", "classroom-warmup", "constant"])),
@@ -111,6 +115,8 @@ def _common(f):
 def _overrides(kw: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
     path = kw.pop("config_path", None)
     kw["dataset_options"] = _kv(kw.pop("dataset_opt", ()), "--dataset-opt")
+    if "student_kwarg" in kw:
+        kw["student_kwargs"] = _kv(kw.pop("student_kwarg", ()), "--student-kwargs")
     if "param" in kw:
         kw["method_params"] = _kv(kw.pop("param", ()), "--param")
     kw["compile"] = kw.pop("compile_", None)
@@ -121,6 +127,11 @@ def _overrides(kw: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
 def _summary(result: dict[str, Any]) -> None:
     if result.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return
+    for one in result.get("students", []):  # several students from one pass
+        click.echo(f"student {Path(one['run_dir']).name}: best top-1 {one['best_acc']:.2f}%  "
+                   f"last top-1 {one['last_acc']:.2f}%  run folder {one['run_dir']}")
+    if "students" in result:
+        return
     click.echo(f"best top-1 {result['best_acc']:.2f}%  last top-1 {result['last_acc']:.2f}%  "
                f"run folder {result['run_dir']}")
 
@@ -129,7 +140,12 @@ def _summary(result: dict[str, Any]) -> None:
 @_common
 @click.option("--cache", type=click.Path(file_okay=False), help="Logit cache (ckd cache-logits).")
 @click.option("--cache-mode", type=click.Choice(["memory", "stream"]))
-@click.option("--student", help="Student architecture (default resnet20).")
+@click.option("--student", help="Student: a zoo name (`ckd models`, default resnet20) or "
+              "module.path:ClassName of any nn.Module mapping images to logits [B, C]; "
+              "several, comma-separated (r8,r14,wrn_16_1), train side by side from one pass "
+              "over the data and cache, each in <out>/<student>.")
+@click.option("--student-kwargs", "student_kwarg", multiple=True,
+              help="Student constructor keyword KEY=VALUE (repeatable), e.g. depth=6.")
 @click.option("--method", type=MethodExpr(),
               help="A method or a weighted sum (kd+0.5*OTHER); `ckd methods` lists them "
               "with their parameters. Default classroom.")

@@ -100,10 +100,15 @@ class FeatureRun:
         from ckd.models.registry import arch_spec  # noqa: PLC0415
 
         self.needs = feature_needs(plan.terms)
-        self.student_shapes = feature_shapes(student_arch, image_size)
-        built = plan.build_modules(self.student_shapes, mentor_shapes, context)
+        # logit-only methods never look at the student's features: no shapes asked of the
+        # arch (an outside `module:Class` student or one with kwargs has no zoo entry)
+        uses = bool(self.needs) or any(t.method.build_modules for t in plan.terms)
+        self.student_shapes = feature_shapes(student_arch, image_size) if uses else ()
+        built = plan.build_modules(self.student_shapes, mentor_shapes, context) if uses \
+            else None
         self.modules = None if built is None else built.to(device)
-        self.classifier = dict(student.named_modules())[arch_spec(student_arch).classifier]
+        self.classifier = dict(student.named_modules())[arch_spec(student_arch).classifier] \
+            if uses else None
 
     @property
     def active(self) -> bool:

@@ -18,7 +18,14 @@ from torch import nn
 
 from ckd.io import atomic_save, safe_torch_load
 
-from .registry import ARCHS, arch_spec, create_model, resolve_arch, state_shapes
+from .registry import (
+    ARCHS,
+    arch_spec,
+    canonical_arch,
+    create_model,
+    is_import_path,
+    state_shapes,
+)
 
 FORMAT_VERSION = 1
 _HOW_TO_GET = ("train one with `ckd train-mentor --arch ARCH --dataset DATASET`, or pass a "
@@ -109,6 +116,8 @@ def infer_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def _classes_in(sd: Mapping[str, torch.Tensor], arch: str) -> int | None:
+    if is_import_path(arch):  # an outside class: its classifier's name is unknown
+        return None
     w = sd.get(arch_spec(arch).classifier + ".weight")
     return int(w.shape[0]) if w is not None and w.dim() == 2 else None
 
@@ -133,7 +142,8 @@ def _plain(x: Any) -> Any:
 def _meta_from(fmt: str, sd: dict, extras: dict) -> dict:
     if fmt == "ckd":
         return {"format": fmt, "arch": extras["arch"], "num_classes": extras.get("num_classes"),
-                "dataset": _plain(extras.get("dataset")), "metrics": _plain(extras.get("metrics"))}
+                "dataset": _plain(extras.get("dataset")), "metrics": _plain(extras.get("metrics")),
+                "arch_kwargs": dict(extras.get("arch_kwargs") or {})}
     arch = infer_arch(sd)
     metrics = {k: _plain(v) for k, v in extras.items() if k != "arch"}
     return {"format": fmt, "arch": arch,
@@ -151,8 +161,8 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
 
 
 def _check_shapes(sd: Mapping[str, torch.Tensor], arch: str, num_classes: int,
-                  path: Path, given: str) -> None:
-    expected = state_shapes(arch, num_classes)
+                  path: Path, given: str, arch_kwargs: Mapping[str, Any] | None = None) -> None:
+    expected = state_shapes(arch, num_classes, **dict(arch_kwargs or {}))
     found = {k: tuple(v.shape) for k, v in sd.items()}
     missing = [k for k in expected if k not in found and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in found if k not in expected]
@@ -184,11 +194,12 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
     """
     path = Path(path)
     fmt, sd, extras = _split(_torch_load(path), path)
+    arch_kwargs = dict(extras.get("arch_kwargs") or {}) if fmt == "ckd" else {}
     if fmt == "ckd":
-        stored = resolve_arch(extras["arch"])
-        if arch is not None and resolve_arch(arch) != stored:
+        stored = canonical_arch(extras["arch"])
+        if arch is not None and canonical_arch(arch) != stored:
             raise CheckpointError(f"checkpoint {path} is {stored} but --arch {arch} "
-                                  f"({resolve_arch(arch)}) was given")
+                                  f"({canonical_arch(arch)}) was given")
         canon, given = stored, arch or stored
     else:
         if arch is None:
@@ -197,9 +208,10 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
             raise CheckpointError(f"{path} is a {fmt} checkpoint, which does not record its "
                                   f"architecture{hint}: pass arch (--arch), e.g. "
                                   f"--arch {guess or 'resnet110'}")
-        canon, given = resolve_arch(arch), arch
+        canon, given = canonical_arch(arch), arch
     # Arch first: a wrong arch usually also shows up as a wrong class count, less helpfully.
-    found = infer_arch(sd)
+    # (Not with constructor kwargs: mamba_tiny with other widths may look like mamba_small.)
+    found = None if arch_kwargs or is_import_path(canon) else infer_arch(sd)
     if found is not None and found != canon:
         if fmt == "ckd":  # a mislabelled ckd file
             raise CheckpointError(f"checkpoint {path} says {canon} but its weights are {found}")
@@ -213,10 +225,10 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
                               f"expected {num_classes}")
     nc = num_classes if num_classes is not None else stored_nc
     if nc is None:
-        _check_shapes(sd, canon, 1, path, given)  # raises: no classifier weight found
+        _check_shapes(sd, canon, 1, path, given, arch_kwargs)  # raises: no classifier weight
         raise CheckpointError(f"{path}: cannot tell num_classes; pass num_classes")
-    _check_shapes(sd, canon, nc, path, given)
-    model = create_model(canon, nc)
+    _check_shapes(sd, canon, nc, path, given, arch_kwargs)
+    model = create_model(canon, nc, **arch_kwargs)
     # Very old checkpoints predate BN's num_batches_tracked buffer; it does not affect eval.
     result = model.load_state_dict(sd, strict=False)
     bad = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
@@ -227,16 +239,20 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, num_classes: int,
-                    dataset: Any, metrics: Mapping[str, Any] | None) -> Path:
-    """Write ckd's format atomically (`ckd.io.atomic_save`)."""
+                    dataset: Any, metrics: Mapping[str, Any] | None,
+                    arch_kwargs: Mapping[str, Any] | None = None) -> Path:
+    """Write ckd's format atomically (`ckd.io.atomic_save`).
+    `arch` is a zoo name or a "module.path:ClassName"; `arch_kwargs` its constructor's
+    keyword arguments (recorded, so `load_checkpoint` rebuilds the same model)."""
     path = Path(path)
-    canon = resolve_arch(arch)
+    canon = canonical_arch(arch)
+    arch_kwargs = _plain(dict(arch_kwargs or {}))
     # contiguous CPU copies: a channels_last / CUDA / compiled / DDP model saves the same
     sd = _strip_wrappers({k: v.detach().cpu().contiguous().clone()
                           for k, v in model.state_dict().items()})
-    _check_shapes(sd, canon, num_classes, path, arch)  # refuse to write a mislabelled file
+    _check_shapes(sd, canon, num_classes, path, arch, arch_kwargs)  # refuse a mislabelled file
     payload = {"format": "ckd", "format_version": FORMAT_VERSION, "arch": canon,
-               "num_classes": int(num_classes), "state_dict": sd,
+               "num_classes": int(num_classes), "state_dict": sd, "arch_kwargs": arch_kwargs,
                "dataset": _plain(dataset), "metrics": _plain(dict(metrics or {}))}
     atomic_save(payload, path)
     return path

@@ -3,32 +3,41 @@
 CIFAR (32 px): canonical names are RepDistiller's `model_dict` keys (except `MobileNetV2`
 for its `mobile_half`), so RepDistiller checkpoint folders map directly onto them.
 ImageNet (224 px): resnet18/34/50 and mobilenet_v2 with torchvision's names and keys.
+Students beyond CNNs (a vision Mamba, a ViT; 32 px) take keyword arguments, and any
+`module.path:ClassName` import path names an outside nn.Module (`create_model`).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
 
 from .imagenet import mobilenet_v2, resnet18, resnet34, resnet50
+from .mamba import mamba_small, mamba_tiny
 from .mobilenetv2 import mobilenetv2_half
 from .resnet import resnet
 from .shufflenet import ShuffleNetV1, ShuffleNetV2
 from .vgg import vgg
+from .vit import vit_small, vit_tiny
 from .wrn import wrn
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
-    build: Callable[[int], nn.Module]  # num_classes -> model
+    build: Callable[..., nn.Module]  # (num_classes, **kwargs) -> model
     aliases: tuple[str, ...]
     classifier: str  # state_dict prefix of the final Linear ("fc", "classifier.0", ...)
     input_size: int = 32  # the resolution the architecture is designed for (pixels)
+    takes_kwargs: bool = False  # the CNNs are fixed; mamba/vit take dim, depth, ...
+    optimizer: str = "sgd"  # default training optimizer (ViT/Mamba: AdamW; SGD stalls them)
 
 
 def _resnet(depth: int, wide: bool = False) -> Callable[[int], nn.Module]:
@@ -58,6 +67,11 @@ _SPECS: list[ArchSpec] = [
     ArchSpec("resnet34", resnet34, ("r34",), "fc", 224),
     ArchSpec("resnet50", resnet50, ("r50",), "fc", 224),
     ArchSpec("mobilenet_v2", mobilenet_v2, ("mbv2-224", "mobilenetv2_224"), "classifier.1", 224),
+    *[ArchSpec(name, build, (alias,), "head", takes_kwargs=True, optimizer="adamw")
+      for name, build, alias in (("mamba_tiny", mamba_tiny, "vim-t"),
+                                 ("mamba_small", mamba_small, "vim-s"),
+                                 ("vit_tiny", vit_tiny, "vit-t"),
+                                 ("vit_small", vit_small, "vit-s"))],
 ]
 ARCHS: dict[str, ArchSpec] = {s.name: s for s in _SPECS}
 
@@ -88,13 +102,100 @@ def arch_spec(name: str) -> ArchSpec:
     return ARCHS[resolve_arch(name)]
 
 
-def create_model(name_or_alias: str, num_classes: int = 100) -> nn.Module:
-    """Build a freshly initialised model; forward(x [B, 3, S, S]) -> logits [B, num_classes]
-    (S = the spec's input_size: 32 for the CIFAR zoo, 224 for the ImageNet one)."""
-    spec = arch_spec(name_or_alias)
+def is_import_path(name: str) -> bool:
+    """"pkg.mod:ClassName" names an outside nn.Module rather than a zoo architecture."""
+    return isinstance(name, str) and ":" in name
+
+
+def import_model_class(path: str) -> type[nn.Module]:
+    """The nn.Module subclass (or factory returning one) named by "module.path:Name"."""
+    mod_name, _, attr = path.strip().partition(":")
+    if not mod_name or not attr:
+        raise ValueError(f"student {path!r}: an import path is module.path:ClassName")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise ValueError(f"student {path!r}: cannot import module {mod_name!r} ({err}); put "
+                         "it on PYTHONPATH or use a zoo name (`ckd models`)") from err
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"student {path!r}: module {mod_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
+        raise ValueError(f"student {path!r} resolves to {type(obj).__name__} {obj!r}, not an "
+                         "nn.Module subclass: name a class that subclasses torch.nn.Module")
+    return obj
+
+
+def canonical_arch(name: str) -> str:
+    """A zoo name's canonical form, or an import path as given (stripped)."""
+    return name.strip() if is_import_path(name) else resolve_arch(name)
+
+
+def default_optimizer(name: str) -> str:
+    """The optimizer a student trains with unless told otherwise (import paths: sgd)."""
+    return "sgd" if is_import_path(name) else arch_spec(name).optimizer
+
+
+def _check_num_classes(num_classes: int) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    return spec.build(num_classes)
+
+
+def create_model(name_or_alias: str, num_classes: int = 100, **kwargs: Any) -> nn.Module:
+    """Build a freshly initialised model; forward(x [B,3,H,W]) -> logits [B, num_classes].
+
+    `name_or_alias` is a zoo name or "module.path:ClassName"; `kwargs` go to the
+    constructor (zoo students beyond CNNs, or the outside class; num_classes is passed to an
+    outside class when its constructor takes it)."""
+    _check_num_classes(num_classes)
+    if is_import_path(name_or_alias):
+        cls = import_model_class(name_or_alias)
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "num_classes" in params and "num_classes" not in kwargs:
+            kwargs = {**kwargs, "num_classes": num_classes}
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ValueError(f"student {name_or_alias!r}: constructor refused the keyword "
+                             f"arguments {sorted(kwargs)} ({err}); set them with "
+                             "--student-kwargs KEY=VALUE") from err
+    spec = arch_spec(name_or_alias)
+    if kwargs and not spec.takes_kwargs:
+        raise ValueError(f"architecture {spec.name} takes no keyword arguments (got "
+                         f"{sorted(kwargs)}): drop --student-kwargs")
+    try:
+        return spec.build(num_classes, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"architecture {spec.name}: bad keyword arguments {sorted(kwargs)} "
+                         f"({err})") from err
+
+
+def check_logits_shape(model: nn.Module, name: str, image_shape: tuple[int, int, int],
+                       num_classes: int) -> None:
+    """Run two blank images of the dataset's shape [2, C, H, W] through `model` and refuse
+    anything but logits [2, num_classes] (before any training step)."""
+    probe = torch.zeros(2, *image_shape, device=next(model.parameters(), torch.zeros(0)).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except Exception as err:  # noqa: BLE001 - any failure is a model that does not fit
+        raise ValueError(f"student {name!r} fails on the dataset's images [2, "
+                         f"{', '.join(map(str, image_shape))}]: {type(err).__name__}: "
+                         f"{err}") from err
+    finally:
+        model.train(was_training)
+    shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+    if shape != (2, num_classes):
+        raise ValueError(f"student {name!r} maps images [2, {', '.join(map(str, image_shape))}] "
+                         f"to {shape}, but logits must be [B, C] = [2, {num_classes}] "
+                         f"({num_classes} classes): return the classifier's output only")
 
 
 def count_params(model: nn.Module) -> int:
@@ -102,19 +203,28 @@ def count_params(model: nn.Module) -> int:
 
 
 @lru_cache(maxsize=128)
-def _meta_model(name: str, num_classes: int) -> nn.Module:
+def _meta_model(name: str, num_classes: int, kwargs: tuple = ()) -> nn.Module:
     # On the meta device nothing is allocated or initialised: shapes only, ~ms per model.
-    with torch.device("meta"):
-        return ARCHS[name].build(num_classes)
+    try:
+        with torch.device("meta"):
+            return create_model(name, num_classes, **dict(kwargs))
+    except (NotImplementedError, RuntimeError):  # an outside class that needs real tensors
+        return create_model(name, num_classes, **dict(kwargs))
 
 
-def param_count(name_or_alias: str, num_classes: int = 100) -> int:
-    return count_params(_meta_model(resolve_arch(name_or_alias), num_classes))
+def _frozen(kwargs: dict[str, Any] | None) -> tuple:
+    return tuple(sorted((kwargs or {}).items()))
 
 
-def state_shapes(name_or_alias: str, num_classes: int = 100) -> dict[str, tuple[int, ...]]:
+def param_count(name_or_alias: str, num_classes: int = 100, **kwargs: Any) -> int:
+    return count_params(_meta_model(canonical_arch(name_or_alias), num_classes,
+                                    _frozen(kwargs)))
+
+
+def state_shapes(name_or_alias: str, num_classes: int = 100,
+                 **kwargs: Any) -> dict[str, tuple[int, ...]]:
     """state_dict key -> shape of the arch, without building real weights."""
-    sd = _meta_model(resolve_arch(name_or_alias), num_classes).state_dict()
+    sd = _meta_model(canonical_arch(name_or_alias), num_classes, _frozen(kwargs)).state_dict()
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 

@@ -42,7 +42,8 @@ def flag(name: str) -> str:
 @dataclass
 class TrainConfig:
     # what to train
-    student: str = "resnet20"
+    student: str = "resnet20"  # zoo name(s), or module.path:ClassName (any nn.Module)
+    student_kwargs: dict[str, Any] = field(default_factory=dict)  # constructor keywords
     method: str = "classroom"  # a registered method or a sum, e.g. kd+0.5*crd (ckd methods)
     variant: str | None = None  # classroom: paper | official (None: the method's default)
     granularity: str | None = None  # classroom: batch | sample
@@ -72,7 +73,8 @@ class TrainConfig:
     # optimisation
     epochs: int = _opt(240, int, "training epochs", low=1)
     batch_size: int = _opt(64, int, "samples per step and process", low=1)
-    # None: 0.05, or 0.01 for MobileNet/ShuffleNet students
+    optimizer: str | None = None  # sgd | adamw; None: the student's default (ViT/Mamba adamw)
+    # None: sgd 0.05 (0.01 for MobileNet/ShuffleNet students), adamw 1e-3
     lr: float | None = _opt(None, float, "base learning rate", low=0, low_open=True,
                             optional=True)
     momentum: float = _opt(0.9, float, "SGD momentum", low=0, high=1, high_open=True)
@@ -104,12 +106,19 @@ class TrainConfig:
     progress: bool = _opt(True, bool, "progress bars")
     eval_every: int = _opt(1, int, "epochs between test evaluations", low=1)
 
+    def resolved_optimizer(self) -> str:
+        from ckd.models.registry import default_optimizer  # noqa: PLC0415 - light import
+
+        return self.optimizer or default_optimizer(self.student)
+
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
-        from ckd.models import resolve_arch  # noqa: PLC0415 - keep config import light
+        from ckd.models.registry import canonical_arch  # noqa: PLC0415 - light import
 
-        return 0.01 if resolve_arch(self.student) in LOW_LR_STUDENTS else 0.05
+        if self.resolved_optimizer() == "adamw":
+            return 1e-3
+        return 0.01 if canonical_arch(self.student) in LOW_LR_STUDENTS else 0.05
 
     def loss_plan(self) -> LossPlan:
         """The run's loss, every method parameter resolved and checked (ckd.methods)."""
@@ -136,6 +145,8 @@ class TrainConfig:
         check_writable_dir(self.out, "--out")
         check_device(self.device)
         check_triton_backend(self.backend, self.device)
+        if self.optimizer not in (None, "sgd", "adamw"):
+            raise ValueError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.dataset is None and self.prepared is None:
             raise ValueError("no data: pass --dataset NAME (with --data-dir) or "
                              "--prepared DIR (from `ckd prepare`)")
@@ -194,7 +205,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
             values[key] = _ints(parts, values[key]) if key == "milestones" else parts
     if isinstance(values.get("milestones"), int):
         values["milestones"] = [values["milestones"]]
-    for key in ("method_params", "dataset_options"):
+    for key in ("method_params", "dataset_options", "student_kwargs"):
         if values.get(key) is not None and not isinstance(values[key], dict):
             raise ValueError(f"{key} must be a mapping, got {values[key]!r}")
     return TrainConfig(**values)

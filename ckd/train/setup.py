@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ckd.train.config import TrainConfig
 
@@ -23,6 +24,20 @@ def load_data(cfg: TrainConfig):
                              f"--dataset {cfg.dataset!r} was given: drop one of them")
         return ds
     return load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options)
+
+
+def build_student(cfg: TrainConfig, ds) -> nn.Module:
+    """The student (zoo name or module.path:ClassName, with cfg.student_kwargs), refused
+    unless it maps the dataset's images to logits [B, num_classes]."""
+    from ckd.models.registry import check_logits_shape, create_model  # noqa: PLC0415
+
+    model = create_model(cfg.student, ds.num_classes, **cfg.student_kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"student {cfg.student!r} built a {type(model).__name__}, not an "
+                         "nn.Module")
+    h, w = ds.train.images.shape[1:3]
+    check_logits_shape(model, cfg.student, (3, h, w), ds.num_classes)
+    return model
 
 
 def norm_name(name: str) -> str:

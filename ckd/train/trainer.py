@@ -6,6 +6,7 @@ stats stay on the device and are read only at log intervals (no host sync in the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -39,9 +40,10 @@ from ckd.train.ddp import (
 )
 from ckd.train.mentors import MentorSource, make_mentor_source
 from ckd.train.metrics import MetricsLogger
+from ckd.train.optim import make_optimizer
 from ckd.train.run_dir import resume_state, run_folder_lock
 from ckd.train.schedules import make_schedule
-from ckd.train.setup import load_data, make_loaders, norm_name
+from ckd.train.setup import build_student, load_data, make_loaders, norm_name
 
 STAT_KEYS = ("mentor_rank", "mentor_active", "mentor_temp", "student_rank")
 
@@ -118,13 +120,29 @@ def train(config: TrainConfig | dict | str | Path) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     try:
         with contextlib.ExitStack() as stack:
-            run = setup_run(cfg, info, stack)
-            for epoch in range(run.start_epoch, cfg.epochs):
-                sums, seconds = train_epoch(run, epoch)
-                end_epoch(run, epoch, sums, seconds)
-            return finish_run(run)
+            runs = setup_runs(cfg, info, stack)
+            for epoch in range(runs[0].start_epoch, cfg.epochs):
+                for run, (sums, seconds) in zip(runs, train_epoch(runs, epoch), strict=True):
+                    end_epoch(run, epoch, sums, seconds)
+            results = [finish_run(run) for run in runs]
+            if len(results) == 1:
+                return results[0]
+            return {"students": results, "run_dir": str(Path(runs[0].run_dir).parent),
+                    "rank": info.rank, "world_size": info.world_size}
     finally:
         cleanup(info)
+
+
+def student_names(student: str) -> list[str]:
+    """`--student r8,r14,wrn_16_1` -> three students trained side by side."""
+    names = [s.strip() for s in str(student).split(",") if s.strip()]
+    if not names:
+        raise ValueError("--student is empty: name a zoo student (`ckd models`) or several, "
+                         "comma-separated")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--student {student!r} names a student twice: each student of one "
+                         "pass needs its own name (its run sub-folder)")
+    return names
 
 
 @dataclass
@@ -155,17 +173,58 @@ class Run:
     feat: FeatureRun | None = None  # feature terms: their modules and inputs
 
 
+@dataclass
+class Shared:
+    """What the students of one pass share: data, loaders, mentor source, loss plan."""
+
+    ds: Any
+    source: MentorSource
+    loss_plan: LossPlan
+    train_loader: Any
+    test_loader: Any
+    autocast: Any
+
+
+def setup_shared(cfg: TrainConfig, info: DistInfo) -> Shared:
+    autocast = _autocast_factory(info.device, cfg.amp)
+    ds = load_data(cfg)
+    source = make_mentor_source(cfg, ds, info.device, autocast)
+    train_loader, test_loader = make_loaders(cfg, ds, info.device, info.rank, info.world_size)
+    return Shared(ds, source, cfg.loss_plan(), train_loader, test_loader, autocast)
+
+
+def setup_runs(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> list[Run]:
+    """One Run per student. Several students share the data, loaders and mentor source
+    (one stream, one cache gather per step); each has its own sub-folder <out>/<student>
+    with its config, optimizer, schedule, metrics, checkpoints and --resume."""
+    names = student_names(cfg.student)
+    if len(names) == 1:
+        return [setup_run(cfg, info, stack)]
+    shared = setup_shared(cfg, info)
+    base = Path(cfg.out) if cfg.out else default_run_dir(
+        dataclasses.replace(cfg, student="+".join(names)), shared.ds.name)
+    runs = [setup_student(dataclasses.replace(cfg, student=name, out=str(base / name)),
+                          info, stack, shared) for name in names]
+    starts = {run.run_dir.name: run.start_epoch for run in runs}
+    if len(set(starts.values())) > 1:
+        raise ValueError(f"--resume: the students' checkpoints stopped at different epochs "
+                         f"({starts}); resume each with its own `ckd train --student NAME "
+                         f"--out {base}/NAME --resume`, or start a new --out")
+    return runs
+
+
 def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> Run:
     """Data, mentors, loaders, the run folder (locked, resumed or refused), the student and
     its optimizer: every check that can fail runs here, before the first step."""
-    from ckd.models import create_model  # noqa: PLC0415
+    return setup_student(cfg, info, stack, setup_shared(cfg, info))
 
+
+def setup_student(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack,
+                  shared: Shared) -> Run:
+    """The run folder (locked, resumed or refused), the student and its optimizer."""
     device = info.device
-    autocast = _autocast_factory(device, cfg.amp)
-    ds = load_data(cfg)
-    source = make_mentor_source(cfg, ds, device, autocast)
-    loss_plan = cfg.loss_plan()
-    train_loader, test_loader = make_loaders(cfg, ds, device, info.rank, info.world_size)
+    ds, source, loss_plan, autocast = shared.ds, shared.source, shared.loss_plan, shared.autocast
+    train_loader, test_loader = shared.train_loader, shared.test_loader
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, ds.name)
     cfg.out = str(run_dir)
     if info.is_main:  # one writer per run folder; the lock dies with this process
@@ -173,14 +232,15 @@ def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> 
     state = resume_state(run_dir, cfg, device)
 
     _seed_everything(cfg.seed)
-    student = create_model(cfg.student, ds.num_classes).to(device)
+    student = build_student(cfg, ds).to(device)
     if cfg.channels_last:  # faster on CUDA and on CPU (benchmarks/RESULTS.md)
         student = student.to(memory_format=torch.channels_last)
     base_lr = cfg.resolved_lr()
     feat = make_feature_run(cfg, loss_plan, ds, source, student, device)
-    opt = torch.optim.SGD([{"params": list(student.parameters())},
-                           *feat.param_group(base_lr, cfg.momentum, cfg.weight_decay)],
-                          lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg.resolved_optimizer(),
+                         [{"params": list(student.parameters())},
+                          *feat.param_group(base_lr, cfg.momentum, cfg.weight_decay)],
+                         base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = make_schedule(cfg.schedule, base_lr=base_lr, epochs=cfg.epochs,
                           milestones=cfg.milestones, gamma=cfg.gamma,
                           warmup_epochs=cfg.warmup_epochs, warmup_end_lr=cfg.warmup_end_lr)
@@ -218,35 +278,65 @@ def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> 
     return run
 
 
-def train_epoch(run: Run, epoch: int) -> tuple[DeviceSums, float]:
-    """One epoch of steps; returns the epoch's device sums and its wall time."""
+def train_epoch(runs: list[Run] | Run, epoch: int) -> list[tuple[DeviceSums, float]]:
+    """One epoch of steps for every student of the pass: each batch is read, augmented and
+    its mentor logits (and features) gathered once, then every student takes its own step
+    on it. Returns each student's epoch sums and the epoch's wall time."""
     from ckd.data.views import apply_views  # noqa: PLC0415
-    cfg, info, ds, source, feat = run.cfg, run.info, run.ds, run.source, run.feat
-    lr = run.sched.lr_at(epoch)
-    for g in run.opt.param_groups:
-        g["lr"] = lr
-    loader = run.train_loader
+
+    runs = [runs] if isinstance(runs, Run) else runs
+    lead = runs[0]
+    cfg, info, ds, source = lead.cfg, lead.info, lead.ds, lead.source
+    loader = lead.train_loader
     loader.set_epoch(epoch)
     source.start_epoch(epoch, loader.order(epoch) if hasattr(loader, "order") else None)
-    run.model.train()
-    interval, whole = DeviceSums(info.device), DeviceSums(info.device)
     t_epoch = time.perf_counter()
-    log = _IntervalLog(run, epoch, lr, t_epoch)
-    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+    steppers = [_StudentEpoch(run, epoch, t_epoch) for run in runs]
+    needs = lead.feat.needs  # the method's mentor-side inputs: the same for every student
+    bar = tqdm(total=lead.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                unit="step", leave=False, dynamic_ncols=True,
                disable=not (cfg.progress and info.is_main))
     for i, (images, labels, idx) in enumerate(loader):
-        if i >= run.steps_per_epoch:
+        if i >= lead.steps_per_epoch:
             break
         slots, vids = source.views(epoch, idx)
         x = apply_views(images, vids, ds.mean, ds.std, channels_last=cfg.channels_last)
-        mentor, mentor_feats = source.gather(slots, idx, x, feat.needs)
+        mentor, mentor_feats = source.gather(slots, idx, x, needs)
+        for stepper in steppers:
+            stepper.step(x, mentor, mentor_feats, labels, idx,
+                         last=i == lead.steps_per_epoch - 1, bar=bar)
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t_epoch
+    out = []
+    for stepper in steppers:
+        broadcast_buffers(stepper.run.student, info)
+        out.append((stepper.whole, seconds))
+    return out
+
+
+class _StudentEpoch:
+    """One student's side of an epoch: its lr, its step on a shared batch, its sums."""
+
+    def __init__(self, run: Run, epoch: int, t0: float) -> None:
+        self.run, self.epoch = run, epoch
+        self.lr = run.sched.lr_at(epoch)
+        for g in run.opt.param_groups:
+            g["lr"] = self.lr
+        run.model.train()
+        device = run.info.device
+        self.interval, self.whole = DeviceSums(device), DeviceSums(device)
+        self.log = _IntervalLog(run, epoch, self.lr, t0)
+
+    def step(self, x: torch.Tensor, mentor: Any, mentor_feats: Any, labels: torch.Tensor,
+             idx: torch.Tensor, last: bool, bar: Any) -> None:
+        run, cfg, feat = self.run, self.run.cfg, self.run.feat
         with run.autocast():
             if feat.active:
                 feats, logits = run.model(x, is_feat=True)
             else:
                 feats, logits = None, run.model(x)
-        out = run.loss_plan.loss(logits, mentor, labels, epoch=epoch, step=run.step,
+        out = run.loss_plan.loss(logits, mentor, labels, epoch=self.epoch, step=run.step,
                                  seed=cfg.seed, modules=feat.modules,
                                  **feat.extra(feats, mentor_feats, idx))
         run.opt.zero_grad(set_to_none=True)
@@ -255,7 +345,8 @@ def train_epoch(run: Run, epoch: int) -> tuple[DeviceSums, float]:
         run.opt.step()
         run.step += 1
         correct = (logits.detach().argmax(1) == labels).float().sum()
-        for sums in (interval, whole):
+        interval = self.interval
+        for sums in (interval, self.whole):
             sums.add("loss", out.loss)
             sums.add("correct", correct)
             sums.count += labels.shape[0]
@@ -265,13 +356,9 @@ def train_epoch(run: Run, epoch: int) -> tuple[DeviceSums, float]:
         for k, v in out.stats.items():
             if isinstance(v, torch.Tensor) and v.numel() > 0:
                 interval.add(k, v)
-        bar.update(1)
-        if run.step % cfg.log_every == 0 or i == run.steps_per_epoch - 1:
-            log.write(interval, bar)
-            interval = DeviceSums(info.device)
-    bar.close()
-    broadcast_buffers(run.student, info)
-    return whole, time.perf_counter() - t_epoch
+        if run.step % cfg.log_every == 0 or last:
+            self.log.write(interval, bar)
+            self.interval = DeviceSums(run.info.device)
 
 
 class _IntervalLog:
@@ -344,7 +431,8 @@ def finish_run(run: Run) -> dict[str, Any]:
     cfg, info = run.cfg, run.info
     if info.is_main:
         save_checkpoint(run.run_dir / "student.pt", run.student, arch=cfg.student,
-                        num_classes=run.ds.num_classes, dataset=run.ds.name,
+                        arch_kwargs=cfg.student_kwargs, num_classes=run.ds.num_classes,
+                        dataset=run.ds.name,
                         metrics={"test_acc": run.last_acc, "best_acc": run.best_acc,
                                  "method": cfg.method, "mentors": run.source.names})
     return {"best_acc": run.best_acc, "last_acc": run.last_acc, "run_dir": str(run.run_dir),
