@@ -1,0 +1,177 @@
+"""Sparse mentor logits: error against dense on real mentor logits, storage per mode, and
+speed of the loss on sparse vs dense mentors.
+
+    .venv/bin/python benchmarks/sparse.py error   [--epochs 15] [--dataset synthetic|digits]
+    .venv/bin/python benchmarks/sparse.py storage
+    .venv/bin/python benchmarks/sparse.py speed   [--sizes 256x1000,4096x1000,...] [--threads 2]
+
+`error`: trains a mentor (resnet20) and a weaker student (resnet8, fewer epochs) with plain
+SGD on keyed views, then compares, on their logits for n train images, the sparse loss
+(topk:K with each rest model, sample:S) with the dense loss at the temperatures ClassroomKD
+uses (tau_m in [1, 13]): relative error of the batch T^2 KL and of its gradient, and the
+rest bucket's log-mass error. Every number is measured by this script (CPU here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ckd.data import load_dataset
+from ckd.kernels import reference as ref
+from ckd.kernels import sparse_reference as sr
+from ckd.kernels.sparse_mentors import bytes_per_row, sparsify_sample, sparsify_topk
+
+sys.path.insert(0, str(Path(__file__).parent))
+TEMPS = (1.0, 2.0, 4.0, 8.0, 13.0)
+
+
+def _kl_and_grad(fn, zs: torch.Tensor, T: float) -> tuple[float, torch.Tensor]:
+    zs = zs.clone().requires_grad_(True)
+    loss = T * T * fn(zs, T).mean()
+    (g,) = torch.autograd.grad(loss, zs)
+    return float(loss), g
+
+
+@torch.no_grad()
+def _logits(model, ds, n: int) -> torch.Tensor:
+    from ckd.data import apply_views
+
+    imgs = torch.from_numpy(ds.train.images[:n])
+    x = apply_views(imgs, torch.zeros(n, dtype=torch.int64), ds.mean, ds.std)
+    return model(x).float()
+
+
+def error(args) -> None:
+    from cache import train_mentor  # benchmarks/cache.py
+
+    ds = load_dataset("digits") if args.dataset == "digits" else \
+        load_dataset("synthetic", n_train=2048, n_test=256, num_classes=100)
+    t0 = time.perf_counter()
+    mentor = train_mentor("resnet20", ds, args.epochs, seed=0)
+    student = train_mentor("resnet8", ds, max(1, args.epochs // 5), seed=1)
+    n = min(args.n, len(ds.train))
+    zm = _logits(mentor, ds, n).half()[None]
+    zs = _logits(student, ds, n).double()
+    y = torch.from_numpy(ds.train.labels[:n]).long()
+    C = ds.num_classes
+    acc_m = float((zm[0].argmax(1) == y).float().mean())
+    acc_s = float((zs.argmax(1) == y).float().mean())
+    print(f"# Sparse vs dense error ({ds.name}, C={C}, {n} train images, view 0)\n")
+    print(f"Command: `.venv/bin/python benchmarks/sparse.py error --dataset {args.dataset} "
+          f"--epochs {args.epochs} --n {args.n}` ({time.perf_counter() - t0:.0f} s training; "
+          f"mentor resnet20 top-1 {100 * acc_m:.1f}%, student resnet8 {100 * acc_s:.1f}%)\n")
+    print("Relative error of the batch T^2 KL (value) and of its gradient w.r.t. the "
+          "student logits (||g - g_dense|| / ||g_dense||); rest: mean |log R_hat - log R| "
+          "of the rest bucket's tempered mass.\n")
+    print("| mode | rest model | T | value err | grad err | rest log-mass err |")
+    print("|---|---|---|---|---|---|")
+    ks = [k for k in args.k if k < C]
+    for k in ks:
+        sm = sparsify_topk(zm, y, k)
+        z = zm[0].double()
+        member = torch.zeros_like(z, dtype=torch.bool).scatter(1, sm.ids[0].long(), True)
+        n_rest = torch.full((n,), C - k)
+        for model in sr.REST_MODELS:
+            for T in TEMPS:
+                v_d, g_d = _kl_and_grad(lambda s, T: ref.kl_rows(zm[0], s, T), zs, T)
+                v_s, g_s = _kl_and_grad(
+                    lambda s, T: sr.sparse_kl_rows(sm, 0, s, T, rest_model=model), zs, T)
+                true_r = torch.logsumexp((z / T).masked_fill(member, float("-inf")), 1)
+                est_r = sr.rest_log_mass(sm.rest_lse[0].double(), sm.rest_mean[0].double(),
+                                         n_rest, 1.0 / T, model)
+                print(f"| topk:{k} | {model} | {T:g} | {abs(v_s - v_d) / v_d:.4f} | "
+                      f"{float((g_s - g_d).norm() / g_d.norm()):.4f} | "
+                      f"{float((est_r - true_r).abs().mean()):.4f} |")
+    for s in args.s:
+        sm = sparsify_sample(zm, y, s, torch.Generator().manual_seed(0))
+        for T in TEMPS:
+            v_d, g_d = _kl_and_grad(lambda st, T: ref.kl_rows(zm[0], st, T), zs, T)
+            v_s, g_s = _kl_and_grad(lambda st, T: sr.sparse_kl_rows(sm, 0, st, T), zs, T)
+            print(f"| sample:{s} | - | {T:g} | {abs(v_s - v_d) / v_d:.4f} | "
+                  f"{float((g_s - g_d).norm() / g_d.norm()):.4f} | - |")
+
+
+def storage(args) -> None:
+    print("# Stored bytes per view and mentor (uncompressed; 8 B of per-view mentor "
+          "statistics included)\n")
+    print("Command: `.venv/bin/python benchmarks/sparse.py storage`\n")
+    rows = [("CIFAR-100, 50k images x 162 views", 100, 50_000 * 162),
+            ("ImageNet-1k, 1.28M images x 300 views", 1000, 1_281_167 * 300)]
+    specs = ["dense", "topk:5", "topk:10", "topk:20", "sample:8", "sample:16", "sample:64"]
+    for name, C, views in rows:
+        print(f"\n{name} (C = {C}):\n")
+        print("| mode | bytes/view | ratio to dense | total per mentor |")
+        print("|---|---|---|---|")
+        dense = bytes_per_row("dense", C)
+        for spec in specs:
+            b = bytes_per_row(spec, C)
+            print(f"| {spec} | {b} | {b / dense:.3f} | {b * views / 2**30:.1f} GiB |")
+
+
+def speed(args) -> None:
+    torch.set_num_threads(args.threads)
+    print(f"# Loss speed, sparse vs dense mentors (eager reference on CPU: "
+          f"{platform.processor() or platform.machine()}, {args.threads} threads of "
+          f"{os.cpu_count()} cores, shared), M={args.m}, method {args.method}\n")
+    print(f"Command: `.venv/bin/python benchmarks/sparse.py speed --sizes {args.sizes} "
+          f"--threads {args.threads}`\n")
+    print("| B | C | mentors | fwd+bwd ms | mentor bytes/batch |")
+    print("|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        B, C = (int(v) for v in size.split("x"))
+        g = torch.Generator().manual_seed(0)
+        zm = (torch.randn(args.m, B, C, generator=g) * 3).half()
+        zs = torch.randn(B, C, generator=g)
+        y = torch.randint(0, C, (B,), generator=g)
+        cases = {"dense": (ref.REFERENCE[args.method], zm, args.m * B * C * 2)}
+        for spec in args.specs.split(","):
+            mode, k = spec.split(":")
+            sm = sparsify_topk(zm, y, int(k)) if mode == "topk" else \
+                sparsify_sample(zm, y, int(k), torch.Generator().manual_seed(0))
+            cases[spec] = (sr.SPARSE_REFERENCE[args.method], sm,
+                           args.m * B * bytes_per_row(spec, C))
+        for name, (fn, mentors, nbytes) in cases.items():
+            def step():
+                s = zs.clone().requires_grad_(True)
+                loss, _ = fn(s, mentors, y)
+                loss.backward()
+            step()
+            reps, t = 0, time.perf_counter()
+            while reps < 2 or time.perf_counter() - t < args.min_time:
+                step()
+                reps += 1
+            ms = (time.perf_counter() - t) / reps * 1e3
+            print(f"| {B} | {C} | {name} | {ms:.1f} | {nbytes / 2**20:.2f} MiB |", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    e = sub.add_parser("error")
+    e.add_argument("--dataset", default="synthetic", choices=["synthetic", "digits"])
+    e.add_argument("--epochs", type=int, default=15)
+    e.add_argument("--n", type=int, default=1024)
+    e.add_argument("--k", type=int, nargs="+", default=[1, 5, 10, 20])
+    e.add_argument("--s", type=int, nargs="+", default=[8, 16, 64])
+    sub.add_parser("storage")
+    s = sub.add_parser("speed")
+    s.add_argument("--sizes", default="256x1000,4096x1000,256x32000,4096x32000")
+    s.add_argument("--specs", default="topk:20,sample:16")
+    s.add_argument("--method", default="classroom")
+    s.add_argument("--m", type=int, default=6)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--min-time", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    {"error": error, "storage": storage, "speed": speed}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
