@@ -82,7 +82,8 @@ def error(args) -> None:
             for T in TEMPS:
                 v_d, g_d = _kl_and_grad(lambda s, T: ref.kl_rows(zm[0], s, T), zs, T)
                 v_s, g_s = _kl_and_grad(
-                    lambda s, T: sr.sparse_kl_rows(sm, 0, s, T, rest_model=model), zs, T)
+                    lambda s, T, sm=sm, model=model: sr.sparse_kl_rows(
+                        sm, 0, s, T, rest_model=model), zs, T)
                 true_r = torch.logsumexp((z / T).masked_fill(member, float("-inf")), 1)
                 est_r = sr.rest_log_mass(sm.rest_lse[0].double(), sm.rest_mean[0].double(),
                                          n_rest, 1.0 / T, model)
@@ -93,7 +94,8 @@ def error(args) -> None:
         sm = sparsify_sample(zm, y, s, torch.Generator().manual_seed(0))
         for T in TEMPS:
             v_d, g_d = _kl_and_grad(lambda st, T: ref.kl_rows(zm[0], st, T), zs, T)
-            v_s, g_s = _kl_and_grad(lambda st, T: sr.sparse_kl_rows(sm, 0, st, T), zs, T)
+            v_s, g_s = _kl_and_grad(lambda st, T, sm=sm: sr.sparse_kl_rows(sm, 0, st, T),
+                                    zs, T)
             print(f"| sample:{s} | - | {T:g} | {abs(v_s - v_d) / v_d:.4f} | "
                   f"{float((g_s - g_d).norm() / g_d.norm()):.4f} | - |")
 
@@ -138,7 +140,7 @@ def speed(args) -> None:
             cases[spec] = (sr.SPARSE_REFERENCE[args.method], sm,
                            args.m * B * bytes_per_row(spec, C))
         for name, (fn, mentors, nbytes) in cases.items():
-            def step():
+            def step(fn=fn, mentors=mentors, zs=zs, y=y):
                 s = zs.clone().requires_grad_(True)
                 loss, _ = fn(s, mentors, y)
                 loss.backward()

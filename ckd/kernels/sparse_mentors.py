@@ -208,3 +208,33 @@ def stack(parts: list[SparseMentors]) -> SparseMentors:
           for k in ("lse", "true_logp", "rest_lse", "rest_mean")),
         sum((p.modes for p in parts), ()), parts[0].num_classes)
 
+
+
+def validate_sparse(sm: SparseMentors, method: str, supported: tuple[str, ...], B: int,
+                    C: int, device: torch.device) -> None:
+    """Shape/dtype/method checks of sparse mentors given to `distill_loss`."""
+    if method not in supported:
+        raise ValueError(
+            f"method {method!r} runs on dense mentor logits only (it needs every class); "
+            f"sparse mentors (topk:K, sample:S) work with {', '.join(supported)}. Use a "
+            "dense cache (`ckd cache-logits --logits dense`) for this method")
+    M, Bm, K = sm.shape
+    if Bm != B or sm.num_classes != C:
+        raise ValueError(f"sparse mentors are for B = {Bm} rows of C = {sm.num_classes} "
+                         f"classes, the student logits are [{B}, {C}]")
+    if M == 0 or K == 0:
+        raise ValueError(f"sparse mentors need M >= 1 mentors and K >= 1 slots, got {sm.shape}")
+    for name in ("logits", "counts"):
+        if tuple(getattr(sm, name).shape) != (M, B, K):
+            raise ValueError(f"sparse mentors: {name} must be [M, B, K] = {[M, B, K]}, got "
+                             f"{tuple(getattr(sm, name).shape)}")
+    for name in ("lse", "true_logp", "rest_lse", "rest_mean"):
+        if tuple(getattr(sm, name).shape) != (M, B):
+            raise ValueError(f"sparse mentors: {name} must be [M, B] = {[M, B]}")
+    if sm.ids.dtype.is_floating_point or sm.counts.dtype.is_floating_point:
+        raise TypeError("sparse mentors: ids and counts must be integer tensors")
+    if len(sm.modes) != M or set(sm.modes) - {"topk", "sample"}:
+        raise ValueError(f"sparse mentors: modes must be 'topk'/'sample' per mentor, got "
+                         f"{sm.modes}")
+    if sm.device != device:
+        raise ValueError(f"sparse mentors on {sm.device} but student_logits on {device}")

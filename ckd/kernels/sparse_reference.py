@@ -99,13 +99,19 @@ def sparse_kl_rows(sm: SparseMentors, m: int, zs: Tensor, T: Tensor | float,
     t = 1.0 / T
     w, lp, lp_r = mentor_target(sm, m, t, eta, noise_a, rest_model)
     logq = torch.log_softmax(zs * t, 1)
-    ids = sm.ids[m].long()
     real = sm.counts[m] > 0
+    ids = _safe_ids(sm, m)
     member = torch.zeros_like(zs, dtype=torch.bool).scatter_reduce(1, ids, real, "amax")
     logq_r = torch.logsumexp(logq.masked_fill(member, float("-inf")), 1)
     slot = torch.where(w > 0, w * (lp - logq.gather(1, ids)), 0.0).sum(1)
     rest = torch.where(lp_r > float("-inf"), lp_r.exp() * (lp_r - logq_r), 0.0)
     return slot + rest
+
+
+def _safe_ids(sm: SparseMentors, m: int) -> Tensor:
+    """Mentor m's ids [B, K] as int64, out-of-range ones at 0 (they are flagged)."""
+    ids = sm.ids[m].long()
+    return torch.where((ids >= 0) & (ids < sm.num_classes), ids, 0)
 
 
 def _l_distill(sm, m, zs, T, **kw) -> Tensor:
@@ -175,7 +181,7 @@ def tekap(zs, sm, labels, *, T=4.0, a=0.1, n_copies=3, lam_clean=1.0, lam_noisy=
     """Noisy copies a*eta + (1-a) z at the stored ids (the same eta as dense TeKAP at those
     classes); a top-k copy's rest bucket from `rest_log_mass(noise_a=a)`."""
     loss = alpha_ce * ref.ce_rows(zs, labels).mean() + lam_clean * _l_distill(sm, 0, zs, T)
-    eta = tekap_noise_at(seed, step, sm.ids[0], n_copies)
+    eta = tekap_noise_at(seed, step, _safe_ids(sm, 0), n_copies)
     for i in range(n_copies):
         loss = loss + lam_noisy * _l_distill(sm, 0, zs, T, eta=eta[i], noise_a=a)
     M, dev = sm.shape[0], zs.device
