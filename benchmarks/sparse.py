@@ -5,7 +5,7 @@ speed of the loss on sparse vs dense mentors.
     .venv/bin/python benchmarks/sparse.py storage
     .venv/bin/python benchmarks/sparse.py speed   [--sizes 256x1000,4096x1000,...] [--threads 2]
 
-`error`: trains a mentor (resnet20) and a weaker student (resnet8, fewer epochs) with plain
+`error`: trains a mentor (resnet20) and a weaker student (resnet8, half the epochs) with plain
 SGD on keyed views, then compares, on their logits for n train images, the sparse loss
 (topk:K with each rest model, sample:S) with the dense loss at the temperatures ClassroomKD
 uses (tau_m in [1, 13]): relative error of the batch T^2 KL and of its gradient, and the
@@ -15,6 +15,7 @@ rest bucket's log-mass error. Every number is measured by this script (CPU here)
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import sys
@@ -36,7 +37,7 @@ def _kl_and_grad(fn, zs: torch.Tensor, T: float) -> tuple[float, torch.Tensor]:
     zs = zs.clone().requires_grad_(True)
     loss = T * T * fn(zs, T).mean()
     (g,) = torch.autograd.grad(loss, zs)
-    return float(loss), g
+    return float(loss.detach()), g
 
 
 @torch.no_grad()
@@ -54,11 +55,17 @@ def error(args) -> None:
     ds = load_dataset("digits") if args.dataset == "digits" else \
         load_dataset("synthetic", n_train=2048, n_test=256, num_classes=100)
     t0 = time.perf_counter()
-    mentor = train_mentor("resnet20", ds, args.epochs, seed=0)
-    student = train_mentor("resnet8", ds, max(1, args.epochs // 5), seed=1)
     n = min(args.n, len(ds.train))
-    zm = _logits(mentor, ds, n).half()[None]
-    zs = _logits(student, ds, n).double()
+    saved = Path(args.logits) if args.logits else None
+    if saved is not None and saved.exists():  # mentor/student logits of an earlier run
+        zm, zs = torch.load(saved).values()
+    else:
+        mentor = train_mentor("resnet20", ds, args.epochs, seed=0)
+        student = train_mentor("resnet8", ds, max(1, args.epochs // 2), seed=1)
+        zm = _logits(mentor, ds, n).half()[None]
+        zs = _logits(student, ds, n).double()
+        if saved is not None:
+            torch.save({"mentor": zm, "student": zs}, saved)
     y = torch.from_numpy(ds.train.labels[:n]).long()
     C = ds.num_classes
     acc_m = float((zm[0].argmax(1) == y).float().mean())
@@ -78,15 +85,22 @@ def error(args) -> None:
         z = zm[0].double()
         member = torch.zeros_like(z, dtype=torch.bool).scatter(1, sm.ids[0].long(), True)
         n_rest = torch.full((n,), C - k)
-        for model in sr.REST_MODELS:
+        for model in (*sr.REST_MODELS, "oracle"):
             for T in TEMPS:
                 v_d, g_d = _kl_and_grad(lambda s, T: ref.kl_rows(zm[0], s, T), zs, T)
-                v_s, g_s = _kl_and_grad(
-                    lambda s, T, sm=sm, model=model: sr.sparse_kl_rows(
-                        sm, 0, s, T, rest_model=model), zs, T)
                 true_r = torch.logsumexp((z / T).masked_fill(member, float("-inf")), 1)
-                est_r = sr.rest_log_mass(sm.rest_lse[0].double(), sm.rest_mean[0].double(),
-                                         n_rest, 1.0 / T, model)
+                use = sm
+                if model == "oracle":  # the true tempered rest mass: coarsening error only
+                    use = copy.copy(sm)
+                    log_n = torch.log(n_rest.double())
+                    use.rest_lse = (log_n + (true_r - log_n) * T)[None].float()
+                v_s, g_s = _kl_and_grad(
+                    lambda s, T, sm=use, model=model: sr.sparse_kl_rows(
+                        sm, 0, s, T, rest_model="equal" if model == "oracle" else model),
+                    zs, T)
+                est_r = sr.rest_log_mass(use.rest_lse[0].double(), use.rest_mean[0].double(),
+                                         n_rest, 1.0 / T,
+                                         "equal" if model == "oracle" else model)
                 print(f"| topk:{k} | {model} | {T:g} | {abs(v_s - v_d) / v_d:.4f} | "
                       f"{float((g_s - g_d).norm() / g_d.norm()):.4f} | "
                       f"{float((est_r - true_r).abs().mean()):.4f} |")
@@ -160,6 +174,7 @@ def main(argv=None) -> int:
     e.add_argument("--dataset", default="synthetic", choices=["synthetic", "digits"])
     e.add_argument("--epochs", type=int, default=15)
     e.add_argument("--n", type=int, default=1024)
+    e.add_argument("--logits", help="save the trained models' logits here / reuse them")
     e.add_argument("--k", type=int, nargs="+", default=[1, 5, 10, 20])
     e.add_argument("--s", type=int, nargs="+", default=[8, 16, 64])
     sub.add_parser("storage")
