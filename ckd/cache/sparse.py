@@ -18,6 +18,8 @@ draws. Ids use the smallest integer type holding C classes, counts the smallest 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Mapping
 from typing import Any
 
 import crc32c
@@ -26,22 +28,28 @@ import torch
 
 from ckd.kernels.sparse_mentors import (
     SparseMentors,
+    bytes_per_row,
     count_dtype,
     id_dtype,
     parse_mode,
     sparsify_sample,
     sparsify_topk,
-    stack,
 )
 
 _TORCH_TO_NP = {torch.uint8: "uint8", torch.uint16: "uint16", torch.int32: "int32"}
-_LAST: dict[str, Any] = {"key": None, "value": None}  # one unit's sparsified rows
+_LAST: dict[str, Any] = {"unit": None, "spec": None, "value": None}  # the last unit's rows
+_LOCK = threading.Lock()
 
 
 def _sparsified(u: Any, spec: str) -> SparseMentors:
-    """The unit's rows in mode `spec` (computed once per unit for all its arrays)."""
-    key = (id(u), spec)
-    if _LAST["key"] != key:
+    """The unit's rows in mode `spec` (computed once per unit for all its arrays; the memo
+    holds the unit itself, so a later unit can never be mistaken for it)."""
+    with _LOCK:
+        return _sparsify_unit(u, spec)
+
+
+def _sparsify_unit(u: Any, spec: str) -> SparseMentors:
+    if _LAST["unit"] is not u or _LAST["spec"] != spec:
         logits = torch.from_numpy(np.ascontiguousarray(u.logits))  # [slots, samples, C]
         labels = torch.from_numpy(np.asarray(u.labels)).long()
         mode, n = parse_mode(spec, logits.shape[-1])
@@ -50,7 +58,7 @@ def _sparsified(u: Any, spec: str) -> SparseMentors:
         else:
             seed = crc32c.crc32c(np.ascontiguousarray(u.logits).tobytes())
             sm = sparsify_sample(logits, labels, n, torch.Generator().manual_seed(seed))
-        _LAST.update(key=key, value=sm)
+        _LAST.update(unit=u, spec=spec, value=sm)
     return _LAST["value"]
 
 
@@ -138,4 +146,41 @@ def rows_to_sparse(spec: str, num_classes: int, arrays: dict[str, torch.Tensor],
                          torch.zeros_like(lse), ("sample",), num_classes)
 
 
-__all__ = ["sparse_array_specs", "sparse_problems", "rows_to_sparse", "stack"]
+
+
+def logits_modes(logits: str | Mapping[str, str], aliases: list[str], num_classes: int
+                 ) -> dict[str, str]:
+    """alias -> storage mode from `--logits` ('topk:10' for all, 'r110=dense,r8=sample:16'
+    per alias, unnamed aliases dense), each checked against C (K >= C, S < 1 refused)."""
+    if isinstance(logits, str):
+        parts = [p.strip() for p in logits.split(",") if p.strip()] or ["dense"]
+        if len(parts) == 1 and "=" not in parts[0]:
+            logits = {a: parts[0] for a in aliases}
+        else:
+            bad = [p for p in parts if "=" not in p]
+            if bad:
+                raise ValueError(f"--logits {logits!r}: give one mode for every mentor "
+                                 "(topk:10) or ALIAS=MODE pairs (r110=dense,r8=sample:16)")
+            logits = dict(p.split("=", 1) for p in parts)
+    unknown = sorted(set(logits) - set(aliases))
+    if unknown:
+        raise ValueError(f"--logits names mentors {unknown} that are not in --mentors "
+                         f"({', '.join(aliases)})")
+    out = {}
+    for alias in aliases:
+        spec = str(logits.get(alias, "dense")).strip()
+        mode, n = parse_mode(spec, num_classes)
+        out[alias] = "dense" if mode == "dense" else f"{mode}:{n}"
+    return out
+
+
+def storage_lines(modes: Mapping[str, str], num_classes: int, rows: int,
+                  logit_bytes: int = 2) -> list[str]:
+    """What each mentor will take (raw, before compression), printed before a build."""
+    dense = bytes_per_row("dense", num_classes, logit_bytes)
+    out = []
+    for alias, spec in modes.items():
+        b = bytes_per_row(spec, num_classes, logit_bytes)
+        out.append(f"{alias}: --logits {spec}: {b} B per view ({b / dense:.3f} of dense), "
+                   f"{b * rows / 2**20:.1f} MiB for {rows} rows (raw, before compression)")
+    return out

@@ -17,6 +17,7 @@ in fp32, so a sparse row describes exactly the dense cache's row.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -198,8 +199,7 @@ def stack(parts: list[SparseMentors]) -> SparseMentors:
         return x if extra == 0 else torch.cat(
             [x, x.new_full((*x.shape[:2], extra), value)], 2)
 
-    dt = torch.promote_types(*[p.logits.dtype for p in parts]) if len(parts) > 1 \
-        else parts[0].logits.dtype
+    dt = functools.reduce(torch.promote_types, [p.logits.dtype for p in parts])
     return SparseMentors(
         torch.cat([pad(p.ids, 0) for p in parts]),
         torch.cat([pad(p.logits.to(dt), 0) for p in parts]),
