@@ -111,3 +111,16 @@ def test_sparse_modes_refused_with_the_fix(caches):
         logits_modes("r110=topk:3", aliases, C)
     with pytest.raises(ValueError, match="memory mode"):
         LogitCache(caches["mixed"], mode="stream")
+
+
+def test_trainer_trains_from_a_sparse_cache(caches, tmp_path):
+    from ckd.train import train
+
+    base = dict(dataset="synthetic", dataset_options=dict(n_train=N_TRAIN, n_test=8,
+                                                          num_classes=C),
+                student="resnet8", epochs=1, batch_size=20, progress=False, device="cpu",
+                backend="reference", log_every=1, cache=str(caches["mixed"]))
+    res = train(dict(base, method="classroom", out=str(tmp_path / "cls")))
+    assert sorted(res["mentors"]) == ["r8", "r8b", "r8c"] and np.isfinite(res["last_acc"])
+    with pytest.raises(ValueError, match="'dkd' runs on dense mentor logits only"):
+        train(dict(base, method="dkd", out=str(tmp_path / "dkd")))
