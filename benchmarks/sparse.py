@@ -4,6 +4,7 @@ speed of the loss on sparse vs dense mentors.
     .venv/bin/python benchmarks/sparse.py error   [--epochs 15] [--dataset synthetic|digits]
     .venv/bin/python benchmarks/sparse.py storage
     .venv/bin/python benchmarks/sparse.py speed   [--sizes 256x1000,4096x1000,...] [--threads 2]
+    .venv/bin/python benchmarks/sparse.py read    [--n 4096] [--views 4]
 
 `error`: trains a mentor (resnet20) and a weaker student (resnet8, half the epochs) with plain
 SGD on keyed views, then compares, on their logits for n train images, the sparse loss
@@ -167,6 +168,46 @@ def speed(args) -> None:
             print(f"| {B} | {C} | {name} | {ms:.1f} | {nbytes / 2**20:.2f} MiB |", flush=True)
 
 
+def read(args) -> None:
+    """Cache read rows/s per mode: one store per mode of the same 2 (untrained) mentors."""
+    import tempfile
+
+    from ckd.cache import LogitCache, build_cache
+    from ckd.models import create_model, save_checkpoint
+
+    torch.set_num_threads(args.threads)
+    ds = load_dataset("synthetic", n_train=args.n, n_test=64, num_classes=100)
+    print(f"# Cache gather rows/s per mode ({args.n} samples x {args.views} views, C=100, "
+          f"2 mentors, batch {args.batch}, memory mode, CPU {args.threads} threads, shared)\n")
+    print(f"Command: `.venv/bin/python benchmarks/sparse.py read --n {args.n} --views "
+          f"{args.views} --batch {args.batch}`\n")
+    print("| mode | load s | gather rows/s (one row = one mentor's view of one sample) |")
+    print("|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for k, alias in enumerate(("m0", "m1")):
+            torch.manual_seed(k)
+            save_checkpoint(Path(tmp) / f"{alias}.pt", create_model("resnet8", 100),
+                            arch="resnet8", num_classes=100, dataset=ds.name, metrics={})
+            paths[alias] = Path(tmp) / f"{alias}.pt"
+        for spec in args.specs.split(","):
+            store = build_cache(ds, paths, Path(tmp) / spec.replace(":", ""),
+                                views=args.views, logits=spec, progress=False)
+            t = time.perf_counter()
+            cache = LogitCache(store)
+            load = time.perf_counter() - t
+            g = torch.Generator().manual_seed(0)
+            idx = [torch.randint(0, args.n, (args.batch,), generator=g) for _ in range(50)]
+            slots = [torch.randint(0, args.views, (args.batch,), generator=g) for _ in idx]
+            cache.gather(slots[0], idx[0])
+            t = time.perf_counter()
+            for sl, ix in zip(slots, idx, strict=True):
+                cache.gather(sl, ix)
+            dt = time.perf_counter() - t
+            print(f"| {spec} | {load:.2f} | {50 * args.batch * 2 / dt / 1e6:.2f} M |",
+                  flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -185,8 +226,14 @@ def main(argv=None) -> int:
     s.add_argument("--m", type=int, default=6)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--min-time", type=float, default=1.0)
+    r = sub.add_parser("read")
+    r.add_argument("--n", type=int, default=4096)
+    r.add_argument("--views", type=int, default=4)
+    r.add_argument("--batch", type=int, default=256)
+    r.add_argument("--specs", default="dense,topk:10,sample:16")
+    r.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    {"error": error, "storage": storage, "speed": speed}[args.what](args)
+    {"error": error, "storage": storage, "speed": speed, "read": read}[args.what](args)
     return 0
 
 

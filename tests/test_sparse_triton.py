@@ -107,11 +107,14 @@ def test_sparse_bad_ids_set_the_mentor_flag():
     zs, zm, y = _inputs(B=4, C=20)
     sm = sparsify_topk(zm, y, 3)
     sm.ids[1, 2, 0] = 25  # out of range
-    for backend in ("reference", "triton"):
-        out = distill_loss(zs, sm, y, method="aver", backend=backend)
-        assert int(out.stats["nonfinite"]) == 2
-        with pytest.raises(NonFiniteError, match="mentor logits"):
-            check_finite(out.stats)
+    bad_rest = sparsify_topk(zm, y, 3)
+    bad_rest.rest_lse[0, 1] = float("nan")
+    for mentors, method in ((sm, "aver"), (bad_rest, "kd")):
+        for backend in ("reference", "triton"):
+            out = distill_loss(zs, mentors, y, method=method, backend=backend)
+            assert int(out.stats["nonfinite"]) == 2, (method, backend)
+            with pytest.raises(NonFiniteError, match="mentor logits"):
+                check_finite(out.stats)
 
 
 def test_sparse_refuses_dense_only_methods_and_bad_shapes():

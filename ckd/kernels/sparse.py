@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ckd.kernels import distill as D
+from ckd.kernels.fused import _const
 from ckd.kernels.rng import STREAM_TEKAP, stream_key
 from ckd.kernels.sparse_mentors import SparseMentors
 
@@ -39,7 +40,11 @@ def _target(ids_ptr, z_ptr, cnt_ptr, s_m, s_b, src, b, kv, km, C, lse, rest_lse,
     real = km & (cnt > 0)
     ids = tl.load(ids_ptr + off, mask=km, other=0).to(tl.int64)
     z = tl.load(z_ptr + off, mask=km, other=0.0).to(ACC)
-    bad = tl.max((real & (((z - z) != 0) | (ids < 0) | (ids >= C))).to(tl.int32), 0)
+    bad = tl.max((real & (((z - z) != 0) | (ids < 0) | (ids >= C) | (cnt < 0))).to(tl.int32),
+                 0)
+    # row statistics: finite lse and rest mean; rest_lse finite or -inf (no rest)
+    bad = bad | (((lse - lse) != 0) | ((rest_mean - rest_mean) != 0) | (rest_lse != rest_lse)
+                 | (rest_lse == float("inf"))).to(tl.int32)
     ids = tl.where(real & (ids >= 0) & (ids < C), ids, 0)
     z = tl.where(real, z, 0.0)
     zt = z
@@ -194,13 +199,6 @@ def _sparse_kernel(
     tl.atomic_or(flag_ptr, flag, mask=flag != 0)
 
 
-def _stat_flag(sm: SparseMentors) -> torch.Tensor:
-    """Mentor bit for non-finite row statistics (the kernel checks slots and ids)."""
-    bad = ~torch.isfinite(sm.lse) | ~torch.isfinite(sm.true_logp) | \
-        torch.isnan(sm.rest_lse) | (sm.rest_lse == float("inf")) | ~torch.isfinite(sm.rest_mean)
-    return bad.any().to(torch.int32) * 2
-
-
 def sparse_distill(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, src, copy, w, t,
                    wce, flag, *, noise=None, write_grad=True, block_c: int | None = None):
     """Launch the sparse kernel; arguments as `distill.fused_distill` with the mentors as
@@ -213,8 +211,7 @@ def sparse_distill(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, src, co
     grad = torch.empty_like(zs, memory_format=torch.contiguous_format) if write_grad else None
     ids, vals, cnt = (x.contiguous() for x in (sm.ids, sm.logits, sm.counts))
     stats = torch.stack([sm.lse.float(), sm.rest_lse.float(), sm.rest_mean.float()])
-    is_sample = torch.tensor([m == "sample" for m in sm.modes], dtype=torch.int32)
-    is_sample = is_sample.to(dev, non_blocking=True)
+    is_sample = _const(tuple(int(m == "sample") for m in sm.modes), torch.int32, dev)
     root, a = 0, 0.0
     if noise is not None:
         seed, step, a = noise
@@ -223,7 +220,6 @@ def sparse_distill(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, src, co
     blk = min(triton.next_power_of_2(C), max(16, MAX_BLOCK_ELEMS // block_k))
     if block_c is not None:
         blk = triton.next_power_of_2(block_c)
-    flag |= _stat_flag(sm)
     _sparse_kernel[(B,)](
         zs, zs.stride(0), zs.stride(1), ids, vals, cnt, ids.stride(0), ids.stride(1),
         stats[0], stats[1], stats[2], stats.stride(1), stats.stride(2), is_sample, y,
@@ -243,7 +239,7 @@ def sparse_fused_loss(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, meth
     tables as the dense path); returns DistillOutput. ClassroomKD ranks from the student's
     CE (one small kernel) and the mentors' stored true-class log-probs."""
     from ckd.kernels.api import DistillOutput
-    from ckd.kernels.fused import FusedDistillFn, _const, _static_terms, _stats_const
+    from ckd.kernels.fused import FusedDistillFn, _static_terms, _stats_const
     from ckd.kernels.rank import classroom_weights_fused
 
     dev = zs.device
@@ -256,6 +252,7 @@ def sparse_fused_loss(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, meth
             rank_zs = zs if p.get("rank_logits") is None else p["rank_logits"]
             ce = torch.cat([D.gt_ce(rank_zs.detach(), None, y, flag, block_c),
                             -sm.true_logp.float()])
+            flag |= (~torch.isfinite(sm.true_logp)).any().to(torch.int32) * 2
             w, t, wce, stats = classroom_weights_fused(
                 ce, tau=tau, beta=beta, delta=delta, lam=lam, variant=variant,
                 granularity=granularity)
