@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import platform
 import sys
@@ -29,6 +30,7 @@ from ckd.data import load_dataset
 from ckd.kernels import reference as ref
 from ckd.kernels import sparse_reference as sr
 from ckd.kernels.sparse_mentors import bytes_per_row, sparsify_sample, sparsify_topk
+from ckd.methods import get_method
 
 sys.path.insert(0, str(Path(__file__).parent))
 TEMPS = (1.0, 2.0, 4.0, 8.0, 13.0)
@@ -147,12 +149,14 @@ def speed(args) -> None:
         zm = (torch.randn(args.m, B, C, generator=g) * 3).half()
         zs = torch.randn(B, C, generator=g)
         y = torch.randint(0, C, (B,), generator=g)
-        cases = {"dense": (ref.REFERENCE[args.method], zm, args.m * B * C * 2)}
+        dense_fn = get_method(args.method).run_reference
+        sparse_fn = functools.partial(sr.run_sparse_reference, args.method)
+        cases = {"dense": (dense_fn, zm, args.m * B * C * 2)}
         for spec in args.specs.split(","):
             mode, k = spec.split(":")
             sm = sparsify_topk(zm, y, int(k)) if mode == "topk" else \
                 sparsify_sample(zm, y, int(k), torch.Generator().manual_seed(0))
-            cases[spec] = (sr.SPARSE_REFERENCE[args.method], sm,
+            cases[spec] = (sparse_fn, sm,
                            args.m * B * bytes_per_row(spec, C))
         for name, (fn, mentors, nbytes) in cases.items():
             def step(fn=fn, mentors=mentors, zs=zs, y=y):

@@ -16,6 +16,7 @@ from ckd.kernels.sparse_mentors import (
     sparsify_topk,
     stack,
 )
+from ckd.methods import get_method
 
 METHOD_CASES = [("kd", {}), ("kd", {"T": 1.0}), ("aver", {}), ("dgkd", {"step": 3}),
                 ("tekap", {}), ("classroom", {}),
@@ -29,6 +30,14 @@ def _data(M=3, B=16, C=12, seed=0, scale=3.0):
     zs = torch.randn(B, C, generator=g, dtype=torch.float64)
     y = torch.randint(0, C, (B,), generator=g)
     return zs, zm, y
+
+
+def _dense(method):
+    return get_method(method).run_reference
+
+
+def _sparse(method):
+    return lambda zs, sm, y, **kw: sr.run_sparse_reference(method, zs, sm, y, **kw)
 
 
 def _loss_grad(fn, zs, mentors, y, **kw):
@@ -46,8 +55,8 @@ def test_topk_exact_when_rest_has_at_most_one_class(method, kw, drop):
     if method == "tekap" and drop:
         pytest.skip("a noisy copy's rest bucket uses the noise's expectation: exact at K=C only")
     sm = sparsify_topk(zm, y, C - drop)
-    l_d, g_d, s_d = _loss_grad(ref.REFERENCE[method], zs, zm, y, **kw)
-    l_s, g_s, s_s = _loss_grad(sr.SPARSE_REFERENCE[method], zs, sm, y, **kw)
+    l_d, g_d, s_d = _loss_grad(_dense(method), zs, zm, y, **kw)
+    l_s, g_s, s_s = _loss_grad(_sparse(method), zs, sm, y, **kw)
     torch.testing.assert_close(l_s, l_d, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_s, g_d, rtol=1e-5, atol=1e-6)
     for key in s_d:
@@ -60,8 +69,8 @@ def test_classroom_ranks_equal_dense_in_every_mode(spec, variant, gran):
     zs, zm, y = _data(M=4, B=32, C=20, seed=1)
     sm = sparsify_topk(zm, y, 2) if spec.startswith("topk") else \
         sparsify_sample(zm, y, 3, torch.Generator().manual_seed(0))
-    _, s_d = ref.classroom(zs, zm, y, variant=variant, granularity=gran)
-    _, s_s = sr.classroom(zs, sm, y, variant=variant, granularity=gran)
+    _, s_d = _dense("classroom")(zs, zm, y, variant=variant, granularity=gran)
+    _, s_s = _sparse("classroom")(zs, sm, y, variant=variant, granularity=gran)
     for key in ("mentor_rank", "mentor_active", "mentor_temp", "student_rank"):
         torch.testing.assert_close(s_s[key], s_d[key])
 
@@ -79,11 +88,11 @@ def test_sample_kl_and_gradient_unbiased_at_T1():
     zs, zm, y = _data(M=1, B=8, C=10, seed=2)
     S, R = 4, 200
     p, x = _kl_terms(zs, zm[0])
-    l_d, g_d, _ = _loss_grad(ref.kd, zs, zm, y, T=1.0, alpha_ce=0.0)
+    l_d, g_d, _ = _loss_grad(_dense("kd"), zs, zm, y, T=1.0, alpha_ce=0.0)
     gen = torch.Generator().manual_seed(0)
     vals, grads = [], []
     for _ in range(R):
-        l_s, g_s, _ = _loss_grad(sr.kd, zs, sparsify_sample(zm, y, S, gen), y, T=1.0,
+        l_s, g_s, _ = _loss_grad(_sparse("kd"), zs, sparsify_sample(zm, y, S, gen), y, T=1.0,
                                  alpha_ce=0.0)
         vals.append(l_s)
         grads.append(g_s)
@@ -103,12 +112,12 @@ def test_sample_converges_as_S_grows(T):
     """T=1: error within 6 sigma of the estimator's exact sd at each S; T=4
     (self-normalized weights, biased at finite S): the gradient error shrinks with S."""
     zs, zm, y = _data(M=1, B=16, C=10, seed=3, scale=2.0)
-    l_d, g_d, _ = _loss_grad(ref.kd, zs, zm, y, T=T, alpha_ce=0.0)
+    l_d, g_d, _ = _loss_grad(_dense("kd"), zs, zm, y, T=T, alpha_ce=0.0)
     p, x = _kl_terms(zs, zm[0])
     errs = []
     for S in (16, 256, 20000):
         sm = sparsify_sample(zm, y, S, torch.Generator().manual_seed(S))
-        l_s, g_s, _ = _loss_grad(sr.kd, zs, sm, y, T=T, alpha_ce=0.0)
+        l_s, g_s, _ = _loss_grad(_sparse("kd"), zs, sm, y, T=T, alpha_ce=0.0)
         errs.append(float((g_s - g_d).norm() / g_d.norm()))
         if T == 1.0:
             var_x = (p * x * x).sum(1) - (p * x).sum(1) ** 2
@@ -158,3 +167,11 @@ def test_modes_parse_and_refuse_bad_values():
     assert bytes_per_row("dense", 100) == 208
     assert bytes_per_row("topk:10", 100) == 46
     assert bytes_per_row("sample:16", 100) == 72
+
+
+def test_ckd_methods_lists_the_sparse_modes():
+    from ckd.methods.listing import describe
+
+    assert "mentor logits: dense, topk:K, sample:S" in describe(get_method("classroom"))
+    assert "mentor logits: dense only" in describe(get_method("dkd"))
+    assert "mentor logits" not in describe(get_method("nokd"))

@@ -93,7 +93,8 @@ def distill_loss(
     student [B, C] fp32/bf16 (fp16, fp64 accepted); mentors [M, B, C] fp16/bf16/fp32, may
     be a non-contiguous view, mentor 0 is the teacher (None for nokd), or `SparseMentors`
     (top-k / sampled rows: docs/SPARSE.md; the methods of sparse_reference.SPARSE_METHODS);
-    labels [B] int. Parameters not given take the method's declared defaults (`ckd methods` lists them).
+    labels [B] int. Parameters not given take the method's declared defaults (`ckd methods`
+    lists them).
     `tau`, `beta`, `delta`, `lam`, `variant`, `granularity` set the parameter of that name
     of the methods that declare it (classroom; `tau` also aver and dgkd) and are ignored
     by the others; kd/tekap/dkd name their temperature `T`. Counters `seed`, `step`

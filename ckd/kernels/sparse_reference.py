@@ -138,7 +138,7 @@ def _one_hot(M: int, dev) -> Tensor:
     return v
 
 
-def kd(zs, sm, labels, *, T=4.0, alpha_ce=1.0, alpha_kd=1.0):
+def kd(zs, sm, labels, *, T, alpha_ce, alpha_kd):
     loss = alpha_ce * ref.ce_rows(zs, labels).mean() + alpha_kd * _l_distill(sm, 0, zs, T)
     M, dev = sm.shape[0], zs.device
     oh = _one_hot(M, dev)
@@ -146,7 +146,7 @@ def kd(zs, sm, labels, *, T=4.0, alpha_ce=1.0, alpha_kd=1.0):
                             _flag(zs, sm, [0], labels))
 
 
-def aver(zs, sm, labels, *, tau=12.0):
+def aver(zs, sm, labels, *, tau):
     M, dev = sm.shape[0], zs.device
     loss = ref.ce_rows(zs, labels).mean()
     for m in range(M):
@@ -156,7 +156,7 @@ def aver(zs, sm, labels, *, tau=12.0):
                             _flag(zs, sm, list(range(M)), labels))
 
 
-def dgkd(zs, sm, labels, *, tau=12.0, p=0.5, seed=0, step=0):
+def dgkd(zs, sm, labels, *, tau, p, seed, step):
     M, dev = sm.shape[0], zs.device
     keep = ref.dgkd_keep_mask(seed, step, M, p)
     kept = [m for m in range(M) if keep[m]]
@@ -176,8 +176,7 @@ def tekap_noise_at(seed: int, step: int, ids: Tensor, n_copies: int) -> Tensor:
     return eta.gather(2, ids.long()[None].expand(n_copies, -1, -1))
 
 
-def tekap(zs, sm, labels, *, T=4.0, a=0.1, n_copies=3, lam_clean=1.0, lam_noisy=0.8,
-          alpha_ce=1.0, seed=0, step=0):
+def tekap(zs, sm, labels, *, T, a, n_copies, lam_clean, lam_noisy, alpha_ce, seed, step):
     """Noisy copies a*eta + (1-a) z at the stored ids (the same eta as dense TeKAP at those
     classes); a top-k copy's rest bucket from `rest_log_mass(noise_a=a)`."""
     loss = alpha_ce * ref.ce_rows(zs, labels).mean() + lam_clean * _l_distill(sm, 0, zs, T)
@@ -190,8 +189,8 @@ def tekap(zs, sm, labels, *, T=4.0, a=0.1, n_copies=3, lam_clean=1.0, lam_noisy=
                             oh * (T - 1) + 1, alpha_ce, _flag(zs, sm, [0], labels))
 
 
-def classroom(zs, sm, labels, *, tau=12.0, beta=1.0, delta=0.0, lam=None, variant="paper",
-              granularity="batch", rank_logits=None):
+def classroom(zs, sm, labels, *, tau, beta, delta, lam, variant, granularity,
+              rank_logits=None):
     """ClassroomKD with each mentor's CE = -true_logp (exact, stored), so ranks, gates and
     temperatures equal the dense cache's; the KL terms are the sparse KL_m."""
     zs_a = ref._acc(zs)
@@ -215,6 +214,19 @@ def nokd(zs, sm, labels):
     M = 0 if sm is None else sm.shape[0]
     return ref.ce_rows(zs, labels).mean(), ref._stats(M, zs.device,
                                                       flag=ref._flag(zs, [], labels))
+
+
+def run_sparse_reference(method: str, zs: Tensor, sm: SparseMentors, labels: Tensor,
+                         **kw) -> tuple[Tensor, dict[str, Tensor]]:
+    """`SPARSE_REFERENCE[method]` with the method's declared defaults filled in (ckd.methods),
+    as `Method.run_reference` does for dense mentors."""
+    from ckd.methods import get_method
+    from ckd.methods.registry import COUNTER_DEFAULTS
+
+    spec = get_method(method)
+    counters = spec.counter_values(kw)
+    params = spec.resolve({k: v for k, v in kw.items() if k not in COUNTER_DEFAULTS})
+    return SPARSE_REFERENCE[method](zs, sm, labels, **params, **counters)
 
 
 SPARSE_REFERENCE = {"nokd": nokd, "kd": kd, "aver": aver, "dgkd": dgkd, "tekap": tekap,
