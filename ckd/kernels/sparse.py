@@ -23,11 +23,26 @@ import triton
 import triton.language as tl
 
 from ckd.kernels import distill as D
-from ckd.kernels.fused import _const
-from ckd.kernels.rng import STREAM_TEKAP, stream_key
+from ckd.kernels.rng import STREAM_TEKAP, dgkd_keep_mask, stream_key
 from ckd.kernels.sparse_mentors import SparseMentors
 
 MAX_BLOCK_ELEMS = 8192  # BLOCK_C x BLOCK_K of the class-vs-slot comparison
+
+
+@triton.jit
+def _online(m, d, a):
+    """Online softmax update of (running max m, running sum d) with block values a
+    (masked lanes = -inf); safe when every lane so far is -inf."""
+    mx = tl.maximum(m, tl.max(a, 0))
+    ref = tl.where(mx == float("-inf"), 0.0, mx)
+    d = d * tl.exp(m - ref) + tl.sum(tl.exp(a - ref), 0)
+    return mx, d
+
+
+@triton.jit
+def _pick(vec, sel):
+    """Element `sel` (a one-hot mask) of a small vector, as a scalar."""
+    return tl.sum(tl.where(sel, vec, 0), 0)
 
 
 @triton.jit
@@ -115,15 +130,15 @@ def _sparse_kernel(
     bad_m = zero.to(tl.int32)
     for j in range(J):
         sel = jv == j
-        w = D._pick(w_vec, sel)
+        w = _pick(w_vec, sel)
         if w != 0.0:
-            src = D._pick(src_vec, sel)
+            src = _pick(src_vec, sel)
             sb = src * s_stm + b * s_stb
             ids, wt, lp, lp_r, real, bad = _target(
                 ids_ptr, z_ptr, cnt_ptr, s_m, s_b, src, b, kv, km, C,
                 tl.load(lse_ptr + sb).to(ACC), tl.load(rlse_ptr + sb).to(ACC),
                 tl.load(rmean_ptr + sb).to(ACC), tl.load(sample_ptr + src),
-                1.0 / D._pick(t_vec, sel), D._pick(copy_vec, sel), root, a, one_minus_a,
+                1.0 / _pick(t_vec, sel), _pick(copy_vec, sel), root, a, one_minus_a,
                 NOISE, ACC)
             bad_m = bad_m | bad
             x = tl.load(zs_row + ids * s_sc).to(ACC)
@@ -147,18 +162,18 @@ def _sparse_kernel(
         cm = cols < C
         x = tl.load(zs_row + cols * s_sc, mask=cm, other=0.0).to(ACC)
         bad_s = bad_s | ((x - x) != 0).to(tl.int32)
-        m1, d1 = D._online(m1, d1, tl.where(cm, x, float("-inf")))
+        m1, d1 = _online(m1, d1, tl.where(cm, x, float("-inf")))
         for j in range(J):
             sel = jv == j
-            if D._pick(w_vec, sel) != 0.0:
-                xt = tl.where(cm, x / D._pick(t_vec, sel), float("-inf"))
-                msj, dsj = D._online(D._pick(ms, sel), D._pick(ds, sel), xt)
+            if _pick(w_vec, sel) != 0.0:
+                xt = tl.where(cm, x / _pick(t_vec, sel), float("-inf"))
+                msj, dsj = _online(_pick(ms, sel), _pick(ds, sel), xt)
                 ms = tl.where(sel, msj, ms)
                 ds = tl.where(sel, dsj, ds)
-                if D._pick(has_rest.to(tl.int32), sel) != 0:
+                if _pick(has_rest.to(tl.int32), sel) != 0:
                     ids_j = tl.sum(tl.where(sel[:, None], tid, 0), 0)
                     member = tl.sum((cols[:, None] == ids_j[None, :]).to(tl.int32), 1) > 0
-                    mrj, drj = D._online(D._pick(mr, sel), D._pick(dr, sel),
+                    mrj, drj = _online(_pick(mr, sel), _pick(dr, sel),
                                          tl.where(member, float("-inf"), xt))
                     mr = tl.where(sel, mrj, mr)
                     dr = tl.where(sel, drj, dr)
@@ -179,16 +194,16 @@ def _sparse_kernel(
             g = wce * (tl.exp((x - m1) - ld1) - tl.where(cols == y, 1.0, 0.0))
             for j in range(J):
                 sel = jv == j
-                w = D._pick(w_vec, sel)
+                w = _pick(w_vec, sel)
                 if w != 0.0:
-                    T = D._pick(t_vec, sel)
-                    q = tl.exp(x / T - D._pick(lse_s, sel))
+                    T = _pick(t_vec, sel)
+                    q = tl.exp(x / T - _pick(lse_s, sel))
                     ids_j = tl.sum(tl.where(sel[:, None], tid, 0), 0)
                     tw_j = tl.sum(tl.where(sel[:, None], tw, 0.0), 0)
                     hit = cols[:, None] == ids_j[None, :]
                     target = tl.sum(tl.where(hit, tw_j[None, :], 0.0), 1)
                     member = tl.sum(hit.to(tl.int32), 1) > 0
-                    rs = tl.where(member, 0.0, D._pick(rest_scale, sel))
+                    rs = tl.where(member, 0.0, _pick(rest_scale, sel))
                     g = g + (w * T) * (q * (1.0 - rs) - target)
             tl.store(grad_ptr + b * s_gb + cols, (g * inv_B).to(grad_ptr.dtype.element_ty),
                      mask=cm)
@@ -207,7 +222,8 @@ def sparse_distill(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, src, co
     M, _, K = sm.shape
     J = int(src.numel()) if w.numel() else 0
     dev = zs.device
-    loss_rows = torch.empty(B, device=dev, dtype=D._loss_dtype(zs.dtype))
+    loss_rows = torch.empty(B, device=dev, dtype=torch.float64 if zs.dtype == torch.float64
+                            else torch.float32)
     grad = torch.empty_like(zs, memory_format=torch.contiguous_format) if write_grad else None
     ids, vals, cnt = (x.contiguous() for x in (sm.ids, sm.logits, sm.counts))
     stats = torch.stack([sm.lse.float(), sm.rest_lse.float(), sm.rest_mean.float()])
@@ -227,49 +243,111 @@ def sparse_distill(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, src, co
         wce.stride(0), grad if write_grad else loss_rows, C if write_grad else 0,
         loss_rows, flag, C, K, J, 1.0 / B, root, float(a), float(1.0 - a),
         BLOCK_C=blk, BLOCK_K=block_k, BLOCK_J=triton.next_power_of_2(max(J, 1)),
-        NOISE=noise is not None, ACC=D._acc_dtype(zs.dtype), WRITE_GRAD=write_grad,
-        num_warps=4)
+        NOISE=noise is not None, ACC=tl.float64 if zs.dtype == torch.float64 else tl.float32,
+        WRITE_GRAD=write_grad, num_warps=4)
     return loss_rows, grad
 
 
+_CONST: dict[tuple, torch.Tensor] = {}
+
+
+def _const(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor built once per (values, device): no host copy per step."""
+    key = (values, dtype, str(device))
+    if key not in _CONST:
+        _CONST[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONST[key]
+
+
+class _SparseFn(torch.autograd.Function):
+    """forward(student, launch) -> (loss, flags); the gradient is computed by the kernel in
+    the forward, the backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, student, launch):
+        rows, grad, flags = launch()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(flags)
+        return rows.sum(), flags
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_flags):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None
+
+
+def _static_terms(method: str, M: int, p: dict, tau: float):
+    """(src, copy, weights, temps, w_ce, (rank, active, temp, student_rank)) of the methods
+    whose weights do not depend on the logits (same terms as the dense path)."""
+    one_hot = [1.0] + [0.0] * (M - 1)
+    if method == "nokd":
+        return [], [], [], [], 1.0, ([0.0] * M, [0.0] * M, [1.0] * M, 1.0)
+    if method == "kd":
+        return ([0], [-1], [p["alpha_kd"]], [p["T"]], p["alpha_ce"],
+                ([p["alpha_kd"]] + [0.0] * (M - 1), one_hot, [p["T"]] + [1.0] * (M - 1),
+                 p["alpha_ce"]))
+    if method == "aver":
+        return (list(range(M)), [-1] * M, [1.0] * M, [tau] * M, 1.0,
+                ([1.0] * M, [1.0] * M, [tau] * M, 1.0))
+    if method == "dgkd":
+        keep = dgkd_keep_mask(p["seed"], p["step"], M, p["p"])
+        kept = [m for m in range(M) if keep[m]]
+        act = [1.0 if k else 0.0 for k in keep]
+        return (kept, [-1] * len(kept), [1.0 / len(kept)] * len(kept), [tau] * len(kept),
+                1.0, ([a / len(kept) for a in act], act, [tau if k else 1.0 for k in keep],
+                      1.0))
+    if method == "tekap":
+        n = int(p["n_copies"])
+        return ([0] * (n + 1), [-1] + list(range(n)), [p["lam_clean"]] + [p["lam_noisy"]] * n,
+                [p["T"]] * (n + 1), p["alpha_ce"],
+                ([p["lam_clean"] + n * p["lam_noisy"]] + [0.0] * (M - 1), one_hot,
+                 [p["T"]] + [1.0] * (M - 1), p["alpha_ce"]))
+    raise AssertionError(method)
+
+
 def sparse_fused_loss(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, method: str,
-                      p: dict, *, tau: float, beta: float, delta: float, lam: float | None,
-                      variant: str, granularity: str, block_c: int | None = None):
-    """The fused counterpart of `sparse_reference.SPARSE_REFERENCE[method]` (same term
-    tables as the dense path); returns DistillOutput. ClassroomKD ranks from the student's
-    CE (one small kernel) and the mentors' stored true-class log-probs."""
-    from ckd.kernels.api import DistillOutput
-    from ckd.kernels.fused import FusedDistillFn, _static_terms, _stats_const
-    from ckd.kernels.rank import classroom_weights_fused
+                      p: dict, *, tau: float | None, beta: float | None, delta: float | None,
+                      lam: float | None, variant: str | None, granularity: str | None,
+                      block_c: int | None = None):
+    """The fused counterpart of `sparse_reference.SPARSE_REFERENCE[method]`; returns
+    DistillOutput. ClassroomKD's selection runs on device from the student's CE and the
+    mentors' stored true-class log-probs (the reference's `classroom_weights`)."""
+    from ckd.kernels import reference as ref
+    from ckd.kernels.output import DistillOutput
 
     dev = zs.device
     B, _ = zs.shape
     M = sm.shape[0]
+    f32 = torch.float32
     write_grad = zs.requires_grad and torch.is_grad_enabled()
-    flag = D.new_flag(dev)
+    flag = torch.zeros((), dtype=torch.int32, device=dev)
     if method == "classroom":
         with torch.no_grad():
             rank_zs = zs if p.get("rank_logits") is None else p["rank_logits"]
-            ce = torch.cat([D.gt_ce(rank_zs.detach(), None, y, flag, block_c),
+            ce = torch.cat([ref.ce_rows(rank_zs.detach(), y.long())[None].float(),
                             -sm.true_logp.float()])
             flag |= (~torch.isfinite(sm.true_logp)).any().to(torch.int32) * 2
-            w, t, wce, stats = classroom_weights_fused(
-                ce, tau=tau, beta=beta, delta=delta, lam=lam, variant=variant,
-                granularity=granularity)
+            cw = ref.classroom_weights(ce, tau=tau, beta=beta, delta=delta, lam=lam,
+                                       variant=variant, granularity=granularity)
+        w, t, wce = cw["w_kl"].float(), cw["temp"].float(), cw["w_ce"].float()
+        stats = ref.classroom_stats(cw, flag)
         src, copy = tuple(range(M)), (-1,) * M
         if variant == "paper" and delta != 0.0:  # delta * L_distill(teacher; T=1)
-            w = torch.cat([w, _const((float(delta),), torch.float32, dev)
-                           .view(1, 1).expand(1, B)])
+            w = torch.cat([w, torch.full((1, B), float(delta), device=dev)])
             t = torch.cat([t, torch.ones(1, B, device=dev)])
             src, copy = src + (0,), copy + (-1,)
+        stats.pop("nonfinite")
     else:
-        src, copy, wl, tl_, wce_v, st = _static_terms(method, M, B, p, tau)
+        src, copy, wl, tl_, wce_v, st = _static_terms(method, M, p, tau)
         src, copy = tuple(src), tuple(copy)
-        w = _const(tuple(float(v) for v in wl), torch.float32, dev).view(-1, 1)
-        t = _const(tuple(float(v) for v in tl_), torch.float32, dev).view(-1, 1)
-        w, t = w.expand(w.shape[0], B), t.expand(t.shape[0], B)
-        wce = _const((float(wce_v),), torch.float32, dev).expand(B)
-        stats = _stats_const(M, *st, dev)
+        w = _const(tuple(float(v) for v in wl), f32, dev).view(-1, 1).expand(len(wl), B)
+        t = _const(tuple(float(v) for v in tl_), f32, dev).view(-1, 1).expand(len(tl_), B)
+        wce = _const((float(wce_v),), f32, dev).expand(B)
+        rank, active, temp, student = st
+        stats = {"mentor_rank": _const(tuple(rank), f32, dev),
+                 "mentor_active": _const(tuple(active), f32, dev),
+                 "mentor_temp": _const(tuple(temp), f32, dev),
+                 "student_rank": _const(float(student), f32, dev)}
     src_t = _const(src or (0,), torch.int32, dev)
     copy_t = _const(copy or (-1,), torch.int32, dev)
     noise = (p["seed"], p["step"], p["a"]) if method == "tekap" else None
@@ -279,5 +357,5 @@ def sparse_fused_loss(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, meth
                                     noise=noise, write_grad=write_grad, block_c=block_c)
         return rows, grad, flag
 
-    loss, flags = FusedDistillFn.apply(zs, launch)
+    loss, flags = _SparseFn.apply(zs, launch)
     return DistillOutput(loss, {**stats, "nonfinite": flags})
