@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import zarr
 
+from ckd.kernels.sparse_mentors import bytes_per_row
+
 from .integrity import (
     array_digest,
     check_unit,
@@ -30,6 +32,7 @@ from .layout import (
     root_array_names,
 )
 from .reader import list_mentors, open_root, read_array
+from .sparse import sparse_problems
 
 
 def dir_size(path: Path) -> int:
@@ -44,7 +47,7 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     path = Path(path)
     attrs = read_root_attrs(str(path))
     lay = layout_from_attrs(attrs)
-    raw = lay.num_slots * lay.num_samples * lay.num_classes * np.dtype(lay.dtype).itemsize
+    rows_n = lay.num_slots * lay.num_samples  # raw bytes: (bytes per view - stats) x rows
     rows = []
     root = open_root(path)
     for name in root_array_names(attrs):
@@ -54,10 +57,16 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         marker = read_array(path, root, f"mentors/{alias}/{MARKER}")
         undone, holes = unit_status(path, alias, lay, marker, mentor_specs(m))
         intact = mentor_digest(path, alias, marker) == digests.get(alias)
-        disk = dir_size(path / "mentors" / alias / "logits")
+        mode = m.get("logits_mode", "dense")
+        names = ["logits"] if mode == "dense" else \
+            [s.name for s in mentor_specs({**m, "features": None}) if s.name != "stats"]
+        disk = sum(dir_size(path / "mentors" / alias / name) for name in names)
+        per_view = bytes_per_row(mode, lay.num_classes, np.dtype(lay.dtype).itemsize)
+        dense_view = bytes_per_row("dense", lay.num_classes, np.dtype(lay.dtype).itemsize)
         feats = dict(m.get("features") or {})
         rows.append(dict(alias=alias, arch=m.get("arch"), test_acc=m.get("test_acc"),
-                         features=feats,
+                         logits_mode=mode, bytes_per_view=per_view,
+                         ratio_to_dense=per_view / dense_view, features=feats,
                          feature_bytes=sum(dir_size(path / "mentors" / alias / f)
                                            for f in feats),
                          train_acc=m.get("train_acc"), views=lay.num_slots,
@@ -66,7 +75,8 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                          total_chunks=len(lay.units()),
                          missing_files=sum(len(v) for v in holes.values()),
                          digest_ok=intact or not m.get("complete"), bytes=disk,
-                         raw_bytes=raw, ratio=raw / max(1, disk)))
+                         raw_bytes=(per_view - 8) * rows_n,
+                         ratio=(per_view - 8) * rows_n / max(1, disk)))
     return attrs, rows
 
 
@@ -187,8 +197,13 @@ def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group
             rep.problems.append(str(err))
             continue
         rep.chunks_read += len(named)
-        logits = named["logits"]
-        for name in ("logits", *(m.get("features") or {})):
+        logits = named.get("logits")
+        mode = m.get("logits_mode", "dense")
+        if mode != "dense":  # sparse: ids in range, counts sum to S, finite values
+            rep.problems.extend(sparse_problems(mode, lay.num_classes, named,
+                                                f"{alias} unit ({a}, {b}) [{mode}]"))
+        dense = ("logits",) if mode == "dense" else ()
+        for name in (*dense, *(m.get("features") or {})):
             vals = named[name]
             if not np.isfinite(vals).all():
                 zeros = "/".join("0" * (vals.ndim - 2))
@@ -201,7 +216,7 @@ def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group
         except CacheReadError as err:
             rep.problems.append(str(err))
             continue
-        if labels is None:
+        if labels is None or logits is None:  # derived arrays need the dense logits
             continue
         unit = UnitValues(logits, labels[sm.start:sm.stop])
         for spec in specs:

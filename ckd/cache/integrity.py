@@ -33,11 +33,20 @@ from .layout import (
 def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpec]:
     """The declared arrays a mentor holds (all of them unless its attrs list fewer), then
     its view boxes (image folders: `boxes` true), then its feature arrays (`features`:
-    name -> per-row shape, when cached with --features)."""
-    names = (mentor_attrs or {}).get("arrays")
-    feats = (mentor_attrs or {}).get("features") or {}
-    return [*(s for s in MENTOR_ARRAYS if names is None or s.name in names),
-            *([BOXES] if (mentor_attrs or {}).get("boxes") else []),
+    name -> per-row shape, when cached with --features). A sparse mentor (attrs
+    `logits_mode` topk:K / sample:S) holds its sparse arrays instead of `logits`
+    (ckd/cache/sparse.py)."""
+    attrs = mentor_attrs or {}
+    names = attrs.get("arrays")
+    feats = attrs.get("features") or {}
+    specs = list(MENTOR_ARRAYS)
+    if attrs.get("logits_mode", "dense") != "dense":
+        from .sparse import sparse_array_specs
+
+        specs = [*sparse_array_specs(attrs["logits_mode"], int(attrs["num_classes"])),
+                 *(s for s in MENTOR_ARRAYS if s.name != "logits")]
+    return [*(s for s in specs if names is None or s.name in names),
+            *([BOXES] if attrs.get("boxes") else []),
             *(feature_spec(n, shape) for n, shape in feats.items())]
 
 

@@ -212,6 +212,16 @@ class LogitCache:
         self._progress = progress
         self.features = tuple(features)
         self.feature_shapes = self._check_features(self.features)
+        # storage mode per mentor (docs/SPARSE.md); any sparse one: gather -> SparseMentors
+        self.logits_modes = {m: self.mentor_meta[m].get("logits_mode", "dense") for m in chosen}
+        self.sparse = any(v != "dense" for v in self.logits_modes.values())
+        if self.sparse:
+            if mode != "memory" or self.features:
+                raise ValueError(f"{path} holds sparse mentor logits ({self.logits_modes}): "
+                                 "they are read in memory mode (they are small) and without "
+                                 "features; use mode='memory' (--cache-mode memory)")
+            self._sparse_bufs, self._stats = self._load_sparse()
+            return
         if mode == "memory":
             self._buf, self._stats = self._load_all()
             self._feat = self._load_features()
@@ -271,6 +281,8 @@ class LogitCache:
             raise ValueError(f"slots {tuple(slots.shape)} and indices {tuple(indices.shape)} "
                              "must be 1-D of the same length")
         sel = None if mentors is None else torch.tensor([self._mentor_pos(m) for m in mentors])
+        if self.sparse:
+            return self._sparse_gather(slots, indices, mentors, with_stats)
         if self.mode == "memory":
             flat = (slots.to(self._buf.device) * self.num_samples
                     + indices.to(self._buf.device))
@@ -378,6 +390,41 @@ class LogitCache:
                     sview[j, :, n0:n1] = torch.from_numpy(st)
                     bar.update(n1 - n0)
         return buf, stats
+
+    # ---------------------------------------------------------------- sparse mentors
+    def _load_sparse(self) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+        """Every array of every mentor, [S*N, ...] per array (slot-major rows, as the dense
+        buffer), and the stats [M, S*N, K]; checked unit by unit like the dense path."""
+        s, n = self.num_slots, self.num_samples
+        bufs: dict[str, dict[str, torch.Tensor]] = {}
+        stats = []
+        for alias in self.mentors:
+            names = [sp.name for sp in mentor_specs({**self.mentor_meta[alias],
+                                                     "features": None})]
+            arrays = {name: torch.from_numpy(np.ascontiguousarray(
+                self._read_checked(alias, name, slice(None), slice(None))))
+                for name in names}
+            stats.append(arrays.pop("stats").reshape(s * n, -1))
+            bufs[alias] = {k: v.reshape(s * n, *v.shape[2:]) for k, v in arrays.items()}
+        return bufs, torch.stack(stats)
+
+    def _sparse_gather(self, slots: torch.Tensor, indices: torch.Tensor,
+                       mentors: Sequence[str] | None, with_stats: bool) -> Any:
+        from ckd.kernels.sparse_mentors import stack
+
+        from .sparse import rows_to_sparse
+
+        rows = slots * self.num_samples + indices
+        chosen = list(mentors) if mentors is not None else self.mentors
+        parts, stats = [], []
+        for alias in chosen:
+            j = self._mentor_pos(alias)
+            st = self._stats[j].index_select(0, rows)
+            arrays = {k: v.index_select(0, rows) for k, v in self._sparse_bufs[alias].items()}
+            parts.append(rows_to_sparse(self.logits_modes[alias], self.num_classes, arrays, st))
+            stats.append(st)
+        out = stack(parts).to(self.device)
+        return (out, torch.stack(stats).to(self.device)) if with_stats else out
 
     def _read_checked(self, alias: str, name: str, slots: slice, samples: slice
                       ) -> np.ndarray:

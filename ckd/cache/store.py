@@ -100,6 +100,9 @@ def _mentor_attrs(alias: str, arch: str, path: Path, sha: str, num_classes: int,
     if features:
         attrs["features"] = {k: [int(d) for d in v] for k, v in features.items()}
     attrs.update(extra or {})
+    # the declared arrays of its storage mode (a sparse mentor: docs/SPARSE.md)
+    attrs["arrays"] = [s.name for s in mentor_specs({**attrs, "features": None,
+                                                     "arrays": None})]
     return attrs
 
 
@@ -109,8 +112,8 @@ def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = Non
     arrays of a mentor (only those in `names` if given: `ckd cache upgrade` adds the ones
     a version-1 store lacks, --features the feature arrays an existing mentor lacks)."""
     store = LocalStore(out)
-    specs = mentor_specs({"features": (attrs or {}).get("features"),
-                          "boxes": (attrs or {}).get("boxes")})
+    specs = mentor_specs({k: v for k, v in (attrs or {}).items()
+                          if k in ("features", "boxes", "logits_mode", "num_classes")})
     for spec in specs:
         if names is None or spec.name in names:
             zarr.create_array(store, name=f"mentors/{alias}/{spec.name}",
@@ -172,10 +175,11 @@ def _reopen_holes(out: Path, alias: str, layout: Layout, state: dict[str, Any]) 
 def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: torch.Tensor | None,
                   layout: Layout, paths: Mapping[str, Path], shas: Mapping[str, str],
                   overwrite: bool, features: Mapping[str, Mapping[str, Any]] | None = None,
-                  mentor_extra: Callable[[str, str], dict[str, Any]] | None = None) -> None:
+                  mentor_extra: Callable[[str, str], dict[str, Any]] | None = None,
+                  modes: Mapping[str, str] | None = None) -> None:
     """Rank 0: create or check the store and every mentor group before anyone writes.
     `mentor_extra(alias, arch)`: attributes a mentor gets beyond the standard ones (image
-    folders: its resolution and `boxes`)."""
+    folders: its resolution and `boxes`); `modes`: alias -> logit storage mode."""
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
     have = _open_root(out)
@@ -208,6 +212,15 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
                     f"mentor {alias!r} in {out} was cached at resolution "
                     f"{state.get('resolution')}, {extra.get('resolution')} requested: use the "
                     "same --resolution, another alias, or --overwrite")
+            state = None
+        mode = (modes or {}).get(alias, "dense")
+        extra = {**extra, "logits_mode": mode}
+        if state is not None and state.get("logits_mode", "dense") != mode:
+            if not overwrite:
+                raise CacheMismatchError(
+                    f"mentor {alias!r} in {out} is stored as --logits "
+                    f"{state.get('logits_mode', 'dense')}, requested {mode}: pass --overwrite "
+                    "to recompute it, or use another alias or --out")
             state = None
         if state is not None and state["checkpoint_sha256"] != shas[alias]:
             if not overwrite:

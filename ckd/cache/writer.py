@@ -169,7 +169,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                 device: str = "cpu", dtype: str = "fp16", overwrite: bool = False,
                 codec: str | None = None, samples_per_chunk: int | None = None,
                 progress: bool = True, features: str | Sequence[str] | None = None,
-                resolutions: Mapping[str, int] | None = None) -> Path:
+                resolutions: Mapping[str, int] | None = None,
+                logits: str | Mapping[str, str] = "dense") -> Path:
     """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset, or
     `ImageViews` of a prepared image folder: K rrc views per image, each mentor at its
     resolution, `resolutions` overriding the arch's input size per alias) in
@@ -178,12 +179,15 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     built for other data is deleted and rebuilt). Under torchrun, ranks share the work.
     `features` ("pool", "pool,map"): also store each mentor's pooled feature / last stage
     map per cached view; added to mentors cached without them by redoing their units.
+    `logits`: storage mode 'dense' | 'topk:K' | 'sample:S' for every mentor, or per alias
+    (docs/SPARSE.md).
     """
     from ckd.data.views import NUM_VIEWS, RECIPE, view_ids
     from ckd.models import file_sha256
 
     from .features import parse_features, plan_features
     from .image_views import ImageViews, mentor_resolution, storage_estimate
+    from .sparse import logits_modes
 
     images_mode = isinstance(dataset, ImageViews)  # a prepared image folder: rrc views
     out = Path(out)
@@ -217,6 +221,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                 f"as {alias}=path.pt")
 
     n, c = len(dataset.train), int(dataset.num_classes)
+    modes = logits_modes(logits, list(paths), c)
     num_slots = k if keyed else NUM_VIEWS
     seeds = [epoch_seed(seed, j) for j in range(num_slots)] if keyed else None
     layout = make_layout(num_slots, n, c, keyed=keyed, dtype=DTYPES[dtype],
@@ -258,7 +263,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     with process_group("gloo"), lock:
         if rank == 0:
             prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite,
-                          feature_shapes, mentor_extra)
+                          feature_shapes, mentor_extra, modes)
         barrier()
         root = zarr.open_group(LocalStore(out), mode="r")
         layout = layout_from_attrs(root.attrs.asdict())  # an existing store's chunking wins
@@ -373,7 +378,7 @@ def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset:
                                          dataset.mean, dataset.std, batch_size, dev)
         per_view = grp[CORRECT][:].sum(axis=1) / layout.num_samples * 100.0
         keep = ("alias", "arch", "num_classes", "checkpoint", "checkpoint_sha256", "arrays",
-                "stat_fields", "features", "resolution", "boxes")
+                "stat_fields", "features", "resolution", "boxes", "logits_mode")
         grp.attrs.put({**{k: attrs[k] for k in keep if k in attrs}, "test_acc": test_acc,
                        "train_acc": round(float(per_view.mean()), 4),
                        "train_acc_per_view": [round(float(v), 4) for v in per_view],

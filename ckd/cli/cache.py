@@ -83,12 +83,16 @@ def _default_device() -> str:
 @click.option("--resolution", "resolutions", multiple=True, metavar="ALIAS=PIXELS",
               help="Image folders: the input size of a mentor (default: its arch's, 224 for "
                    "the ImageNet zoo); repeatable.")
+@click.option("--logits", "logits_spec", default="dense", show_default=True,
+              help="Storage per mentor: dense | topk:K | sample:S for all, or per alias, "
+                   "e.g. r110=dense,r8=sample:16 (docs/SPARSE.md).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None,
                  dataset_opts: tuple[str, ...], mentors: str, mentor_dir: str, out: str,
                  views: str, seed: int, batch_size: int, device: str | None, dtype: str,
                  codec: str, samples_per_chunk: int | None, overwrite: bool,
-                 features: str | None, resolutions: tuple[str, ...], quiet: bool) -> None:
+                 features: str | None, resolutions: tuple[str, ...], logits_spec: str,
+                 quiet: bool) -> None:
     """Run each frozen mentor once per view over the training set into a Zarr cache.
 
     Resumable (rerun the same command after an interruption), and sharded when launched
@@ -97,6 +101,8 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
     """
     from ckd.cache import build_cache
     from ckd.cache.mentors import resolve_mentors
+    from ckd.cache.sparse import logits_modes, storage_lines
+    from ckd.data.views import NUM_VIEWS
 
     res = {}
     for item in resolutions:
@@ -112,10 +118,15 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
         if unknown:
             raise ValueError(f"--resolution names {unknown}, not among the mentors "
                              f"{sorted(paths)}")
+        modes = logits_modes(logits_spec, list(paths), ds.num_classes)
+        slots = NUM_VIEWS if views == "all" else int(views) if views.isdigit() else 0
+        for line in storage_lines(modes, ds.num_classes, slots * len(ds.train),
+                                  2 if dtype == "fp16" else 4):
+            click.echo(line)
         build_cache(ds, paths, out, views=views, seed=seed, batch_size=batch_size,
                     device=device or _default_device(), dtype=dtype, overwrite=overwrite,
                     codec=codec, samples_per_chunk=samples_per_chunk, progress=not quiet,
-                    features=features, resolutions=res or None)
+                    features=features, resolutions=res or None, logits=modes)
     except _ERRORS as err:
         raise click.ClickException(str(err)) from err
     _print_info(out)
@@ -132,13 +143,14 @@ def _print_info(path: str) -> None:
     t = Table(title=f"{path}: {ds['name']} ({ds['fingerprint']}), {attrs['num_samples']} "
                     f"samples x {attrs['views']['num_slots']} views ({attrs['views']['mode']}), "
                     f"{attrs['num_classes']} classes, {attrs['dtype']}")
-    for col in ("mentor", "arch", "test acc %", "train acc %", "views", "chunks",
-                "size on disk", "ratio", "features"):
+    for col in ("mentor", "arch", "logits", "B/view (x dense)", "test acc %", "train acc %",
+                "views", "chunks", "size on disk", "ratio", "features"):
         left = col in ("mentor", "arch")
         t.add_column(col, justify="left" if left else "right", no_wrap=left or col == "chunks")
     notes = []
     for r in rows:
-        t.add_row(r["alias"], str(r["arch"]),
+        t.add_row(r["alias"], str(r["arch"]), r["logits_mode"],
+                  f"{r['bytes_per_view']} ({r['ratio_to_dense']:.3f})",
                   "-" if r["test_acc"] is None else f"{r['test_acc']:.2f}",
                   "-" if r["train_acc"] is None else f"{r['train_acc']:.2f}",
                   str(r["views"]), f"{r['done_chunks']}/{r['total_chunks']}"

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ckd.kernels.output import DistillOutput, NonFiniteError, check_finite
+from ckd.kernels.sparse_mentors import SparseMentors, validate_sparse
 from ckd.methods.registry import COUNTER_DEFAULTS, Method, MethodError, get_method
 
 BACKENDS = ("auto", "triton", "reference")
@@ -90,8 +91,10 @@ def distill_loss(
     """Distillation loss of a logit `method` (docs/METHODS.md) and its selection statistics.
 
     student [B, C] fp32/bf16 (fp16, fp64 accepted); mentors [M, B, C] fp16/bf16/fp32, may
-    be a non-contiguous view, mentor 0 is the teacher (None for nokd); labels [B] int.
-    Parameters not given take the method's declared defaults (`ckd methods` lists them).
+    be a non-contiguous view, mentor 0 is the teacher (None for nokd), or `SparseMentors`
+    (top-k / sampled rows: docs/SPARSE.md; the methods of sparse_reference.SPARSE_METHODS);
+    labels [B] int. Parameters not given take the method's declared defaults (`ckd methods`
+    lists them).
     `tau`, `beta`, `delta`, `lam`, `variant`, `granularity` set the parameter of that name
     of the methods that declare it (classroom; `tau` also aver and dgkd) and are ignored
     by the others; kd/tekap/dkd name their temperature `T`. Counters `seed`, `step`
@@ -117,6 +120,8 @@ def distill_loss(
     given.update({k: v for k, v in method_params.items() if k not in COUNTER_DEFAULTS})
     params = spec.resolve(given)
     counters = spec.counter_values(method_params)
+    if isinstance(zm, SparseMentors):  # top-k / sampled mentors: docs/SPARSE.md
+        return _sparse_loss(zs, zm, y, method, params, counters, backend, validate)
     _validate(zs, zm, y, method, validate)
     if zm is not None and zm.shape[0] == 0:
         zm = None
@@ -144,6 +149,23 @@ def _check_stats(stats: Tensor | None, zm: Tensor | None, y: Tensor) -> Tensor |
     if stats.device != zm.device:
         raise ValueError(f"mentor_stats on {stats.device} but mentor_logits on {zm.device}")
     return stats
+
+
+def _sparse_loss(zs, sm, y, method, params, counters, backend, validate) -> DistillOutput:
+    from ckd.kernels import sparse_reference as sref
+
+    _validate(zs, None, y, "nokd", validate)
+    validate_sparse(sm, method, sref.SPARSE_METHODS, zs.shape[0], zs.shape[1], zs.device)
+    if resolve_backend(backend, zs.device) == "reference":
+        loss, stats = sref.SPARSE_REFERENCE[method](zs, sm, y.long(), **params, **counters)
+        return DistillOutput(loss, stats)
+    from ckd.kernels.sparse import sparse_fused_loss
+
+    return sparse_fused_loss(zs, sm, y, method, {**params, **counters},
+                             tau=params.get("tau"), beta=params.get("beta"),
+                             delta=params.get("delta"), lam=params.get("lam"),
+                             variant=params.get("variant"),
+                             granularity=params.get("granularity"))
 
 
 __all__ = ["DistillOutput", "NonFiniteError", "check_finite", "distill_loss",

@@ -1,0 +1,126 @@
+"""Sparse logit storage: `build_cache(logits=...)` with mixed modes per mentor, the reader's
+SparseMentors equal to sparsifying the dense cache's rows, info/verify (a corrupted id or
+count fails verify), bad modes refused, and the loss runs on what the reader returns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from ckd.cache import LogitCache, build_cache
+from ckd.cache.inspect import info, verify
+from ckd.cache.sparse import logits_modes
+from ckd.data import load_dataset
+from ckd.kernels import distill_loss
+from ckd.kernels.sparse_mentors import sparsify_topk
+from ckd.models import create_model, save_checkpoint
+
+N_TRAIN, C = 40, 12
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sparse-cache")
+    ds = load_dataset("synthetic", n_train=N_TRAIN, n_test=8, num_classes=C)
+    paths = {}
+    for seed, alias in enumerate(("r8", "r8b", "r8c")):
+        torch.manual_seed(seed)
+        model = create_model("resnet8", num_classes=C).eval()
+        save_checkpoint(tmp / f"{alias}.pt", model, arch="resnet8", num_classes=C,
+                        dataset=ds.name, metrics={})
+        paths[alias] = tmp / f"{alias}.pt"
+    kw = dict(views=2, seed=3, dtype="fp16", batch_size=40, samples_per_chunk=16,
+              progress=False)
+    dense = build_cache(ds, paths, tmp / "dense", **kw)
+    mixed = build_cache(ds, paths, tmp / "mixed",
+                        logits="r8=dense,r8b=topk:4,r8c=sample:6", **kw)
+    return dict(tmp=tmp, ds=ds, dense=dense, mixed=mixed, paths=paths, kw=kw)
+
+
+def test_sparse_rows_equal_sparsified_dense_rows(caches):
+    dense = LogitCache(caches["dense"])
+    mixed = LogitCache(caches["mixed"])
+    assert mixed.logits_modes == {"r8": "dense", "r8b": "topk:4", "r8c": "sample:6"}
+    idx = torch.arange(N_TRAIN)
+    slots = torch.tensor([0, 1]).repeat(N_TRAIN // 2)
+    zd, st = dense.gather(slots, idx, with_stats=True)
+    sm = mixed.gather(slots, idx)
+    assert sm.modes == ("topk", "topk", "sample") and sm.shape == (3, N_TRAIN, C)
+    y = dense.labels[idx]
+    expect = sparsify_topk(zd[1:2], y, 4)
+    # the K largest values at their ids (ties in fp16 may pick another of equal classes)
+    torch.testing.assert_close(sm.logits[1, :, :4].sort(-1).values,
+                               expect.logits[0].sort(-1).values)
+    torch.testing.assert_close(sm.logits[1, :, :4], zd[1].gather(1, sm.ids[1, :, :4].long()))
+    assert bool((sm.counts[1, :, 4:] == 0).all())  # padded to the set's widest row
+    torch.testing.assert_close(sm.rest_lse[1], expect.rest_lse[0])
+    torch.testing.assert_close(sm.true_logp, st[..., 0])  # exact: ranks equal dense
+    torch.testing.assert_close(sm.lse, st[..., 1])
+    assert bool((sm.counts[2].sum(-1) == 6).all())
+    drawn = sm.ids[2][sm.counts[2] > 0].long()
+    z_at = zd[2].float().gather(1, sm.ids[2].long())
+    assert bool((drawn < C).all())
+    torch.testing.assert_close(sm.logits[2].float()[sm.counts[2] > 0],
+                               z_at[sm.counts[2] > 0])
+    # the dense mentor inside a mixed set is exact: every class, no rest
+    torch.testing.assert_close(sm.densify()[0], zd[0].float())
+    zs = torch.randn(N_TRAIN, C, generator=torch.Generator().manual_seed(0))
+    out = distill_loss(zs, sm, y, method="classroom", granularity="sample")
+    ref = distill_loss(zs, zd, y, method="classroom", granularity="sample")
+    assert torch.isfinite(out.loss)
+    for key in ("mentor_rank", "mentor_active", "mentor_temp", "student_rank"):
+        torch.testing.assert_close(out.stats[key], ref.stats[key])
+
+
+def test_sparse_info_and_verify(caches, tmp_path):
+    _, rows = info(caches["mixed"])
+    by = {r["alias"]: r for r in rows}
+    assert by["r8"]["logits_mode"] == "dense" and by["r8"]["ratio_to_dense"] == 1.0
+    # C=12, fp16: topk:4 = 4 * (1 + 2) + 8 + 8 B; sample:6 = 6 * (1 + 1 + 2) + 8 B
+    assert by["r8b"]["bytes_per_view"] == 28 and by["r8c"]["bytes_per_view"] == 32
+    assert verify(caches["mixed"]).ok
+    # corrupt one id and one count (rewritten through zarr, so checksums match the new
+    # bytes: only the semantic checks can catch it)
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(caches["mixed"], bad)
+    root = zarr.open_group(str(bad), mode="r+")
+    ids = root["mentors/r8b/topk_ids"]
+    ids[0, 0, 0] = np.uint8(200)
+    counts = root["mentors/r8c/sample_counts"]
+    counts[1, 3, 0] = counts[1, 3, 0] + 1
+    rep = verify(bad)
+    text = "\n".join(rep.problems)
+    assert not rep.ok
+    assert "1 class ids outside [0, 12)" in text
+    assert "1 rows whose draw counts do not sum to S = 6" in text
+
+
+def test_sparse_modes_refused_with_the_fix(caches):
+    aliases = ["r8", "r8b"]
+    assert logits_modes("topk:3", aliases, C) == {"r8": "topk:3", "r8b": "topk:3"}
+    assert logits_modes("r8b=sample:4", aliases, C) == {"r8": "dense", "r8b": "sample:4"}
+    with pytest.raises(ValueError, match="K = 12 >= C = 12"):
+        logits_modes("topk:12", aliases, C)
+    with pytest.raises(ValueError, match="S >= 1"):
+        logits_modes("sample:0", aliases, C)
+    with pytest.raises(ValueError, match="not in --mentors"):
+        logits_modes("r110=topk:3", aliases, C)
+    with pytest.raises(ValueError, match="memory mode"):
+        LogitCache(caches["mixed"], mode="stream")
+
+
+def test_trainer_trains_from_a_sparse_cache(caches, tmp_path):
+    from ckd.train import train
+
+    base = dict(dataset="synthetic", dataset_options=dict(n_train=N_TRAIN, n_test=8,
+                                                          num_classes=C),
+                student="resnet8", epochs=1, batch_size=20, progress=False, device="cpu",
+                backend="reference", log_every=1, cache=str(caches["mixed"]))
+    res = train(dict(base, method="classroom", out=str(tmp_path / "cls")))
+    assert sorted(res["mentors"]) == ["r8", "r8b", "r8c"] and np.isfinite(res["last_acc"])
+    with pytest.raises(ValueError, match="'dkd' runs on dense mentor logits only"):
+        train(dict(base, method="dkd", out=str(tmp_path / "dkd")))
