@@ -51,7 +51,7 @@ CASES = [
     ("train", ["--max-steps-per-epoch", "0"], "--max-steps-per-epoch", ">= 1"),
     ("train", ["--seed", "-1"], "--seed", ">= 0"),
     ("train", ["--milestones", "3,2"], "--milestones", "increasing"),
-    ("train", ["--milestones", "1,9"], "--milestones", "[1, 4]"),
+    ("train", ["--milestones", "1,9"], "--milestones", "[1, 5]"),
     ("train", ["--milestones", "a,b"], "--milestones", "comma list of integer"),
     ("train", ["--schedule", "classroom-warmup", "--warmup-epochs", "9"], "--warmup-epochs",
      "< --epochs 5"),

@@ -160,9 +160,11 @@ class TrainConfig:
             ms = self.milestones
             if not all(isinstance(m, int) and not isinstance(m, bool) for m in ms) or \
                     any(b <= a for a, b in zip(ms, ms[1:], strict=False)) or \
-                    (ms and not 1 <= ms[0] <= ms[-1] < self.epochs):
+                    (ms and not 1 <= ms[0] <= ms[-1] <= self.epochs):
+                # a milestone at --epochs itself is allowed: a first part of a longer
+                # schedule, continued with --resume --resume-allow epochs
                 raise OptionError(f"--milestones={ms} is invalid: must be increasing integer "
-                                  f"epochs in [1, {self.epochs - 1}] (--epochs {self.epochs})")
+                                  f"epochs in [1, {self.epochs}] (--epochs {self.epochs})")
         if self.schedule == "classroom-warmup" and self.warmup_epochs is not None \
                 and self.warmup_epochs >= self.epochs:
             raise OptionError(f"--warmup-epochs={self.warmup_epochs} is invalid: the warm-up "
