@@ -35,11 +35,11 @@ CLASSROOM = ["resnet110", "resnet8", "resnet14", "ShuffleV2", "MobileNetV2", "Sh
 CIFAR_STEPS = -(-50_000 // 64)  # 782 steps an epoch at batch 64
 
 
-def make_mentors(root: Path, num_classes: int) -> dict[str, str]:
+def make_mentors(root: Path, num_classes: int, archs: list[str] = CLASSROOM) -> dict[str, str]:
     from ckd.models import create_model, save_checkpoint
 
     paths = {}
-    for i, arch in enumerate(CLASSROOM):
+    for i, arch in enumerate(archs):
         torch.manual_seed(i)
         model = create_model(arch, num_classes)
         # calibrate BatchNorm on one random batch: a fresh net in eval mode (running stats
@@ -156,7 +156,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed epochs a case")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--num-classes", type=int, default=100)
-    ap.add_argument("--cases", default="nokd,cache,online")
+    ap.add_argument("--cases", default="nokd,cache,online",
+                    help="of nokd,cache,online (classroom) and crd-cache,crd-online,"
+                         "sdkd-cache,sdkd-online (feature methods, teacher resnet110)")
+    ap.add_argument("--nce-k", type=int, default=16384, help="crd negatives (RepDistiller's)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the student")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--multi", help="comma list of students: one pass vs separate runs")
@@ -193,13 +196,26 @@ def main() -> None:
 
     if "nokd" in cases:
         run_modes("nokd", dict(base, method="nokd", out=str(root / "nokd")))
-    if "cache" in cases or "online" in cases:
+    feature_cases = [c for c in cases if c.startswith(("crd-", "sdkd-"))]
+    if "cache" in cases or "online" in cases or feature_cases:
         t = time.perf_counter()
-        mentors = make_mentors(root / "mentors", args.num_classes)
+        classroom = "cache" in cases or "online" in cases
+        mentors = make_mentors(root / "mentors", args.num_classes,
+                               CLASSROOM if classroom else CLASSROOM[:1])
         ds = load_dataset("synthetic", **opts)
         cache = build_cache(ds, mentors, root / "cache", views=1, device=args.device,
-                            progress=False)
-        print(f"[built 6-mentor cache for {n} samples in {time.perf_counter() - t:.0f} s]")
+                            progress=False, features=("pool",) if feature_cases else ())
+        print(f"[built {len(mentors)}-mentor cache for {n} samples in "
+              f"{time.perf_counter() - t:.0f} s]")
+        for case in feature_cases:  # a feature method on the CE + KD of the teacher
+            method, where = case.split("-")
+            expr = {"crd": "kd+0.8*crd", "sdkd": "kd+sdkd"}[method]
+            params = {"crd.nce_k": args.nce_k} if method == "crd" else {}
+            run_modes(f"{expr}, {'cached' if where == 'cache' else 'online'} teacher "
+                      "(resnet110)",
+                      dict(base, method=expr, method_params=params, cache=str(cache),
+                           mentors=CLASSROOM[:1], mentors_online=where == "online",
+                           out=str(root / case)))
         if "cache" in cases:
             run_modes("classroom, cached logits",
                       dict(base, method="classroom", cache=str(cache), mentors=CLASSROOM,
