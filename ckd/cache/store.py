@@ -4,6 +4,7 @@ so "attributes present" means "initialized" even after a kill -9 mid-way."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -46,6 +47,40 @@ def clear_store(out: Path) -> None:
 
 
 _STORE_ENTRIES = {"zarr.json", "labels", "view_ids", "mentors"}
+
+
+def space_needed(out: Path, aliases: Any) -> int:
+    """Upper bound of the bytes a build still writes: the raw (uncompressed) size of every
+    array of each incomplete mentor, less what its folder already holds."""
+    root = zarr.open_group(LocalStore(out), mode="r")
+    need = 0
+    for alias in aliases:
+        grp = root[f"mentors/{alias}"]
+        if grp.attrs.get("complete"):
+            continue
+        raw = sum(int(a.nbytes) for _, a in grp.arrays())
+        held = sum(f.stat().st_size for f in (out / "mentors" / alias).rglob("*")
+                   if f.is_file() and f.name != "zarr.json")  # chunks written so far
+        need += max(0, raw - held)
+    return need
+
+
+def check_free_space(out: Path, need: int) -> None:
+    """Refuse a build the disk cannot hold, before any mentor runs."""
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"{out}: this build still writes up to {need / 2**30:.2f} "
+                      f"GiB (uncompressed; compression saves ~20 %) but only "
+                      f"{free / 2**30:.2f} GiB is free there: free space, or pass --out on "
+                      "a bigger disk")
+
+
+def disk_full(out: Path, need: int, err: OSError) -> OSError:
+    """The error for a write that hit a full disk, after removing its temp files."""
+    _clean_partials(out)
+    return OSError(errno.ENOSPC, f"disk full while writing {out} ({err}); the build needed up "
+                   f"to {need / 2**30:.2f} GiB more: free space and rerun the same command "
+                   "(it resumes where it stopped)")
 
 
 def check_out_folder(out: Path) -> None:

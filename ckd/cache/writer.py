@@ -12,6 +12,7 @@ never race on a chunk; the store's metadata is written whole, in a fixed key ord
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +42,7 @@ from .layout import (
 )
 from .lock import writer_lock
 from .mentors import load_mentor, resolve_mentors  # noqa: F401 (re-export)
-from .store import check_out_folder, prepare_store
+from .store import check_free_space, check_out_folder, disk_full, prepare_store, space_needed
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
 
@@ -264,6 +265,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
         if rank == 0:
             prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite,
                           feature_shapes, mentor_extra, modes)
+            need = space_needed(out, paths)
+            check_free_space(out, need)
         barrier()
         root = zarr.open_group(LocalStore(out), mode="r")
         layout = layout_from_attrs(root.attrs.asdict())  # an existing store's chunking wins
@@ -272,8 +275,13 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
         labels = torch.from_numpy(dataset.train.labels)
         with deterministic(dev):
             for alias, path in paths.items():
-                _run_mentor(out, alias, path, layout, images, labels, keyed_ids, dataset,
-                            batch_size, dev, rank, world, progress, seed)
+                try:
+                    _run_mentor(out, alias, path, layout, images, labels, keyed_ids, dataset,
+                                batch_size, dev, rank, world, progress, seed)
+                except OSError as err:
+                    if err.errno != errno.ENOSPC:
+                        raise
+                    raise disk_full(out, space_needed(out, paths), err) from err
             barrier()
             if rank == 0:
                 for alias, path in paths.items():

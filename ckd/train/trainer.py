@@ -45,8 +45,6 @@ from ckd.train.run_dir import resume_state, run_folder_lock
 from ckd.train.schedules import make_schedule
 from ckd.train.setup import build_student, load_data, make_loaders, norm_name
 
-STAT_KEYS = ("mentor_rank", "mentor_active", "mentor_temp", "student_rank")
-
 
 def default_run_dir(cfg: TrainConfig, dataset_name: str) -> Path:
     return Path("runs") / f"{dataset_name}-{cfg.student}-{cfg.method}-s{cfg.seed}"
