@@ -10,20 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Field k of the last dimension of `stats` (all at temperature 1):
-#   logp_true: log softmax(z)[y], the log-probability of the true class
-#   logsumexp: log sum_c exp(z_c)
-STAT_FIELDS: tuple[str, ...] = ("logp_true", "logsumexp")
-
-
-def mentor_row_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """fp32 [..., len(STAT_FIELDS)] of logit rows `logits` [..., C] whose true classes are
-    `labels` (broadcast against logits[..., 0], e.g. [B] for [M, B, C])."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    lab = torch.as_tensor(labels, device=x.device).to(torch.int64).expand(x.shape[:-1])
-    true = x.gather(-1, lab.unsqueeze(-1)).squeeze(-1)
-    return torch.stack([true - lse, lse], dim=-1)
+from ckd.row_stats import STAT_FIELDS, mentor_row_stats  # noqa: F401 - the fields stored
 
 
 def stored_row_stats(stored: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from torch import Tensor
 from ckd.kernels import distill as D
 from ckd.kernels.output import DistillOutput
 from ckd.kernels.rank import _rank_batch_kernel
+from ckd.row_stats import mentor_row_stats
 
 _CONST: dict[tuple, Tensor] = {}
 _TICKETS: dict[str, Tensor] = {}
@@ -65,18 +66,6 @@ def aligned_rows(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
     *lead, C = shape
     v = 16 // torch.empty((), dtype=dtype).element_size()
     return torch.empty(*lead, triton.cdiv(C, v) * v, dtype=dtype, device=device)[..., :C]
-
-
-def mentor_row_stats(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-row statistics [..., 2] fp32 of mentor logits [..., B, C]: the log-probability
-    of the true class and the logsumexp, both at T=1 (what the ranking reads). The same
-    arithmetic as `ckd.cache.stats.mentor_row_stats`, which the cache stores (a test holds
-    them equal bit for bit); kept here so the kernels import no cache (zarr) code."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    lab = torch.as_tensor(labels, device=x.device).to(torch.int64).expand(x.shape[:-1])
-    true = x.gather(-1, lab.unsqueeze(-1)).squeeze(-1)
-    return torch.stack([true - lse, lse], dim=-1)
 
 
 def _tiles(B: int, C: int, n_terms: int, block_c: int | None, extra_term: bool = False):
