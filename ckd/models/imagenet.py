@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .resnet import staged_forward
+
 
 # ------------------------------------------------------------------ ResNet (He et al.)
 class BasicBlock(nn.Module):
@@ -104,16 +106,9 @@ class ImageNetResNet(nn.Module):
         gives them: f0 the stem (before the max-pool), f1..f4 the stage outputs (their
         pre-ReLU sums with `preact`), pooled the classifier's input."""
         f0 = F.relu(self.bn1(self.conv1(x)))
-        x, feats, pre = self.maxpool(f0), [f0], [f0]
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x, x_pre = stage[-1].forward_preact(stage[:-1](x))
-            feats.append(x)
-            pre.append(x_pre)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        logits = self.fc(pooled)
-        if not is_feat:
-            return logits
-        return [*(pre if preact else feats), pooled], logits
+        return staged_forward(f0, self.maxpool(f0),
+                              (self.layer1, self.layer2, self.layer3, self.layer4), self.fc,
+                              is_feat, preact)
 
 
 def resnet18(num_classes: int = 1000) -> ImageNetResNet:

@@ -15,6 +15,23 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+
+def staged_forward(f0: torch.Tensor, x: torch.Tensor, stages, fc: nn.Module,
+                   is_feat: bool, preact: bool):
+    """The ResNet families' shared tail: run `stages` from `x`, keeping each stage's output
+    (and its pre-ReLU sum, from the last block's `forward_preact`), global-average-pool,
+    classify. Returns logits, or RepDistiller's ([f0, stage outputs..., pooled], logits)."""
+    feats, pre = [f0], [f0]
+    for stage in stages:
+        x, x_pre = stage[-1].forward_preact(stage[:-1](x))
+        feats.append(x)
+        pre.append(x_pre)
+    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    logits = fc(pooled)
+    if not is_feat:
+        return logits
+    return [*(pre if preact else feats), pooled], logits
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -79,18 +96,9 @@ class ResNet(nn.Module):
         """Logits; with `is_feat` RepDistiller's ([f0, f1, f2, f3, pooled], logits), where
         f1..f3 are the stage outputs (their pre-ReLU sums with `preact`)."""
         f0 = F.relu(self.bn1(self.conv1(x)))
-        x, feats, pre = f0, [f0], [f0]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x = stage[:-1](x)
-            x, x_pre = stage[-1].forward_preact(x)
-            feats.append(x)
-            pre.append(x_pre)
         # Global average pool (RepDistiller uses AvgPool2d(8), identical at 32x32 input).
-        pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        logits = self.fc(pooled)
-        if not is_feat:
-            return logits
-        return [*(pre if preact else feats), pooled], logits
+        return staged_forward(f0, f0, (self.layer1, self.layer2, self.layer3), self.fc,
+                              is_feat, preact)
 
 
 _THIN = (16, 16, 32, 64)
