@@ -1,0 +1,151 @@
+"""One epoch of training steps: each batch is read, augmented and its mentor logits
+gathered once, then every student of the pass takes its step on it. Losses and stats stay on
+the device (`DeviceSums`) and are read only at log intervals (no host sync in the step)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ckd.features.runtime import sync_module_grads
+from ckd.train.ddp import broadcast_buffers
+from ckd.train.runs import Run
+
+
+class DeviceSums:
+    """Running sums kept on the device; `read()` is the only host sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.count = 0  # samples: a host int (batch sizes are known without a sync)
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        if name == "nonfinite":  # a bit flag: OR it, never add
+            v = value.detach().to(torch.int32)
+            self.sums[name] = self.sums[name] | v if name in self.sums else v.clone()
+            return
+        v = value.detach().float()
+        self.sums[name] = self.sums[name] + v if name in self.sums else v.clone()
+
+    def read(self) -> dict[str, Any]:
+        return {k: v.cpu() for k, v in self.sums.items()}
+
+
+def train_epoch(runs: list[Run] | Run, epoch: int) -> list[tuple[DeviceSums, float]]:
+    """One epoch of steps for every student of the pass: each batch is read, augmented and
+    its mentor logits (and features) gathered once, then every student takes its own step
+    on it. Returns each student's epoch sums and the epoch's wall time."""
+    from ckd.data.views import apply_views  # noqa: PLC0415
+
+    runs = [runs] if isinstance(runs, Run) else runs
+    lead = runs[0]
+    cfg, info, ds, source = lead.cfg, lead.info, lead.ds, lead.source
+    loader = lead.train_loader
+    loader.set_epoch(epoch)
+    source.start_epoch(epoch, loader.order(epoch) if hasattr(loader, "order") else None)
+    t_epoch = time.perf_counter()
+    steppers = [_StudentEpoch(run, epoch, t_epoch) for run in runs]
+    needs = lead.feat.needs  # the method's mentor-side inputs: the same for every student
+    bar = tqdm(total=lead.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               unit="step", leave=False, dynamic_ncols=True,
+               disable=not (cfg.progress and info.is_main))
+    for i, (images, labels, idx) in enumerate(loader):
+        if i >= lead.steps_per_epoch:
+            break
+        slots, vids = source.views(epoch, idx)
+        x = apply_views(images, vids, ds.mean, ds.std, channels_last=cfg.channels_last)
+        mentor, mentor_feats = source.gather(slots, idx, x, needs)
+        for stepper in steppers:
+            stepper.step(x, mentor, mentor_feats, labels, idx,
+                         last=i == lead.steps_per_epoch - 1, bar=bar)
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - t_epoch
+    out = []
+    for stepper in steppers:
+        broadcast_buffers(stepper.run.student, info)
+        out.append((stepper.whole, seconds))
+    return out
+
+
+class _StudentEpoch:
+    """One student's side of an epoch: its lr, its step on a shared batch, its sums."""
+
+    def __init__(self, run: Run, epoch: int, t0: float) -> None:
+        self.run, self.epoch = run, epoch
+        self.lr = run.sched.lr_at(epoch)
+        for g in run.opt.param_groups:
+            g["lr"] = self.lr
+        run.model.train()
+        device = run.info.device
+        self.interval, self.whole = DeviceSums(device), DeviceSums(device)
+        self.log = _IntervalLog(run, epoch, self.lr, t0)
+
+    def step(self, x: torch.Tensor, mentor: Any, mentor_feats: Any, labels: torch.Tensor,
+             idx: torch.Tensor, last: bool, bar: Any) -> None:
+        run, cfg, feat = self.run, self.run.cfg, self.run.feat
+        with run.autocast():
+            if feat.active:
+                feats, logits = run.model(x, is_feat=True)
+            else:
+                feats, logits = None, run.model(x)
+        out = run.loss_plan.loss(logits, mentor, labels, epoch=self.epoch, step=run.step,
+                                 seed=cfg.seed, modules=feat.modules,
+                                 **feat.extra(feats, mentor_feats, idx))
+        run.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sync_module_grads(feat.modules)
+        run.opt.step()
+        run.step += 1
+        correct = (logits.detach().argmax(1) == labels).float().sum()
+        interval = self.interval
+        for sums in (interval, self.whole):
+            sums.add("loss", out.loss)
+            sums.add("correct", correct)
+            sums.count += labels.shape[0]
+            sums.steps += 1
+        # loss parts: the student's plain CE beside the total (distill part = the rest)
+        interval.add("ce", F.cross_entropy(logits.detach().float(), labels))
+        for k, v in out.stats.items():
+            if isinstance(v, torch.Tensor) and v.numel() > 0:
+                interval.add(k, v)
+        if run.step % cfg.log_every == 0 or last:
+            self.log.write(interval, bar)
+            self.interval = DeviceSums(run.info.device)
+
+
+class _IntervalLog:
+    """A metrics record every `log_every` steps: the only host syncs of the step loop."""
+
+    def __init__(self, run: Run, epoch: int, lr: float, t0: float) -> None:
+        self.run, self.epoch, self.lr, self.t = run, epoch, lr, t0
+
+    def write(self, interval: DeviceSums, bar: Any) -> None:
+        from ckd.kernels import check_finite  # noqa: PLC0415
+
+        run = self.run
+        vals = interval.read()
+        if "nonfinite" in vals:
+            check_finite(vals)  # raises naming student, mentor or label input
+        now = time.perf_counter()
+        run.imgs_per_s = interval.count * run.info.world_size / max(now - self.t, 1e-9)
+        self.t = now
+        rec = {"type": "step", "epoch": self.epoch, "step": run.step, "lr": self.lr,
+               "loss": float(vals["loss"]) / interval.steps,
+               "train_acc": 100.0 * float(vals["correct"]) / interval.count,
+               "img_per_s": run.imgs_per_s}
+        for k, v in vals.items():
+            if k not in ("loss", "correct", "nonfinite"):
+                rec[k] = v / interval.steps
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"loss is {rec['loss']} at step {run.step} "
+                                     f"(epoch {self.epoch}): lower --lr or check the data")
+        run.logger.write(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{run.imgs_per_s:.0f}")
