@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .resnet import staged_forward
+from .resnet import init_resnet_weights, staged_forward
 
 
 # ------------------------------------------------------------------ ResNet (He et al.)
@@ -82,12 +82,7 @@ class ImageNetResNet(nn.Module):
         self.layer3 = self._stage(block, 256, layers[2], 2)
         self.layer4 = self._stage(block, 512, layers[3], 2)
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self)
 
     def _stage(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int,
                stride: int) -> nn.Sequential:

@@ -16,6 +16,17 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 
+def init_resnet_weights(model: nn.Module) -> None:
+    """He et al.'s init as RepDistiller and torchvision use it: kaiming fan_out for convs,
+    unit BatchNorm; Linear layers keep PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def staged_forward(f0: torch.Tensor, x: torch.Tensor, stages, fc: nn.Module,
                    is_feat: bool, preact: bool):
     """The ResNet families' shared tail: run `stages` from `x`, keeping each stage's output
@@ -72,13 +83,7 @@ class ResNet(nn.Module):
         self.layer2 = self._stage(widths[2], n, stride=2)
         self.layer3 = self._stage(widths[3], n, stride=2)
         self.fc = nn.Linear(widths[3], num_classes)
-        # RepDistiller's init: kaiming fan_out for convs, unit BN, default Linear.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self)
 
     def _stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
