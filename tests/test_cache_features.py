@@ -159,3 +159,23 @@ def test_feature_method_on_a_cache_without_features_names_the_flag(mentors, tmp_
         train(dict(dataset="synthetic", dataset_options=DS, student="resnet8",
                    method="kd+crd", cache=str(path), mentors=["t"], epochs=1, batch_size=8,
                    device="cpu", progress=False, out=str(tmp_path / "run")))
+
+
+def test_stream_mode_serves_the_same_features_as_memory_mode(mentors, tmp_path):
+    path = build_cache(_ds(), mentors, tmp_path / "c", views=3, dtype="fp16", progress=False,
+                       features="pool,map")
+    names = ("pool", "map")
+    memory = LogitCache(path, mentors=["t", "w"], features=names)
+    with LogitCache(path, mode="stream", mentors=["t", "w"], features=names) as stream:
+        assert stream.feature_shapes == memory.feature_shapes
+        for epoch in (0, 1, 2):
+            stream.start_epoch(epoch, seed=4)
+            order = torch.randperm(24, generator=torch.Generator().manual_seed(epoch))
+            for idx in order.split(7):
+                slots, _ = memory.epoch_views(epoch, idx, seed=4)
+                z_mem, f_mem = memory.gather_with_features(slots, idx, names)
+                z_str, f_str = stream.gather_with_features(slots, idx, names)
+                assert torch.equal(z_mem, z_str)
+                for name in names:
+                    for a, b in zip(f_mem[name], f_str[name], strict=True):
+                        assert b.dtype == torch.float32 and torch.equal(a, b), name

@@ -4,10 +4,11 @@
   CPU memory, or GPU memory when `device` is CUDA and it fits) and gathers rows with one
   `index_select` on that device.
 - `stream` mode never holds the whole cache: an epoch uses exactly one slot per sample
-  (`epoch_views`), so its working set is [M, N, C]. `start_epoch(e, seed)` plans epoch e
-  (and prefetches e + 1) and a background thread reads the store in chunk order, picking
-  each sample's planned row into an epoch buffer; `gather` waits only for the sample
-  blocks it needs. Both modes return identical tensors.
+  (`epoch_views`), so its working set is [M, N, C] (plus [M, N, *shape] per feature read).
+  `start_epoch(e, seed)` plans epoch e (and prefetches e + 1) and a background thread
+  reads the store in chunk order, picking each sample's planned row into an epoch buffer;
+  `gather` waits only for the sample blocks it needs. Both modes return identical
+  tensors.
 
 Opening checks the store before serving anything: format version, the digests recorded in
 the root attributes (labels, view ids, each mentor's metadata and unit markers), and that
@@ -155,14 +156,18 @@ def check_store(path: Path, meta: dict[str, Any], root: zarr.Group,
 
 
 class _Plan:
-    """One epoch's rows: slot per sample (-1: not needed) and the buffer being filled."""
+    """One epoch's rows: slot per sample (-1: not needed) and the buffers being filled
+    (logits, stats and, per requested feature, one [N, *shape] buffer per mentor)."""
 
     def __init__(self, key: Any, slots: torch.Tensor, num_mentors: int, num_classes: int,
-                 num_stats: int, dtype: torch.dtype, num_blocks: int, block: int) -> None:
+                 num_stats: int, dtype: torch.dtype, num_blocks: int, block: int,
+                 feature_shapes: dict[str, list[tuple[int, ...]]] | None = None) -> None:
         self.key = key
         self.slots = slots  # int64 [N], -1 where the sample is not in the plan
         self.buf = torch.zeros((num_mentors, len(slots), num_classes), dtype=dtype)
         self.stats = torch.zeros((num_mentors, len(slots), num_stats), dtype=torch.float32)
+        self.feats = {name: [torch.zeros((len(slots), *shape), dtype=dtype) for shape in shapes]
+                      for name, shapes in (feature_shapes or {}).items()}
         self.ready = [threading.Event() for _ in range(num_blocks)]
         self.block = block
         self.error: BaseException | None = None
@@ -296,17 +301,22 @@ class LogitCache:
                              features: Sequence[str]) -> tuple[torch.Tensor, dict[str, list]]:
         """(logits [M, B, C] as `gather`, {feature: one fp32 [B, *shape] tensor per mentor})
         of the same rows: what online mentors' `forward(x, is_feat=True)` gives."""
-        logits = self.gather(slots, indices)
         missing = [f for f in features if f not in self.features]
         if missing:
             raise KeyError(f"features {missing} were not loaded: open the cache with "
                            f"features={list(features)}")
-        flat = (torch.as_tensor(slots, dtype=torch.int64) * self.num_samples
-                + torch.as_tensor(indices, dtype=torch.int64))
+        logits = self.gather(slots, indices)  # stream mode: waits for these rows' blocks
+        if self.mode == "memory":
+            rows = (torch.as_tensor(slots, dtype=torch.int64) * self.num_samples
+                    + torch.as_tensor(indices, dtype=torch.int64))
+            source = self._feat
+        else:  # the epoch buffers hold row i of sample i (gather checked the plan)
+            rows = torch.as_tensor(indices, dtype=torch.int64).cpu()
+            source = self._current.feats
         out = {}
         for name in features:
-            out[name] = [t.index_select(0, flat.to(t.device)).to(self.device).float()
-                         for t in self._feat[name]]
+            out[name] = [t.index_select(0, rows.to(t.device)).to(self.device).float()
+                         for t in source[name]]
         return logits, out
 
     def _check_features(self, features: Sequence[str]) -> dict[str, list[tuple[int, ...]]]:
@@ -319,9 +329,6 @@ class LogitCache:
         bad = [f for f in features if f not in FEATURES]
         if bad:
             raise ValueError(f"unknown features {bad}; cacheable: {', '.join(FEATURES)}")
-        if self.mode != "memory":
-            raise ValueError("mentor features are read in --cache-mode memory only (the "
-                             "pooled features of a CIFAR cache take ~1/2 of its logits)")
         shapes: dict[str, list[tuple[int, ...]]] = {f: [] for f in features}
         for m in self.mentors:
             have = self.mentor_meta[m].get("features") or {}
@@ -483,7 +490,8 @@ class LogitCache:
         full[torch.as_tensor(indices, dtype=torch.int64).cpu()] = \
             torch.as_tensor(slots, dtype=torch.int64).cpu()
         return _Plan(key, full, len(self.mentors), self.num_classes, len(self.stat_fields),
-                     self.dtype, self.layout.grid[1], self.layout.samples_per_chunk)
+                     self.dtype, self.layout.grid[1], self.layout.samples_per_chunk,
+                     self.feature_shapes)
 
     def _worker(self) -> None:
         while True:
@@ -512,12 +520,12 @@ class LogitCache:
                     rows = want[(slots[want] >= sr.start) & (slots[want] < sr.stop)]
                     region = (slice(sr.start, sr.stop), slice(rng.start, rng.stop))
                     for j, alias in enumerate(self.mentors):
-                        block = self._read_checked(alias, "logits", *region)
-                        plan.buf[j, rng.start + rows] = torch.from_numpy(
-                            block[slots[rows] - sr.start, rows])
-                        block = self._read_checked(alias, "stats", *region)
-                        plan.stats[j, rng.start + rows] = torch.from_numpy(
-                            block[slots[rows] - sr.start, rows])
+                        targets = [("logits", plan.buf[j]), ("stats", plan.stats[j])]
+                        targets += [(name, bufs[j]) for name, bufs in plan.feats.items()]
+                        for name, target in targets:
+                            block = self._read_checked(alias, name, *region)
+                            target[rng.start + rows] = torch.from_numpy(
+                                block[slots[rows] - sr.start, rows])
             plan.ready[b].set()
 
     def _stream_gather(self, slots: torch.Tensor, indices: torch.Tensor,
