@@ -179,3 +179,37 @@ def test_stream_mode_serves_the_same_features_as_memory_mode(mentors, tmp_path):
                 for name in names:
                     for a, b in zip(f_mem[name], f_str[name], strict=True):
                         assert b.dtype == torch.float32 and torch.equal(a, b), name
+
+
+def test_verify_recompute_rederives_the_feature_arrays(mentors, tmp_path, monkeypatch):
+    """A feature value stored wrong with consistent checksums (as a build bug would leave
+    it) passes the checksum checks; `verify --recompute` re-runs the mentor and names the
+    mentor and the array."""
+    from click.testing import CliRunner
+
+    import ckd.cache.writer as writer
+    from ckd.cache.inspect import verify
+    from ckd.cli.main import main
+
+    real = writer.compute_unit
+
+    def wrong_pool(*args, **kw):
+        vals, correct, outputs = real(*args, **kw)
+        outputs["pool"][:, :, 5] += 0.5  # one feature value of every row
+        return vals, correct, outputs
+
+    ds = _ds()
+    good = build_cache(ds, {"t": mentors["t"]}, tmp_path / "good", views=2, dtype="fp32",
+                       progress=False, features="pool,map")
+    rep = verify(good, recompute=6, dataset=ds)
+    assert rep.ok and rep.rows_recomputed == 6, rep.problems
+    monkeypatch.setattr(writer, "compute_unit", wrong_pool)
+    path = build_cache(ds, {"t": mentors["t"]}, tmp_path / "c", views=2, dtype="fp32",
+                       progress=False, features="pool,map")
+    monkeypatch.undo()
+    assert verify(path).ok  # checksums match what was written
+    res = CliRunner().invoke(main, ["cache", "verify", str(path), "--recompute", "6"])
+    assert res.exit_code != 0
+    assert "t/pool: 6/6 recomputed rows differ" in res.output, res.output
+    assert "--mentors t=CHECKPOINT" in res.output
+    assert "t/logits" not in res.output and "t/map" not in res.output

@@ -138,6 +138,7 @@ def recompute_rows(path: Path, attrs: dict[str, Any], lay: Any, root: Any,
     from ckd.data.views import normalize
     from ckd.models import file_sha256
 
+    from .inspect import compare_rows, stored_rows
     from .layout import check_compatible
     from .mentors import load_mentor
 
@@ -175,15 +176,5 @@ def recompute_rows(path: Path, attrs: dict[str, Any], lay: Any, root: Any,
                     out = model(x.contiguous()).float().cpu()
                     for j, i in enumerate(batch_idx.tolist()):
                         ref[rows[idx[rows] == i]] = out[j]
-        raw = torch.from_numpy(np.asarray(root[f"mentors/{alias}/logits"].vindex[
-            slots[:, None], idx[:, None], np.arange(lay.num_classes)[None]]))
-        ref, got = ref.to(raw.dtype).float(), raw.float()
-        diff = (got - ref).abs()
-        # As `verify` on CIFAR caches: other batch compositions may change the last bits.
-        tol = 1e-4 + (2.0 ** -10 if lay.dtype == "float16" else 1e-5) * ref.abs()
-        rep.rows_recomputed += n_rows
-        rep.max_abs_diff = max(rep.max_abs_diff, float(diff.max()))
-        bad = int((diff > tol).any(dim=1).sum())
-        if bad:
-            rep.problems.append(f"{alias}: {bad}/{n_rows} recomputed rows differ "
-                                f"(max |diff| {float(diff.max()):.3g})")
+        raw = torch.from_numpy(stored_rows(root[f"mentors/{alias}/logits"], slots, idx))
+        compare_rows(rep, path, alias, "logits", ref, raw, lay.dtype)

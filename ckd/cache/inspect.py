@@ -135,7 +135,8 @@ def verify(path: str | Path, *, recompute: int = 0, dataset: Any = None, device:
     chunk read through its crc32c codec and compared with its unit checksum, the digests
     of the root arrays and of each mentor's metadata, finite logits, derived arrays
     (stats) recomputed exactly from the stored logits, and with `recompute` > 0 that many
-    random (slot, sample) rows per mentor recomputed from its checkpoint."""
+    random (slot, sample) rows per mentor recomputed from its checkpoint (the logits and
+    every feature array the mentor holds)."""
     from tqdm import tqdm
 
     path = Path(path)
@@ -248,6 +249,7 @@ def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
                mentors: dict[str, dict[str, Any]], n_rows: int, dataset: Any, device: str,
                seed: int, rep: VerifyReport) -> None:
     from ckd.data.views import RECIPE, apply_views
+    from ckd.features.runtime import mentor_features
     from ckd.models import file_sha256
 
     from .mentors import load_mentor
@@ -280,24 +282,49 @@ def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
             rep.problems.append(f"{alias}: {ckpt} changed since caching (sha256 differs)")
             continue
         model = load_mentor(alias, ckpt, lay.num_classes, dev)
-        with torch.no_grad():
-            ref = model(apply_views(images, torch.from_numpy(vids).to(dev), mean, std)).cpu()
-        arr = root[f"mentors/{alias}/logits"]
-        cls = np.arange(lay.num_classes)[None]
-        try:
-            got = torch.from_numpy(np.asarray(arr.vindex[slots[:, None], idx[:, None], cls]))
-        except Exception as err:  # noqa: BLE001 - named like every other read failure
-            rep.problems.append(f"{alias}: cannot read the recomputed rows ({err})")
-            continue
-        ref = ref.to(got.dtype).float()
-        got = got.float()
-        diff = (got - ref).abs()
-        # Other batch compositions may change fp32 results in the last bits; fp16 rows
-        # may then round to the neighbouring fp16 value.
-        tol = 1e-4 + (2.0 ** -10 if lay.dtype == "float16" else 1e-5) * ref.abs()
-        rep.rows_recomputed += n_rows
-        rep.max_abs_diff = max(rep.max_abs_diff, float(diff.max()))
-        bad = int((diff > tol).any(dim=1).sum())
-        if bad:
-            rep.problems.append(f"{alias}: {bad}/{n_rows} recomputed rows differ "
-                                f"(max |diff| {float(diff.max()):.3g})")
+        features = tuple(m.get("features") or {})
+        x = apply_views(images, torch.from_numpy(vids).to(dev), mean, std)
+        with torch.no_grad():  # with features, the one `is_feat` forward the build ran
+            if features:
+                stages, logits = model(x, is_feat=True)
+                recomputed = {"logits": logits, **mentor_features(stages, features)}
+            else:
+                recomputed = {"logits": model(x)}
+        for name, ref in recomputed.items():
+            try:
+                got = torch.from_numpy(stored_rows(root[f"mentors/{alias}/{name}"], slots, idx))
+            except Exception as err:  # noqa: BLE001 - named like every other read failure
+                rep.problems.append(f"{alias}/{name}: cannot read the recomputed rows ({err})")
+                continue
+            compare_rows(rep, path, alias, name, ref.cpu(), got, lay.dtype)
+
+
+def stored_rows(arr: Any, slots: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows (slots[i], idx[i]) of a [S, N, *shape] array: [n, *shape]."""
+    suffix = arr.shape[2:]
+    k = len(suffix)
+    lead = (slots.reshape(-1, *[1] * k), idx.reshape(-1, *[1] * k))
+    rest = tuple(np.arange(d).reshape([1] * (1 + j) + [d] + [1] * (k - 1 - j))
+                 for j, d in enumerate(suffix))
+    return np.asarray(arr.vindex[lead + rest])
+
+
+def compare_rows(rep: VerifyReport, path: Path, alias: str, name: str, ref: torch.Tensor,
+                 got: torch.Tensor, dtype: str) -> None:
+    """Rows recomputed from a checkpoint (`ref`, fp32) against the stored ones (`got`,
+    [n, ...] of mentors/alias/name): a problem naming the mentor, the array, how many rows
+    differ and the rebuild command."""
+    ref, got = ref.to(got.dtype).float(), got.float()
+    diff = (got - ref).abs()
+    # Other batch compositions may change fp32 results in the last bits; fp16 rows may
+    # then round to the neighbouring fp16 value.
+    tol = 1e-4 + (2.0 ** -10 if dtype == "float16" else 1e-5) * ref.abs()
+    n_rows = len(ref)
+    rep.rows_recomputed += n_rows if name == "logits" else 0
+    rep.max_abs_diff = max(rep.max_abs_diff, float(diff.max()))
+    bad = int((diff > tol).reshape(n_rows, -1).any(dim=1).sum())
+    if bad:
+        rep.problems.append(f"{alias}/{name}: {bad}/{n_rows} recomputed rows differ from the "
+                            f"stored ones (max |diff| {float(diff.max()):.3g}): rebuild the "
+                            f"mentor with `ckd cache-logits --out {path} --mentors "
+                            f"{alias}=CHECKPOINT ... --overwrite`")

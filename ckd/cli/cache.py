@@ -190,7 +190,8 @@ def cache_info(path: str) -> None:
 @cache_group.command("verify")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--recompute", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Also recompute N random rows per mentor from its checkpoint.")
+              help="Also recompute N random rows per mentor from its checkpoint (logits and "
+              "cached features) and compare them with the stored ones.")
 @click.option("--data-dir", type=click.Path(), help="Raw dataset folder (for --recompute).")
 @click.option("--prepared", type=click.Path(exists=True, file_okay=False),
               help="Prepared dataset folder (for --recompute).")
