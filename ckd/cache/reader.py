@@ -298,14 +298,16 @@ class LogitCache:
         return (out, stats.to(self.device, non_blocking=True)) if with_stats else out
 
     def gather_with_features(self, slots: torch.Tensor, indices: torch.Tensor,
-                             features: Sequence[str]) -> tuple[torch.Tensor, dict[str, list]]:
+                             features: Sequence[str], with_stats: bool = False) -> tuple:
         """(logits [M, B, C] as `gather`, {feature: one fp32 [B, *shape] tensor per mentor})
-        of the same rows: what online mentors' `forward(x, is_feat=True)` gives."""
+        of the same rows: what online mentors' `forward(x, is_feat=True)` gives; with
+        `with_stats`, (logits, stats, features)."""
         missing = [f for f in features if f not in self.features]
         if missing:
             raise KeyError(f"features {missing} were not loaded: open the cache with "
                            f"features={list(features)}")
-        logits = self.gather(slots, indices)  # stream mode: waits for these rows' blocks
+        # stream mode: waits for these rows' blocks
+        logits = self.gather(slots, indices, with_stats=with_stats)
         if self.mode == "memory":
             rows = (torch.as_tensor(slots, dtype=torch.int64) * self.num_samples
                     + torch.as_tensor(indices, dtype=torch.int64))
@@ -317,7 +319,7 @@ class LogitCache:
         for name in features:
             out[name] = [t.index_select(0, rows.to(t.device)).to(self.device).float()
                          for t in source[name]]
-        return logits, out
+        return (*logits, out) if with_stats else (logits, out)
 
     def _check_features(self, features: Sequence[str]) -> dict[str, list[tuple[int, ...]]]:
         """Per-row shape of each requested feature, per mentor; a mentor cached without

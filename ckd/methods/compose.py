@@ -155,6 +155,11 @@ class LossPlan:
     def logit_term(self) -> Term:
         return next(t for t in self.terms if t.method.logit)
 
+    @property
+    def reads_mentor_stats(self) -> bool:
+        """The logit term ranks from the mentors' row statistics (`ckd.row_stats`)."""
+        return "stats" in self.logit_term.method.inputs
+
     def build_modules(self, student_shapes: Any, mentor_shapes: Any,
                       context: Any = None) -> nn.ModuleDict | None:
         """Trainable modules of the terms that own some, keyed by method name. `context`
@@ -175,18 +180,22 @@ class LossPlan:
                                       if t.method.param(k).cli}} for t in self.terms]}
 
     def loss(self, student_logits: Tensor, mentor_logits: Tensor | None, labels: Tensor, *,
-             epoch: int = 0, step: int = 0, seed: int = 0,
-             modules: nn.ModuleDict | None = None, **extra: Any):
+             epoch: int | Tensor = 0, step: int | Tensor = 0, seed: int = 0,
+             modules: nn.ModuleDict | None = None, mentor_stats: Tensor | None = None,
+             **extra: Any):
         """The weighted sum of the terms -> DistillOutput (stats of the logit term, plus
         `<method>_<stat>` of the others). `epoch` is the 0-based epoch index; methods see
-        it counted from 1, as mdistiller's trainer counts (DKD's warm-up)."""
+        it counted from 1, as mdistiller's trainer counts (DKD's warm-up). `epoch` and
+        `step` may be 0-dim device tensors (a captured step). `mentor_stats`: the mentors'
+        row statistics (the cache stores them) for `distill_loss`."""
         from ckd.kernels import distill_loss  # noqa: PLC0415 - kernels import methods lazily
 
         counters = {"seed": seed, "step": step, "epoch": epoch + 1}
         assert set(counters) == set(COUNTERS)
         lt = self.logit_term
         out = distill_loss(student_logits, mentor_logits, labels, method=lt.method.name,
-                           backend=self.backend, **_without_hooks(lt),
+                           backend=self.backend, mentor_stats=mentor_stats,
+                           **_without_hooks(lt),
                            **{k: counters[k] for k in lt.method.counters})
         if lt.weight != 1.0:
             out.loss = out.loss * lt.weight

@@ -115,6 +115,7 @@ register(Method(
             Param("rank_logits", None, object, "student logits used only for ranking "
                   "(a testing hook that holds the selection fixed)", cli=False)),
     paper=CLASSROOM_PAPER, reference=R.classroom, fused=True, temperature="tau",
+    inputs=("logits", "stats"),
     notes="Defaults follow the paper (tau 12, beta 1, delta 0, lambda = number of mentors). "
           "The official variant uses geometric-mean scores, weights rounded to 2 decimals, "
           "a >= gate, and ignores beta and delta."))

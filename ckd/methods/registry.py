@@ -69,7 +69,9 @@ class Method:
     reference: Callable | None = None
     fused: bool = False
     logit: bool = True
-    inputs: tuple[str, ...] = ("logits",)  # what it reads from the mentors
+    # what it reads from the mentors; "stats": their row statistics (ckd.row_stats), which
+    # the fused kernels rank from instead of a pass over the mentor logits
+    inputs: tuple[str, ...] = ("logits",)
     temperature: str | None = None
     counters: tuple[str, ...] = ()
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

@@ -53,6 +53,7 @@ def train_epoch(runs: list[Run] | Run, epoch: int) -> list[tuple[DeviceSums, flo
     t_epoch = time.perf_counter()
     steppers = [_StudentEpoch(run, epoch, t_epoch) for run in runs]
     needs = lead.feat.needs  # the method's mentor-side inputs: the same for every student
+    stats = wants_mentor_stats(lead)
     bar = tqdm(total=lead.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                unit="step", leave=False, dynamic_ncols=True,
                disable=not (cfg.progress and info.is_main))
@@ -61,9 +62,10 @@ def train_epoch(runs: list[Run] | Run, epoch: int) -> list[tuple[DeviceSums, flo
             break
         slots, vids = source.views(epoch, idx)
         x = apply_views(images, vids, ds.mean, ds.std, channels_last=cfg.channels_last)
-        mentor, mentor_feats = source.gather(slots, idx, x, needs)
+        mentor, mentor_stats, mentor_feats = source.gather(slots, idx, x, needs,
+                                                           labels if stats else None)
         for stepper in steppers:
-            stepper.step(x, mentor, mentor_feats, labels, idx,
+            stepper.step(x, mentor, mentor_stats, mentor_feats, labels, idx,
                          last=i == lead.steps_per_epoch - 1, bar=bar)
         bar.update(1)
     bar.close()
@@ -73,6 +75,15 @@ def train_epoch(runs: list[Run] | Run, epoch: int) -> list[tuple[DeviceSums, flo
         broadcast_buffers(stepper.run.student, info)
         out.append((stepper.whole, seconds))
     return out
+
+
+def wants_mentor_stats(run: Run) -> bool:
+    """The fused loss ranks from the mentors' row statistics: gather them (the cache holds
+    them) instead of letting the loss pass over every mentor row for them."""
+    from ckd.kernels.api import resolve_backend  # noqa: PLC0415
+
+    return run.source.kind != "none" and run.loss_plan.reads_mentor_stats and \
+        resolve_backend(run.loss_plan.backend, run.info.device) == "triton"
 
 
 class _StudentEpoch:
@@ -88,8 +99,9 @@ class _StudentEpoch:
         self.interval, self.whole = DeviceSums(device), DeviceSums(device)
         self.log = _IntervalLog(run, epoch, self.lr, t0)
 
-    def step(self, x: torch.Tensor, mentor: Any, mentor_feats: Any, labels: torch.Tensor,
-             idx: torch.Tensor, last: bool, bar: Any) -> None:
+    def step(self, x: torch.Tensor, mentor: Any, mentor_stats: torch.Tensor | None,
+             mentor_feats: Any, labels: torch.Tensor, idx: torch.Tensor, last: bool,
+             bar: Any) -> None:
         run, cfg, feat = self.run, self.run.cfg, self.run.feat
         with run.autocast():
             if feat.active:
@@ -97,7 +109,7 @@ class _StudentEpoch:
             else:
                 feats, logits = None, run.model(x)
         out = run.loss_plan.loss(logits, mentor, labels, epoch=self.epoch, step=run.step,
-                                 seed=cfg.seed, modules=feat.modules,
+                                 seed=cfg.seed, modules=feat.modules, mentor_stats=mentor_stats,
                                  **feat.extra(feats, mentor_feats, idx))
         run.opt.zero_grad(set_to_none=True)
         out.loss.backward()

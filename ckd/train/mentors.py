@@ -6,8 +6,11 @@
 - `OnlineMentors`: frozen mentors run on the student's view every step (the slow path the
   cache replaces; also the reference the exactness tests compare the cache with).
 
-All three answer `views(epoch, idx) -> (slots, view_ids)`, `logits(slots, idx, x)` and
-`start_epoch(epoch, order)`, so the loop never asks which one it has.
+All three answer `views(epoch, idx) -> (slots, view_ids)`, `gather(slots, idx, x, needs,
+labels)` and `start_epoch(epoch, order)`, so the loop never asks which one it has. Given
+`labels`, `gather` also returns the mentors' row statistics (`ckd.row_stats`): the cache's
+stored ones, or the same function applied to the online mentors' logits, so cached and
+online training stay equal.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from ckd.methods import method_mentors, select_mentors
+from ckd.row_stats import STAT_FIELDS, mentor_row_stats
 from ckd.train.config import TrainConfig
 from ckd.train.setup import norm_name
 
@@ -46,10 +50,12 @@ class NoMentors:
         return None
 
     def gather(self, slots: torch.Tensor | None, idx: torch.Tensor, x: torch.Tensor,
-               needs: tuple[str, ...] = ()) -> tuple[torch.Tensor | None, dict[str, list]]:
-        """(mentor logits, {feature name: one tensor per mentor}) for one step; `needs`
-        names the features the method reads (`pool`, `map`)."""
-        return self.logits(slots, idx, x), {}
+               needs: tuple[str, ...] = (), labels: torch.Tensor | None = None
+               ) -> tuple[Any, torch.Tensor | None, dict[str, list]]:
+        """(mentor logits, their row statistics [M, B, 2] fp32 or None, {feature name: one
+        tensor per mentor}) for one step; `needs` names the features the method reads
+        (`pool`, `map`); `labels` (the batch's true classes) asks for the statistics."""
+        return self.logits(slots, idx, x), None, {}
 
     def start_epoch(self, epoch: int, order: torch.Tensor | None) -> None:
         return None
@@ -65,10 +71,13 @@ class CachedMentors(NoMentors):
     def logits(self, slots, idx, x):
         return self.cache.gather(slots, idx)
 
-    def gather(self, slots, idx, x, needs=()):
-        if not needs:
-            return self.logits(slots, idx, x), {}
-        return self.cache.gather_with_features(slots, idx, needs)
+    def gather(self, slots, idx, x, needs=(), labels=None):
+        with_stats = labels is not None and self.cache.stat_fields == STAT_FIELDS
+        if needs:
+            got = self.cache.gather_with_features(slots, idx, needs, with_stats=with_stats)
+            return got if with_stats else (got[0], None, got[1])
+        got = self.cache.gather(slots, idx, with_stats=with_stats)
+        return (*got, {}) if with_stats else (got, None, {})
 
     def start_epoch(self, epoch, order):
         self.cache.start_epoch(epoch, self.seed, order)  # stream mode: plan + prefetch
@@ -96,17 +105,22 @@ class OnlineMentors(NoMentors):
             return torch.stack([m(xm) for m in self.models])
 
     @torch.no_grad()
-    def gather(self, slots, idx, x, needs=()):
+    def gather(self, slots, idx, x, needs=(), labels=None):
         if not needs:
-            return self.logits(slots, idx, x), {}
-        from ckd.features.runtime import mentor_features  # noqa: PLC0415
+            logits, feats = self.logits(slots, idx, x), {}
+        else:
+            from ckd.features.runtime import mentor_features  # noqa: PLC0415
 
-        xm = x.contiguous() if self.contiguous else x
-        with self.autocast():  # one forward gives the logits and the features
-            outs = [m(xm, is_feat=True) for m in self.models]
-        feats = [mentor_features(f, needs) for f, _ in outs]
-        return (torch.stack([z for _, z in outs]),
-                {n: [f[n].float() for f in feats] for n in needs})
+            xm = x.contiguous() if self.contiguous else x
+            with self.autocast():  # one forward gives the logits and the features
+                outs = [m(xm, is_feat=True) for m in self.models]
+            per = [mentor_features(f, needs) for f, _ in outs]
+            logits = torch.stack([z for _, z in outs])
+            feats = {n: [f[n].float() for f in per] for n in needs}
+        # the cache's statistics come from the logits as stored; online ones from the
+        # logits as the loss reads them: the same function of the same values
+        stats = None if labels is None else mentor_row_stats(logits, labels)
+        return logits, stats, feats
 
 
 MentorSource = NoMentors | CachedMentors | OnlineMentors
