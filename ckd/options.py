@@ -123,6 +123,10 @@ def check_triton_backend(backend: str, device: str | None, flag: str = "--backen
 
 
 def check_existing_dir(path: str | None, flag: str, fix: str) -> None:
+    if path is not None and str(path).startswith("s3://"):
+        return  # an object-store prefix: opening it checks it and names what is wrong
+    if path is not None and str(path).startswith("file://"):
+        path = str(path)[len("file://"):]
     if path is not None and not Path(path).is_dir():
         what = "is a file, not a folder" if Path(path).exists() else "does not exist"
         raise OptionError(f"{flag} {path}: {what} ({fix})")
@@ -131,8 +135,10 @@ def check_existing_dir(path: str | None, flag: str, fix: str) -> None:
 def check_writable_dir(path: str | None, flag: str) -> None:
     """`path` is (or can be created as) a folder we can write: probed with a real temp file
     in its nearest existing ancestor, so read-only mounts are caught too."""
-    if path is None:
-        return
+    if path is None or str(path).startswith("s3://"):
+        return  # an object-store prefix: checked (bucket, credentials) when opened
+    if str(path).startswith("file://"):
+        path = str(path)[len("file://"):]
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OptionError(f"{flag} {path}: is a file, not a folder; choose another {flag}")

@@ -31,12 +31,13 @@ from .layout import (
     read_root_attrs,
     root_array_names,
 )
+from .location import ObjectPath, cache_path, list_files
 from .reader import list_mentors, open_root, read_array
 from .sparse import sparse_problems
 
 
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def dir_size(path: Path | ObjectPath) -> int:
+    return sum(list_files(path).values()) if path.is_dir() else 0
 
 
 def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -44,7 +45,7 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     complete, done_chunks (units whose marker and chunk files are all present),
     total_chunks, missing_files, digest_ok (metadata as recorded), bytes (logits on disk),
     raw_bytes, ratio). Reads metadata and markers only; `verify` reads every chunk."""
-    path = Path(path)
+    path = cache_path(path)
     attrs = read_root_attrs(str(path))
     lay = layout_from_attrs(attrs)
     rows_n = lay.num_slots * lay.num_samples  # raw bytes: (bytes per view - stats) x rows
@@ -139,7 +140,7 @@ def verify(path: str | Path, *, recompute: int = 0, dataset: Any = None, device:
     every feature array the mentor holds)."""
     from tqdm import tqdm
 
-    path = Path(path)
+    path = cache_path(path)
     rep = VerifyReport()
     attrs = read_root_attrs(str(path))
     lay = layout_from_attrs(attrs)

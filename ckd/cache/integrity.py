@@ -28,6 +28,7 @@ from .layout import (
     read_error,
     repair_hint,
 )
+from .location import ObjectPath, cache_path, list_files
 
 
 def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpec]:
@@ -50,9 +51,10 @@ def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpe
             *(feature_spec(n, shape) for n, shape in feats.items())]
 
 
-def chunk_file(store: Path, array_path: str, coords: Sequence[int]) -> Path:
+def chunk_file(store: Path | ObjectPath, array_path: str, coords: Sequence[int]
+               ) -> Path | ObjectPath:
     """File of one chunk (zarr v3 default chunk keys: <array>/c/i/j/k)."""
-    return Path(store).joinpath(*array_path.split("/"), "c", *map(str, coords))
+    return cache_path(store).joinpath(*array_path.split("/"), "c", *map(str, coords))
 
 
 def unit_files(store: Path, alias: str, layout: Layout, a: int, b: int,
@@ -69,13 +71,18 @@ def unit_status(store: Path, alias: str, layout: Layout, marker: np.ndarray,
                 specs: Sequence[ArraySpec]) -> tuple[list[tuple[int, int]],
                                                      dict[tuple[int, int], list[Path]]]:
     """(undone units, {marked unit: its missing chunk files}) from the marker values and
-    the files on disk."""
+    the files in the store (one listing of the mentor's folder or prefix)."""
     undone, holes = [], {}
+    present = None
     for a, b in layout.units():
         if (marker[a, b] < 0).any():
             undone.append((a, b))
             continue
-        missing = [f for f in unit_files(store, alias, layout, a, b, specs) if not f.is_file()]
+        if present is None:
+            mdir = cache_path(store) / "mentors" / alias
+            present = {str(mdir / rel) for rel in list_files(mdir)}
+        missing = [f for f in unit_files(store, alias, layout, a, b, specs)
+                   if str(f) not in present]
         if missing:
             holes[(a, b)] = missing
     return undone, holes
@@ -125,7 +132,7 @@ def _canonical_json(file: Path, store: Path) -> bytes:
 def mentor_digest(store: Path, alias: str, marker: np.ndarray) -> str:
     """sha256 of a mentor's metadata (its group and array zarr.json files, parsed and
     re-serialized canonically) and of its unit markers (which checksum every chunk)."""
-    mdir = Path(store) / "mentors" / alias
+    mdir = cache_path(store) / "mentors" / alias
     h = hashlib.sha256()
     files = [mdir / "zarr.json", *sorted(p / "zarr.json" for p in mdir.iterdir() if p.is_dir())]
     for f in files:

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
+from .location import ObjectPath, cache_path
+
 FORMAT = "ckd-logit-cache"
 VERSION = 2
 LOCK_FILE = ".ckd-writer.lock"  # fcntl lock of the one writer (cache-logits, upgrade)
@@ -74,14 +76,14 @@ class CacheReadError(ValueError):
 
 def repair_hint(store: str | Path, file: str | Path | None = None) -> str:
     """What to do about a damaged `file` of the cache at `store`."""
-    rel = Path(file).relative_to(store) if file is not None and \
-        Path(file).is_relative_to(store) else None
+    store, file = cache_path(store), None if file is None else cache_path(file)
+    rel = file.relative_to(store) if file is not None and file.is_relative_to(store) else None
     parts = rel.parts if rel is not None else ()
     if len(parts) >= 3 and parts[0] == "mentors" and "c" in parts:
         return (f"delete {file} and rerun the `ckd cache-logits --out {store} ...` command "
                 "that built the store: it rebuilds missing chunks")
     if len(parts) >= 2 and parts[0] == "mentors":
-        return (f"delete {Path(store) / 'mentors' / parts[1]} and rerun the `ckd cache-logits "
+        return (f"delete {store / 'mentors' / parts[1]} and rerun the `ckd cache-logits "
                 f"--out {store} ...` command that built the store: it recomputes that mentor")
     return (f"run `ckd cache verify {store}` to list every damaged file; if the store's own "
             f"files are damaged, delete {store} and rebuild it with `ckd cache-logits`")
@@ -328,7 +330,10 @@ def layout_from_attrs(attrs: dict[str, Any]) -> Layout:
 
 def read_root_attrs(path: str) -> dict[str, Any]:
     """Root attributes of a cache, with a clear error when `path` is not one."""
-    attrs = read_json_attrs(path, Path(path) / "zarr.json", missing=(
+    where = cache_path(path)
+    if isinstance(where, ObjectPath):  # name a bad bucket, credentials or endpoint first
+        where.check_bucket()
+    attrs = read_json_attrs(path, where / "zarr.json", missing=(
         f"no logit cache at {path}: build one with `ckd cache-logits --out {path} ...`"))
     if attrs.get("format") != FORMAT:
         raise CacheMismatchError(f"{path} is a zarr group but not a {FORMAT} store "

@@ -19,6 +19,7 @@ command that repairs it.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -28,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.storage import LocalStore
 
 from .integrity import (
     array_digest,
@@ -54,19 +54,22 @@ from .layout import (
     read_root_attrs,
     repair_hint,
 )
+from .location import ObjectPath, cache_path, zarr_store
 
 READ_BYTES = 64 << 20  # raw bytes per zarr read call (zarr decodes its chunks in parallel)
 
 
 def list_mentors(path: str | Path) -> dict[str, dict[str, Any]]:
     """alias -> mentor attributes, sorted by alias (only initialized mentor groups)."""
-    mdir = Path(path) / "mentors"
+    mdir = cache_path(path) / "mentors"
     out = {}
-    if mdir.is_dir():
-        for d in sorted(p for p in mdir.iterdir() if (p / "zarr.json").exists()):
-            attrs = read_json_attrs(path, d / "zarr.json")
-            if "alias" in attrs:
-                out[d.name] = attrs
+    for d in sorted(mdir.iterdir()) if mdir.is_dir() else []:
+        try:
+            attrs = read_json_attrs(path, d / "zarr.json", missing="")
+        except FileNotFoundError:
+            continue
+        if "alias" in attrs:
+            out[d.name] = attrs
     return out
 
 
@@ -79,7 +82,7 @@ def read_array(store: Path, root: zarr.Group, name: str, region: Any = slice(Non
     except (CacheReadError, CacheMismatchError):
         raise
     except Exception as err:  # noqa: BLE001 - zarr/codec/crc32c/JSON failures
-        where = Path(store).joinpath(*name.split("/"))
+        where = cache_path(store).joinpath(*name.split("/"))
         if coords is not None:
             where = chunk_file(store, name, coords)
         else:
@@ -94,7 +97,7 @@ def _first_bad_chunk(store: Path, root: zarr.Group, name: str) -> Path | None:
     try:
         arr = root[name]
     except Exception:  # noqa: BLE001 - the array's own metadata is the problem
-        return Path(store).joinpath(*name.split("/"), "zarr.json")
+        return cache_path(store).joinpath(*name.split("/"), "zarr.json")
     grid = [range(-(-n // c)) for n, c in zip(arr.shape, arr.chunks, strict=True)]
     for coords in itertools.product(*grid):
         try:
@@ -105,9 +108,9 @@ def _first_bad_chunk(store: Path, root: zarr.Group, name: str) -> Path | None:
     return None
 
 
-def open_root(store: Path) -> zarr.Group:
+def open_root(store: Path | ObjectPath) -> zarr.Group:
     try:
-        return zarr.open_group(LocalStore(store), mode="r")
+        return zarr.open_group(zarr_store(store, read_only=True), mode="r")
     except Exception as err:  # noqa: BLE001 - invalid metadata
         raise read_error(store, store / "zarr.json", err) from err
 
@@ -182,7 +185,7 @@ class LogitCache:
                  features: Sequence[str] = ()) -> None:
         if mode not in ("memory", "stream"):
             raise ValueError(f"mode must be 'memory' or 'stream', got {mode!r}")
-        self.path, self.mode = Path(path), mode
+        self.path, self.mode = cache_path(path), mode
         self.device = torch.device(device)
         self.meta = read_root_attrs(str(path))
         self.layout = layout_from_attrs(self.meta)
@@ -207,6 +210,7 @@ class LogitCache:
         self.mentors = chosen
         self.mentor_meta = {m: found[m] for m in chosen}
         self._root = root = open_root(self.path)
+        self._root_pid = os.getpid()  # a forked child reopens the store (_group)
         self._markers = check_store(self.path, self.meta, root, self.mentor_meta)
         self._columns = {m: marker_columns(mentor_specs(self.mentor_meta[m])) for m in chosen}
         self.stat_fields = tuple(self.mentor_meta[chosen[0]].get("stat_fields", ()))
@@ -239,6 +243,13 @@ class LogitCache:
             self._thread.start()
 
     # ---------------------------------------------------------------- common
+    def _group(self) -> zarr.Group:
+        """The open store of this process: an object store's client is never used across
+        a fork (a forked worker opens its own)."""
+        if self._root_pid != os.getpid():
+            self._root, self._root_pid = open_root(self.path), os.getpid()
+        return self._root
+
     def __repr__(self) -> str:
         return (f"LogitCache({str(self.path)!r}, mode={self.mode!r}, mentors={self.mentors}, "
                 f"slots={self.num_slots}, samples={self.num_samples}, "
@@ -444,7 +455,7 @@ class LogitCache:
         s0, s1, _ = slots.indices(lay.num_slots)
         n0, n1, _ = samples.indices(lay.num_samples)
         a0, b0 = s0 // lay.slots_per_chunk, n0 // lay.samples_per_chunk
-        vals = read_array(self.path, self._root, path, (slots, samples))
+        vals = read_array(self.path, self._group(), path, (slots, samples))
         for a in range(a0, -(-s1 // lay.slots_per_chunk)):
             for b in range(b0, -(-n1 // lay.samples_per_chunk)):
                 sr, sm = lay.slot_range(a), lay.sample_range(b)

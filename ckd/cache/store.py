@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.storage import LocalStore
 
 from .integrity import mentor_specs, root_data_digests, unit_status
 from .layout import (
@@ -30,11 +29,15 @@ from .layout import (
     marker_arrays_kwargs,
     read_json_attrs,
 )
+from .location import ObjectPath, list_files, remove_tree, zarr_store
 from .mentors import mentor_arch
 
 
-def _clean_partials(out: Path) -> None:
-    """Remove `*.partial` temp files a kill -9 left mid-write (zarr writes tmp + rename)."""
+def _clean_partials(out: Path | ObjectPath) -> None:
+    """Remove `*.partial` temp files a kill -9 left mid-write (zarr writes tmp + rename;
+    an object store's puts are atomic and leave none)."""
+    if isinstance(out, ObjectPath):
+        return
     for p in out.rglob("*.partial"):
         p.unlink(missing_ok=True)
 
@@ -43,7 +46,7 @@ def clear_store(out: Path) -> None:
     """Delete everything in `out` but the writer lock (held by this process)."""
     for p in out.iterdir():
         if p.name != LOCK_FILE:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            remove_tree(p)
 
 
 _STORE_ENTRIES = {"zarr.json", "labels", "view_ids", "mentors"}
@@ -52,21 +55,24 @@ _STORE_ENTRIES = {"zarr.json", "labels", "view_ids", "mentors"}
 def space_needed(out: Path, aliases: Any) -> int:
     """Upper bound of the bytes a build still writes: the raw (uncompressed) size of every
     array of each incomplete mentor, less what its folder already holds."""
-    root = zarr.open_group(LocalStore(out), mode="r")
+    root = zarr.open_group(zarr_store(out), mode="r")
     need = 0
     for alias in aliases:
         grp = root[f"mentors/{alias}"]
         if grp.attrs.get("complete"):
             continue
         raw = sum(int(a.nbytes) for _, a in grp.arrays())
-        held = sum(f.stat().st_size for f in (out / "mentors" / alias).rglob("*")
-                   if f.is_file() and f.name != "zarr.json")  # chunks written so far
+        held = sum(size for f, size in list_files(out / "mentors" / alias).items()
+                   if not f.endswith("zarr.json"))  # chunks written so far
         need += max(0, raw - held)
     return need
 
 
 def check_free_space(out: Path, need: int) -> None:
-    """Refuse a build the disk cannot hold, before any mentor runs."""
+    """Refuse a build the disk cannot hold, before any mentor runs (an object store has
+    no such limit to check)."""
+    if isinstance(out, ObjectPath):
+        return
     free = shutil.disk_usage(out).free
     if need > free:
         raise OSError(errno.ENOSPC, f"{out}: this build still writes up to {need / 2**30:.2f} "
@@ -85,7 +91,7 @@ def disk_full(out: Path, need: int, err: OSError) -> OSError:
 
 def check_out_folder(out: Path) -> None:
     """Refuse an --out that exists but is not a cache (before taking its writer lock)."""
-    if out.exists() and not out.is_dir():
+    if out.is_file():
         raise FileExistsError(f"{out} is a file, not a logit cache folder: choose another --out")
     names = {p.name for p in out.iterdir()} - {LOCK_FILE} if out.is_dir() else set()
     if names and not names <= _STORE_ENTRIES:
@@ -109,7 +115,7 @@ def _init_root(out: Path, attrs: dict[str, Any], labels: np.ndarray,
     """Create arrays first and the root attributes last: attrs present == initialized."""
     check_out_folder(out)
     clear_store(out)  # an interrupted initialization: start it again
-    store = LocalStore(out)
+    store = zarr_store(out)
     lab = zarr.create_array(store, name="labels", shape=labels.shape, dtype="int64",
                             chunks=labels.shape, fill_value=-1, **data_codecs("int64"))
     lab[:] = labels
@@ -146,7 +152,7 @@ def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = Non
     """Create the declared arrays (and the feature arrays `attrs` lists) and the per-unit
     arrays of a mentor (only those in `names` if given: `ckd cache upgrade` adds the ones
     a version-1 store lacks, --features the feature arrays an existing mentor lacks)."""
-    store = LocalStore(out)
+    store = zarr_store(out)
     specs = mentor_specs({k: v for k, v in (attrs or {}).items()
                           if k in ("features", "boxes", "logits_mode", "num_classes")})
     for spec in specs:
@@ -161,10 +167,9 @@ def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = Non
 
 def _init_mentor(out: Path, alias: str, layout: Layout, attrs: dict[str, Any]) -> None:
     mdir = out / "mentors" / alias
-    if mdir.exists():
-        shutil.rmtree(mdir)
+    remove_tree(mdir)
     create_mentor_arrays(out, alias, layout, attrs=attrs)
-    zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+").attrs.put(attrs)
+    zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+").attrs.put(attrs)
 
 
 def add_features(out: Path, alias: str, layout: Layout, state: dict[str, Any],
@@ -177,7 +182,7 @@ def add_features(out: Path, alias: str, layout: Layout, state: dict[str, Any],
     new = {k: [int(d) for d in v] for k, v in features.items() if k not in have}
     if not new:
         return False
-    grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
+    grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
     attrs = {**state, "features": {**have, **new}, "complete": False}
     # incomplete first: a kill between the steps leaves a mentor that is rebuilt, never
     # one that claims features it does not hold
@@ -198,7 +203,7 @@ def _mentor_state(out: Path, alias: str) -> dict[str, Any] | None:
 def _reopen_holes(out: Path, alias: str, layout: Layout, state: dict[str, Any]) -> None:
     """A mentor with missing chunk files is complete no more: drop the markers of the
     damaged units (so the ranks recompute them) and its `complete` flag."""
-    grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
+    grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
     marker = grp[MARKER][:]
     undone, holes = unit_status(out, alias, layout, marker, mentor_specs(state))
     for a, b in holes:

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from zarr.storage import LocalStore
 
 from ckd.dist import barrier, dist_context, process_group
 
@@ -40,6 +39,7 @@ from .layout import (
     read_json_attrs,
     root_attributes,
 )
+from .location import ObjectPath, cache_path, zarr_store
 from .lock import writer_lock
 from .mentors import load_mentor, resolve_mentors  # noqa: F401 (re-export)
 from .store import check_free_space, check_out_folder, disk_full, prepare_store, space_needed
@@ -191,7 +191,9 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     from .sparse import logits_modes
 
     images_mode = isinstance(dataset, ImageViews)  # a prepared image folder: rrc views
-    out = Path(out)
+    out = cache_path(out)
+    if isinstance(out, ObjectPath):
+        out.check_bucket()  # a wrong bucket, credentials or endpoint: say so first
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     keyed = not (isinstance(views, str) and views == "all")
@@ -268,7 +270,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
             need = space_needed(out, paths)
             check_free_space(out, need)
         barrier()
-        root = zarr.open_group(LocalStore(out), mode="r")
+        root = zarr.open_group(zarr_store(out), mode="r")
         layout = layout_from_attrs(root.attrs.asdict())  # an existing store's chunking wins
         keyed_ids = (torch.from_numpy(root["view_ids"][:]) if keyed_ids is not None else None)
         images = None if images_mode else torch.from_numpy(dataset.train.images).to(dev)
@@ -296,7 +298,7 @@ class UnitWriter:
     (a crc32c of each) last, so "marker present" means "unit complete"."""
 
     def __init__(self, out: Path, alias: str, layout: Layout, labels: np.ndarray) -> None:
-        grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
+        grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
         state = grp.attrs.asdict()
         self.complete = bool(state.get("complete"))
         self.layout, self.labels = layout, labels
@@ -368,7 +370,7 @@ def _run_mentor(out: Path, alias: str, path: Path, layout: Layout,
 
 def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset: Any,
                      batch_size: int, dev: torch.device) -> None:
-    grp = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r+")
+    grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
     attrs = grp.attrs.asdict()
     if not attrs.get("complete"):
         marker = grp[MARKER][:]
@@ -399,13 +401,13 @@ def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset:
 def record_mentor_digest(out: Path, alias: str, only_if_missing: bool = False) -> None:
     """Root attributes `digests.mentors[alias]` := the mentor's current digest (last step
     of a build or upgrade, rank 0 only)."""
-    root = zarr.open_group(LocalStore(out), mode="r+")
+    root = zarr.open_group(zarr_store(out), mode="r+")
     attrs = read_json_attrs(out, out / "zarr.json")
     digests = dict(attrs.get("digests") or {})
     mentors = dict(digests.get("mentors") or {})
     if only_if_missing and alias in mentors:
         return
-    marker = zarr.open_group(LocalStore(out), path=f"mentors/{alias}", mode="r")[MARKER][:]
+    marker = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r")[MARKER][:]
     digest = mentor_digest(out, alias, marker)
     if mentors.get(alias) != digest:
         mentors[alias] = digest
