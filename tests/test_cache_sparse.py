@@ -1,6 +1,7 @@
 """Sparse logit storage: `build_cache(logits=...)` with mixed modes per mentor, the reader's
-SparseMentors equal to sparsifying the dense cache's rows, info/verify (a corrupted id or
-count fails verify), bad modes refused, and the loss runs on what the reader returns."""
+SparseMentors equal to sparsifying the dense cache's rows, stream mode == memory mode
+(reader rows and whole training runs), info/verify (a corrupted id or count fails verify),
+bad modes refused, and the loss runs on what the reader returns."""
 
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ def caches(tmp_path_factory):
     dense = build_cache(ds, paths, tmp / "dense", **kw)
     mixed = build_cache(ds, paths, tmp / "mixed",
                         logits="r8=dense,r8b=topk:4,r8c=sample:6", **kw)
-    return dict(tmp=tmp, ds=ds, dense=dense, mixed=mixed, paths=paths, kw=kw)
+    two = {a: paths[a] for a in ("r8", "r8b")}
+    topk = build_cache(ds, two, tmp / "topk", logits="topk:3", **kw)
+    sample = build_cache(ds, two, tmp / "sample", logits="sample:5", **kw)
+    return dict(tmp=tmp, ds=ds, dense=dense, mixed=mixed, topk=topk, sample=sample,
+                paths=paths, kw=kw)
 
 
 def test_sparse_rows_equal_sparsified_dense_rows(caches):
@@ -109,8 +114,6 @@ def test_sparse_modes_refused_with_the_fix(caches):
         logits_modes("sample:0", aliases, C)
     with pytest.raises(ValueError, match="not in --mentors"):
         logits_modes("r110=topk:3", aliases, C)
-    with pytest.raises(ValueError, match="memory mode"):
-        LogitCache(caches["mixed"], mode="stream")
 
 
 def test_trainer_trains_from_a_sparse_cache(caches, tmp_path):
@@ -124,3 +127,53 @@ def test_trainer_trains_from_a_sparse_cache(caches, tmp_path):
     assert sorted(res["mentors"]) == ["r8", "r8b", "r8c"] and np.isfinite(res["last_acc"])
     with pytest.raises(ValueError, match="'dkd' runs on dense mentor logits only"):
         train(dict(base, method="dkd", out=str(tmp_path / "dkd")))
+
+
+def _same_sparse(a, b) -> None:
+    assert a.modes == b.modes and a.num_classes == b.num_classes
+    for f in ("ids", "logits", "counts", "lse", "true_logp", "rest_lse", "rest_mean"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+@pytest.mark.parametrize("which", ["topk", "sample", "mixed"])
+def test_sparse_stream_equals_memory(caches, which):
+    mem = LogitCache(caches[which])
+    n = mem.num_samples
+    with LogitCache(caches[which], mode="stream") as st:
+        assert st.sparse and st.logits_modes == mem.logits_modes
+        for epoch in range(3):  # keyed views: epoch 2 reuses slot 0 (a fresh plan)
+            st.start_epoch(epoch, seed=5)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+            for batch in perm.split(7):
+                slots, _ = mem.epoch_views(epoch, batch, seed=5)
+                a, sa = mem.gather(slots, batch, with_stats=True)
+                b, sb = st.gather(slots, batch, with_stats=True)
+                _same_sparse(a, b)
+                assert torch.equal(sa, sb)
+                one = [mem.mentors[-1]]
+                _same_sparse(mem.gather(slots, batch, mentors=one),
+                             st.gather(slots, batch, mentors=one))
+        with pytest.raises(ValueError, match="planned slots"):
+            st.gather((slots + 1) % mem.num_slots, batch)
+
+
+@pytest.mark.parametrize("method", ["kd", "classroom"])
+@pytest.mark.parametrize("which", ["topk", "sample", "mixed"])
+def test_training_streamed_equals_in_memory(caches, tmp_path, which, method):
+    """A student trained with --cache-mode stream is the one trained in memory, bit for bit
+    (2 epochs: the second is served from the prefetched plan)."""
+    from ckd.train import train
+
+    base = dict(dataset="synthetic", dataset_options=dict(n_train=N_TRAIN, n_test=8,
+                                                          num_classes=C),
+                student="resnet8", epochs=2, batch_size=20, progress=False, device="cpu",
+                backend="reference", log_every=1, cache=str(caches[which]), method=method)
+    runs = {mode: train(dict(base, cache_mode=mode, out=str(tmp_path / mode)))
+            for mode in ("memory", "stream")}
+    mem, st = (runs[m]["model"].state_dict() for m in ("memory", "stream"))
+    assert mem.keys() == st.keys()
+    for k in mem:
+        assert torch.equal(mem[k], st[k]), k
+    untimed = [[{k: v for k, v in row.items() if k not in ("time_s", "img_per_s")}
+                for row in runs[m]["history"]] for m in ("memory", "stream")]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 2

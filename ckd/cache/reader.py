@@ -4,11 +4,13 @@
   CPU memory, or GPU memory when `device` is CUDA and it fits) and gathers rows with one
   `index_select` on that device.
 - `stream` mode never holds the whole cache: an epoch uses exactly one slot per sample
-  (`epoch_views`), so its working set is [M, N, C] (plus [M, N, *shape] per feature read).
-  `start_epoch(e, seed)` plans epoch e (and prefetches e + 1) and a background thread
-  reads the store in chunk order, picking each sample's planned row into an epoch buffer;
-  `gather` waits only for the sample blocks it needs. Both modes return identical
-  tensors.
+  (`epoch_views`), so its working set is one row per sample and mentor of each array a
+  step reads ([N, C] logits, or a sparse mentor's [N, K] ids/values, plus [N, *shape] per
+  feature read). `start_epoch(e,
+  seed)` plans epoch e (and prefetches e + 1) and a background thread reads the store in
+  chunk order, picking each sample's planned row into an epoch buffer; `gather` waits only
+  for the sample blocks it needs. Both modes return identical tensors (or identical
+  `SparseMentors` for a cache with sparse mentors, docs/SPARSE.md).
 
 Opening checks the store before serving anything: format version, the digests recorded in
 the root attributes (labels, view ids, each mentor's metadata and unit markers), and that
@@ -159,18 +161,21 @@ def check_store(path: Path, meta: dict[str, Any], root: zarr.Group,
 
 
 class _Plan:
-    """One epoch's rows: slot per sample (-1: not needed) and the buffers being filled
-    (logits, stats and, per requested feature, one [N, *shape] buffer per mentor)."""
+    """One epoch's rows: slot per sample (-1: not needed) and the buffers being filled, one
+    [N, *row shape] array per mentor and array read (numpy-backed: the reader thread writes
+    rows with numpy indexing, which every stored dtype supports; `gather` reads them as
+    tensors sharing the memory)."""
 
-    def __init__(self, key: Any, slots: torch.Tensor, num_mentors: int, num_classes: int,
-                 num_stats: int, dtype: torch.dtype, num_blocks: int, block: int,
-                 feature_shapes: dict[str, list[tuple[int, ...]]] | None = None) -> None:
+    def __init__(self, key: Any, slots: torch.Tensor,
+                 arrays: dict[str, dict[str, tuple[tuple[int, ...], np.dtype]]],
+                 num_blocks: int, block: int) -> None:
         self.key = key
         self.slots = slots  # int64 [N], -1 where the sample is not in the plan
-        self.buf = torch.zeros((num_mentors, len(slots), num_classes), dtype=dtype)
-        self.stats = torch.zeros((num_mentors, len(slots), num_stats), dtype=torch.float32)
-        self.feats = {name: [torch.zeros((len(slots), *shape), dtype=dtype) for shape in shapes]
-                      for name, shapes in (feature_shapes or {}).items()}
+        self.rows = {alias: {name: np.zeros((len(slots), *shape), dtype=dtype)
+                             for name, (shape, dtype) in named.items()}
+                     for alias, named in arrays.items()}
+        self.bufs = {alias: {name: torch.from_numpy(a) for name, a in named.items()}
+                     for alias, named in self.rows.items()}
         self.ready = [threading.Event() for _ in range(num_blocks)]
         self.block = block
         self.error: BaseException | None = None
@@ -224,14 +229,13 @@ class LogitCache:
         # storage mode per mentor (docs/SPARSE.md); any sparse one: gather -> SparseMentors
         self.logits_modes = {m: self.mentor_meta[m].get("logits_mode", "dense") for m in chosen}
         self.sparse = any(v != "dense" for v in self.logits_modes.values())
-        if self.sparse:
-            if mode != "memory" or self.features:
-                raise ValueError(f"{path} holds sparse mentor logits ({self.logits_modes}): "
-                                 "they are read in memory mode (they are small) and without "
-                                 "features; use mode='memory' (--cache-mode memory)")
-            self._sparse_bufs, self._stats = self._load_sparse()
-            return
-        if mode == "memory":
+        if self.sparse and self.features:
+            raise ValueError(f"{path} holds sparse mentor logits ({self.logits_modes}): they "
+                             "are read without mentor features; cache the feature mentors "
+                             "with `ckd cache-logits --logits dense`")
+        if mode == "memory" and self.sparse:
+            self._sparse_bufs = self._load_sparse()
+        elif mode == "memory":
             self._buf, self._stats = self._load_all()
             self._feat = self._load_features()
         else:
@@ -325,7 +329,8 @@ class LogitCache:
             source = self._feat
         else:  # the epoch buffers hold row i of sample i (gather checked the plan)
             rows = torch.as_tensor(indices, dtype=torch.int64).cpu()
-            source = self._current.feats
+            bufs = self._current.bufs
+            source = {name: [bufs[a][name] for a in self.mentors] for name in features}
         out = {}
         for name in features:
             out[name] = [t.index_select(0, rows.to(t.device)).to(self.device).float()
@@ -412,35 +417,43 @@ class LogitCache:
         return buf, stats
 
     # ---------------------------------------------------------------- sparse mentors
-    def _load_sparse(self) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
-        """Every array of every mentor, [S*N, ...] per array (slot-major rows, as the dense
-        buffer), and the stats [M, S*N, K]; checked unit by unit like the dense path."""
+    def _load_sparse(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every array a step reads of every mentor (`_step_arrays`: its logits, dense or
+        sparse, and its stats), [S*N, ...] per array (slot-major rows, as the dense buffer);
+        checked unit by unit like the dense path."""
         s, n = self.num_slots, self.num_samples
         bufs: dict[str, dict[str, torch.Tensor]] = {}
-        stats = []
         for alias in self.mentors:
-            names = [sp.name for sp in mentor_specs({**self.mentor_meta[alias],
-                                                     "features": None})]
-            arrays = {name: torch.from_numpy(np.ascontiguousarray(
-                self._read_checked(alias, name, slice(None), slice(None))))
-                for name in names}
-            stats.append(arrays.pop("stats").reshape(s * n, -1))
-            bufs[alias] = {k: v.reshape(s * n, *v.shape[2:]) for k, v in arrays.items()}
-        return bufs, torch.stack(stats)
+            bufs[alias] = {}
+            for name in self._step_arrays(alias):
+                vals = np.ascontiguousarray(
+                    self._read_checked(alias, name, slice(None), slice(None)))
+                bufs[alias][name] = torch.from_numpy(vals).reshape(s * n, *vals.shape[2:])
+        return bufs
+
+    def _step_arrays(self, alias: str) -> list[str]:
+        """The arrays a training step reads of this mentor: `logits` (or its sparse arrays,
+        ckd/cache/sparse.py) and `stats`; not its view boxes or features."""
+        attrs = {**self.mentor_meta[alias], "features": None, "boxes": False}
+        return [sp.name for sp in mentor_specs(attrs)]
 
     def _sparse_gather(self, slots: torch.Tensor, indices: torch.Tensor,
                        mentors: Sequence[str] | None, with_stats: bool) -> Any:
+        """SparseMentors of these rows (dense mentors of a mixed set as exact K = C rows),
+        from the memory buffers or the current stream plan."""
         from ckd.kernels.sparse_mentors import stack
 
         from .sparse import rows_to_sparse
 
-        rows = slots * self.num_samples + indices
-        chosen = list(mentors) if mentors is not None else self.mentors
+        if self.mode == "memory":
+            bufs, rows = self._sparse_bufs, slots * self.num_samples + indices
+        else:
+            bufs, rows = self._planned(slots, indices).bufs, indices.cpu()
         parts, stats = [], []
-        for alias in chosen:
-            j = self._mentor_pos(alias)
-            st = self._stats[j].index_select(0, rows)
-            arrays = {k: v.index_select(0, rows) for k, v in self._sparse_bufs[alias].items()}
+        for alias in (list(mentors) if mentors is not None else self.mentors):
+            self._mentor_pos(alias)
+            arrays = {k: v.index_select(0, rows) for k, v in bufs[alias].items()}
+            st = arrays.pop("stats")
             parts.append(rows_to_sparse(self.logits_modes[alias], self.num_classes, arrays, st))
             stats.append(st)
         out = stack(parts).to(self.device)
@@ -502,9 +515,13 @@ class LogitCache:
         full = torch.full((self.num_samples,), -1, dtype=torch.int64)
         full[torch.as_tensor(indices, dtype=torch.int64).cpu()] = \
             torch.as_tensor(slots, dtype=torch.int64).cpu()
-        return _Plan(key, full, len(self.mentors), self.num_classes, len(self.stat_fields),
-                     self.dtype, self.layout.grid[1], self.layout.samples_per_chunk,
-                     self.feature_shapes)
+        arrays = {}
+        for alias in self.mentors:
+            arrays[alias] = {}
+            for name in [*self._step_arrays(alias), *self.features]:
+                arr = self._group()[f"mentors/{alias}/{name}"]
+                arrays[alias][name] = (tuple(arr.shape[2:]), np.dtype(arr.dtype))
+        return _Plan(key, full, arrays, self.layout.grid[1], self.layout.samples_per_chunk)
 
     def _worker(self) -> None:
         while True:
@@ -532,17 +549,15 @@ class LogitCache:
                     sr = lay.slot_range(int(a))
                     rows = want[(slots[want] >= sr.start) & (slots[want] < sr.stop)]
                     region = (slice(sr.start, sr.stop), slice(rng.start, rng.stop))
-                    for j, alias in enumerate(self.mentors):
-                        targets = [("logits", plan.buf[j]), ("stats", plan.stats[j])]
-                        targets += [(name, bufs[j]) for name, bufs in plan.feats.items()]
-                        for name, target in targets:
+                    for alias, named in plan.rows.items():
+                        for name, buf in named.items():
                             block = self._read_checked(alias, name, *region)
-                            target[rng.start + rows] = torch.from_numpy(
-                                block[slots[rows] - sr.start, rows])
+                            buf[rng.start + rows] = block[slots[rows] - sr.start, rows]
             plan.ready[b].set()
 
-    def _stream_gather(self, slots: torch.Tensor, indices: torch.Tensor,
-                       sel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _planned(self, slots: torch.Tensor, indices: torch.Tensor) -> _Plan:
+        """The current plan once the sample blocks of `indices` are read (these (slot,
+        index) pairs must be the planned ones); a reader failure is raised here."""
         plan = self._current
         if plan is None:
             raise RuntimeError("stream mode: call start_epoch(epoch, seed) (or plan_epoch) "
@@ -559,7 +574,14 @@ class LogitCache:
         if plan.error is not None:
             raise RuntimeError(f"stream reader failed on {self.path}: {plan.error}"
                                ) from plan.error
-        return self._pick(plan.buf, idx, sel), self._pick(plan.stats, idx, sel)
+        return plan
+
+    def _stream_gather(self, slots: torch.Tensor, indices: torch.Tensor,
+                       sel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        bufs, idx = self._planned(slots, indices).bufs, indices.cpu()
+        chosen = self.mentors if sel is None else [self.mentors[j] for j in sel.tolist()]
+        return tuple(torch.stack([bufs[a][name].index_select(0, idx) for a in chosen])
+                     for name in ("logits", "stats"))
 
     def close(self) -> None:
         if self.mode == "stream" and self._thread.is_alive():
