@@ -129,3 +129,29 @@ def test_adapt_mentor_reports_a_large_drop_loudly():
     assert "LOST 1.50 points" in msg and "95.00% -> 93.50%" in msg and "--margin 1.00" in msg
     assert accuracy_warning(95.0, 94.0, 1.0, "m.pt") is None  # exactly the margin: fine
     assert accuracy_warning(95.0, 96.0, 1.0, "m.pt") is None
+
+
+def test_adapt_mentor_cli_fails_loudly_past_the_margin(tmp_path, monkeypatch, capfd):
+    """End of a real adapt-mentor run whose mentor lost more than --margin: the banner on
+    stderr names both accuracies and the fixes, the summary says EXCEEDED, the exit status
+    is 3 and the checkpoint records within_margin false (the accuracies are pinned: a tiny
+    run's own drop is not predictable)."""
+    import ckd.cache.writer as writer
+    from ckd.cli.aid import MARGIN_EXCEEDED_EXIT
+    from ckd.models import read_checkpoint_meta
+
+    src = _mentor(tmp_path)
+    accuracies = iter([90.0, 87.5])  # the source mentor, then the adapted one
+    monkeypatch.setattr(writer, "test_accuracy", lambda *a, **k: next(accuracies))
+    out = tmp_path / "aid.pt"
+    capfd.readouterr()
+    r = CliRunner().invoke(cli, [
+        "adapt-mentor", "--checkpoint", str(src), "--student", "resnet8", "--out", str(out),
+        "--dataset", "synthetic", *[f"-D{k}={v}" for k, v in TINY.items()], "--epochs", "1",
+        "--warmup-epochs", "0", "--batch-size", "16", "--margin", "1", "--no-progress"])
+    assert r.exit_code == MARGIN_EXCEEDED_EXIT, r.output
+    assert "90.00% -> 87.50% (-2.50; margin 1.00, EXCEEDED)" in r.output
+    err = capfd.readouterr().err + (r.stderr if r.stderr_bytes is not None else "")
+    assert "LOST 2.50 points" in err and "lower --lam, raise --anchor" in err
+    m = read_checkpoint_meta(out)["metrics"]
+    assert m["within_margin"] is False and m["accuracy_drop"] == pytest.approx(2.5)

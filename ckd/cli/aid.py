@@ -8,6 +8,8 @@ import click
 
 from ckd.cli.train import _kv
 
+# exit status of adapt-mentor when the adapted mentor lost more than --margin points
+MARGIN_EXCEEDED_EXIT = 3
 _ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
 
 
@@ -45,7 +47,8 @@ def _data_options(f):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--margin", type=float, default=1.0, show_default=True,
-              help="Allowed test top-1 drop (points); a larger drop is reported loudly.")
+              help="Allowed test top-1 drop (points); a larger drop is reported loudly "
+              "and the command exits with status 3 (the checkpoint is still written).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def adapt_mentor(dataset_opt: tuple[str, ...], tau: float, no_progress: bool,
@@ -62,6 +65,8 @@ def adapt_mentor(dataset_opt: tuple[str, ...], tau: float, no_progress: bool,
     click.echo(f"adapted mentor {res['out']}: test top-1 {res['source_test_acc']:.2f}% -> "
                f"{res['test_acc']:.2f}% ({-res['accuracy_drop']:+.2f}; margin "
                f"{res['margin']:.2f}{'' if res['within_margin'] else ', EXCEEDED'})")
+    if not res["within_margin"]:  # the banner is on stderr; a pipeline must stop here too
+        raise SystemExit(MARGIN_EXCEEDED_EXIT)
 
 
 @click.command("analyze")
