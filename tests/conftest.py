@@ -59,3 +59,38 @@ def prepared_images(image_folder, tmp_path_factory):
     prepare_imagefolder(image_folder, out, max_side=128, workers=2, part_size=4,
                         progress=False)
     return out
+
+
+# ------------------------------------------------------------------ an S3 server
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on a free loopback port (tests/s3_server.py)."""
+    pytest.importorskip("obstore")
+    from s3_server import moto_s3
+
+    with moto_s3() as aws:
+        yield aws
+
+
+@pytest.fixture()
+def s3(s3_server, monkeypatch):
+    """A fresh bucket; the AWS_* variables set for this process and its children."""
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CKD_S3_MAX_RETRIES", "1")
+    import uuid
+
+    from s3_server import create_bucket
+
+    bucket = f"ckd-{uuid.uuid4().hex[:10]}"
+    create_bucket(s3_server, bucket)
+    return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def s3_mentors(tmp_path_factory):
+    """Two resnet8 checkpoints (5 classes) for the object-store tests."""
+    from test_cache_robust import mentor
+
+    tmp = tmp_path_factory.mktemp("s3mentors")
+    return {"r8": mentor(tmp / "r8.pt", 0), "r8b": mentor(tmp / "r8b.pt", 1)}

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -22,33 +21,9 @@ from ckd.cache.location import ObjectStoreError, cache_path, list_files
 from ckd.data import load_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from s3_server import create_bucket, moto_s3  # noqa: E402
-from test_cache_robust import cli, env, mentor, synthetic_cache_args  # noqa: E402
+from test_cache_robust import cli, env, synthetic_cache_args  # noqa: E402
 
 pytest.importorskip("obstore")
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    with moto_s3() as aws:
-        yield aws
-
-
-@pytest.fixture()
-def s3(s3_server, monkeypatch):
-    """A fresh bucket; the AWS_* variables set for this process and its children."""
-    for k, v in s3_server.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("CKD_S3_MAX_RETRIES", "1")
-    bucket = f"ckd-{uuid.uuid4().hex[:10]}"
-    create_bucket(s3_server, bucket)
-    return f"s3://{bucket}"
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("s3mentors")
-    return {"r8": mentor(tmp / "r8.pt", 0), "r8b": mentor(tmp / "r8b.pt", 1)}
 
 
 def object_tree(url: str) -> dict[str, bytes]:
@@ -61,12 +36,12 @@ def local_tree(path: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != ".ckd-writer.lock"}
 
 
-def test_s3_cache_equals_local_and_serves_the_same_rows(s3, ckpts, tmp_path):
+def test_s3_cache_equals_local_and_serves_the_same_rows(s3, s3_mentors, tmp_path):
     ds = load_dataset("synthetic", n_train=64, n_test=16, num_classes=5)
     kw = dict(views=2, samples_per_chunk=16, progress=False)
     url = f"{s3}/caches/syn"
-    build_cache(ds, {"r8": ckpts["r8"]}, url, **kw)
-    local = build_cache(ds, {"r8": ckpts["r8"]}, tmp_path / "local", **kw)
+    build_cache(ds, {"r8": s3_mentors["r8"]}, url, **kw)
+    local = build_cache(ds, {"r8": s3_mentors["r8"]}, tmp_path / "local", **kw)
     remote = object_tree(url)
     assert ".ckd-writer.lock" not in remote  # the writer's lease is released
     assert remote == local_tree(local)  # the same objects, byte for byte
@@ -80,10 +55,10 @@ def test_s3_cache_equals_local_and_serves_the_same_rows(s3, ckpts, tmp_path):
 
 
 @pytest.mark.slow  # two CLI processes and a local reference build (~30 s on 2 cores)
-def test_s3_sigkill_then_resume(s3, ckpts, tmp_path):
+def test_s3_sigkill_then_resume(s3, s3_mentors, tmp_path):
     n = 128
     url = f"{s3}/killed"
-    args = synthetic_cache_args(n, f"r8={ckpts['r8']},r8b={ckpts['r8b']}", 16)
+    args = synthetic_cache_args(n, f"r8={s3_mentors['r8']},r8b={s3_mentors['r8b']}", 16)
     proc = subprocess.Popen(cli(*args, "--out", url), env=env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     root = cache_path(url)
@@ -106,21 +81,21 @@ def test_s3_sigkill_then_resume(s3, ckpts, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ds = load_dataset("synthetic", n_train=n, n_test=16, num_classes=5)
-    clean = build_cache(ds, {"r8": ckpts["r8"], "r8b": ckpts["r8b"]}, tmp_path / "clean",
+    clean = build_cache(ds, {"r8": s3_mentors["r8"], "r8b": s3_mentors["r8b"]}, tmp_path / "clean",
                         views=2, samples_per_chunk=16, batch_size=16, progress=False)
     assert object_tree(url) == local_tree(clean)
     assert LogitCache(url).mentors == ["r8", "r8b"]
 
 
-def test_s3_writer_lease_refuses_a_second_writer(s3, ckpts):
+def test_s3_writer_lease_refuses_a_second_writer(s3, s3_mentors):
     from ckd.cache.lock import StoreBusyError, writer_lock
 
     url = f"{s3}/leased"
     ds = load_dataset("synthetic", n_train=16, n_test=8, num_classes=5)
     with writer_lock(url, "another build"):
         with pytest.raises(StoreBusyError, match=f"{url}.*another build"):
-            build_cache(ds, {"r8": ckpts["r8"]}, url, views=1, progress=False)
-    build_cache(ds, {"r8": ckpts["r8"]}, url, views=1, progress=False)  # released: works
+            build_cache(ds, {"r8": s3_mentors["r8"]}, url, views=1, progress=False)
+    build_cache(ds, {"r8": s3_mentors["r8"]}, url, views=1, progress=False)  # released: works
 
 
 TRAIN_WORKER = """
@@ -139,10 +114,10 @@ torch.save({"state": res["model"].state_dict(), "world": res["world_size"]},
 
 
 @pytest.mark.slow  # two torchrun processes importing torch (~40 s on 2 cores)
-def test_two_ranks_train_from_s3(s3, ckpts, tmp_path):
+def test_two_ranks_train_from_s3(s3, s3_mentors, tmp_path):
     ds = load_dataset("synthetic", n_train=32, n_test=16, num_classes=5)
     url = f"{s3}/train"
-    build_cache(ds, {"t": ckpts["r8"], "p": ckpts["r8b"]}, url, views=2, progress=False)
+    build_cache(ds, {"t": s3_mentors["r8"], "p": s3_mentors["r8b"]}, url, views=2, progress=False)
     worker = tmp_path / "worker.py"
     worker.write_text(TRAIN_WORKER)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

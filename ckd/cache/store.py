@@ -49,7 +49,8 @@ def clear_store(out: Path) -> None:
             remove_tree(p)
 
 
-_STORE_ENTRIES = {"zarr.json", "labels", "view_ids", "mentors"}
+# the entries of a store (and of a partial `ckd cache copy`, which records its source)
+_STORE_ENTRIES = {"zarr.json", "labels", "view_ids", "mentors", ".ckd-copy-source"}
 
 
 def space_needed(out: Path, aliases: Any) -> int:

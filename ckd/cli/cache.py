@@ -7,9 +7,11 @@ from typing import Any
 import click
 
 from ckd.cache.layout import CODECS, DEFAULT_CODEC
+from ckd.cache.location import ObjectStoreError
 from ckd.cli import params
 
-_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError)
+_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError,
+           ObjectStoreError)
 
 
 def _dataset_kw(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -178,7 +180,7 @@ def cache_group() -> None:
 
 
 @cache_group.command("info")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path")
 def cache_info(path: str) -> None:
     """Table of the mentors in a cache: arch, accuracy, views, size, compression."""
     try:
@@ -188,7 +190,7 @@ def cache_info(path: str) -> None:
 
 
 @cache_group.command("verify")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path")
 @click.option("--recompute", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also recompute N random rows per mentor from its checkpoint (logits and "
               "cached features) and compare them with the stored ones.")
@@ -241,6 +243,26 @@ def cache_upgrade(path: str, quiet: bool) -> None:
     for note in notes:
         click.echo(note)
     click.echo(f"{path}: upgraded; check it with `ckd cache verify {path}`")
+
+
+@cache_group.command("copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def cache_copy(src: str, dst: str, quiet: bool) -> None:
+    """Copy a cache store, e.g. from an object store to local disk: SRC and DST are each a
+    folder, file:// or s3://BUCKET/PREFIX. Every chunk's crc32c is checked as it is read;
+    rerun the same command after an interruption to resume.
+    Example: ckd cache copy s3://bucket/caches/cifar100 /nvme/cache/cifar100
+    """
+    from ckd.cache.copy import copy_cache
+
+    try:
+        rep = copy_cache(src, dst, progress=not quiet)
+    except _ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{dst}: {rep.files} files ({rep.copied} copied now, "
+               f"{rep.bytes_copied / 2**20:.1f} MiB), checksums and digests OK")
 
 
 commands = [cache_logits, cache_group]

@@ -1,0 +1,141 @@
+"""`ckd cache copy SRC DST`: stage a cache store between a local folder and an object store
+(either side may be either), every chunk's checksum verified, resumable.
+
+- Every chunk file is checked against its own crc32c (the last codec of every array,
+  `layout.data_codecs` / `logits_codecs`) as it is read from SRC: a damaged source chunk
+  stops the copy, naming the file, before it reaches DST.
+- Files are written whole (local: `ckd.io`'s atomic write; object stores: atomic puts),
+  chunks first and metadata last, the root `zarr.json` very last: until the copy has
+  finished DST is not a readable cache.
+- A rerun skips the files DST already holds with SRC's size (a file is either absent or
+  whole), so an interrupted copy resumes; DST records which SRC it is a copy of
+  (`.ckd-copy-source`: the sha256 of SRC's root metadata) and refuses to be resumed from
+  another one.
+- At the end DST is checked as a reader opens it (`check_store`: the digests of the root
+  arrays and of each mentor's metadata and unit markers, and every unit's chunk files);
+  `ckd cache verify DST` reads every value again if wanted.
+The copy holds DST's writer lock (docs/CACHE_FORMAT.md, "One writer per store").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import crc32c
+
+from .layout import LOCK_FILE, CacheReadError, read_root_attrs, repair_hint
+from .location import ObjectPath, cache_path, list_files
+from .lock import writer_lock
+
+SOURCE_FILE = ".ckd-copy-source"
+
+
+@dataclass
+class CopyReport:
+    files: int = 0  # files in the store
+    copied: int = 0  # written by this run (the rest were already there)
+    bytes_copied: int = 0
+
+
+def chunk_crc_ok(data: bytes) -> bool:
+    """A chunk file ends with the little-endian crc32c of the bytes before it (zarr's
+    Crc32cCodec, the last codec of every cache array)."""
+    return len(data) >= 4 and crc32c.crc32c(data[:-4]) == int.from_bytes(data[-4:], "little")
+
+
+def _array_of(rel: str) -> str | None:
+    """The array path of a chunk key (`mentors/r8/logits/c/0/1/0` -> `mentors/r8/logits`)."""
+    parts = rel.split("/")
+    return "/".join(parts[:parts.index("c")]) if "c" in parts[:-1] else None
+
+
+def _has_crc(src: Path | ObjectPath, array: str, seen: dict[str, bool]) -> bool:
+    if array not in seen:
+        meta = json.loads((src / array / "zarr.json").read_bytes())
+        codecs = meta.get("codecs") or []
+        seen[array] = bool(codecs) and codecs[-1].get("name") == "crc32c"
+    return seen[array]
+
+
+def _write(dst: Path | ObjectPath, rel: str, data: bytes) -> None:
+    target = dst / rel
+    if isinstance(target, ObjectPath):
+        target.write_bytes(data)
+        return
+    from ckd.io import atomic_write_bytes
+
+    atomic_write_bytes(target, data)
+
+
+def _order(files: dict[str, int]) -> list[str]:
+    """Chunks first, then array/group metadata (deepest first), the root zarr.json last."""
+    def key(rel: str) -> tuple[int, int, str]:
+        meta = rel.endswith("zarr.json")
+        return (int(meta) + int(rel == "zarr.json"), -rel.count("/") if meta else 0, rel)
+
+    return sorted(files, key=key)
+
+
+def copy_cache(src: str | Path, dst: str | Path, progress: bool = False) -> CopyReport:
+    """Copy the cache store `src` to `dst` (see the module docstring)."""
+    from tqdm import tqdm
+
+    from .reader import check_store, list_mentors, open_root
+    from .store import check_out_folder
+
+    src_p, dst_p = cache_path(src), cache_path(dst)
+    if str(src_p) == str(dst_p):
+        raise ValueError(f"SRC and DST are the same store ({src_p})")
+    read_root_attrs(str(src_p))  # a cache of this version, else a clear error
+    root_meta = (src_p / "zarr.json").read_bytes()
+    source_id = hashlib.sha256(root_meta).hexdigest()
+    files = {k: v for k, v in list_files(src_p).items()
+             if k != LOCK_FILE and k != SOURCE_FILE and not _is_temp(k)}
+    if isinstance(dst_p, Path):
+        check_out_folder(dst_p)
+    with writer_lock(dst_p, f"ckd cache copy {src_p} {dst_p}"):
+        have = list_files(dst_p)
+        if isinstance(dst_p, Path):  # temp files of a killed atomic write
+            for k in [k for k in have if _is_temp(k)]:
+                (dst_p / k).unlink(missing_ok=True)
+        recorded = (dst_p / SOURCE_FILE).read_bytes().decode() if SOURCE_FILE in have else None
+        if "zarr.json" in have and recorded is None:
+            if (dst_p / "zarr.json").read_bytes() != root_meta:
+                raise FileExistsError(f"{dst_p} already holds another cache: choose another "
+                                      "DST, or delete it first")
+        elif recorded is not None and recorded != source_id:
+            raise FileExistsError(f"{dst_p} is a partial copy of another cache (not "
+                                  f"{src_p}): delete it, or rerun the copy from its source")
+        _write(dst_p, SOURCE_FILE, source_id.encode())
+        rep = CopyReport(files=len(files))
+        crc_arrays: dict[str, bool] = {}
+        todo = [k for k in _order(files) if have.get(k) != files[k] or k == "zarr.json"]
+        with tqdm(total=sum(files[k] for k in todo), unit="B", unit_scale=True,
+                  desc=f"copy -> {dst_p}", disable=not progress) as bar:
+            for rel in todo:
+                data = (src_p / rel).read_bytes()
+                array = _array_of(rel)
+                if array is not None and _has_crc(src_p, array, crc_arrays) \
+                        and not chunk_crc_ok(data):
+                    raise CacheReadError(
+                        f"{src_p / rel}: fails its crc32c (a damaged chunk of the source; "
+                        f"nothing of it was copied): {repair_hint(src_p, src_p / rel)}; then "
+                        "rerun the copy (it resumes)")
+                _write(dst_p, rel, data)
+                rep.copied += 1
+                rep.bytes_copied += len(data)
+                bar.update(len(data))
+        meta: dict[str, Any] = read_root_attrs(str(dst_p))
+        complete = {m: a for m, a in list_mentors(dst_p).items() if a.get("complete")}
+        check_store(dst_p, meta, open_root(dst_p), complete)
+        (dst_p / SOURCE_FILE).unlink(missing_ok=True)
+    return rep
+
+
+def _is_temp(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith(".tmp") or name.endswith(".partial")
