@@ -213,3 +213,33 @@ def test_verify_recompute_rederives_the_feature_arrays(mentors, tmp_path, monkey
     assert "t/pool: 6/6 recomputed rows differ" in res.output, res.output
     assert "--mentors t=CHECKPOINT" in res.output
     assert "t/logits" not in res.output and "t/map" not in res.output
+
+
+@pytest.mark.parametrize(("name", "stage"), [("pool", -1), ("map", -2)])
+def test_cached_feature_shape_that_the_architecture_does_not_give_is_refused(
+        mentors, tmp_path, monkeypatch, name, stage):
+    """The cached pool/map shape is checked against the mentor architecture's own `is_feat`
+    shapes before any module is built from it; a mismatch names the array, the mentor, both
+    shapes and the rebuild command."""
+    import re
+
+    import ckd.models
+    from ckd.features.runtime import cached_mentor_shapes
+
+    path = build_cache(_ds(), {"t": mentors["t"]}, tmp_path / "c", views=1, progress=False,
+                       features="pool,map")
+    cache = LogitCache(path, mentors=["t"], features=(name,))
+    assert cached_mentor_shapes(cache, 32)[0][-1] == (64,)  # resnet14 at 32x32: consistent
+    real = ckd.models.feature_shapes
+
+    def other_width(arch, image_size):  # as if the architecture now gave another width
+        shapes = list(real(arch, image_size))
+        shapes[stage] = (32, *shapes[stage][1:])
+        return shapes
+
+    monkeypatch.setattr(ckd.models, "feature_shapes", other_width)
+    cached = "(64,)" if name == "pool" else "(64, 8, 8)"
+    with pytest.raises(ValueError, match=rf"holds {name} features of shape {re.escape(cached)} "
+                       rf"for mentor 't', but its architecture resnet14 gives \(32,.*"
+                       rf"--mentors t=CHECKPOINT --features {name} --overwrite"):
+        cached_mentor_shapes(cache, 32)

@@ -88,3 +88,13 @@ def test_resume_refuses_a_checkpoint_without_the_modules(teacher, tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError, match="holds no trainable modules for --method kd\\+crd"):
         train(dict(cfg, epochs=2, resume=True, resume_allow=["epochs"]))
+
+
+def test_resume_refuses_the_modules_of_another_method(teacher, tmp_path):
+    """Even with the method change allowed, a checkpoint holding fitnet's connector cannot
+    be resumed as crd (its embeddings and memories are not there)."""
+    cfg = _cfg(teacher, tmp_path / "fit", "kd+fitnet", epochs=1)
+    train(cfg)
+    with pytest.raises(ValueError, match=r"do not fit --method kd\+crd \(missing \['crd\."):
+        train(dict(cfg, method="kd+crd", method_params={"nce_k": 8}, epochs=2, resume=True,
+                   resume_allow=["epochs", "method", "method_params"]))
