@@ -160,6 +160,16 @@ def check_store(path: Path, meta: dict[str, Any], root: zarr.Group,
     return markers
 
 
+def need_order(indices: torch.Tensor, layout: Any) -> list[int]:
+    """Every sample block, those of `indices` first in the order they first appear there."""
+    blocks = (torch.as_tensor(indices, dtype=torch.int64).cpu()
+              // layout.samples_per_chunk).numpy()
+    _, first = np.unique(blocks, return_index=True)
+    seen = [int(blocks[i]) for i in sorted(first)]
+    rest = sorted(set(range(layout.grid[1])) - set(seen))
+    return seen + rest
+
+
 class _Plan:
     """One epoch's rows: slot per sample (-1: not needed) and the buffers being filled, one
     [N, *row shape] array per mentor and array read (numpy-backed: the reader thread writes
@@ -180,6 +190,7 @@ class _Plan:
         self.block = block
         self.error: BaseException | None = None
         self.cancelled = False  # dropped before the reader got to it: skip the IO
+        self.block_order: list[int] = list(range(num_blocks))  # the order _fill reads
 
 
 class LogitCache:
@@ -521,7 +532,9 @@ class LogitCache:
             for name in [*self._step_arrays(alias), *self.features]:
                 arr = self._group()[f"mentors/{alias}/{name}"]
                 arrays[alias][name] = (tuple(arr.shape[2:]), np.dtype(arr.dtype))
-        return _Plan(key, full, arrays, self.layout.grid[1], self.layout.samples_per_chunk)
+        plan = _Plan(key, full, arrays, self.layout.grid[1], self.layout.samples_per_chunk)
+        plan.block_order = need_order(indices, self.layout)
+        return plan
 
     def _worker(self) -> None:
         while True:
@@ -536,9 +549,11 @@ class LogitCache:
                     ev.set()
 
     def _fill(self, plan: _Plan) -> None:
-        """Read blocks in chunk order; per block, only the slot chunks the plan uses."""
+        """Read the blocks in the order the epoch first needs them (a shard-block epoch's
+        first steps wait for one block, not all); per block, only the slot chunks the plan
+        uses."""
         lay = self.layout
-        for b in range(lay.grid[1]):
+        for b in plan.block_order:
             if plan.cancelled:
                 break
             rng = lay.sample_range(b)

@@ -140,6 +140,10 @@ def _summary(result: dict[str, Any]) -> None:
 @_common
 @click.option("--cache", type=click.Path(file_okay=False), help="Logit cache (ckd cache-logits).")
 @click.option("--cache-mode", type=click.Choice(["memory", "stream"]))
+@click.option("--order", type=click.Choice(["random", "shard-blocks"]),
+              help="Epoch order: random (default) or shard-blocks (whole cache shards in a "
+              "random order: each shard read once per epoch; a pure function of seed and "
+              "epoch, the same for any number of ranks).")
 @click.option("--student", help="Student: a zoo name (`ckd models`, default resnet20) or "
               "module.path:ClassName of any nn.Module mapping images to logits [B, C]; "
               "several, comma-separated (r8,r14,wrn_16_1), train side by side from one pass "

@@ -7,6 +7,13 @@ Both backends visit samples in the SAME order, a pure function of (seed, epoch):
 `TraversalOrder` (`PermutationOrder`). Batches are (images uint8 [B,32,32,3], labels
 int64 [B], indices int64 [B]) on `device`; indices are positions in the split.
 
+`order="shard-blocks"` (`shard_block_permutation`): the samples are cut into blocks of
+`block` consecutive indices (a logit cache's sample chunks, its shards); the epoch visits
+the blocks in a permuted order and each block's samples, permuted, one after another, so
+a reader holding a few blocks fetches each shard once per epoch (requests proportional to
+the number of shards, not samples). Still a pure function of (seed, epoch, n, block),
+computed before sharding, so identical for every world size.
+
 Sharding (`world_size > 1`): rank r takes `order[r::world_size]` of the epoch order, so
 ranks are disjoint and every rank has the same number of samples and batches:
 - `drop_last=False`: the epoch order is first padded by wrapping around (its first
@@ -49,6 +56,20 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> to
     return torch.randperm(n, generator=g, dtype=torch.int64)
 
 
+def shard_block_permutation(n: int, block: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's visiting order of 0..n-1 by whole blocks of `block` indices: the blocks
+    permuted, then each block's indices permuted (int64, CPU)."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    g = torch.Generator(device="cpu")
+    g.manual_seed(_epoch_key(seed, epoch))
+    parts = []
+    for b in torch.randperm(-(-n // block), generator=g).tolist():
+        lo, hi = b * block, min(n, (b + 1) * block)
+        parts.append(lo + torch.randperm(hi - lo, generator=g, dtype=torch.int64))
+    return torch.cat(parts)
+
+
 def shard_order(order: torch.Tensor, rank: int, world_size: int, batch_size: int,
                 drop_last: bool) -> torch.Tensor:
     """This rank's strided share of the epoch order (see the module docstring)."""
@@ -67,7 +88,8 @@ def shard_order(order: torch.Tensor, rank: int, world_size: int, batch_size: int
 
 class _Loader:
     def __init__(self, n: int, *, batch_size: int, seed: int, shuffle: bool, drop_last: bool,
-                 device: str | torch.device, rank: int, world_size: int) -> None:
+                 device: str | torch.device, rank: int, world_size: int,
+                 block: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -79,6 +101,7 @@ class _Loader:
         self.shuffle, self.drop_last = shuffle, drop_last
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
+        self.block = block  # None: a random permutation; else whole blocks of this size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -88,7 +111,9 @@ class _Loader:
     def order(self, epoch: int | None = None) -> torch.Tensor:
         """This rank's sample order (int64, CPU) for `epoch` (default: the current one)."""
         e = self.epoch if epoch is None else int(epoch)
-        perm = epoch_permutation(self.n, self.seed, e, self.shuffle)
+        perm = shard_block_permutation(self.n, self.block, self.seed, e) \
+            if self.block and self.shuffle else epoch_permutation(self.n, self.seed, e,
+                                                                  self.shuffle)
         return shard_order(perm, self.rank, self.world_size, self.batch_size, self.drop_last)
 
     @property
@@ -198,11 +223,12 @@ def _copy(x) -> torch.Tensor:
 def make_loader(kind: str, source: Split | str | Path, *, batch_size: int, seed: int,
                 shuffle: bool = True, drop_last: bool = False,
                 device: str | torch.device = "cpu", rank: int = 0,
-                world_size: int = 1) -> MemoryLoader | FfcvLoader:
+                world_size: int = 1, block: int | None = None) -> MemoryLoader | FfcvLoader:
     """`kind='memory'`: `source` is a Split (or a .beton path, read fully into memory);
-    `kind='ffcv'`: `source` is a .beton path. See the module docstring for order/sharding."""
+    `kind='ffcv'`: `source` is a .beton path; `block`: visit whole blocks of that many
+    samples (shard-block order). See the module docstring for order/sharding."""
     kw = dict(batch_size=batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
-              device=device, rank=rank, world_size=world_size)
+              device=device, rank=rank, world_size=world_size, block=block)
     if kind == "memory":
         if not isinstance(source, Split):
             from .beton import read_beton  # noqa: PLC0415

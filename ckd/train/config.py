@@ -59,6 +59,9 @@ class TrainConfig:
     cache: str | None = None
     cache_mode: str = _opt("memory", str, "where cached logits live while training",
                            choices=("memory", "stream"))
+    order: str = _opt("random", str, "epoch order: a random permutation, or whole cache "
+                      "shards (sample chunks) in a random order", choices=("random",
+                                                                           "shard-blocks"))
     mentors: list[str] | None = None  # subset (teacher first); "name" or "name=path.pt"
     mentors_online: bool = _opt(False, bool, "run the mentors live")
     mentor_dir: str | None = None  # <mentor_dir>/<dataset>/<arch>.pt; default ./mentors

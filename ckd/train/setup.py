@@ -52,9 +52,17 @@ def make_loaders(cfg: TrainConfig, ds, device: torch.device, rank: int, world: i
         src_test = Path(cfg.prepared) / "test.beton"
     else:
         src_train, src_test = ds.train, ds.test
+    block = None
+    if cfg.order == "shard-blocks":
+        if cfg.cache is None:
+            raise ValueError("--order shard-blocks visits a logit cache's shards (sample "
+                             "chunks) whole: pass --cache, or use --order random")
+        from ckd.cache.layout import read_root_attrs  # noqa: PLC0415
+
+        block = int(read_root_attrs(cfg.cache)["layout"]["samples_per_chunk"])
     train = make_loader(cfg.loader, src_train, batch_size=cfg.batch_size, seed=cfg.seed,
                         shuffle=True, drop_last=False, device=str(device), rank=rank,
-                        world_size=world)
+                        world_size=world, block=block)
     test = make_loader(cfg.loader, src_test, batch_size=max(256, cfg.batch_size),
                        seed=cfg.seed, shuffle=False, drop_last=False, device=str(device),
                        rank=rank, world_size=world)
