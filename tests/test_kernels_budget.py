@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ckd.kernels import distill_loss
 from ckd.kernels import fused as F
 from ckd.kernels.static import CASES, recorded_launches
+from ckd.rows import aligned_rows
 
 # aten ops that allocate or re-view memory: no kernel launch on a GPU
 NO_LAUNCH = {"empty.memory_format", "empty_strided.default", "detach.default", "view.default",
@@ -34,7 +35,7 @@ def _inputs(B=8, C=20, M=3, sdtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, C, (B,), generator=g)
     zs = (torch.randn(B, C, generator=g) + 2 * torch.nn.functional.one_hot(y, C)).to(sdtype)
-    zm = F.aligned_rows((M, B, C), torch.float16, DEVICE)
+    zm = aligned_rows((M, B, C), torch.float16, DEVICE)
     zm.copy_(2 * torch.randn(M, B, C, generator=g) + 3 * torch.nn.functional.one_hot(y, C))
     zs, y = zs.to(DEVICE), y.to(DEVICE)
     return zs, zm, y, F.mentor_row_stats(zm, y)
@@ -179,7 +180,7 @@ def test_mentor_stats_argument():
 
 
 def test_aligned_rows_give_128_bit_width():
-    zm = F.aligned_rows((6, 5, 100), torch.float16, "cpu")
+    zm = aligned_rows((6, 5, 100), torch.float16, "cpu")
     assert zm.shape == (6, 5, 100) and zm.stride(1) == 104
     assert F.vec_width(zm, 100) == 8
     assert F.vec_width(torch.empty(6, 5, 100, dtype=torch.float16), 100) == 1

@@ -42,8 +42,63 @@ def test_classroom_compiles_for_h100_with_128_bit_loads():
     assert {r["kernel"] for r in rows} == {"_rank_batch_kernel", "_terms_kernel",
                                            "_scale_kernel"}
     terms = [r for r in rows if r["kernel"] == "_terms_kernel"]
+    # the mentors came from the trainer's cache gather: 16-byte rows, 8 fp16 per load
+    assert all(r["VEC_M"] == 8 and r["VEC_S"] == 4 for r in terms), terms
     # every mentor tile and the student tile are 128-bit loads: no scalar loads of logits
     assert all(r["sass_ldg128"] >= 2 and r["sass_stg128"] >= 1 for r in terms), terms
+
+
+def test_cache_gather_feeds_the_kernels_128_bit_rows_with_identical_results():
+    """The trainer's cache gather (memory and stream mode) returns rows padded to 16 bytes
+    (C=100 fp16: stride 104), the launcher picks 8-wide loads for them (a contiguous
+    [M, B, 100] copy gets 1), and the loss, gradient and selection are bit for bit those
+    of the contiguous copy."""
+    pytest.importorskip("zarr")
+    import torch
+
+    from ckd.kernels import distill_loss
+    from ckd.kernels.fused import vec_width
+    from ckd.kernels.static import cached_mentors, loss_launches
+
+    zm, stats, y = cached_mentors(B=8, C=100, M=3)
+    assert zm.shape == (3, 8, 100) and zm.stride() == (8 * 104, 104, 1)
+    assert vec_width(zm, 100) == 8 and vec_width(zm.contiguous(), 100) == 1
+    zs = torch.randn(8, 100, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for rows in (zm, zm.contiguous()):
+        for granularity in ("batch", "sample"):
+            z = zs.clone().requires_grad_()
+            out = distill_loss(z, rows, y, backend="triton", granularity=granularity,
+                               mentor_stats=stats)
+            out.loss.backward()
+            outs.append((out.loss, z.grad, out.stats["mentor_rank"], out.stats["mentor_active"]))
+    for a, b in zip(outs[:2], outs[2:], strict=True):
+        for x, w in zip(a, b, strict=True):
+            assert torch.equal(x, w)
+    vec_m = {src: loss_launches("kd", 8, 100, 3, source=src)[0][3]["VEC_M"]
+             for src in ("cache", "plain")}
+    assert vec_m == {"cache": 8, "plain": 1}
+
+
+def test_stream_mode_gather_is_padded_too(tmp_path):
+    pytest.importorskip("zarr")
+    import torch
+
+    from ckd.cache import LogitCache, build_cache
+    from ckd.data import load_dataset
+    from ckd.models import create_model, save_checkpoint
+
+    ds = load_dataset("synthetic", n_train=8, n_test=2, num_classes=100, seed=0)
+    save_checkpoint(tmp_path / "t.pt", create_model("resnet8", 100), arch="resnet8",
+                    num_classes=100, dataset="synthetic", metrics={})
+    store = build_cache(ds, {"t": str(tmp_path / "t.pt")}, tmp_path / "c", views=2,
+                        progress=False)
+    idx = torch.arange(8)
+    with LogitCache(store) as mem, LogitCache(store, mode="stream") as stream:
+        slots, _ = mem.epoch_views(1, idx, seed=0)
+        stream.start_epoch(1, 0, idx)
+        a, b = mem.gather(slots, idx), stream.gather(slots, idx)
+    assert a.stride(1) == b.stride(1) == 104 and torch.equal(a, b)
 
 
 @pytest.mark.slow

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import zarr
 
+from ckd.rows import padded_width
+
 from .integrity import (
     array_digest,
     check_unit,
@@ -178,14 +180,20 @@ class _Plan:
 
     def __init__(self, key: Any, slots: torch.Tensor,
                  arrays: dict[str, dict[str, tuple[tuple[int, ...], np.dtype]]],
-                 num_blocks: int, block: int) -> None:
+                 num_blocks: int, block: int, pad_logits: bool = False) -> None:
         self.key = key
         self.slots = slots  # int64 [N], -1 where the sample is not in the plan
-        self.rows = {alias: {name: np.zeros((len(slots), *shape), dtype=dtype)
-                             for name, (shape, dtype) in named.items()}
-                     for alias, named in arrays.items()}
-        self.bufs = {alias: {name: torch.from_numpy(a) for name, a in named.items()}
-                     for alias, named in self.rows.items()}
+        self.rows: dict[str, dict[str, np.ndarray]] = {}  # what the reader thread fills
+        self.bufs: dict[str, dict[str, torch.Tensor]] = {}  # what `gather` reads
+        for alias, named in arrays.items():
+            self.rows[alias], self.bufs[alias] = {}, {}
+            for name, (shape, dtype) in named.items():
+                # dense logit rows padded to 16 bytes (ckd.rows): 128-bit loads downstream
+                pad = pad_logits and name == "logits"
+                width = padded_width(shape[-1], dtype) if pad else shape[-1]
+                full = np.zeros((len(slots), *shape[:-1], width), dtype=dtype)
+                self.rows[alias][name] = full[..., :shape[-1]]
+                self.bufs[alias][name] = torch.from_numpy(full)
         self.ready = [threading.Event() for _ in range(num_blocks)]
         self.block = block
         self.error: BaseException | None = None
@@ -305,7 +313,9 @@ class LogitCache:
                mentors: Sequence[str] | None = None, with_stats: bool = False
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [M, B, C] (store dtype) of sample `indices[b]` in slot `slots[b]`; with
-        `with_stats`, also the mentors' row statistics [M, B, K] (fp32, `stat_fields`)."""
+        `with_stats`, also the mentors' row statistics [M, B, K] (fp32, `stat_fields`).
+        The logits are a view of a [M, B, padded_width(C)] buffer: every row starts on a
+        16-byte boundary (`ckd.rows`), so the loss kernels load them 128 bits at a time."""
         slots = torch.as_tensor(slots, dtype=torch.int64)
         indices = torch.as_tensor(indices, dtype=torch.int64)
         if slots.shape != indices.shape or slots.ndim != 1:
@@ -320,7 +330,7 @@ class LogitCache:
             out, stats = (self._pick(t, flat, sel) for t in (self._buf, self._stats))
         else:
             out, stats = self._stream_gather(slots, indices, sel)
-        out = out.to(self.device, non_blocking=True)
+        out = out.to(self.device, non_blocking=True)[..., :self.num_classes]
         return (out, stats.to(self.device, non_blocking=True)) if with_stats else out
 
     def gather_with_features(self, slots: torch.Tensor, indices: torch.Tensor,
@@ -400,15 +410,17 @@ class LogitCache:
     def _load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         m, s, n, c = len(self.mentors), self.num_slots, self.num_samples, self.num_classes
         k = len(self.stat_fields)
-        nbytes = m * s * n * (c * (2 if self.dtype == torch.float16 else 4) + 4 * k)
+        cp = padded_width(c, self.dtype)  # rows padded to 16 bytes (ckd.rows)
+        nbytes = m * s * n * (cp * (2 if self.dtype == torch.float16 else 4) + 4 * k)
         on_gpu = self.device.type == "cuda" and \
             torch.cuda.mem_get_info(self.device)[0] > nbytes * 1.2 + (1 << 30)
         pin = self.device.type == "cuda" and not on_gpu
         dev = self.device if on_gpu else "cpu"
         # Filled block by block in place (straight into GPU memory when it fits).
-        buf = torch.empty((m, s * n, c), dtype=self.dtype, pin_memory=pin, device=dev)
+        buf = torch.empty((m, s * n, cp), dtype=self.dtype, pin_memory=pin, device=dev)
+        buf[..., c:] = 0  # the pad: deterministic bytes (the kernels mask it)
         stats = torch.empty((m, s * n, k), dtype=torch.float32, pin_memory=pin, device=dev)
-        view, sview = buf.view(m, s, n, c), stats.view(m, s, n, k)
+        view, sview = buf.view(m, s, n, cp)[..., :c], stats.view(m, s, n, k)
         lay = self.layout
         step = max(lay.samples_per_chunk,
                    READ_BYTES // max(1, s * c * buf.element_size())
@@ -532,7 +544,8 @@ class LogitCache:
             for name in [*self._step_arrays(alias), *self.features]:
                 arr = self._group()[f"mentors/{alias}/{name}"]
                 arrays[alias][name] = (tuple(arr.shape[2:]), np.dtype(arr.dtype))
-        plan = _Plan(key, full, arrays, self.layout.grid[1], self.layout.samples_per_chunk)
+        plan = _Plan(key, full, arrays, self.layout.grid[1], self.layout.samples_per_chunk,
+                     pad_logits=not self.sparse)
         plan.block_order = need_order(indices, self.layout)
         return plan
 

@@ -60,14 +60,6 @@ def vec_width(t: Tensor, C: int) -> int:
     return v
 
 
-def aligned_rows(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
-    """An empty tensor of `shape` whose rows start at 16-byte boundaries (the last dim is
-    padded in memory and sliced off), so the loss kernels load it 128 bits at a time."""
-    *lead, C = shape
-    v = 16 // torch.empty((), dtype=dtype).element_size()
-    return torch.empty(*lead, triton.cdiv(C, v) * v, dtype=dtype, device=device)[..., :C]
-
-
 def _tiles(B: int, C: int, n_terms: int, block_c: int | None, extra_term: bool = False):
     """(ROWS, BLOCK_C, ONE_BLOCK, num_warps): whole rows in registers up to MAX_BLOCK_C
     (several rows per program for small C), else class blocks of 1024."""

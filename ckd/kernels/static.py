@@ -6,7 +6,9 @@ bundled in triton, and read the result: registers, spills, 128-bit global loads/
     TRITON_INTERPRET= python -m ckd.kernels.static --arch 90 --C 100 1000
 
 Run it with TRITON_INTERPRET unset (the kernels must be JIT functions, not the
-interpreter's); nothing is launched: `fused.run` is replaced by a recorder.
+interpreter's); nothing is launched: `fused.run` is replaced by a recorder. The mentor
+logits come, by default, from the trainer's own path: a logit cache built here and read
+by `CachedMentors.gather` (zarr needed; `--mentor-source plain` needs none).
 """
 
 from __future__ import annotations
@@ -47,18 +49,56 @@ def recorded_launches():
         fused.run = saved
 
 
+MENTOR_SOURCES = ("cache", "plain")
+
+
+def cached_mentors(B: int, C: int, M: int, mentor=torch.float16) -> tuple:
+    """(mentor logits [M, B, C], their stats, labels) exactly as the trainer gets them
+    from a logit cache: `ckd.train.mentors.CachedMentors.gather` of a store built here
+    (M random resnet8 mentors, B synthetic samples, one view) with `build_cache`."""
+    from ckd.cache import LogitCache, build_cache
+    from ckd.data import load_dataset
+    from ckd.models import create_model, save_checkpoint
+    from ckd.train.mentors import CachedMentors
+
+    dtype = {torch.float16: "fp16", torch.float32: "fp32"}[mentor]
+    ds = load_dataset("synthetic", n_train=B, n_test=2, num_classes=C, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for m in range(M):
+            torch.manual_seed(m)
+            paths[f"m{m}"] = str(Path(tmp) / f"m{m}.pt")
+            save_checkpoint(paths[f"m{m}"], create_model("resnet8", C), arch="resnet8",
+                            num_classes=C, dataset="synthetic", metrics={})
+        store = build_cache(ds, paths, Path(tmp) / "cache", views=1, dtype=dtype,
+                            progress=False)
+        source = CachedMentors(LogitCache(store, mentors=list(paths)), seed=0)
+        idx = torch.arange(B)
+        slots, _ = source.views(0, idx)
+        y = source.cache.labels[idx]  # the store's labels: the training split's
+        zm, stats, _ = source.gather(slots, idx, None, (), y)
+    return zm, stats, y
+
+
 def loss_launches(case: str, B: int, C: int, M: int, student=torch.float32,
-                  mentor=torch.float16, backward: bool = True) -> list:
+                  mentor=torch.float16, backward: bool = True, source: str = "cache") -> list:
     """The launches of one distill_loss forward (+ backward) on CPU tensors laid out as
-    the trainer's: a contiguous student, mentors in 16-byte aligned (padded) rows."""
-    from ckd.kernels import fused
+    the trainer's: a contiguous student [B, C], mentors and their statistics from the
+    trainer's cache gather (`source="cache"`: rows padded to 16 bytes) or, for
+    comparison, a contiguous [M, B, C] tensor (`"plain"`: what an outside caller might
+    pass)."""
     from ckd.kernels.api import distill_loss
+    from ckd.row_stats import mentor_row_stats
 
     zs = torch.randn(B, C).to(student).requires_grad_()
-    zm = fused.aligned_rows((M, B, C), mentor, "cpu")
-    zm.copy_(torch.randn(M, B, C))
-    y = torch.randint(0, C, (B,))
-    stats = fused.mentor_row_stats(zm, y)
+    if source == "cache":
+        zm, stats, y = cached_mentors(B, C, M, mentor)
+    elif source == "plain":
+        zm = torch.randn(M, B, C).to(mentor)
+        y = torch.randint(0, C, (B,))
+        stats = mentor_row_stats(zm, y)
+    else:
+        raise ValueError(f"source must be one of {MENTOR_SOURCES}, got {source!r}")
     with recorded_launches() as calls:
         out = distill_loss(zs, zm, y, backend="triton", validate=False, mentor_stats=stats,
                            **CASES[case])
@@ -122,13 +162,16 @@ def inspect(compiled) -> dict:
     )
 
 
-def report(cases, Cs, M: int, B: int, arch: int, student, mentor) -> list[dict]:
+def report(cases, Cs, M: int, B: int, arch: int, student, mentor, source: str = "cache"
+           ) -> list[dict]:
     rows = []
     for C in Cs:
         for case in cases:
-            for kernel, grid, args, kwargs in loss_launches(case, B, C, M, student, mentor):
+            for kernel, grid, args, kwargs in loss_launches(case, B, C, M, student, mentor,
+                                                            source=source):
                 info = inspect(compile_launch((kernel, grid, args, kwargs), arch))
-                keep = ("ROWS", "BLOCK_C", "BLOCK_T", "VEC_S", "VEC_M", "VEC", "num_warps")
+                keep = ("ROWS", "BLOCK_C", "BLOCK_T", "VEC_S", "VEC_M", "VEC_G", "VEC",
+                        "num_warps")
                 rows.append(dict(case=case, C=C, M=M, kernel=kernel.__name__, grid=grid[0],
                                  **{k: kwargs[k] for k in keep if k in kwargs}, **info))
     return rows
@@ -143,16 +186,20 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--student", default="float32")
     ap.add_argument("--mentor", default="float16")
+    ap.add_argument("--mentor-source", choices=MENTOR_SOURCES, default="cache",
+                    help="cache: mentors gathered from a logit cache built here, as the "
+                    "trainer reads them (padded rows); plain: a contiguous [M, B, C] tensor")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
     rows = report(args.cases, args.C, args.M, args.B, args.arch, getattr(torch, args.student),
-                  getattr(torch, args.mentor))
+                  getattr(torch, args.mentor), args.mentor_source)
     if args.json:
         print(json.dumps(rows))
         return 0
-    cols = ["case", "C", "kernel", "grid", "ROWS", "BLOCK_C", "num_warps", "regs", "stack",
+    cols = ["case", "C", "kernel", "grid", "ROWS", "BLOCK_C", "num_warps", "VEC_S", "VEC_M",
+            "VEC_G", "VEC", "regs", "stack",
             "spill_stores", "spill_loads", "ptx_ld_v4", "ptx_ld_scalar", "sass_ldg128",
             "sass_stg128"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

@@ -74,7 +74,7 @@ def _like(t: Tensor | None) -> Tensor | None:
     if t is None:
         return None
     if t.dim() == 3 and t.is_floating_point() and not t.is_contiguous():
-        from ckd.kernels.fused import aligned_rows  # noqa: PLC0415
+        from ckd.rows import aligned_rows  # noqa: PLC0415
 
         return aligned_rows(tuple(t.shape), t.dtype, t.device).copy_(t)
     return t.clone()
