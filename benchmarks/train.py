@@ -13,6 +13,7 @@ only, no evaluation).
 
     .venv/bin/python benchmarks/train.py                 # CPU (reference loss)
     .venv/bin/python benchmarks/train.py --device cuda   # GPU: bf16, channels_last, Triton
+    .venv/bin/python benchmarks/train.py --device cuda --cuda-graphs   # + each case replayed
     .venv/bin/python benchmarks/train.py --multi r8,r14,wrn_16_1   # N students, one pass
 """
 
@@ -161,11 +162,18 @@ def main() -> None:
                          "sdkd-cache,sdkd-online (feature methods, teacher resnet110)")
     ap.add_argument("--nce-k", type=int, default=16384, help="crd negatives (RepDistiller's)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the student")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also run each logit-method case with `ckd train --cuda-graphs` "
+                    "(CUDA only; feature-method cases run eagerly only)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--multi", help="comma list of students: one pass vs separate runs")
     ap.add_argument("--fastpaths", action="store_true",
                     help="only time the student step under each fast path")
     args = ap.parse_args()
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        ap.error("--cuda-graphs needs --device cuda (CUDA graphs); drop --cuda-graphs")
+    if args.cuda_graphs and args.compile:
+        ap.error("--cuda-graphs and --compile both capture the step: drop one")
     if args.fastpaths:
         fastpaths(args.device, args.batch_size, args.num_classes, 8, args.compile)
         return
@@ -192,7 +200,11 @@ def main() -> None:
         multi(args.multi.split(","), base, str(cache), root)
         return
     def run_modes(name: str, cfg: dict) -> None:
+        """The case eagerly and, with --cuda-graphs, replayed (logit methods only)."""
         rows.append(run_case(name, cfg))
+        if args.cuda_graphs and "+" not in cfg["method"]:
+            rows.append(run_case(f"{name}, --cuda-graphs",
+                                 dict(cfg, cuda_graphs=True, out=cfg["out"] + "-graphs")))
 
     if "nokd" in cases:
         run_modes("nokd", dict(base, method="nokd", out=str(root / "nokd")))

@@ -56,7 +56,8 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(p, q), k
 
 
-@pytest.mark.parametrize("online", [False, True], ids=["cached", "online"])
+@pytest.mark.parametrize("online", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["cached", "online"])
 def test_trainer_hands_mentor_stats_to_the_loss(mentors, tmp_path, monkeypatch, online):
     src = dict(mentors_online=True, mentors=[f"{a}={p}" for a, p in mentors["paths"].items()]) \
         if online else dict(cache=mentors["cache"], mentors=["t", "p"])

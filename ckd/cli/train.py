@@ -171,6 +171,10 @@ def _summary(result: dict[str, Any]) -> None:
               help="A method parameter (METHOD.KEY=VALUE in a sum).")
 @click.option("--preset", help="A named parameter set of the method, e.g. repdistiller for "
               "kd (0.1 CE + 0.9 KD); `ckd methods` lists them.")
+@click.option("--cuda-graphs", is_flag=True, default=None,
+              help="Replay each full batch's training step (forward, fused loss, backward, "
+              "SGD) from a CUDA graph captured after warm-up; the last partial batch and "
+              "evaluation run eagerly. CUDA, SGD, logit methods, one process.")
 def train(**kw: Any) -> None:
     """Train a student from cached (or live) mentor logits."""
     from ckd.train import load_config

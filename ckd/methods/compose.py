@@ -182,19 +182,20 @@ class LossPlan:
     def loss(self, student_logits: Tensor, mentor_logits: Tensor | None, labels: Tensor, *,
              epoch: int | Tensor = 0, step: int | Tensor = 0, seed: int = 0,
              modules: nn.ModuleDict | None = None, mentor_stats: Tensor | None = None,
-             **extra: Any):
+             validate: bool | str = "auto", **extra: Any):
         """The weighted sum of the terms -> DistillOutput (stats of the logit term, plus
         `<method>_<stat>` of the others). `epoch` is the 0-based epoch index; methods see
         it counted from 1, as mdistiller's trainer counts (DKD's warm-up). `epoch` and
         `step` may be 0-dim device tensors (a captured step). `mentor_stats`: the mentors'
-        row statistics (the cache stores them) for `distill_loss`."""
+        row statistics (the cache stores them) and `validate` (its label check) for
+        `distill_loss`."""
         from ckd.kernels import distill_loss  # noqa: PLC0415 - kernels import methods lazily
 
         counters = {"seed": seed, "step": step, "epoch": epoch + 1}
         assert set(counters) == set(COUNTERS)
         lt = self.logit_term
         out = distill_loss(student_logits, mentor_logits, labels, method=lt.method.name,
-                           backend=self.backend, mentor_stats=mentor_stats,
+                           backend=self.backend, mentor_stats=mentor_stats, validate=validate,
                            **_without_hooks(lt),
                            **{k: counters[k] for k in lt.method.counters})
         if lt.weight != 1.0:

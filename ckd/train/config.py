@@ -103,6 +103,7 @@ class TrainConfig:
     # student (CPU and CUDA) and online mentors (CUDA)
     channels_last: bool = _opt(True, bool, "channels_last memory format")
     compile: bool = _opt(False, bool, "torch.compile the student")
+    cuda_graphs: bool = _opt(False, bool, "replay the training step from a CUDA graph")
     log_every: int = _opt(50, int, "steps between metrics records", low=1)
     max_steps_per_epoch: int | None = _opt(None, int, "truncate epochs (tests, benchmarks)",
                                            low=1, optional=True)
@@ -148,6 +149,8 @@ class TrainConfig:
         check_writable_dir(self.out, "--out")
         check_device(self.device)
         check_triton_backend(self.backend, self.device)
+        if self.cuda_graphs:
+            self._check_cuda_graphs()
         if self.optimizer not in (None, "sgd", "adamw"):
             raise ValueError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.dataset is None and self.prepared is None:
@@ -156,6 +159,22 @@ class TrainConfig:
         if self.loader == "ffcv" and self.prepared is None:
             raise ValueError("--loader ffcv reads beton files: pass --prepared DIR "
                              "(write it with `ckd prepare`)")
+
+    def _check_cuda_graphs(self) -> None:
+        import torch  # noqa: PLC0415 - only when graphs are asked for
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not device.startswith("cuda"):
+            raise OptionError(f"--cuda-graphs needs a CUDA device (this run is on {device}); "
+                              "drop --cuda-graphs")
+        if self.compile:
+            raise OptionError("--cuda-graphs and --compile both capture the step: drop one")
+        if self.backend == "reference":
+            raise OptionError("--cuda-graphs captures the fused Triton loss: drop --backend "
+                              "reference, or drop --cuda-graphs")
+        if self.resolved_optimizer() != "sgd":
+            raise OptionError("--cuda-graphs captures SGD steps only: use --optimizer sgd, "
+                              "or drop --cuda-graphs")
 
     def _check_schedule(self) -> None:
         uses_milestones = self.schedule in ("step", "classroom-warmup")

@@ -94,6 +94,12 @@ class _StudentEpoch:
         self.lr = run.sched.lr_at(epoch)
         for g in run.opt.param_groups:
             g["lr"] = self.lr
+        if run.cfg.cuda_graphs:  # the lr and epoch the captured step reads on the device
+            if run.captured is None:
+                from ckd.train.graphs import CapturedTraining  # noqa: PLC0415
+
+                run.captured = CapturedTraining(run)
+            run.captured.start_epoch(epoch, self.lr)
         run.model.train()
         device = run.info.device
         self.interval, self.whole = DeviceSums(device), DeviceSums(device)
@@ -102,6 +108,34 @@ class _StudentEpoch:
     def step(self, x: torch.Tensor, mentor: Any, mentor_stats: torch.Tensor | None,
              mentor_feats: Any, labels: torch.Tensor, idx: torch.Tensor, last: bool,
              bar: Any) -> None:
+        run, cfg = self.run, self.run.cfg
+        if run.captured is not None:  # --cuda-graphs: replayed (full batches) or eager
+            got = dict(run.captured(x, mentor, mentor_stats, labels))  # the graph's own dict
+            loss, logits = got.pop("loss"), got.pop("logits")
+            stats = got
+        else:
+            loss, logits, stats = self._eager(x, mentor, mentor_stats, mentor_feats, labels,
+                                              idx)
+        run.step += 1
+        correct = (logits.argmax(1) == labels).float().sum()
+        interval = self.interval
+        for sums in (interval, self.whole):
+            sums.add("loss", loss)
+            sums.add("correct", correct)
+            sums.count += labels.shape[0]
+            sums.steps += 1
+        # loss parts: the student's plain CE beside the total (distill part = the rest)
+        interval.add("ce", F.cross_entropy(logits.float(), labels))
+        for k, v in stats.items():
+            if isinstance(v, torch.Tensor) and v.numel() > 0:
+                interval.add(k, v)
+        if run.step % cfg.log_every == 0 or last:
+            self.log.write(interval, bar)
+            self.interval = DeviceSums(run.info.device)
+
+    def _eager(self, x: torch.Tensor, mentor: Any, mentor_stats: torch.Tensor | None,
+               mentor_feats: Any, labels: torch.Tensor, idx: torch.Tensor) -> tuple:
+        """One eager step -> (loss, detached logits, loss stats)."""
         run, cfg, feat = self.run, self.run.cfg, self.run.feat
         with run.autocast():
             if feat.active:
@@ -115,22 +149,7 @@ class _StudentEpoch:
         out.loss.backward()
         sync_module_grads(feat.modules)
         run.opt.step()
-        run.step += 1
-        correct = (logits.detach().argmax(1) == labels).float().sum()
-        interval = self.interval
-        for sums in (interval, self.whole):
-            sums.add("loss", out.loss)
-            sums.add("correct", correct)
-            sums.count += labels.shape[0]
-            sums.steps += 1
-        # loss parts: the student's plain CE beside the total (distill part = the rest)
-        interval.add("ce", F.cross_entropy(logits.detach().float(), labels))
-        for k, v in out.stats.items():
-            if isinstance(v, torch.Tensor) and v.numel() > 0:
-                interval.add(k, v)
-        if run.step % cfg.log_every == 0 or last:
-            self.log.write(interval, bar)
-            self.interval = DeviceSums(run.info.device)
+        return out.loss, logits.detach(), out.stats
 
 
 class _IntervalLog:

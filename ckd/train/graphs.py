@@ -1,17 +1,18 @@
-"""CUDA-graph replay of the training step (the building block of a `--cuda-graphs` trainer
-mode, which is not wired into `ckd train` yet).
+"""CUDA-graph replay of the training step: `ckd train --cuda-graphs`.
 
 The step from the student's input to the optimizer update (forward, fused loss,
-backward, SGD) is captured once per key (learning rate, epoch, batch size) after warm-up
-steps and replayed; the views and the cache gather would run eagerly before it (4
-launches), the last partial batch and evaluation eagerly. A replay launches the whole
-step at once, so a small model's step is no longer bound by the host's ~190 launches.
+backward, SGD) is captured once per batch shape after warm-up steps and replayed; the
+views and the cache gather run eagerly before it, the last partial batch and evaluation
+eagerly. A replay launches the whole step at once, so a small model's step is no longer
+bound by the host's launches.
 
 Capture-safe means: no host sync and no data-dependent shape inside the step (the fused
 loss is such; `tests/test_train_graphs.py` checks the step with a dispatch mode), and
-every per-step scalar read on the device: the dgkd/TeKAP `step` is a device counter the
-captured step increments; the epoch (dkd warm-up) and the learning rate are fixed per
-capture, and a new epoch re-captures.
+every per-step scalar read on the device, so one captured graph replays right for the
+whole run: the learning rate is a 0-dim device tensor the optimizer reads (fused SGD's
+tensor-lr kernel) and `start_epoch` refills; the epoch (DKD's warm-up) is a device
+tensor; the dgkd/TeKAP `step` is a device counter the captured step increments; the
+seed is a fixed-width i32 argument.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 StepFn = Callable[..., dict[str, Tensor]]
+LossFn = Callable[[Tensor, Any, Tensor, Any], Any]  # (logits, mentor, labels, stats)
 
 
 class GraphedStep:
@@ -44,7 +46,7 @@ class GraphedStep:
         self.captures = 0
 
     def __call__(self, key: Any, *inputs: Tensor | None) -> dict[str, Tensor]:
-        if key != self.key:  # new lr / epoch / shape: warm up and capture again
+        if key != self.key:  # a new batch shape: warm up and capture again
             self.key, self.graph, self.eager_calls = key, None, 0
         if self.graph is None and self.eager_calls < self.warmup:
             self.eager_calls += 1
@@ -80,23 +82,87 @@ def _like(t: Tensor | None) -> Tensor | None:
     return t.clone()
 
 
-def make_train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_kw: dict,
-                    autocast: Callable, counters: dict[str, Any]) -> StepFn:
-    """The capture-safe step: (x, mentor logits | None, labels) -> device outputs.
+def make_train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: LossFn,
+                    autocast: Callable, step_counter: Tensor | None = None) -> StepFn:
+    """The capture-safe step: (x, mentor logits | None, mentor stats | None, labels) ->
+    device outputs {"loss", "logits", **loss stats}. `loss(logits, mentor, labels, stats)`
+    returns a DistillOutput; `step_counter` (a 0-dim int64 device tensor, the step the
+    loss reads) is incremented in the step, so a replay draws the dgkd/TeKAP noise of its
+    own step."""
 
-    `counters["step"]` (if present) is a 0-dim int64 device tensor incremented in the
-    step, so a replay draws the dgkd/TeKAP noise of its own step."""
-    from ckd.kernels import distill_loss  # noqa: PLC0415
-
-    def step(x: Tensor, mentor: Tensor | None, labels: Tensor) -> dict[str, Tensor]:
+    def step(x: Tensor, mentor: Tensor | None, mentor_stats: Tensor | None,
+             labels: Tensor) -> dict[str, Tensor]:
         with autocast():
             logits = model(x)
-        out = distill_loss(logits, mentor, labels, **loss_kw, **counters)
+        out = loss(logits, mentor, labels, mentor_stats)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        if isinstance(counters.get("step"), Tensor):
-            counters["step"].add_(1)
+        if step_counter is not None:
+            step_counter.add_(1)
         return {"loss": out.loss.detach(), "logits": logits.detach(), **out.stats}
 
     return step
+
+
+def device_lr(opt: torch.optim.Optimizer, lr: Tensor) -> None:
+    """Every parameter group reads its learning rate from `lr` (a 0-dim device tensor)
+    through fused SGD's tensor-lr kernel: no host value is baked into a captured step
+    (foreach/single-tensor SGD would read a tensor lr with .item(), a host sync)."""
+    if not isinstance(opt, torch.optim.SGD):
+        raise ValueError("--cuda-graphs captures SGD steps only: use --optimizer sgd, or "
+                         "drop --cuda-graphs")
+    for group in opt.param_groups:
+        group["lr"], group["fused"], group["foreach"] = lr, True, False
+
+
+class CapturedTraining:
+    """A run's --cuda-graphs state: the device scalars, the capture-safe step (the one
+    eager steps use too) and its CUDA graph. `start_epoch` sets the epoch's learning rate
+    and epoch on the device; `__call__` replays full batches, runs others eagerly."""
+
+    def __init__(self, run: Any, warmup: int = 3) -> None:
+        check_capturable(run)
+        cfg, device = run.cfg, run.info.device
+        self.batch_size = cfg.batch_size
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        self.epoch = torch.zeros((), dtype=torch.int64, device=device)
+        self.step_counter = torch.tensor(run.step, dtype=torch.int64, device=device)
+        device_lr(run.opt, self.lr)
+        plan, seed = run.loss_plan, cfg.seed
+
+        def loss(logits, mentor, labels, stats):  # labels: checked by the kernels' flag
+            return plan.loss(logits, mentor, labels, epoch=self.epoch, step=self.step_counter,
+                             seed=seed, mentor_stats=stats, validate=False)
+
+        self.step = make_train_step(run.model, run.opt, loss, run.autocast, self.step_counter)
+        self.graphed = GraphedStep(self.step, warmup=warmup)
+        self.eager_steps = 0
+
+    def start_epoch(self, epoch: int, lr: float) -> None:
+        self.lr.fill_(lr)
+        self.epoch.fill_(epoch)
+
+    def __call__(self, x: Tensor, mentor: Tensor | None, mentor_stats: Tensor | None,
+                 labels: Tensor) -> dict[str, Tensor]:
+        if labels.shape[0] != self.batch_size:  # the last partial batch: eager
+            self.eager_steps += 1
+            return self.step(x, mentor, mentor_stats, labels)
+        return self.graphed(tuple(x.shape), x, mentor, mentor_stats, labels)
+
+
+def check_capturable(run: Any) -> None:
+    """What --cuda-graphs cannot capture, refused before the first step with the fix."""
+    cfg = run.cfg
+    if run.info.device.type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA device (this run is on "
+                         f"{run.info.device}); drop --cuda-graphs")
+    if run.info.world_size > 1:
+        raise ValueError("--cuda-graphs runs one process (DDP's gradient hooks are not "
+                         "captured): drop --cuda-graphs or run without torchrun")
+    if run.feat.active:
+        raise ValueError(f"--cuda-graphs captures logit methods only ({cfg.method} has "
+                         "feature terms): drop --cuda-graphs")
+    if getattr(getattr(run.source, "cache", None), "sparse", False):
+        raise ValueError("--cuda-graphs needs dense mentor logits (this cache holds sparse "
+                         "ones): drop --cuda-graphs")

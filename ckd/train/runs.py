@@ -32,9 +32,11 @@ def default_run_dir(cfg: TrainConfig, dataset_name: str) -> Path:
 
 
 
-def _autocast_factory(device: torch.device, enabled: bool):
+def _autocast_factory(device: torch.device, enabled: bool, cuda_graphs: bool = False):
     if device.type == "cuda" and enabled:
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        # a captured region must not use autocast's weight cast cache (torch's rule)
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16,
+                                      cache_enabled=not cuda_graphs)
     return contextlib.nullcontext
 
 
@@ -83,6 +85,7 @@ class Run:
     imgs_per_s: float = float("nan")
     history: list[dict[str, Any]] = field(default_factory=list)
     feat: FeatureRun | None = None  # feature terms: their modules and inputs
+    captured: Any = None  # --cuda-graphs: ckd.train.graphs.CapturedTraining
 
 
 @dataclass
@@ -98,7 +101,7 @@ class Shared:
 
 
 def setup_shared(cfg: TrainConfig, info: DistInfo) -> Shared:
-    autocast = _autocast_factory(info.device, cfg.amp)
+    autocast = _autocast_factory(info.device, cfg.amp, cfg.cuda_graphs)
     ds = load_data(cfg)
     source = make_mentor_source(cfg, ds, info.device, autocast)
     train_loader, test_loader = make_loaders(cfg, ds, info.device, info.rank, info.world_size)
