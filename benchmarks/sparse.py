@@ -4,13 +4,17 @@ speed of the loss on sparse vs dense mentors.
     .venv/bin/python benchmarks/sparse.py error   [--epochs 15] [--dataset synthetic|digits]
     .venv/bin/python benchmarks/sparse.py storage
     .venv/bin/python benchmarks/sparse.py speed   [--sizes 256x1000,4096x1000,...] [--threads 2]
-    .venv/bin/python benchmarks/sparse.py read    [--n 4096] [--views 4]
+                                                  [--max-gib 12]
+    .venv/bin/python benchmarks/sparse.py read    [--n 4096] [--views 4] [--classes 100]
 
 `error`: trains a mentor (resnet20) and a weaker student (resnet8, half the epochs) with plain
 SGD on keyed views, then compares, on their logits for n train images, the sparse loss
 (topk:K with each rest model, sample:S) with the dense loss at the temperatures ClassroomKD
 uses (tau_m in [1, 13]): relative error of the batch T^2 KL and of its gradient, and the
-rest bucket's log-mass error. Every number is measured by this script (CPU here).
+rest bucket's log-mass error. `speed`: fwd+bwd of the eager reference loss per case, each
+case in its own process (its peak RSS reported; a case predicted to exceed --max-gib is
+skipped and says so). `read`: rows/s of the cache reader per storage mode, memory and stream.
+Every number is measured by this script (CPU here).
 """
 
 from __future__ import annotations
@@ -134,65 +138,123 @@ def storage(args) -> None:
             print(f"| {spec} | {b} | {b / dense:.3f} | {b * views / 2**30:.1f} GiB |")
 
 
+def _mentors_for(spec: str, m: int, B: int, C: int):
+    """(loss function, mentors, mentor bytes per batch) of one case, inputs seeded."""
+    g = torch.Generator().manual_seed(0)
+    zm = (torch.randn(m, B, C, generator=g) * 3).half()
+    if spec == "dense":
+        return zm, m * B * C * 2
+    mode, k = spec.split(":")
+    y = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(1))
+    sm = sparsify_topk(zm, y, int(k)) if mode == "topk" else \
+        sparsify_sample(zm, y, int(k), torch.Generator().manual_seed(0))
+    return sm, m * B * bytes_per_row(spec, C)
+
+
+def _time_case(method: str, spec: str, m: int, B: int, C: int, threads: int,
+               min_time: float) -> tuple[float, int, int, float, float]:
+    """(ms per fwd+bwd, steps timed, mentor bytes, peak RSS GiB, RSS GiB before the case)
+    of one case, run in a fresh process (spawned) so that its peak memory is its own."""
+    import resource
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    torch.set_num_threads(threads)
+    mentors, nbytes = _mentors_for(spec, m, B, C)
+    g = torch.Generator().manual_seed(2)
+    zs = torch.randn(B, C, generator=g)
+    y = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(1))
+    fn = get_method(method).run_reference if spec == "dense" else \
+        functools.partial(sr.run_sparse_reference, method)
+
+    def step():
+        s = zs.clone().requires_grad_(True)
+        loss, _ = fn(s, mentors, y)
+        loss.backward()
+
+    step()  # warm-up
+    reps, t = 0, time.perf_counter()
+    while reps < 2 or time.perf_counter() - t < min_time:
+        step()
+        reps += 1
+    ms = (time.perf_counter() - t) / reps * 1e3
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return ms, reps, nbytes, peak, base
+
+
+def _available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
 def speed(args) -> None:
-    torch.set_num_threads(args.threads)
+    """Each case in its own spawned process (its peak RSS is its own). A case whose peak,
+    extrapolated linearly in B from the same (C, mentors) at a smaller B (the process's
+    RSS before the case held fixed), would exceed --max-gib is not run: the row says so
+    with the prediction."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
     print(f"# Loss speed, sparse vs dense mentors (eager reference on CPU: "
           f"{platform.processor() or platform.machine()}, {args.threads} threads of "
           f"{os.cpu_count()} cores, shared), M={args.m}, method {args.method}\n")
     print(f"Command: `.venv/bin/python benchmarks/sparse.py speed --sizes {args.sizes} "
-          f"--threads {args.threads}`\n")
-    print("| B | C | mentors | fwd+bwd ms | mentor bytes/batch |")
-    print("|---|---|---|---|---|")
+          f"--specs {args.specs} --threads {args.threads} --max-gib {args.max_gib:g}` (load "
+          f"average before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}; "
+          f"{_available_gib():.1f} GiB available)\n")
+    print("| B | C | mentors | fwd+bwd ms | steps timed | mentor bytes/batch | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    peaks: dict[tuple[int, str], tuple[int, float, float]] = {}
     for size in args.sizes.split(","):
         B, C = (int(v) for v in size.split("x"))
-        g = torch.Generator().manual_seed(0)
-        zm = (torch.randn(args.m, B, C, generator=g) * 3).half()
-        zs = torch.randn(B, C, generator=g)
-        y = torch.randint(0, C, (B,), generator=g)
-        dense_fn = get_method(args.method).run_reference
-        sparse_fn = functools.partial(sr.run_sparse_reference, args.method)
-        cases = {"dense": (dense_fn, zm, args.m * B * C * 2)}
-        for spec in args.specs.split(","):
-            mode, k = spec.split(":")
-            sm = sparsify_topk(zm, y, int(k)) if mode == "topk" else \
-                sparsify_sample(zm, y, int(k), torch.Generator().manual_seed(0))
-            cases[spec] = (sparse_fn, sm,
-                           args.m * B * bytes_per_row(spec, C))
-        for name, (fn, mentors, nbytes) in cases.items():
-            def step(fn=fn, mentors=mentors, zs=zs, y=y):
-                s = zs.clone().requires_grad_(True)
-                loss, _ = fn(s, mentors, y)
-                loss.backward()
-            step()
-            reps, t = 0, time.perf_counter()
-            while reps < 2 or time.perf_counter() - t < args.min_time:
-                step()
-                reps += 1
-            ms = (time.perf_counter() - t) / reps * 1e3
-            print(f"| {B} | {C} | {name} | {ms:.1f} | {nbytes / 2**20:.2f} MiB |", flush=True)
+        for spec in ["dense", *args.specs.split(",")]:
+            known = peaks.get((C, spec))
+            if known is not None:
+                b0, peak0, base = known
+                predicted = base + (peak0 - base) * B / b0
+                if predicted > args.max_gib:
+                    print(f"| {B} | {C} | {spec} | not run: predicted peak {predicted:.1f} "
+                          f"GiB > {args.max_gib:g} GiB | - | - | - |", flush=True)
+                    continue
+            with ctx.Pool(1) as pool:
+                ms, reps, nbytes, peak, base = pool.apply(
+                    _time_case, (args.method, spec, args.m, B, C, args.threads, args.min_time))
+            peaks[(C, spec)] = (B, peak, base)
+            print(f"| {B} | {C} | {spec} | {ms:.1f} | {reps} | {nbytes / 2**20:.2f} MiB | "
+                  f"{peak:.2f} GiB |", flush=True)
+    print(f"\nLoad average after: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
 
 
 def read(args) -> None:
-    """Cache read rows/s per mode: one store per mode of the same 2 (untrained) mentors."""
+    """Cache read rows/s per mode: one store per mode of the same 2 (untrained) mentors, read
+    in memory mode (random gathers after the load) and in stream mode (one epoch planned
+    and gathered in random batches, the background reads included)."""
     import tempfile
 
     from ckd.cache import LogitCache, build_cache
     from ckd.models import create_model, save_checkpoint
 
     torch.set_num_threads(args.threads)
-    ds = load_dataset("synthetic", n_train=args.n, n_test=64, num_classes=100)
-    print(f"# Cache gather rows/s per mode ({args.n} samples x {args.views} views, C=100, "
-          f"2 mentors, batch {args.batch}, memory mode, CPU {args.threads} threads, shared)\n")
+    ds = load_dataset("synthetic", n_train=args.n, n_test=64, num_classes=args.classes)
+    print(f"# Cache read rows/s per mode ({args.n} samples x {args.views} views, "
+          f"C={args.classes}, 2 mentors, batch {args.batch}, CPU {args.threads} threads, "
+          "shared)\n")
     print(f"Command: `.venv/bin/python benchmarks/sparse.py read --n {args.n} --views "
-          f"{args.views} --batch {args.batch}`\n")
-    print("| mode | load s | gather rows/s (one row = one mentor's view of one sample) |")
-    print("|---|---|---|")
+          f"{args.views} --batch {args.batch} --classes {args.classes} --specs {args.specs}` "
+          f"(load average before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])})\n")
+    print("One row = one mentor's view of one sample. memory: open (load) time, then random "
+          "gathers; stream: open time, then one whole epoch (start_epoch + gathers of every "
+          "sample in random batches, reading the store in the background).\n")
+    print("| logits | reader mode | open s | rows/s |")
+    print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for k, alias in enumerate(("m0", "m1")):
             torch.manual_seed(k)
-            save_checkpoint(Path(tmp) / f"{alias}.pt", create_model("resnet8", 100),
-                            arch="resnet8", num_classes=100, dataset=ds.name, metrics={})
+            save_checkpoint(Path(tmp) / f"{alias}.pt", create_model("resnet8", args.classes),
+                            arch="resnet8", num_classes=args.classes, dataset=ds.name,
+                            metrics={})
             paths[alias] = Path(tmp) / f"{alias}.pt"
         for spec in args.specs.split(","):
             store = build_cache(ds, paths, Path(tmp) / spec.replace(":", ""),
@@ -208,8 +270,19 @@ def read(args) -> None:
             for sl, ix in zip(slots, idx, strict=True):
                 cache.gather(sl, ix)
             dt = time.perf_counter() - t
-            print(f"| {spec} | {load:.2f} | {50 * args.batch * 2 / dt / 1e6:.2f} M |",
+            print(f"| {spec} | memory | {load:.2f} | {50 * args.batch * 2 / dt / 1e6:.2f} M |",
                   flush=True)
+            t = time.perf_counter()
+            with LogitCache(store, mode="stream") as st:
+                load = time.perf_counter() - t
+                t = time.perf_counter()
+                st.start_epoch(0, seed=0)
+                for batch in torch.randperm(args.n, generator=g).split(args.batch):
+                    st.gather(st.epoch_views(0, batch, seed=0)[0], batch)
+                dt = time.perf_counter() - t
+            print(f"| {spec} | stream | {load:.2f} | {args.n * 2 / dt / 1e6:.2f} M |",
+                  flush=True)
+    print(f"\nLoad average after: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
 
 
 def main(argv=None) -> int:
@@ -229,12 +302,15 @@ def main(argv=None) -> int:
     s.add_argument("--method", default="classroom")
     s.add_argument("--m", type=int, default=6)
     s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--min-time", type=float, default=1.0)
+    s.add_argument("--min-time", type=float, default=3.0)
+    s.add_argument("--max-gib", type=float, default=12.0,
+                   help="skip a case whose extrapolated peak RSS exceeds this")
     r = sub.add_parser("read")
     r.add_argument("--n", type=int, default=4096)
     r.add_argument("--views", type=int, default=4)
     r.add_argument("--batch", type=int, default=256)
     r.add_argument("--specs", default="dense,topk:10,sample:16")
+    r.add_argument("--classes", type=int, default=100)
     r.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     {"error": error, "storage": storage, "speed": speed, "read": read}[args.what](args)
