@@ -284,6 +284,8 @@ class LogitCache:
         ckd) when the training data is not the data the cache was built from."""
         from ckd.data.views import RECIPE
 
+        if self.rrc:  # an image folder's random-resized crops
+            from ckd.data.rrc import RECIPE
         check_compatible(self.meta, dataset_name=dataset_name, fingerprint=fingerprint,
                          num_classes=num_classes, recipe=RECIPE, path=str(self.path))
 

@@ -140,6 +140,9 @@ def _summary(result: dict[str, Any]) -> None:
 @_common
 @click.option("--cache", type=click.Path(file_okay=False), help="Logit cache (ckd cache-logits).")
 @click.option("--cache-mode", type=click.Choice(["memory", "stream"]))
+@click.option("--resolution", type=click.IntRange(min=1),
+              help="Image folders: the student's input size in pixels (default: its "
+              "arch's, 224 for the ImageNet zoo); crops replay the cached views' boxes.")
 @click.option("--order", type=click.Choice(["random", "shard-blocks"]),
               help="Epoch order: random (default) or shard-blocks (whole cache shards in a "
               "random order: each shard read once per epoch; a pure function of seed and "

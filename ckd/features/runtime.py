@@ -143,8 +143,11 @@ def make_feature_run(cfg: Any, plan: Any, ds: Any, source: Any, student: nn.Modu
     """The run's feature terms, their modules built from the student's and the mentors'
     feature shapes (mentors: their architectures online, the cache's arrays cached)."""
     from ckd.models import feature_shapes, infer_arch  # noqa: PLC0415
+    from ckd.train.setup import is_image_data, student_resolution  # noqa: PLC0415
 
-    image_size = int(ds.train.images.shape[1])
+    # an image folder's crops are made at the student's resolution
+    image_size = student_resolution(cfg) if is_image_data(ds) else \
+        int(ds.train.images.shape[1])
     mentor_shapes = []
     if feature_needs(plan.terms) or any(t.method.build_modules for t in plan.terms):
         if getattr(source, "models", None):  # online: from the mentors' architectures

@@ -55,6 +55,8 @@ class TrainConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)  # synthetic: n_train, ...
     prepared: str | None = None  # beton dir written by `ckd prepare`
     loader: str = _opt("memory", str, "data loader", choices=("memory", "ffcv"))
+    resolution: int | None = _opt(None, int, "image folders: the student's input size "
+                                  "(default: its arch's)", low=1, optional=True)
     # mentors
     cache: str | None = None
     cache_mode: str = _opt("memory", str, "where cached logits live while training",

@@ -42,7 +42,7 @@ def train_epoch(runs: list[Run] | Run, epoch: int) -> list[tuple[DeviceSums, flo
     """One epoch of steps for every student of the pass: each batch is read, augmented and
     its mentor logits (and features) gathered once, then every student takes its own step
     on it. Returns each student's epoch sums and the epoch's wall time."""
-    from ckd.data.views import apply_views  # noqa: PLC0415
+    from ckd.data.image_train import batch_input  # noqa: PLC0415
 
     runs = [runs] if isinstance(runs, Run) else runs
     lead = runs[0]
@@ -61,7 +61,7 @@ def train_epoch(runs: list[Run] | Run, epoch: int) -> list[tuple[DeviceSums, flo
         if i >= lead.steps_per_epoch:
             break
         slots, vids = source.views(epoch, idx)
-        x = apply_views(images, vids, ds.mean, ds.std, channels_last=cfg.channels_last)
+        x = batch_input(ds, images, vids, channels_last=cfg.channels_last)
         mentor, mentor_stats, mentor_feats = source.gather(slots, idx, x, needs,
                                                            labels if stats else None)
         for stepper in steppers:

@@ -16,7 +16,11 @@ def load_data(cfg: TrainConfig):
     from ckd.data import load_dataset  # noqa: PLC0415
 
     if cfg.prepared is not None:
+        from ckd.cache.image_views import ImageViews, is_image_folder  # noqa: PLC0415
         from ckd.data.beton import load_prepared  # noqa: PLC0415
+
+        if is_image_folder(cfg.prepared):  # `ckd prepare imagefolder` output
+            return ImageViews(cfg.prepared, batch_size=cfg.batch_size)
 
         ds = load_prepared(cfg.prepared)
         if cfg.dataset is not None and norm_name(cfg.dataset) != norm_name(ds.name):
@@ -35,9 +39,54 @@ def build_student(cfg: TrainConfig, ds) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"student {cfg.student!r} built a {type(model).__name__}, not an "
                          "nn.Module")
-    h, w = ds.train.images.shape[1:3]
+    h, w = (student_resolution(cfg),) * 2 if is_image_data(ds) else \
+        ds.train.images.shape[1:3]
     check_logits_shape(model, cfg.student, (3, h, w), ds.num_classes)
     return model
+
+
+def is_image_data(ds) -> bool:
+    """A prepared image folder (random-resized-crop views replayed from its cache)."""
+    return getattr(ds, "recipe_name", None) == "rrc"
+
+
+def student_resolution(cfg: TrainConfig) -> int:
+    """--resolution, else the student arch's input size (224 for the ImageNet zoo)."""
+    if cfg.resolution is not None:
+        return int(cfg.resolution)
+    from ckd.models.registry import arch_spec, is_import_path  # noqa: PLC0415
+
+    if is_import_path(cfg.student):
+        raise ValueError(f"--student {cfg.student} is not a zoo arch: pass --resolution PIXELS "
+                         "(its input size on this image folder)")
+    return int(arch_spec(cfg.student.split(",")[0]).input_size)
+
+
+def image_loaders(cfg: TrainConfig, ds, device: torch.device, rank: int, world: int,
+                  block: int | None):
+    """Train loader replaying the cache's random-resized crops at the student's resolution,
+    test loader of center crops (ckd.data.image_train)."""
+    from ckd.cache.layout import RRC_RECIPE_NAME, read_root_attrs  # noqa: PLC0415
+    from ckd.data.image_train import ImageFolderLoader  # noqa: PLC0415
+    from ckd.data.rrc import epoch_slots  # noqa: PLC0415
+
+    if cfg.cache is None or cfg.mentors_online:
+        raise ValueError(f"--prepared {cfg.prepared} is an image folder: train from its logit "
+                         "cache (--cache, built with `ckd cache-logits --prepared ... --views "
+                         "K`); online mentors are not supported on image folders")
+    views = read_root_attrs(cfg.cache)["views"]
+    if views.get("recipe", {}).get("name") != RRC_RECIPE_NAME:
+        raise ValueError(f"--cache {cfg.cache} was not built from an image folder")
+    cache_seed, num_slots = int(views["seed"]), int(views["num_slots"])
+    size = student_resolution(cfg)
+    kw = dict(batch_size=cfg.batch_size, seed=cfg.seed, drop_last=False, device=str(device),
+              rank=rank, world_size=world)
+    train = ImageFolderLoader(
+        ds, "train", size, shuffle=True, block=block,
+        slots_of=lambda e, idx: epoch_slots(cfg.seed, e, idx, num_slots),
+        boxes_of=lambda k, idx: ds.boxes(cache_seed, k, idx), **kw)
+    test = ImageFolderLoader(ds, "test", size, shuffle=False, **kw)
+    return train, test
 
 
 def norm_name(name: str) -> str:
@@ -60,6 +109,8 @@ def make_loaders(cfg: TrainConfig, ds, device: torch.device, rank: int, world: i
         from ckd.cache.layout import read_root_attrs  # noqa: PLC0415
 
         block = int(read_root_attrs(cfg.cache)["layout"]["samples_per_chunk"])
+    if is_image_data(ds):
+        return image_loaders(cfg, ds, device, rank, world, block)
     train = make_loader(cfg.loader, src_train, batch_size=cfg.batch_size, seed=cfg.seed,
                         shuffle=True, drop_last=False, device=str(device), rank=rank,
                         world_size=world, block=block)

@@ -28,7 +28,8 @@ def evaluate(model: torch.nn.Module, loader, ds, autocast, info: DistInfo,
              channels_last: bool) -> tuple[float, float]:
     """Top-1 accuracy (%) and mean CE on the un-augmented test split. Per-index tensors
     reduced with MAX, so the sharded loader's wrap-around repeats are counted once."""
-    from ckd.data.views import IDENTITY_VIEW, apply_views  # noqa: PLC0415
+    from ckd.data.image_train import batch_input  # noqa: PLC0415
+    from ckd.data.views import IDENTITY_VIEW  # noqa: PLC0415
 
     model.eval()
     n = len(ds.test)
@@ -38,7 +39,7 @@ def evaluate(model: torch.nn.Module, loader, ds, autocast, info: DistInfo,
     loader.set_epoch(0)
     for images, labels, idx in loader:
         vids = torch.full_like(idx, IDENTITY_VIEW)
-        x = apply_views(images, vids, ds.mean, ds.std, channels_last=channels_last)
+        x = batch_input(ds, images, vids, channels_last=channels_last)
         with autocast():
             logits = model(x)
         logits = logits.float()
