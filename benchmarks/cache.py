@@ -3,6 +3,8 @@ throughput against bare mentor inference, compressed vs raw size, gather rows/s 
 memory and stream modes.
 
     .venv/bin/python benchmarks/cache.py [--quick] [--out FILE.md]   (see benchmarks/RESULTS.md)
+    .venv/bin/python benchmarks/cache.py --remote [--quick]   (local vs loopback S3, requests
+                                                            per epoch: cache_remote.py)
 
 CPU only here (no CUDA on the machine this was written on); every number it prints is
 measured by this script on the machine that runs it.
@@ -268,8 +270,22 @@ def main() -> None:
                     help="mentor training data (digits: real images, 10 classes; "
                          "synthetic: 100 classes)")
     ap.add_argument("--out", type=Path, help="also write the markdown here")
+    ap.add_argument("--remote", action="store_true",
+                    help="only the object-store part: local vs loopback S3 (moto) read "
+                         "rows/s, requests per epoch random vs shard-block order")
     args = ap.parse_args()
     q = args.quick
+    if args.remote:
+        from cache_remote import remote_bench
+
+        say("# Logit cache on an object store\n\nCommand: `.venv/bin/python benchmarks/"
+            f"cache.py --remote{' --quick' if q else ''}`; CPU only, {os.cpu_count()} cores; "
+            f"load average before: {os.getloadavg()[0]:.2f}")
+        remote_bench(say, q)
+        say(f"\nload average after: {os.getloadavg()[0]:.2f}")
+        if args.out:
+            args.out.write_text("\n".join(LINES) + "\n")
+        return
     epochs, n_views_samples, reps = (1, 32, 1) if q else (6, 128, 3)
     big_n, big_m = (2048, 2) if q else (16384, 2)
     say("# Logit cache benchmark\n")
