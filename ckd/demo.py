@@ -3,7 +3,9 @@
 prepare -> train a classroom of mentors -> cache every view's logits -> train the student
 with nokd, kd, aver and classroom (both variants) over several seeds -> results table and
 plots. Sizes are chosen so the run fits in about 10 minutes on 2 cores and the task is not
-saturated (see README, "The demo").
+saturated (see README, "The demo"). `DemoPlan.with_features()` (`ckd demo --features`)
+also caches the mentors' pooled features and trains the feature methods (fitnet, crd,
+tekap (F), tekap (F+L), sdkd) next to nokd, kd and classroom.
 """
 
 from __future__ import annotations
@@ -31,6 +33,22 @@ MORE_STUDENT_METHODS: tuple[tuple[str, str, str | None], ...] = (
     ("kd", "kd", None),
     ("classroom (official)", "classroom", "official"),
 )
+# `ckd demo --features`: the feature-level methods next to kd and classroom, with the
+# weights their papers' CIFAR recipes use (RepDistiller: CE + 0.8 CRD; TeKAP F+L: the
+# logit-level tekap plus the feature level at the CRD weight).
+FEATURE_DEMO_METHODS: tuple[tuple[str, str, str | None], ...] = (
+    ("nokd", "nokd", None),
+    ("kd", "kd", None),
+    ("classroom (paper)", "classroom", "paper"),
+    ("fitnet", "fitnet", None),
+    ("crd", "0.8*crd", None),
+    ("tekap (F)", "0.8*tekap-f", None),
+    ("tekap (F+L)", "tekap+0.8*tekap-f", None),
+    ("sdkd", "sdkd", None),
+)
+# CRD/TeKAP (F) on 1,347 digits: 1,024 negatives a sample instead of RepDistiller's 16,384
+# (CIFAR's 50,000 samples), which would make every CPU step gather 2 x 64 x 16,385 rows.
+FEATURE_DEMO_PARAMS = {"crd.nce_k": 1024, "tekap-f.nce_k": 1024}
 
 
 @dataclass
@@ -48,6 +66,8 @@ class DemoPlan:
     methods: tuple[tuple[str, str, str | None], ...] = DEMO_METHODS
     more_students: tuple[str, ...] = ()  # e.g. ("mamba_tiny", "vit_tiny"): `--students`
     more_methods: tuple[tuple[str, str, str | None], ...] = MORE_STUDENT_METHODS
+    features: tuple[str, ...] = ()  # mentor features cached beside the logits ("pool")
+    method_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"crd.nce_k": 1024}
     extra: dict[str, Any] = field(default_factory=dict)
 
     def rows(self) -> list[tuple[str, str, str, str | None]]:
@@ -56,6 +76,12 @@ class DemoPlan:
         rows += [(f"{s} {label}", s, m, v) for s in self.more_students
                  for label, m, v in self.more_methods]
         return rows
+
+    @classmethod
+    def with_features(cls, **kw: Any) -> DemoPlan:
+        """The `--features` demo: feature methods beside kd and classroom."""
+        return cls(**{"methods": FEATURE_DEMO_METHODS, "features": ("pool",),
+                      "method_params": dict(FEATURE_DEMO_PARAMS), **kw})
 
 
 def _say(msg: str) -> None:
@@ -142,8 +168,10 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
     # 3. cache every view -------------------------------------------------------------
     t0 = time.perf_counter()
     cache = build_cache(ds, {a: str(p) for a, p in mentors.items()}, out / "cache",
-                        views="all", device="cpu", dtype="fp16", progress=progress)
-    stage_done("cache-logits (all 162 views)", t0)
+                        views="all", device="cpu", dtype="fp16", progress=progress,
+                        features=plan.features)
+    stage_done("cache-logits (all 162 views"
+               + (f", features {','.join(plan.features)})" if plan.features else ")"), t0)
 
     # 4. students ---------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -153,7 +181,10 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
     for label, student, method, variant in rows:
         for seed in plan.seeds:
             name = f"{label.replace(' ', '').replace('(', '-').replace(')', '')}-s{seed}"
+            params = {k: v for k, v in plan.method_params.items()
+                      if k.split(".")[0] in method.replace("*", "+").split("+")}
             cfg = dict(common, student=student, method=method, variant=variant,
+                       method_params=params,
                        epochs=plan.student_epochs, seed=seed, out=str(out / "runs" / name),
                        cache=None if method == "nokd" else str(cache),
                        mentors=None if method == "nokd" else [plan.teacher, *plan.peers],

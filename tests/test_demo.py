@@ -6,7 +6,7 @@ import json
 import pytest
 import zarr
 
-from ckd.demo import DEMO_METHODS, DemoPlan, run_demo
+from ckd.demo import DEMO_METHODS, FEATURE_DEMO_METHODS, DemoPlan, run_demo
 
 
 @pytest.mark.slow
@@ -36,3 +36,25 @@ def test_demo_runs_every_stage(tmp_path):
         data = (tmp_path / "report" / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert json.loads((tmp_path / "results.json").read_text())["results"] == summary["results"]
+
+
+@pytest.mark.slow
+def test_feature_demo_runs_every_feature_method(tmp_path):
+    """`ckd demo --features`: a pooled-feature cache and fitnet, crd, tekap (F), tekap (F+L)
+    and sdkd students next to kd and classroom (tiny epochs, one seed, two mentors)."""
+    plan = DemoPlan.with_features(teacher="r14", peers=("r8",), mentor_epochs=1,
+                                  student_epochs=1, seeds=(0,),
+                                  method_params={"crd.nce_k": 64, "tekap-f.nce_k": 64},
+                                  extra={"backend": "reference"})
+    summary = run_demo(tmp_path, plan)
+    root = zarr.open_group(str(tmp_path / "cache"), mode="r")
+    for alias in ("r14", "r8"):
+        assert root[f"mentors/{alias}"].attrs["features"] == {"pool": [64]}
+    table = (tmp_path / "results.md").read_text()
+    for label, _, _ in FEATURE_DEMO_METHODS:
+        assert f"| {label} |" in table
+        [row] = summary["results"][label]
+        assert 0.0 <= row["last"] <= 100.0
+    run = json.loads((tmp_path / "runs" / "crd-s0" / "metrics.jsonl").read_text()
+                     .splitlines()[0])
+    assert run["method_modules"]["params"] > 0 and run["mentor_source"] == "cache"

@@ -12,12 +12,19 @@ import click
 @click.option("--students", "more_students", is_flag=True,
               help="Also train the students beyond CNNs (mamba_tiny, vit_tiny) with kd and "
               "classroom from the same cache (adds several minutes on 2 cores).")
-def demo(out: str, seeds: int, progress: bool, more_students: bool) -> None:
+@click.option("--features", is_flag=True,
+              help="Cache the mentors' pooled features too and train fitnet, crd, tekap (F), "
+              "tekap (F+L) and sdkd next to kd and classroom (instead of nokd, aver and "
+              "classroom (official)).")
+def demo(out: str, seeds: int, progress: bool, more_students: bool, features: bool) -> None:
     """Prepare digits, train 4 mentors, cache all views, train students, report."""
     from ckd.demo import DemoPlan, run_demo  # noqa: PLC0415
 
     extra = ("mamba_tiny", "vit_tiny") if more_students else ()
-    run_demo(out, DemoPlan(seeds=tuple(range(seeds)), more_students=extra), progress=progress)
+    seeds_ = tuple(range(seeds))
+    plan = (DemoPlan.with_features(seeds=seeds_, more_students=extra) if features
+            else DemoPlan(seeds=seeds_, more_students=extra))
+    run_demo(out, plan, progress=progress)
 
 
 commands = [demo]
