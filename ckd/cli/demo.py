@@ -14,8 +14,8 @@ import click
               "classroom from the same cache (adds several minutes on 2 cores).")
 @click.option("--features", is_flag=True,
               help="Cache the mentors' pooled features too and train fitnet, crd, tekap (F), "
-              "tekap (F+L) and sdkd next to kd and classroom (instead of nokd, aver and "
-              "classroom (official)).")
+              "tekap (F+L) and sdkd next to nokd, kd and classroom (paper) (in place of aver "
+              "and classroom (official)).")
 def demo(out: str, seeds: int, progress: bool, more_students: bool, features: bool) -> None:
     """Prepare digits, train 4 mentors, cache all views, train students, report."""
     from ckd.demo import DemoPlan, run_demo  # noqa: PLC0415
