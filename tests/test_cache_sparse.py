@@ -97,11 +97,14 @@ def test_sparse_info_and_verify(caches, tmp_path):
     ids[0, 0, 0] = np.uint8(200)
     counts = root["mentors/r8c/sample_counts"]
     counts[1, 3, 0] = counts[1, 3, 0] + 1
+    sample_ids = root["mentors/r8c/sample_ids"]
+    sample_ids[0, 5, 0] = np.uint8(12)  # slot 0 of a row is always drawn (count > 0)
     rep = verify(bad)
     text = "\n".join(rep.problems)
     assert not rep.ok
-    assert "1 class ids outside [0, 12)" in text
-    assert "1 rows whose draw counts do not sum to S = 6" in text
+    assert "r8b" in text and "1 class ids outside [0, 12)" in text
+    assert "r8c" in text and "1 rows whose draw counts do not sum to S = 6" in text
+    assert sum("class ids outside" in p for p in rep.problems) == 2, text  # topk and sample
 
 
 def test_sparse_modes_refused_with_the_fix(caches):
@@ -125,8 +128,12 @@ def test_trainer_trains_from_a_sparse_cache(caches, tmp_path):
                 backend="reference", log_every=1, cache=str(caches["mixed"]))
     res = train(dict(base, method="classroom", out=str(tmp_path / "cls")))
     assert sorted(res["mentors"]) == ["r8", "r8b", "r8c"] and np.isfinite(res["last_acc"])
-    with pytest.raises(ValueError, match="'dkd' runs on dense mentor logits only"):
+    # refused while the run is set up (nothing written), naming the modes dkd runs on and
+    # the methods that run on sparse mentors
+    with pytest.raises(ValueError, match="'dkd' runs on dense mentor logits only.*work with "
+                                         "nokd, kd, aver"):
         train(dict(base, method="dkd", out=str(tmp_path / "dkd")))
+    assert not (tmp_path / "dkd").exists()
 
 
 def _same_sparse(a, b) -> None:

@@ -169,7 +169,10 @@ def logits_modes(logits: str | Mapping[str, str], aliases: list[str], num_classe
     out = {}
     for alias in aliases:
         spec = str(logits.get(alias, "dense")).strip()
-        mode, n = parse_mode(spec, num_classes)
+        try:
+            mode, n = parse_mode(spec, num_classes)
+        except ValueError as err:
+            raise ValueError(f"--logits (mentor {alias!r}): {err}") from err
         out[alias] = "dense" if mode == "dense" else f"{mode}:{n}"
     return out
 

@@ -210,14 +210,20 @@ def stack(parts: list[SparseMentors]) -> SparseMentors:
 
 
 
-def validate_sparse(sm: SparseMentors, method: str, supported: tuple[str, ...], B: int,
-                    C: int, device: torch.device) -> None:
-    """Shape/dtype/method checks of sparse mentors given to `distill_loss`."""
+def check_sparse_method(method: str, supported: tuple[str, ...]) -> None:
+    """Refuse a method that cannot run on sparse mentors, naming the modes it supports, the
+    methods that do run on sparse ones and the fix."""
     if method not in supported:
         raise ValueError(
             f"method {method!r} runs on dense mentor logits only (it needs every class); "
             f"sparse mentors (topk:K, sample:S) work with {', '.join(supported)}. Use a "
             "dense cache (`ckd cache-logits --logits dense`) for this method")
+
+
+def validate_sparse(sm: SparseMentors, method: str, supported: tuple[str, ...], B: int,
+                    C: int, device: torch.device) -> None:
+    """Shape/dtype/method checks of sparse mentors given to `distill_loss`."""
+    check_sparse_method(method, supported)
     M, Bm, K = sm.shape
     if Bm != B or sm.num_classes != C:
         raise ValueError(f"sparse mentors are for B = {Bm} rows of C = {sm.num_classes} "
