@@ -8,6 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ckd.data.datasets import (
@@ -188,7 +189,13 @@ def test_prepare_roundtrip(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["fingerprint"] == ds.fingerprint and meta["n_train"] == 150
     assert meta["n_test"] == 40 and meta["num_classes"] == 5 and meta["name"] == "synthetic"
-    back = load_prepared(out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # neither ffcv's import value (1) nor its worker count (<= 2)
+    try:
+        back = load_prepared(out)
+        assert torch.get_num_threads() == 3  # ffcv's side effect on torch's threads undone
+    finally:
+        torch.set_num_threads(threads)
     assert back.fingerprint == ds.fingerprint and back.num_classes == 5
     assert np.array_equal(back.train.images, ds.train.images)
     assert np.array_equal(back.test.labels, ds.test.labels)

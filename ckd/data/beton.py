@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,21 @@ class _Rows:
 
     def __getitem__(self, i: int) -> tuple:
         return self.split.images[i], int(self.split.labels[i]), int(i)
+
+
+@contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """ffcv sets torch's intra-op thread count as a side effect (to 1 when imported, to its
+    worker count when a Loader is made or iterated), overriding OMP_NUM_THREADS and
+    torch.set_num_threads: restore the caller's count after it. (Two threads where the
+    caller asked for one were 10-25x slower per step on a loaded 2-core machine.)"""
+    import torch  # noqa: PLC0415
+
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def write_beton(split: Split, path: str | Path) -> Path:
@@ -72,23 +89,24 @@ def write_betons(dataset: Dataset, out_dir: str | Path) -> Path:
 
 def read_beton(path: str | Path, *, batch_size: int = 2048) -> Split:
     """Read a whole .beton back into a Split (sequential, exact; placed by the index field)."""
-    from ffcv.loader import Loader, OrderOption  # noqa: PLC0415
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .beton; create it with `ckd prepare`")
-    loader = Loader(str(path), batch_size=batch_size, num_workers=ffcv_workers(),
-                    order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True)
-    n = loader.reader.num_samples
-    shape = tuple(int(s) for s in loader.reader.handlers["image"].shape)
-    images = np.empty((n,) + shape, dtype=np.uint8)
-    labels = np.empty(n, dtype=np.int64)
-    seen = np.zeros(n, dtype=bool)
-    for img, lab, idx in loader:
-        idx = np.asarray(idx).reshape(-1)
-        images[idx] = np.asarray(img)  # copies out of ffcv's reused buffers
-        labels[idx] = np.asarray(lab).reshape(-1)
-        seen[idx] = True
+    with keep_torch_threads():
+        from ffcv.loader import Loader, OrderOption  # noqa: PLC0415
+
+        loader = Loader(str(path), batch_size=batch_size, num_workers=ffcv_workers(),
+                        order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True)
+        n = loader.reader.num_samples
+        shape = tuple(int(s) for s in loader.reader.handlers["image"].shape)
+        images = np.empty((n,) + shape, dtype=np.uint8)
+        labels = np.empty(n, dtype=np.int64)
+        seen = np.zeros(n, dtype=bool)
+        for img, lab, idx in loader:
+            idx = np.asarray(idx).reshape(-1)
+            images[idx] = np.asarray(img)  # copies out of ffcv's reused buffers
+            labels[idx] = np.asarray(lab).reshape(-1)
+            seen[idx] = True
     if not seen.all():
         raise ValueError(f"{path}: index field does not cover 0..{n - 1}; re-run ckd prepare")
     return Split(images, labels)

@@ -185,24 +185,26 @@ class FfcvLoader(_Loader):
     FFCV's reused buffers and moved to `device`."""
 
     def __init__(self, path: str | Path, **kw) -> None:
-        from ffcv.loader import Loader  # noqa: PLC0415
-
-        from .beton import ffcv_workers  # noqa: PLC0415
+        from .beton import ffcv_workers, keep_torch_threads  # noqa: PLC0415
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such .beton; create it with `ckd prepare`")
-        from ffcv.reader import Reader  # noqa: PLC0415
+        with keep_torch_threads():
+            from ffcv.loader import Loader  # noqa: PLC0415
+            from ffcv.reader import Reader  # noqa: PLC0415
 
-        super().__init__(Reader(str(path)).num_samples, **kw)
-        self.path = path
-        self._ffcv = Loader(str(path), batch_size=self.batch_size, num_workers=ffcv_workers(),
-                            os_cache=True, order=_permutation_order_cls()(self),
-                            drop_last=False, seed=self.seed)
+            super().__init__(Reader(str(path)).num_samples, **kw)
+            self.path = path
+            self._ffcv = Loader(str(path), batch_size=self.batch_size,
+                                num_workers=ffcv_workers(), os_cache=True,
+                                order=_permutation_order_cls()(self), drop_last=False,
+                                seed=self.seed)
 
     def __iter__(self) -> Iterator[Batch]:
         self._ffcv.next_epoch = self.epoch  # ffcv asks the order for `next_epoch`
         nb = self.device.type == "cuda"
+        # ffcv's epoch thread sets torch's thread count to its worker count while it runs
         it = iter(self._ffcv)
         try:
             for img, lab, idx in it:
