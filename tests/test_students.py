@@ -225,6 +225,13 @@ def test_trained_students_are_mentors(tmp_path):
     with torch.no_grad():
         want = model(apply_views(torch.from_numpy(ds.train.images[:8]), vids, ds.mean, ds.std))
     torch.testing.assert_close(cache.gather(slots, idx)[0].float(), want, atol=2e-2, rtol=1e-2)
+    # the student's checkpoint file itself is a mentor too, added to the same cache
+    res = CliRunner().invoke(cli, ["cache-logits", *data, "--mentors",
+                                   f"m2={run / 'student.pt'}", "--views", "1", "--out",
+                                   str(tmp_path / "c"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    both = LogitCache(tmp_path / "c", mentors=["m", "m2"]).gather(slots, idx)
+    assert torch.equal(both[0], both[1])
     res = CliRunner().invoke(cli, ["cache-logits", *data, "--mentors", f"x={tmp_path}",
                                    "--out", str(tmp_path / "c2"), "--device", "cpu"])
     assert res.exit_code != 0 and "holds no student.pt" in res.output
