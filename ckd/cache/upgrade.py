@@ -134,6 +134,11 @@ def _upgrade_mentor(store: Path, alias: str, attrs: dict[str, Any], lay: Layout,
 def upgrade(path: str | Path, progress: bool = False) -> list[str]:
     """Upgrade the store at `path` to the current format version; returns notes (units left
     for `ckd cache-logits` to rebuild). A store already at this version is left as is."""
+    if str(path).startswith("s3://"):
+        raise ValueError(f"{path}: `ckd cache upgrade` converts local stores only (version-1 "
+                         "stores predate object-store caches): download it with your S3 "
+                         "client, upgrade the local folder, then upload it with `ckd cache "
+                         "copy LOCAL s3://...`")
     path = Path(path)
     attrs = read_json_attrs(path, path / "zarr.json", missing=f"no logit cache at {path}")
     if attrs.get("format") != FORMAT:
