@@ -225,7 +225,7 @@ def cache_verify(path: str, recompute: int, data_dir: str | None, prepared: str 
 
 
 @cache_group.command("upgrade")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def cache_upgrade(path: str, quiet: bool) -> None:
     """Convert an older cache store to the current format version, in place.
