@@ -155,3 +155,33 @@ def test_s3_errors_name_the_url_and_the_fix(s3, monkeypatch, case):
 def test_missing_s3_cache_names_the_build_command(s3):
     with pytest.raises(FileNotFoundError, match=f"no logit cache at {s3}/none.*cache-logits"):
         LogitCache(f"{s3}/none")
+
+
+def _read_in_worker(url: str) -> list:
+    return LogitCache(url)._read_checked("r8", "logits", slice(0, 1), slice(0, 16)).tolist()
+
+
+def _forked_read(url: str) -> str:
+    try:
+        _read_in_worker(url)
+    except ObjectStoreError as err:
+        return str(err)
+    return "no error"
+
+
+def test_workers_open_their_own_reader_and_a_fork_is_refused(s3, s3_mentors):
+    """A spawned worker opens the cache itself and reads it; a process forked after its
+    parent used the object store (obstore's runtime does not survive fork) is refused with
+    the fix instead of hanging."""
+    import multiprocessing
+
+    ds = load_dataset("synthetic", n_train=32, n_test=8, num_classes=5)
+    url = f"{s3}/workers"
+    build_cache(ds, {"r8": s3_mentors["r8"]}, url, views=1, samples_per_chunk=16,
+                progress=False)
+    want = _read_in_worker(url)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(_read_in_worker, (url,)) == want
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        err = pool.apply_async(_forked_read, (url,)).get(timeout=60)
+    assert "forked" in err and "spawn" in err and url in err

@@ -9,8 +9,9 @@ store.
 
 Object stores are configured the standard way, from the `AWS_*` environment variables
 (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
-`AWS_ALLOW_HTTP`, ...) that obstore reads. A client is made per process (never used
-across a fork: its connection pool and runtime are not fork-safe); failures are raised as
+`AWS_ALLOW_HTTP`, ...) that obstore reads. A client is made per process; obstore's runtime
+does not survive fork, so a process forked after its parent used an object store is
+refused with the fix (spawn the workers) instead of hanging. Failures are raised as
 `ObjectStoreError` naming the URL and the likely fix.
 """
 
@@ -78,16 +79,30 @@ def explain(url: str, err: BaseException) -> ObjectStoreError:
     return ObjectStoreError(f"{url}: {why} ({type(err).__name__}: {first})")
 
 
-_CLIENTS: dict[tuple[int, str, str], Any] = {}
+_CLIENTS: dict[tuple, Any] = {}
+_RUNTIME_PID: list[int] = []  # the process whose obstore runtime is live
+
+
+def _check_not_forked(url: str) -> None:
+    """obstore's async runtime does not survive fork: a child forked after its parent used
+    an object store hangs on any request, even with a new client. Say so instead."""
+    if _RUNTIME_PID and _RUNTIME_PID[0] != os.getpid():
+        raise ObjectStoreError(
+            f"{url}: this process was forked from one that had already used the object "
+            "store, and obstore cannot make requests after a fork: start worker processes "
+            "with the 'spawn' (or 'forkserver') method and open the cache in each of them "
+            "(torchrun's ranks already are separate processes)")
+    if not _RUNTIME_PID:
+        _RUNTIME_PID.append(os.getpid())
 
 
 def s3_client(bucket: str, prefix: str = "") -> Any:
     """The obstore S3Store of `bucket` (keys under `prefix`) for this process, configured
-    from the AWS_* environment variables. Keyed by pid (a forked child makes its own
-    instead of reusing the parent's) and by those variables (a changed endpoint or
-    credential gets a new client)."""
+    from the AWS_* environment variables (a changed endpoint or credential gets a new
+    client). Refused in a process forked after its parent used an object store."""
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
     key = (os.getpid(), bucket, prefix, env)
+    _check_not_forked(f"s3://{bucket}/{prefix}".rstrip("/"))
     if key not in _CLIENTS:
         try:
             from obstore.store import S3Store
