@@ -7,9 +7,15 @@ plus every Triton kernel launch (the interpreter's launch entry point).
 
     TRITON_INTERPRET=1 python benchmarks/launches.py
 
-The training step: resnet20 student (channels_last) on a CIFAR batch of 64, six cached
-mentors' logits gathered from an in-memory [M, S*N, C] table, keyed views, the loss,
-backward, SGD (foreach, momentum, weight decay).
+The training step, by part: resnet20 student (channels_last) on a CIFAR batch of 64, six
+cached mentors' logits and statistics gathered from an in-memory [M, S*N, C] table with
+16-byte rows, keyed views, the loss, backward, SGD (foreach, momentum, weight decay).
+
+The trainer's own step (`ckd.train.train`, resnet20, classroom from a 6-mentor cache,
+batch 64), eager and with `--cuda-graphs`: every op of each student step counted after
+the first epoch (warm-up), and the batch's mentor gather; with `--cuda-graphs` the replay
+is one graph launch (on CPU the captured step runs uncounted in its place) plus the
+copies of the batch into the graph's input buffers.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckd.hashing import seed_keys
+from ckd.rows import padded_width
 
 NO_LAUNCH = {"empty.memory_format", "empty_strided.default", "detach.default", "view.default",
              "select.int", "slice.Tensor", "alias.default", "expand.default",
@@ -37,7 +44,8 @@ class Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: Counter = Counter()
-        self.paused = False  # inside the Triton interpreter (its numpy round trips)
+        self.paused = 0  # > 0: inside the Triton interpreter (its numpy round trips) or
+        # work that runs uncounted (a graph replay's captured step)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__
@@ -56,19 +64,25 @@ def counting():
     mode = Count()
 
     def run(self, *args, **kwargs):
-        launches[self.fn.__name__] += 1
-        mode.paused = True
+        if not mode.paused:
+            launches[self.fn.__name__] += 1
+        mode.paused += 1
         try:
             return saved(self, *args, **kwargs)
         finally:
-            mode.paused = False
+            mode.paused -= 1
 
     InterpretedFunction.run = run
+    ACTIVE.append(mode)
     try:
         with mode:
             yield mode.ops, launches
     finally:
+        ACTIVE.pop()
         InterpretedFunction.run = saved
+
+
+ACTIVE: list[Count] = []  # the counting modes in use (innermost last)
 
 
 def loss_counts(B=64, C=100, M=6) -> list[tuple[str, int, int]]:
@@ -112,7 +126,9 @@ def step_counts(B=64, C=100, M=6) -> dict[str, int]:
                           foreach=True)
     images = torch.randint(0, 256, (B, 32, 32, 3), dtype=torch.uint8)
     labels = torch.randint(0, C, (B,))
-    table = torch.randn(M, 4 * 1000, C).half()  # the memory-mode cache
+    table = torch.zeros(M, 4 * 1000, padded_width(C, torch.float16)).half()  # memory cache
+    table[..., :C] = torch.randn(M, 4 * 1000, C).half()
+    stats_table = torch.randn(M, 4 * 1000, 2)
     idx = torch.randint(0, 1000, (B,))
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     parts: dict[str, int] = {}
@@ -141,14 +157,102 @@ def step_counts(B=64, C=100, M=6) -> dict[str, int]:
                 count("views (CUDA path: fused kernels)", views_kernel)
             except ImportError:
                 pass
-        zm = count("cache gather", lambda ids=ids: table.index_select(1, ids % 4 * 1000 + idx))
+        zm, st = count("cache gather (logits + statistics)", lambda ids=ids: tuple(
+            t.index_select(1, ids % 4 * 1000 + idx) for t in (table, stats_table)))
+        zm = zm[..., :C]
         logits = count("student forward", lambda x=x: model(x))
-        out = count("loss forward", lambda lo=logits, zm=zm: distill_loss(
-            lo, zm, labels, method="classroom", backend="triton", validate=False))
+        out = count("loss forward", lambda lo=logits, zm=zm, st=st: distill_loss(
+            lo, zm, labels, method="classroom", backend="triton", validate=False,
+            mentor_stats=st))
         count("zero_grad + backward (student + loss)",
               lambda out=out: (opt.zero_grad(set_to_none=True), out.loss.backward()))
         count("optimizer (SGD foreach)", opt.step)
     return parts
+
+
+def trainer_counts(B=64, C=100, steps=4) -> dict[str, dict[str, float]]:
+    """Launches per step of `ckd.train.train` itself, eager and --cuda-graphs (see top)."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train import CLASSROOM, make_mentors
+
+    from ckd.cache import build_cache
+    from ckd.data import load_dataset
+    from ckd.train import TrainConfig, train
+    from ckd.train import epoch as E
+    from ckd.train import graphs as G
+    from ckd.train import mentors as MS
+
+    root = Path(tempfile.mkdtemp(prefix="ckd-launches-"))
+    opts = dict(n_train=steps * B, n_test=8, num_classes=C, seed=0)
+    cache = build_cache(load_dataset("synthetic", **opts), make_mentors(root / "m", C),
+                        root / "cache", views=1, progress=False)
+    base = dict(dataset="synthetic", dataset_options=opts, student="resnet20", epochs=2,
+                batch_size=B, device="cpu", backend="triton", progress=False,
+                log_every=10**9, eval_every=10**9, method="classroom", cache=str(cache),
+                mentors=CLASSROOM, schedule="constant")
+    out: dict[str, dict[str, float]] = {}
+    from ckd.methods.compose import LossPlan
+
+    saved = (E._StudentEpoch.step, MS.CachedMentors.gather, G.GraphedStep.__call__,
+             TrainConfig._check_cuda_graphs, G.check_capturable, torch.optim.SGD.step,
+             LossPlan.loss)
+    for mode in ("eager", "--cuda-graphs"):
+        totals: Counter = Counter()
+
+        def counted(name, fn, *a, totals=totals, **k):
+            if not getattr(counted, "on", False) or any(m.paused for m in ACTIVE):
+                return fn(*a, **k)
+            with counting() as (ops, launches):
+                res = fn(*a, **k)
+            totals[name] += sum(ops.values()) + sum(launches.values())
+            return res
+
+        def step(self, *a, **k):
+            counted.on = self.epoch >= 1  # the first epoch warms up (and captures)
+            return counted("student step (trainer)", saved[0], self, *a, **k)
+
+        def gather(self, *a, **k):
+            return counted("mentor gather (trainer)", saved[1], self, *a, **k)
+
+        def replay(self, key, *inputs, totals=totals):  # one graph launch + input copies
+            for mode_ in ACTIVE:
+                mode_.paused += 1
+            try:
+                res = self.step(*inputs)  # the captured work, run uncounted in its place
+            finally:
+                for mode_ in ACTIVE:
+                    mode_.paused -= 1
+            copies = sum(t is not None for t in inputs)
+            if ACTIVE:  # counted in the student step's total, and shown on their own
+                ACTIVE[-1].ops["graph launch + input copies"] += 1 + copies
+                totals["  of which: graph launch"] += 1
+                totals["  of which: copies into the graph's inputs"] += copies
+            return res
+
+        def sgd(self, *a, **k):
+            return counted("  of which: SGD step", saved[5], self, *a, **k)
+
+        def loss(self, *a, **k):
+            return counted("  of which: loss forward", saved[6], self, *a, **k)
+
+        E._StudentEpoch.step, MS.CachedMentors.gather = step, gather
+        torch.optim.SGD.step, LossPlan.loss = sgd, loss
+        if mode != "eager":
+            G.GraphedStep.__call__ = replay
+            TrainConfig._check_cuda_graphs = lambda self: None
+            G.check_capturable = lambda run: None
+        try:
+            train(dict(base, cuda_graphs=mode != "eager", out=str(root / mode)))
+        finally:
+            (E._StudentEpoch.step, MS.CachedMentors.gather, G.GraphedStep.__call__,
+             TrainConfig._check_cuda_graphs, G.check_capturable, torch.optim.SGD.step,
+             LossPlan.loss) = saved
+        out[mode] = {k: v / steps for k, v in totals.items()}
+    return out
 
 
 def main() -> int:
@@ -164,6 +268,14 @@ def main() -> int:
     print("\n| training step part (resnet20, B=64, classroom, cached) | launches |\n|---|---|")
     for name, n in parts.items():
         print(f"| {name} | {n} |")
+    if "--no-trainer" not in sys.argv:
+        rows = trainer_counts()
+        print("\n| ckd.train.train per step (resnet20, B=64, classroom, 6 cached mentors) | "
+              "eager | --cuda-graphs |\n|---|---|---|")
+        for name in sorted(rows["eager"] | rows["--cuda-graphs"],
+                           key=lambda n: (n.startswith("mentor"), n.startswith(" "))):
+            print(f"| {name} | {rows['eager'].get(name, 0):.0f} | "
+                  f"{rows['--cuda-graphs'].get(name, 0):.0f} |")
     return 0
 
 

@@ -105,3 +105,16 @@ def test_stream_mode_gather_is_padded_too(tmp_path):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_variant_compiles_slow(arch):
     check(static_report("--arch", str(arch), "--C", "100", "1000"))
+
+
+@pytest.mark.slow
+def test_unaligned_rows_fit_the_register_budget_slow():
+    """A bf16 student at C=100 (the trainer's amp path: 200-byte rows) and contiguous
+    fp16 mentors (an outside caller's) load element by element: fewer rows a program
+    keep every variant within 128 registers and spill-free."""
+    for argv in (("--student", "bfloat16"), ("--mentor-source", "plain")):
+        rows = static_report("--arch", "90", "--C", "100", "1000", *argv)
+        for r in rows:
+            what = f"{r['kernel']} ({r['case']}, C={r['C']}, {argv})"
+            assert r["regs"] <= 128, f"{what}: {r['regs']} registers"
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{what} spills"

@@ -225,13 +225,18 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
         raise AssertionError(method)
     bt = triton.next_power_of_2(max(n_terms, 1))
     rows, bc, one, warps = _tiles(B, C, n_terms, block_c, n_terms > n_mentors > 1)
+    vec_m = 1 if zm is None else vec_width(zm[:n_mentors], C)
+    if one and rows > 1 and (vec_s == 1 or (zm is not None and vec_m == 1)):
+        # unaligned rows (a bf16 student at C=100, contiguous fp16 mentors) load element by
+        # element, which takes more registers per element: fewer rows per program (a
+        # quarter with sample-granularity selection, which keeps more per row)
+        rows = max(1, rows // (4 if mode == D.MODE_SAMPLE else 2))
     nprog = triton.cdiv(B, rows)
     nv = triton.next_power_of_2(5 + 3 * bt)
     part = torch.empty(nprog, nv, dtype=loss_dtype, device=dev)
     out = torch.empty(3 * M + 1, dtype=f32, device=dev) if stats_from_kernel else None
     zm_arg = zs_d if zm is None else zm
     zm_strides = (0, 0, 0) if zm is None else zm.stride()
-    vec_m = 1 if zm is None else vec_width(zm[:n_mentors], C)
     rank_zs = zs_d if p.get("rank_logits") is None else p["rank_logits"].detach()
     mstats = None
     if method == "classroom":

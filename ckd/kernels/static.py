@@ -14,6 +14,7 @@ by `CachedMentors.gather` (zarr needed; `--mentor-source plain` needs none).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -52,6 +53,7 @@ def recorded_launches():
 MENTOR_SOURCES = ("cache", "plain")
 
 
+@functools.lru_cache(maxsize=4)  # one store per shape for every case of a report
 def cached_mentors(B: int, C: int, M: int, mentor=torch.float16) -> tuple:
     """(mentor logits [M, B, C], their stats, labels) exactly as the trainer gets them
     from a logit cache: `ckd.train.mentors.CachedMentors.gather` of a store built here
