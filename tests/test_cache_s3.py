@@ -98,6 +98,22 @@ def test_s3_writer_lease_refuses_a_second_writer(s3, s3_mentors):
     build_cache(ds, {"r8": s3_mentors["r8"]}, url, views=1, progress=False)  # released: works
 
 
+def test_s3_lease_of_another_host_is_refused_until_stale(s3, s3_mentors, monkeypatch):
+    from ckd.cache.lock import StoreBusyError
+
+    url = f"{s3}/foreign"
+    lock = cache_path(url) / ".ckd-writer.lock"
+    ds = load_dataset("synthetic", n_train=16, n_test=8, num_classes=5)
+    lease = {"host": "other-node", "pid": 1, "command": "ckd cache-logits"}
+    lock.write_bytes(json.dumps({**lease, "heartbeat": time.time()}).encode())
+    with pytest.raises(StoreBusyError, match="pid 1 on other-node"):
+        build_cache(ds, {"r8": s3_mentors["r8"]}, url, views=1, progress=False)
+    monkeypatch.setenv("CKD_S3_LOCK_TTL_S", "5")  # its heartbeat is now too old: taken over
+    lock.write_bytes(json.dumps({**lease, "heartbeat": time.time() - 60}).encode())
+    build_cache(ds, {"r8": s3_mentors["r8"]}, url, views=1, progress=False)
+    assert not lock.exists() and LogitCache(url).mentors == ["r8"]
+
+
 TRAIN_WORKER = """
 import sys
 import torch
