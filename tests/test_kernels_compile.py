@@ -51,8 +51,9 @@ def test_classroom_compiles_for_h100_with_128_bit_loads():
 def test_cache_gather_feeds_the_kernels_128_bit_rows_with_identical_results():
     """The trainer's cache gather (memory and stream mode) returns rows padded to 16 bytes
     (C=100 fp16: stride 104), the launcher picks 8-wide loads for them (a contiguous
-    [M, B, 100] copy gets 1), and the loss, gradient and selection are bit for bit those
-    of the contiguous copy."""
+    [M, B, 100] copy gets 1), and the gradient and selection are bit for bit those of the
+    contiguous copy, the loss within 1 ulp (the copy's element-wise loads take fewer rows a
+    program, so the batch sum's partials are grouped differently)."""
     pytest.importorskip("zarr")
     import torch
 
@@ -73,7 +74,8 @@ def test_cache_gather_feeds_the_kernels_128_bit_rows_with_identical_results():
             out.loss.backward()
             outs.append((out.loss, z.grad, out.stats["mentor_rank"], out.stats["mentor_active"]))
     for a, b in zip(outs[:2], outs[2:], strict=True):
-        for x, w in zip(a, b, strict=True):
+        torch.testing.assert_close(a[0], b[0], rtol=2.5e-7, atol=0)
+        for x, w in zip(a[1:], b[1:], strict=True):
             assert torch.equal(x, w)
     vec_m = {src: loss_launches("kd", 8, 100, 3, source=src)[0][3]["VEC_M"]
              for src in ("cache", "plain")}
