@@ -114,17 +114,24 @@ def test_stream_mode_reads_blocks_in_the_epoch_order(tmp_path):
 
 
 def test_train_with_shard_block_order(block_cache, tmp_path):
+    """`--order shard-blocks` trains the same student whichever reader serves the rows:
+    memory, stream, or blocks (a window of whole chunks read on demand)."""
     from ckd.train import train
 
-    res = train(dict(dataset="synthetic", dataset_options=dict(n_train=N, n_test=8,
-                                                              num_classes=5),
-                     student="resnet8", method="kd", cache=str(block_cache),
-                     cache_mode="stream", order="shard-blocks", epochs=1, batch_size=50,
-                     device="cpu", progress=False, backend="reference",
-                     out=str(tmp_path / "run")))
-    assert res["steps"] == 4
-    cfg = (tmp_path / "run" / "config.yaml").read_text()
-    assert "order: shard-blocks" in cfg
+    states = {}
+    for mode in ("memory", "stream", "blocks"):
+        res = train(dict(dataset="synthetic", dataset_options=dict(n_train=N, n_test=8,
+                                                                  num_classes=5),
+                         student="resnet8", method="kd", cache=str(block_cache),
+                         cache_mode=mode, order="shard-blocks", epochs=1, batch_size=50,
+                         device="cpu", progress=False, backend="reference",
+                         out=str(tmp_path / mode)))
+        assert res["steps"] == 4
+        states[mode] = res["model"].state_dict()
+    for mode in ("stream", "blocks"):
+        for k, v in states["memory"].items():
+            assert torch.equal(v, states[mode][k]), (mode, k)
+    assert "order: shard-blocks" in (tmp_path / "blocks" / "config.yaml").read_text()
 
 
 def test_train_order_shard_blocks_needs_a_cache():

@@ -28,14 +28,29 @@ class BlockReader:
 
     def __init__(self, cache: LogitCache, window: int = 4) -> None:
         if cache.sparse or cache.features:
-            raise ValueError("BlockReader serves dense logits and stats only (no sparse "
-                             "mentors, no features): use mode='memory' or 'stream'")
+            raise ValueError("--cache-mode blocks serves dense logits and stats only (no "
+                             "sparse mentors, no features): use --cache-mode memory or stream")
         if window < 1:
             raise ValueError(f"window must be >= 1 unit, got {window}")
         self.cache, self.window = cache, int(window)
         self.units: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = \
             OrderedDict()
         self.reads = 0  # units read so far (each: 2 chunk reads per mentor)
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else (mentors, layout, epoch_views, check_compatible, ...) is the
+        cache's: a BlockReader stands in for a LogitCache in the trainer."""
+        if name == "cache":
+            raise AttributeError(name)
+        return getattr(self.cache, name)
+
+    def start_epoch(self, epoch: int, seed: int, indices: torch.Tensor | None = None
+                    ) -> None:
+        """Nothing to plan: units are read when a step first needs them."""
+
+    def close(self) -> None:
+        self.units.clear()
+        self.cache.close()
 
     def _unit(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         key = (a, b)

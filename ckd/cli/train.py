@@ -139,7 +139,10 @@ def _summary(result: dict[str, Any]) -> None:
 @click.command()
 @_common
 @click.option("--cache", type=click.Path(file_okay=False), help="Logit cache (ckd cache-logits).")
-@click.option("--cache-mode", type=click.Choice(["memory", "stream"]))
+@click.option("--cache-mode", type=click.Choice(["memory", "stream", "blocks"]),
+              help="memory (default: the whole cache decompressed once), stream (one "
+              "epoch's rows, read ahead), blocks (a window of whole chunks read when a step "
+              "needs them: use with --order shard-blocks).")
 @click.option("--resolution", type=click.IntRange(min=1),
               help="Image folders: the student's input size in pixels (default: its "
               "arch's, 224 for the ImageNet zoo); crops replay the cached views' boxes.")

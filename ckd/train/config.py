@@ -60,7 +60,7 @@ class TrainConfig:
     # mentors
     cache: str | None = None
     cache_mode: str = _opt("memory", str, "where cached logits live while training",
-                           choices=("memory", "stream"))
+                           choices=("memory", "stream", "blocks"))
     order: str = _opt("random", str, "epoch order: a random permutation, or whole cache "
                       "shards (sample chunks) in a random order", choices=("random",
                                                                            "shard-blocks"))

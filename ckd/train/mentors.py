@@ -126,6 +126,8 @@ class OnlineMentors(NoMentors):
 MentorSource = NoMentors | CachedMentors | OnlineMentors
 
 
+BLOCK_WINDOW = 4  # units held by --cache-mode blocks (each: every mentor's rows)
+
 def parse_mentor_specs(specs: list[str] | None) -> list[tuple[str, str | None]]:
     """["r110", "peer=path.pt"] -> [("r110", None), ("peer", "path.pt")]."""
     out = []
@@ -216,8 +218,13 @@ def _open_cache(cfg: TrainConfig, ds, device: torch.device,
     from ckd.features.runtime import feature_needs  # noqa: PLC0415
 
     needs = feature_needs(cfg.loss_plan().terms) if need and not cfg.mentors_online else ()
-    cache = LogitCache(cfg.cache, mode=cfg.cache_mode, device=str(device), mentors=names,
-                       features=needs)
+    blocks = cfg.cache_mode == "blocks"  # a bounded window of units (ckd.cache.blocks)
+    cache = LogitCache(cfg.cache, mode="stream" if blocks else cfg.cache_mode,
+                       device=str(device), mentors=names, features=needs)
+    if blocks:
+        from ckd.cache.blocks import BlockReader  # noqa: PLC0415
+
+        cache = BlockReader(cache, window=BLOCK_WINDOW)
     cache.check_compatible(ds.name, ds.fingerprint, ds.num_classes)
     if need and not cfg.mentors_online and cache.sparse:  # refused now, not at the 1st step
         from ckd.kernels.sparse_mentors import check_sparse_method  # noqa: PLC0415
