@@ -87,6 +87,22 @@ def test_s3_sigkill_then_resume(s3, s3_mentors, tmp_path):
     assert LogitCache(url).mentors == ["r8", "r8b"]
 
 
+@pytest.mark.slow  # torchrun with two processes importing torch
+def test_two_ranks_build_disjoint_shards_on_s3(s3, s3_mentors, tmp_path):
+    n = 64
+    url = f"{s3}/sharded"
+    args = synthetic_cache_args(n, f"r8={s3_mentors['r8']}", 16)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "-m", "ckd.cli.main", "cache-logits", *args,
+                          "--out", url], capture_output=True, text=True, timeout=300,
+                         env=env(), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    ds = load_dataset("synthetic", n_train=n, n_test=16, num_classes=5)
+    one = build_cache(ds, {"r8": s3_mentors["r8"]}, tmp_path / "one", views=2,
+                      samples_per_chunk=16, batch_size=16, progress=False)
+    assert object_tree(url) == local_tree(one)  # the same bytes as one process
+
+
 def test_s3_writer_lease_refuses_a_second_writer(s3, s3_mentors):
     from ckd.cache.lock import StoreBusyError, writer_lock
 
