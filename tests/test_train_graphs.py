@@ -144,7 +144,8 @@ def test_cuda_graphs_without_cuda_is_refused_with_the_fix(tmp_path):
     from ckd.train import train
 
     with pytest.raises(ValueError, match=r"needs a CUDA device .*cpu.*drop --cuda-graphs"):
-        train(dict(TRAIN, method="nokd", cuda_graphs=True, out=str(tmp_path / "a")))
+        train(dict(TRAIN, method="nokd", backend="auto", cuda_graphs=True,
+                   out=str(tmp_path / "a")))
     res = CliRunner().invoke(cli, ["train", "--cuda-graphs", "--device", "cpu", "--dataset",
                                    "synthetic", "--method", "nokd", "--out",
                                    str(tmp_path / "b")])
