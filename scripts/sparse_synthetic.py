@@ -1,6 +1,7 @@
 """Student accuracy from dense, topk:K and sample:S mentor logits on a 100-class synthetic task.
 
     .venv/bin/python scripts/sparse_synthetic.py [--seeds 0,1,2] [--threads 2]
+        [--methods "kd T=4,classroom tau=4"] [--modes dense,sample:8] [--trace]
 
 The task where sparsity bites (100 classes) at a size the shared 2-core CPU runs in minutes:
 points, not images. 100 Gaussian classes in 32 dimensions, grouped as 20 superclasses of 5
@@ -42,6 +43,8 @@ MODES = ("dense", "topk:5", "sample:8")
 # label, method expression, parameters (make_plan's params / shortcuts)
 METHODS = (("nokd", "nokd", {}), ("kd T=4", "kd", {"T": 4.0}), ("kd T=1", "kd", {"T": 1.0}),
            ("classroom tau=4", "classroom", {"tau": 4.0, "variant": "paper"}))
+EXTRA_METHODS = (("kd T=5", "kd", {"T": 5.0}),
+                 ("classroom tau=1", "classroom", {"tau": 1.0, "variant": "paper"}))
 
 
 def make_task() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,16 +113,17 @@ def rows(mentors, idx: torch.Tensor):
                             "rest_mean")), mentors.modes, mentors.num_classes)
 
 
-def cached_views(mentors: list[nn.Module], x: torch.Tensor, y: torch.Tensor) -> dict:
+def cached_views(mentors: list[nn.Module], x: torch.Tensor, y: torch.Tensor,
+                 modes: list[str]) -> dict:
     """mode -> one entry per view: fp16 [M, N, C] (dense) or SparseMentors."""
     from ckd.kernels.sparse_mentors import parse_mode, sparsify_sample, sparsify_topk
 
-    out: dict[str, list] = {m: [] for m in MODES}
+    out: dict[str, list] = {m: [] for m in modes}
     for v in range(STUDENT_EPOCHS):
         xv = view(x, v)
         with torch.no_grad():
             z = torch.stack([m.eval()(xv) for m in mentors]).half()  # as the cache stores
-        for spec in MODES:
+        for spec in modes:
             mode, n = parse_mode(spec, C)
             out[spec].append(z if mode == "dense" else sparsify_topk(z, y, n) if mode == "topk"
                              else sparsify_sample(z, y, n, torch.Generator().manual_seed(v)))
@@ -135,7 +139,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(m[0] for m in METHODS),
+                    help="labels, of: " + ", ".join(m[0] for m in METHODS + EXTRA_METHODS))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--trace", action="store_true",
+                    help="per epoch: test top-1, mean loss and mean mentor temperature")
     args = ap.parse_args(argv)
+    by_label = {m[0]: m for m in METHODS + EXTRA_METHODS}
+    methods = [by_label[label.strip()] for label in args.methods.split(",")]
+    modes = [m.strip() for m in args.modes.split(",")]
     from ckd.methods.compose import make_plan
 
     torch.set_num_threads(args.threads)
@@ -156,21 +168,33 @@ def main(argv=None) -> int:
         mentor_acc[name] = fit(model, MENTOR_EPOCHS, seed, mentor_loss)[-1]
         mentors.append(model)
         print(f"mentor {name} {hidden}: test top-1 {mentor_acc[name]:.2f}%", flush=True)
-    caches = cached_views(mentors, x, y)
+    caches = cached_views(mentors, x, y, sorted(set(modes) | {"dense"}))
     views = [view(x, v) for v in range(STUDENT_EPOCHS)]
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    for label, method, params in METHODS:
+    for label, method, params in methods:
         plan = make_plan(method, {k: v for k, v in params.items() if k == "T"}, None,
                          {k: v for k, v in params.items() if k != "T"}, backend="reference")
-        for spec in ("dense",) if method == "nokd" else MODES:
+        for spec in ("dense",) if method == "nokd" else modes:
             for seed in seeds:
+                trace: list[list[float]] = [[0.0, 0.0, 0] for _ in range(STUDENT_EPOCHS)]
+
                 def student_loss(model, epoch, step, idx, spec=spec, seed=seed, plan=plan,
-                                 method=method):
+                                 method=method, trace=trace):
                     zm = None if method == "nokd" else rows(caches[spec][epoch], idx)
-                    return plan.loss(model(views[epoch][idx]), zm, y[idx], epoch=epoch,
-                                     step=step, seed=seed).loss
+                    out = plan.loss(model(views[epoch][idx]), zm, y[idx], epoch=epoch,
+                                    step=step, seed=seed)
+                    temp = out.stats.get("mentor_temp")
+                    trace[epoch][0] += float(out.loss)
+                    trace[epoch][1] += float(temp.float().mean()) if temp is not None else 0.0
+                    trace[epoch][2] += 1
+                    return out.loss
 
                 accs = fit(mlp(STUDENT, 100 + seed), STUDENT_EPOCHS, seed, student_loss)
+                if args.trace:
+                    for e, (loss, temp, n) in enumerate(trace):
+                        print(f"  {label} {spec} seed {seed} epoch {e}: test top-1 "
+                              f"{accs[e]:.2f}%, mean loss {loss / n:.2f}, mean mentor "
+                              f"temperature {temp / n:.2f}", flush=True)
                 results.setdefault((label, spec), []).append((accs[-1], max(accs)))
                 print(f"{label} from {spec} seed {seed}: last {accs[-1]:.2f}% best "
                       f"{max(accs):.2f}%", flush=True)
