@@ -13,7 +13,7 @@ from ckd.demo import DEMO_METHODS, FEATURE_DEMO_METHODS, DemoPlan, run_demo
 @pytest.mark.timeout(1800)  # 801 s measured on a loaded 2-core machine (pytest's default: 900)
 def test_demo_runs_every_stage(tmp_path):
     plan = DemoPlan(teacher="r14", peers=("r8", "wrn-16-1", "sn-v2"), mentor_epochs=1,
-                    student_epochs=1, seeds=(0, 1), more_students=("vit_tiny",),
+                    student_epochs=1, seeds=(0, 1), more_students=("vit_tiny", "mamba_tiny"),
                     extra={"backend": "reference"})  # as `make demo` runs (no interpreter)
     summary = run_demo(tmp_path, plan)
 
@@ -30,8 +30,10 @@ def test_demo_runs_every_stage(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert all(f"| {label} |" in table for label, _, _ in DEMO_METHODS)
     # `ckd demo --students`: kd and classroom rows for the student beyond CNNs, same cache
-    for label in ("vit_tiny kd", "vit_tiny classroom (official)"):
+    for label in ("vit_tiny kd", "vit_tiny classroom (official)", "mamba_tiny kd",
+                  "mamba_tiny classroom (official)"):
         assert f"| {label} |" in table and len(summary["results"][label]) == 2
+        assert all(0.0 <= r["last"] <= 100.0 for r in summary["results"][label])
     for png in ("accuracy", "ranks", "temperatures", "methods"):
         data = (tmp_path / "report" / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
