@@ -196,7 +196,8 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
             results[label].append({"seed": seed, "best": r["best_acc"], "last": r["last_acc"],
                                    "time_s": time.perf_counter() - t_run})
             runs_by_method[label].append(r["run_dir"])
-            _say(f"student {student} {label} seed {seed}: last {r['last_acc']:.2f}% "
+            who = label if label.startswith(student) else f"{student} {label}"
+            _say(f"student {who} seed {seed}: last {r['last_acc']:.2f}% "
                  f"best {r['best_acc']:.2f}%")
     stage_done("train students", t0)
 
