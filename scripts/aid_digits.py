@@ -55,8 +55,10 @@ class Stages:
         parts = ", ".join(f"{k} {self.wall[k]:.0f}/{self.cpu[k]:.0f}" for k in self.wall)
         load = "/".join(f"{x:.1f}" for x in self.load_start), "/".join(
             f"{x:.1f}" for x in os.getloadavg())
+        import torch  # noqa: PLC0415 - imported late, as the rest of ckd
+
         return (f"time (s, wall/CPU): {parts}; {os.cpu_count()} cores, "
-                f"{__import__('torch').get_num_threads()} torch threads, load average "
+                f"{torch.get_num_threads()} torch threads, load average "
                 f"(1/5/15 min) {load[0]} at start, {load[1]} at end")
 
 

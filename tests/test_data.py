@@ -181,8 +181,15 @@ def test_prepare_roundtrip(tmp_path):
     from ckd.data.beton import load_prepared
 
     out = tmp_path / "syn"
-    res = CliRunner().invoke(prepare, ["synthetic", "--out", str(out), "--n-train", "150",
-                                       "--n-test", "40", "--num-classes", "5", "--seed", "3"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # neither ffcv's import value (1) nor its worker count (<= 2)
+    try:
+        res = CliRunner().invoke(prepare, ["synthetic", "--out", str(out), "--n-train",
+                                           "150", "--n-test", "40", "--num-classes", "5",
+                                           "--seed", "3"])
+        assert torch.get_num_threads() == 3  # writing betons leaves torch's threads alone
+    finally:
+        torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
     ds = load_dataset("synthetic", n_train=150, n_test=40, num_classes=5, seed=3)
     assert f"fingerprint {ds.fingerprint}" in res.output

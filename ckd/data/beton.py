@@ -58,8 +58,9 @@ def keep_torch_threads() -> Iterator[None]:
 
 def write_beton(split: Split, path: str | Path) -> Path:
     """Write one split as a .beton (atomic: written beside, then renamed)."""
-    from ffcv.fields import IntField, NDArrayField  # noqa: PLC0415 - heavy import
-    from ffcv.writer import DatasetWriter  # noqa: PLC0415
+    with keep_torch_threads():  # ffcv's first import would leave torch on 1 thread
+        from ffcv.fields import IntField, NDArrayField  # noqa: PLC0415 - heavy import
+        from ffcv.writer import DatasetWriter  # noqa: PLC0415
 
     path = Path(path)
     fields = {
@@ -67,7 +68,7 @@ def write_beton(split: Split, path: str | Path) -> Path:
         "label": IntField(),
         "index": IntField(),
     }
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, keep_torch_threads():
         writer = DatasetWriter(str(tmp), fields, num_workers=ffcv_workers())
         writer.from_indexed_dataset(_Rows(split), chunksize=1000)
     return path
