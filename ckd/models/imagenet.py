@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .resnet import init_resnet_weights, staged_forward
+from .init import init_resnet_weights
+from .resnet import staged_forward
 
 
 # ------------------------------------------------------------------ ResNet (He et al.)

@@ -1,4 +1,5 @@
-"""RepDistiller's weight initialisation for VGG, WRN and MobileNetV2 (one copy)."""
+"""RepDistiller's weight initialisation for the zoo's ResNets, VGG, WRN and MobileNetV2
+(one copy)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,15 @@ def fan_out_init(model: nn.Module, linear_std: float | None) -> None:
             if linear_std is not None:
                 nn.init.normal_(m.weight, 0.0, linear_std)
             nn.init.zeros_(m.bias)
+
+
+def init_resnet_weights(model: nn.Module) -> None:
+    """He et al.'s init as RepDistiller and torchvision use it: kaiming fan_out for convs,
+    unit BatchNorm; Linear layers keep PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+

@@ -10,21 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import init_resnet_weights
+
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
 
-
-
-def init_resnet_weights(model: nn.Module) -> None:
-    """He et al.'s init as RepDistiller and torchvision use it: kaiming fan_out for convs,
-    unit BatchNorm; Linear layers keep PyTorch's default."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def staged_forward(f0: torch.Tensor, x: torch.Tensor, stages, fc: nn.Module,
