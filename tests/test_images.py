@@ -83,3 +83,18 @@ def test_center_crop_evaluation(prepared_images):
     got = _collect(ev, np.arange(len(ev.beton)))
     assert len(got) == 6 and all(v[0].shape == (32, 32, 3) for v in got.values())
     assert _collect(ev, np.arange(len(ev.beton)))[3][0].tobytes() == got[3][0].tobytes()
+
+
+def test_image_loader_keeps_torch_thread_count(prepared_images):
+    """ffcv sets torch's thread count when imported and when a Loader is made; the image
+    loader must leave the caller's count alone (a second thread on a busy 2-core machine
+    made steps 10-25x slower)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # ffcv would set its worker count (2 here)
+        ev = ImageLoader(prepared_images / "test.beton", [32], batch_size=4, center_crop=True)
+        assert torch.get_num_threads() == 1
+        _collect(ev, np.arange(len(ev.beton)))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -56,6 +56,13 @@ def keep_torch_threads() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def import_ffcv() -> None:
+    """Import ffcv (once) without its first import's side effect on torch's thread count;
+    call before any `from ffcv... import` so that import finds ffcv already loaded."""
+    with keep_torch_threads():
+        import ffcv  # noqa: F401, PLC0415 - heavy import
+
+
 def write_beton(split: Split, path: str | Path) -> Path:
     """Write one split as a .beton (atomic: written beside, then renamed)."""
     with keep_torch_threads():  # ffcv's first import would leave torch on 1 thread

@@ -213,6 +213,9 @@ class _EncodedJpeg:
 
 
 def _write_split_beton(rows: _PartRows, path: Path, quality: int) -> None:
+    from .beton import import_ffcv  # noqa: PLC0415
+
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField  # noqa: PLC0415 - heavy import
     from ffcv.writer import DatasetWriter  # noqa: PLC0415
 

@@ -30,6 +30,9 @@ class ImageBeton:
     (no image is decoded)."""
 
     def __init__(self, path: str | Path) -> None:
+        from .beton import import_ffcv  # noqa: PLC0415
+
+        import_ffcv()
         from ffcv.reader import Reader  # noqa: PLC0415 - heavy import
 
         self.path = Path(path)
@@ -119,6 +122,9 @@ def _address_intrinsic():
 
 
 def _decoder_cls():
+    from .beton import import_ffcv  # noqa: PLC0415
+
+    import_ffcv()
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder  # noqa: PLC0415
     from ffcv.libffcv import imdecode, resize_crop  # noqa: PLC0415
     from ffcv.pipeline.compiler import Compiler  # noqa: PLC0415
@@ -195,11 +201,13 @@ class ImageLoader:
 
     def __init__(self, path: str | Path, sizes: Sequence[int], *, batch_size: int = 256,
                  center_crop: bool = False) -> None:
+        from .beton import ffcv_workers, import_ffcv, keep_torch_threads  # noqa: PLC0415
+
+        import_ffcv()
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder  # noqa: PLC0415
         from ffcv.loader import Loader  # noqa: PLC0415
         from ffcv.pipeline import PipelineSpec  # noqa: PLC0415
 
-        from .beton import ffcv_workers  # noqa: PLC0415
         from .loaders import _permutation_order_cls  # noqa: PLC0415
 
         self.beton = ImageBeton(path)
@@ -216,10 +224,11 @@ class ImageLoader:
             pipelines[f"image_{s}"] = PipelineSpec("image", decoder=dec, transforms=[])
         self._order = np.arange(self.beton.n, dtype=np.uint64)
         self.epoch, self.seed, self.batch_size = 0, 0, int(batch_size)
-        self._ffcv = Loader(str(path), batch_size=self.batch_size,
-                            num_workers=ffcv_workers(), os_cache=True,
-                            order=_permutation_order_cls()(self), drop_last=False,
-                            pipelines=pipelines)
+        with keep_torch_threads():  # an ffcv Loader sets torch's threads to its workers
+            self._ffcv = Loader(str(path), batch_size=self.batch_size,
+                                num_workers=ffcv_workers(), os_cache=True,
+                                order=_permutation_order_cls()(self), drop_last=False,
+                                pipelines=pipelines)
         names = list(self._ffcv.pipeline_specs)
         self._out = {k: names.index(k) for k in ("label", "index")}
         self._out.update({s: names.index(f"image_{s}") for s in dict.fromkeys(self.sizes)})
@@ -239,9 +248,14 @@ class ImageLoader:
         self._order = np.asarray(indices, dtype=np.uint64).reshape(-1)
         if self._order.size == 0:
             return
+        # ffcv sets torch's thread count to its workers when an epoch starts (here and in
+        # its epoch thread): keep the caller's.
+        threads = torch.get_num_threads()
         it = iter(self._ffcv)
         try:
             for out in it:
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
                 imgs = [torch.from_numpy(np.array(out[self._out[s]])) for s in self.sizes]
                 yield (imgs, torch.from_numpy(np.array(out[self._out["label"]])).reshape(-1),
                        torch.from_numpy(np.array(out[self._out["index"]])).reshape(-1))
