@@ -89,6 +89,21 @@ def test_ffcv_epoch_left_early_then_full_epoch(data):
     assert sorted(full.tolist()) == list(range(N))
 
 
+def test_ffcv_loader_keeps_torch_thread_count(data):
+    """ffcv sets torch's thread count to its worker count when a Loader is made and when an
+    epoch starts; the caller's count must survive both."""
+    _, path = data
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        f = make_loader("ffcv", path, batch_size=16, seed=2)
+        assert torch.get_num_threads() == 1
+        for _ in f:
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_drop_last(data):
     split, path = data
     for kind, src in (("memory", split), ("ffcv", path)):

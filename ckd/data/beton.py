@@ -63,6 +63,23 @@ def import_ffcv() -> None:
         import ffcv  # noqa: F401, PLC0415 - heavy import
 
 
+def ffcv_epoch(loader) -> Iterator:
+    """One epoch of an ffcv Loader, keeping torch's thread count (ffcv sets it to its worker
+    count when an epoch starts, in the caller's thread and in its epoch thread) and stopping
+    ffcv's prefetch thread when the epoch is left early."""
+    import torch  # noqa: PLC0415
+
+    threads = torch.get_num_threads()
+    it = iter(loader)
+    try:
+        for out in it:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            yield out
+    finally:
+        it.close()
+
+
 def write_beton(split: Split, path: str | Path) -> Path:
     """Write one split as a .beton (atomic: written beside, then renamed)."""
     with keep_torch_threads():  # ffcv's first import would leave torch on 1 thread

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -248,16 +249,10 @@ class ImageLoader:
         self._order = np.asarray(indices, dtype=np.uint64).reshape(-1)
         if self._order.size == 0:
             return
-        # ffcv sets torch's thread count to its workers when an epoch starts (here and in
-        # its epoch thread): keep the caller's.
-        threads = torch.get_num_threads()
-        it = iter(self._ffcv)
-        try:
-            for out in it:
-                if torch.get_num_threads() != threads:
-                    torch.set_num_threads(threads)
+        from .beton import ffcv_epoch  # noqa: PLC0415
+
+        with closing(ffcv_epoch(self._ffcv)) as batches:
+            for out in batches:
                 imgs = [torch.from_numpy(np.array(out[self._out[s]])) for s in self.sizes]
                 yield (imgs, torch.from_numpy(np.array(out[self._out["label"]])).reshape(-1),
                        torch.from_numpy(np.array(out[self._out["index"]])).reshape(-1))
-        finally:
-            it.close()
