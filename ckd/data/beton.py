@@ -82,9 +82,9 @@ def ffcv_epoch(loader) -> Iterator:
 
 def write_beton(split: Split, path: str | Path) -> Path:
     """Write one split as a .beton (atomic: written beside, then renamed)."""
-    with keep_torch_threads():  # ffcv's first import would leave torch on 1 thread
-        from ffcv.fields import IntField, NDArrayField  # noqa: PLC0415 - heavy import
-        from ffcv.writer import DatasetWriter  # noqa: PLC0415
+    import_ffcv()
+    from ffcv.fields import IntField, NDArrayField  # noqa: PLC0415 - heavy import
+    from ffcv.writer import DatasetWriter  # noqa: PLC0415
 
     path = Path(path)
     fields = {
