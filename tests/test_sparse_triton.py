@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from device import DEVICE
 
 from ckd.kernels import SparseMentors, check_finite, distill_loss
 from ckd.kernels.api import NonFiniteError
@@ -28,7 +29,7 @@ def _inputs(B=12, C=40, M=3, seed=0, sdtype=torch.float32, mdtype=torch.float16)
     zs = (torch.randn(B, C, generator=g) + 2 * onehot).to(sdtype)
     quality = torch.linspace(4.0, 0.0, M).view(M, 1, 1)
     zm = (2 * torch.randn(M, B, C, generator=g) + quality * onehot).to(mdtype)
-    return zs, zm, y
+    return zs.to(DEVICE), zm.to(DEVICE), y.to(DEVICE)
 
 
 def _compare(zs, sm, y, kw, tol=2e-5, block_c=None):
@@ -88,12 +89,13 @@ def test_sparse_kernel_class_loop_and_fp32_mentors():
     zs, zm, y = _inputs(B=6, C=70, mdtype=torch.float32)
     sm = stack([sparsify_topk(zm[:2], y, 7),
                 sparsify_sample(zm[2:], y, 5, torch.Generator().manual_seed(1))])
-    flag = torch.zeros((), dtype=torch.int32)
-    w = torch.tensor([[1.0], [0.5], [2.0]]).expand(3, 6)
-    t = torch.tensor([[3.0], [1.0], [2.5]]).expand(3, 6)
-    src = torch.tensor([0, 1, 2], dtype=torch.int32)
-    copy = torch.tensor([-1, -1, -1], dtype=torch.int32)
-    wce = torch.zeros(6)
+    on = dict(device=DEVICE)
+    flag = torch.zeros((), dtype=torch.int32, **on)
+    w = torch.tensor([[1.0], [0.5], [2.0]], **on).expand(3, 6)
+    t = torch.tensor([[3.0], [1.0], [2.5]], **on).expand(3, 6)
+    src = torch.tensor([0, 1, 2], dtype=torch.int32, **on)
+    copy = torch.tensor([-1, -1, -1], dtype=torch.int32, **on)
+    wce = torch.zeros(6, **on)
     rows, grad = S.sparse_distill(zs, sm, y, src, copy, w, t, wce, flag, block_c=16)
     z = zs.clone().requires_grad_()
     ref = sum(wj * T * T * sparse_kl_rows(sm, m, z, T).mean()

@@ -189,6 +189,13 @@ def _reduce(part_ptr, nprog, NV: tl.constexpr):
 
 
 @triton.jit
+def _as_f32(n):
+    """An int argument as fp32. A launch specializes an int equal to 1 into a Python
+    constant (no `.to`): adding a tensor zero makes both forms a tensor."""
+    return (tl.zeros([], tl.int32) + n).to(tl.float32)
+
+
+@triton.jit
 def _pick(vec, i, NV: tl.constexpr):
     return tl.sum(tl.where(tl.arange(0, NV) == i, vec, 0.0), 0)
 
@@ -364,7 +371,7 @@ def _terms_kernel(
         tl.store(flag_ptr, flag.to(tl.int32))
         tl.store(state_ptr, tl.full([], 1.0, state_ptr.dtype.element_ty))  # no scale yet
         if MODE == 2:
-            n_out = B.to(tl.float32)
+            n_out = _as_f32(B)
             for k in tl.static_range(NM):
                 n_act = _pick(tot, 4 + BLOCK_T + k, NV).to(tl.float32)
                 t_act = _pick(tot, 4 + 2 * BLOCK_T + k, NV).to(tl.float32)

@@ -18,6 +18,7 @@ from torch import Tensor
 from ckd.kernels import distill as D
 from ckd.kernels.output import DistillOutput
 from ckd.kernels.rank import _rank_batch_kernel
+from ckd.kernels.rng import as_i32
 from ckd.row_stats import mentor_row_stats
 
 _CONST: dict[tuple, Tensor] = {}
@@ -115,17 +116,11 @@ class FusedDistillFn(torch.autograd.Function):
         return out, None
 
 
-def _i32(v: int) -> int:
-    """A 32-bit key as a signed i32 argument (fixed width: Triton never respecializes)."""
-    v = int(v) & 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
 def _step_args(step):
     """(step value, step pointer, STEP_FROM_PTR) for an int or a device tensor step."""
     if isinstance(step, Tensor):
         return 0, step, True
-    return _i32(step), None, False
+    return as_i32(step), None, False
 
 
 def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *,
@@ -155,7 +150,7 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
     vec_s = vec_width(zs_d, C)
     vec_g = vec_width(grad, C) if write_grad else 1
     one_hot = [1.0] + [0.0] * (M - 1)
-    seed32 = _i32(0 if p.get("seed") is None else p["seed"])
+    seed32 = as_i32(0 if p.get("seed") is None else p["seed"])
     step_val, step_ptr, step_from_ptr = _step_args(0 if p.get("step") is None else p["step"])
 
     if method == "dkd":

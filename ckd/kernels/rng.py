@@ -23,6 +23,13 @@ STREAM_TEKAP = 0x7E4A9015
 TWO_PI = 6.283185307179586
 
 
+def as_i32(v: int) -> int:
+    """A 32-bit key as a signed i32 kernel argument: a fixed width, so Triton never
+    respecializes on it (the kernels mask it back to [0, 2**32))."""
+    v = int(v) & M32
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
 def stream_key(stream: int, seed: int, step: int) -> int:
     """Key of one (stream, seed, step): the per-step root every draw is derived from."""
     return mix32_int(mix32_int((seed & M32) ^ stream) ^ (step & M32))

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ckd.kernels import distill as D
-from ckd.kernels.rng import STREAM_TEKAP, dgkd_keep_mask, stream_key
+from ckd.kernels.rng import STREAM_TEKAP, as_i32, dgkd_keep_mask, stream_key
 from ckd.kernels.sparse_mentors import SparseMentors
 
 MAX_BLOCK_ELEMS = 8192  # BLOCK_C x BLOCK_K of the class-vs-slot comparison
@@ -96,7 +96,7 @@ def _target(ids_ptr, z_ptr, cnt_ptr, s_m, s_b, src, b, kv, km, C, lse, rest_lse,
     return ids, w, lp, lp_r, real, bad
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["root"])
 def _sparse_kernel(
     zs_ptr, s_sb, s_sc, ids_ptr, z_ptr, cnt_ptr, s_m, s_b,
     lse_ptr, rlse_ptr, rmean_ptr, s_stm, s_stb, sample_ptr, y_ptr, src_ptr, copy_ptr,
@@ -113,7 +113,7 @@ def _sparse_kernel(
     jm = jv < J
     y = tl.load(y_ptr + b).to(tl.int64)
     y_ok = (y >= 0) & (y < C)
-    root = root.to(tl.int64)
+    root = root.to(tl.int64) & 0xFFFFFFFF  # an i32 argument (rng.as_i32)
     zs_row = zs_ptr + b * s_sb
     wce = tl.load(wce_ptr + b * s_wce).to(ACC)
     w_vec = tl.load(w_ptr + jv * s_wj + b * s_wb, mask=jm, other=0.0).to(ACC)
@@ -231,20 +231,23 @@ def sparse_distill(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, src, co
     root, a = 0, 0.0
     if noise is not None:
         seed, step, a = noise
-        root = stream_key(STREAM_TEKAP, int(seed), int(step))
+        root = as_i32(stream_key(STREAM_TEKAP, int(seed), int(step)))
     block_k = triton.next_power_of_2(max(K, 1))
     blk = min(triton.next_power_of_2(C), max(16, MAX_BLOCK_ELEMS // block_k))
     if block_c is not None:
         blk = triton.next_power_of_2(block_c)
-    _sparse_kernel[(B,)](
+    from ckd.kernels import fused  # every launch goes through fused.run (tests record them)
+
+    fused.run(_sparse_kernel, (B,), (
         zs, zs.stride(0), zs.stride(1), ids, vals, cnt, ids.stride(0), ids.stride(1),
         stats[0], stats[1], stats[2], stats.stride(1), stats.stride(2), is_sample, y,
         src, copy, w, w.stride(0), w.stride(1), t, t.stride(0), t.stride(1), wce,
         wce.stride(0), grad if write_grad else loss_rows, C if write_grad else 0,
-        loss_rows, flag, C, K, J, 1.0 / B, root, float(a), float(1.0 - a),
-        BLOCK_C=blk, BLOCK_K=block_k, BLOCK_J=triton.next_power_of_2(max(J, 1)),
-        NOISE=noise is not None, ACC=tl.float64 if zs.dtype == torch.float64 else tl.float32,
-        WRITE_GRAD=write_grad, num_warps=4)
+        loss_rows, flag, C, K, J, 1.0 / B, root, float(a), float(1.0 - a)),
+        dict(BLOCK_C=blk, BLOCK_K=block_k, BLOCK_J=triton.next_power_of_2(max(J, 1)),
+             NOISE=noise is not None,
+             ACC=tl.float64 if zs.dtype == torch.float64 else tl.float32,
+             WRITE_GRAD=write_grad, num_warps=4))
     return loss_rows, grad
 
 

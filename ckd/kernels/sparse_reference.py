@@ -101,7 +101,9 @@ def sparse_kl_rows(sm: SparseMentors, m: int, zs: Tensor, T: Tensor | float,
     logq = torch.log_softmax(zs * t, 1)
     real = sm.counts[m] > 0
     ids = _safe_ids(sm, m)
-    member = torch.zeros_like(zs, dtype=torch.bool).scatter_reduce(1, ids, real, "amax")
+    # int32, not bool: CUDA's scatter_reduce has no bool kernel
+    member = torch.zeros_like(zs, dtype=torch.int32).scatter_reduce(
+        1, ids, real.to(torch.int32), "amax") > 0
     logq_r = torch.logsumexp(logq.masked_fill(member, float("-inf")), 1)
     slot = torch.where(w > 0, w * (lp - logq.gather(1, ids)), 0.0).sum(1)
     rest = torch.where(lp_r > float("-inf"), lp_r.exp() * (lp_r - logq_r), 0.0)
