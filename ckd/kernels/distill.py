@@ -48,6 +48,11 @@ ROW_TILE = 1024  # elements of one row-vector tile per program (8 per thread at 
 MODE_TABLE, MODE_DGKD, MODE_SAMPLE = 0, 1, 2  # where the term weights come from
 # per-step integer arguments: never specialized on their value (no recompiles mid-run)
 UNSPECIALIZED = ["seed32", "step_val"]
+# launch options of every kernel that runs ClassroomKD's selection (`select`): no fused
+# multiply-add contraction, so each operation rounds once as in the eager reference's
+# separate torch ops (r_m - r_s with r_m = q_m * lam contracted to fma(q_m, lam, -r_s)
+# turns an exact tie into a temperature of 1 + 1e-8; docs/METHODS.md, rounding contract)
+SELECTION_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -89,7 +94,8 @@ def _rint(x):
 @triton.jit
 def select(s_score, m_score, m_ok, lam, tau, beta, delta, OFFICIAL: tl.constexpr,
            BLOCK_T: tl.constexpr):
-    """ClassroomKD selection, the arithmetic of reference.classroom_weights in its order.
+    """ClassroomKD selection, the arithmetic of reference.classroom_weights in its order,
+    one IEEE rounding per operation (launched with SELECTION_OPTIONS: no contraction).
 
     s_score [N] (student), m_score [BLOCK_T, N] (mentors, m_ok marks real ones).
     Returns (r_s [N], r_m, active, w_kl, temp [BLOCK_T, N], w_ce [N])."""

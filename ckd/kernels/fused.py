@@ -258,7 +258,7 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
                 float(beta), float(delta)),
                 dict(NM=M, BLOCK_T=bt, OFFICIAL=official, DELTA_TERM=delta_term, ROWS=r_rows,
                      BLOCK_C=r_bc, ONE_BLOCK=r_one, VEC=vec_width(rank_zs, C), ACC=acc,
-                     NV=2 * bt, num_warps=r_warps))
+                     NV=2 * bt, num_warps=r_warps, **D.SELECTION_OPTIONS))
         run(D._terms_kernel, (nprog,), (
             zs_d, zs_d.stride(0), zs_d.stride(1), rank_zs, rank_zs.stride(0), rank_zs.stride(1),
             zm_arg, *zm_strides, y, y.stride(0), *st_arg, table_t,
@@ -270,7 +270,8 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
                  DELTA_TERM=delta_term, OFFICIAL=official, DROP_THRESHOLD=thr,
                  STEP_FROM_PTR=step_from_ptr, RANK_SEPARATE=rank_zs is not zs_d, ROWS=rows,
                  BLOCK_C=bc, ONE_BLOCK=one, VEC_S=vec_s, VEC_M=vec_m, VEC_G=vec_g, ACC=acc,
-                 WRITE_GRAD=write_grad, NV=nv, num_warps=warps))
+                 WRITE_GRAD=write_grad, NV=nv, num_warps=warps,
+                 **(D.SELECTION_OPTIONS if mode == D.MODE_SAMPLE else {})))
         return loss, flags, grad, state, in_place
 
     if stats_from_kernel:

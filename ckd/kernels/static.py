@@ -20,10 +20,11 @@ import os
 import re
 import subprocess
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from ckd.kernels.specialize import compile_launch, recorded_launches
 
 CASES = {  # name -> distill_loss keyword arguments
     "classroom-batch": dict(method="classroom"),
@@ -34,20 +35,6 @@ CASES = {  # name -> distill_loss keyword arguments
     "dgkd": dict(method="dgkd", step=3), "tekap": dict(method="tekap", step=3),
     "dkd": dict(method="dkd", epoch=5),
 }
-
-
-@contextmanager
-def recorded_launches():
-    """Replace fused.run by a recorder: yields the list of (kernel, grid, args, kwargs)."""
-    from ckd.kernels import fused
-
-    calls: list = []
-    saved = fused.run
-    fused.run = lambda kernel, grid, args, kwargs: calls.append((kernel, grid, args, kwargs))
-    try:
-        yield calls
-    finally:
-        fused.run = saved
 
 
 MENTOR_SOURCES = ("cache", "plain")
@@ -107,24 +94,6 @@ def loss_launches(case: str, B: int, C: int, M: int, student=torch.float32,
         if backward:
             out.loss.backward()
     return calls
-
-
-def compile_launch(call, arch: int = 90):
-    """triton.compile of one recorded launch for sm_<arch>, specialized as JIT would."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    kernel, _grid, args, kwargs = call
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, spec, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec,
-                                                              options)
-    src = ASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(src, target=target, options=options.__dict__)
 
 
 def _tool(name: str) -> str:
