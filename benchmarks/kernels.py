@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ckd.kernels import distill_loss
-from ckd.methods import get_method
+from ckd.methods import distill_loss, get_method
 
 METHODS = {
     "classroom-paper": ("classroom", dict(variant="paper")),

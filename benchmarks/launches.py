@@ -86,7 +86,7 @@ ACTIVE: list[Count] = []  # the counting modes in use (innermost last)
 
 
 def loss_counts(B=64, C=100, M=6) -> list[tuple[str, int, int]]:
-    from ckd.kernels import distill_loss
+    from ckd.methods import distill_loss
 
     g = torch.Generator().manual_seed(0)
     zs = torch.randn(B, C, generator=g).requires_grad_()
@@ -117,7 +117,7 @@ def loss_counts(B=64, C=100, M=6) -> list[tuple[str, int, int]]:
 def step_counts(B=64, C=100, M=6) -> dict[str, int]:
     """Launches of each part of one training step (after a warm-up step)."""
     from ckd.data import views as V
-    from ckd.kernels import distill_loss
+    from ckd.methods import distill_loss
     from ckd.models import create_model
 
     torch.manual_seed(0)

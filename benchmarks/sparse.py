@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import os
 import platform
 import sys
@@ -164,7 +163,7 @@ def _time_case(method: str, spec: str, m: int, B: int, C: int, threads: int,
     zs = torch.randn(B, C, generator=g)
     y = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(1))
     fn = get_method(method).run_reference if spec == "dense" else \
-        functools.partial(sr.run_sparse_reference, method)
+        get_method(method).run_sparse_reference
 
     def step():
         s = zs.clone().requires_grad_(True)

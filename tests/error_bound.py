@@ -18,8 +18,8 @@ bounds of each other. Per row b the bound counts, with gamma_C = ceil(log2 C) + 
 - the CE term w_ce (log d_s + max zs - zs_y): |d| <= gamma_C u w_ce (|max zs - zs_y| + log C);
 - the batch mean of the rows: ceil(log2 B) + 1 roundings of a sum of |loss_b|.
 
-The term weights and temperatures are upper bounds taken from the method's parameters
-(`term_bounds`): a selected ClassroomKD mentor has r_m <= lam and T_m <= 1 + tau. The bound
+The term weights and temperatures are upper bounds read from the term table the method
+declares (`term_bounds`): a ranked mentor has r_m <= lam and T_m <= 1 + tau. The bound
 grows with T^2: at T = 13 one ulp of a log-normalizer of magnitude log C is 169 ulps of
 the loss, which is what the reference and the kernel really differ by at large C.
 
@@ -55,29 +55,26 @@ def gamma(C: int) -> int:
 def term_bounds(method: str, params: dict, M: int) -> tuple[float, list[tuple[int, float,
                                                                              float, float]]]:
     """(w_ce upper bound, [(mentor, weight bound, temperature bound, extra spread)]) of a
-    logit method's loss; `params` resolved (every parameter present)."""
-    p = params
-    if method == "nokd":
-        return 1.0, []
-    if method == "kd":
-        return p["alpha_ce"], [(0, p["alpha_kd"], p["T"], 0.0)]
-    if method in ("aver", "dgkd"):
-        return 1.0, [(m, 1.0, p["tau"], 0.0) for m in range(M)]
-    if method == "tekap":
-        noisy = (0, p["lam_noisy"], p["T"], p["a"] * NOISE_SPREAD)
-        return p["alpha_ce"], [(0, p["lam_clean"], p["T"], 0.0)] + [noisy] * p["n_copies"]
-    if method == "dkd":  # TCKD and NCKD: two KL terms of the teacher at T
-        return p["alpha_ce"], [(0, p["dkd_alpha"], p["T"], 0.0), (0, p["dkd_beta"], p["T"], 0.0)]
-    if method == "classroom":
-        lam = float(M if p["lam"] is None else p["lam"])
-        hot = 1.0 + p["tau"]
-        if p["variant"] == "official":  # w_ce = the raw score <= 1, r_m <= lam
-            return 1.0, [(m, lam, hot, 0.0) for m in range(M)]
-        terms = [(m, p["beta"] * lam, hot, 0.0) for m in range(M)]
-        if p["delta"]:
-            terms.append((0, p["delta"], 1.0, 0.0))
-        return lam + p["delta"], terms
-    raise KeyError(f"no error bound written down for method {method!r}")
+    registered method's loss, read from the term table its declaration builds."""
+    from ckd.kernels.terms import Decoupled, RandomDrop, Ranking
+    from ckd.methods.registry import get_method
+
+    table = get_method(method).terms(params, M)
+    if isinstance(table, Decoupled):  # TCKD and NCKD: two KL terms of the teacher at T
+        return table.alpha_ce, [(0, table.w_target, table.T, 0.0),
+                                (0, table.w_nontarget, table.T, 0.0)]
+    sel = table.select
+    if isinstance(sel, Ranking):  # r_m <= lam, T_m <= 1 + tau, official w_ce <= 1
+        w = sel.lam if sel.official else sel.beta * sel.lam
+        terms = [(m, w, 1.0 + sel.tau, 0.0) for m in range(M)]
+        if sel.delta_term:
+            terms.append((0, sel.delta, 1.0, 0.0))
+        return (1.0 if sel.official else sel.lam + sel.delta), terms
+    if isinstance(sel, RandomDrop):  # weights 1 / |kept| <= 1
+        return table.w_ce, [(m, 1.0, sel.tau, 0.0) for m in table.src]
+    return table.w_ce, [(m, w, T, table.noise_a * NOISE_SPREAD if c >= 0 else 0.0)
+                        for m, w, T, c in zip(table.src, table.weight, table.temp,
+                                              table.copies, strict=True)]
 
 
 def _spread(z: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ from ckd.cache import LogitCache, build_cache
 from ckd.cache.inspect import info, verify
 from ckd.cache.sparse import logits_modes
 from ckd.data import load_dataset
-from ckd.kernels import distill_loss
 from ckd.kernels.sparse_mentors import sparsify_topk
+from ckd.methods import distill_loss
 from ckd.models import create_model, save_checkpoint
 
 N_TRAIN, C = 40, 12

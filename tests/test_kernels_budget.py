@@ -8,12 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 from device import DEVICE
+from registry_cases import method_cases, table_of
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ckd.kernels import distill_loss
+from ckd.kernels import Ranking, TermTable
 from ckd.kernels import fused as F
-from ckd.kernels.static import CASES, recorded_launches
+from ckd.kernels.specialize import recorded_launches
+from ckd.methods import distill_loss, get_method
 from ckd.rows import aligned_rows
+
+CASES = method_cases()
 
 # aten ops that allocate or re-view memory: no kernel launch on a GPU
 NO_LAUNCH = {"empty.memory_format", "empty_strided.default", "detach.default", "view.default",
@@ -55,8 +59,10 @@ def test_at_most_three_launches_per_forward_backward(case):
     launching = [op for op in log.ops if op not in NO_LAUNCH]
     names = [c[0].__name__ for c in calls]
     assert len(calls) + len(launching) <= 3, (names, launching)
-    expect = 3 if case in ("classroom-batch", "classroom-official", "classroom-delta") else 2
-    assert len(calls) == expect and names[-1] == "_scale_kernel", names
+    table = table_of(CASES[case], zm.shape[0])
+    batch_ranking = isinstance(table, TermTable) and isinstance(table.select, Ranking) \
+        and not table.select.per_sample  # the ranking kernel runs before the loss kernel
+    assert len(calls) == 2 + batch_ranking and names[-1] == "_scale_kernel", names
 
 
 def test_no_host_sync_in_forward_backward():
@@ -96,7 +102,8 @@ def _spec_keys(kernel_calls):
     return keys
 
 
-@pytest.mark.parametrize("case", ["dgkd", "tekap", "dkd", "classroom-sample"])
+@pytest.mark.parametrize("case", [c for c, kw in CASES.items()
+                                  if set(kw) & {"step", "epoch"} or "sample" in c])
 def test_no_recompile_across_steps(case):
     """The kernel's specialization (Triton's compile-cache key) is the same at every step,
     for keys that take i32 and i64-sized values and dgkd masks that keep 1..M mentors."""
@@ -104,9 +111,9 @@ def test_no_recompile_across_steps(case):
     z = zs.clone().requires_grad_()
     keys = set()
     for step, seed in [(0, 0), (1, 7), (2**31 + 5, 2**33 + 1), (12345, 3), (2**40, 2)]:
-        kw = {k: v for k, v in CASES[case].items() if k not in ("step", "epoch")}
-        ctx = dict(step=step, seed=seed) if case in ("dgkd", "tekap") else \
-            dict(epoch=step % 40) if case == "dkd" else {}
+        kw = {k: v for k, v in CASES[case].items() if k not in ("seed", "step", "epoch")}
+        ctx = {k: v for k, v in dict(step=step, seed=seed, epoch=step % 40).items()
+               if k in CASES[case]}
         with recorded_launches() as calls:
             distill_loss(z, zm, y, backend="triton", validate=False, mentor_stats=st,
                          **kw, **ctx).loss.backward()
@@ -114,12 +121,14 @@ def test_no_recompile_across_steps(case):
     assert len(keys) == 1
 
 
-@pytest.mark.parametrize("method", ["dgkd", "tekap", "dkd"])
+@pytest.mark.parametrize("method", sorted({kw["method"] for kw in CASES.values()
+                                           if set(kw) & {"step", "epoch"}}))
 def test_step_and_epoch_as_device_tensors(method):
     """CUDA-graph capture: the step/epoch read on the device give the int path's result."""
     zs, zm, y, _ = _inputs(M=4)
     for value in (0, 3, 11, 40):
-        ctx = dict(epoch=value) if method == "dkd" else dict(step=value, seed=5)
+        counters = get_method(method).counters
+        ctx = {k: v for k, v in dict(epoch=value, step=value, seed=5).items() if k in counters}
         ctx_t = {k: torch.tensor(v, device=DEVICE) if k != "seed" else v for k, v in ctx.items()}
         outs = []
         for c in (ctx, ctx_t):
@@ -197,9 +206,24 @@ def test_kernel_and_view_tests_import_no_cache_or_loader_packages():
     tests = Path(__file__).parent
     code = (f"import sys; sys.path.insert(0, {str(tests)!r})\n"
             "import test_kernels_triton, test_kernels_budget, test_kernels_reference, "
-            "test_views_fused, ckd.kernels.fused, ckd.kernels.static, ckd.data.views\n"
+            "test_views_fused, ckd.kernels.fused, ckd.kernels.specialize, ckd.data.views\n"
             "bad = {'zarr', 'ffcv', 'numcodecs'} & set(sys.modules)\n"
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_kernels_are_a_leaf():
+    """ckd/kernels knows tensors and numbers: no import of the methods, the cache, the data,
+    the trainer or the models (checked on the source: lazy imports count too)."""
+    import re
+    from pathlib import Path
+
+    import ckd.kernels
+
+    layer = re.compile(r"^\s*(?:from|import)\s+ckd\.(methods|cache|data|train|models|cli|aid)\b",
+                       re.M)
+    bad = {p.name: layer.findall(p.read_text())
+           for p in Path(ckd.kernels.__file__).parent.glob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}, bad

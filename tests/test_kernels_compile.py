@@ -1,6 +1,6 @@
 """The Triton kernels compile for real GPUs without a GPU (TTIR -> PTX -> cubin with the
 ptxas bundled in triton), specialized exactly as a launch would specialize them
-(`ckd.kernels.static` records the launches of a loss forward+backward and compiles each).
+(`benchmarks/static.py` records the launches of a loss forward+backward and compiles each).
 The interpreter runs the numerics on CPU but is lenient about types; this also checks
 what only the compiled code shows: registers <= 128 with no spills, and 128-bit global
 loads of the logit rows (cache rows padded to 16 bytes) at C=100 and C=1000."""
@@ -11,27 +11,34 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 LOSS_KERNELS = {"_terms_kernel", "_rank_batch_kernel", "_dkd_kernel"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compiled_env() -> dict:
+    """The environment of a subprocess that compiles (no interpreter), importing this ckd."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
 
 
 def static_report(*argv: str) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    r = subprocess.run([sys.executable, "-m", "ckd.kernels.static", "--json", *argv],
-                       env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "static.py"), "--json",
+                        *argv], env=compiled_env(), capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def compile_sweep(*argv: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    script = os.path.join(os.path.dirname(__file__), "compile_sweep.py")
-    r = subprocess.run([sys.executable, script, *argv], env=env, capture_output=True,
-                       text=True, timeout=3600)
+    script = str(Path(__file__).parent / "compile_sweep.py")
+    r = subprocess.run([sys.executable, script, *argv], env=compiled_env(),
+                       capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -83,9 +90,11 @@ def test_cache_gather_feeds_the_kernels_128_bit_rows_with_identical_results():
     pytest.importorskip("zarr")
     import torch
 
-    from ckd.kernels import distill_loss
     from ckd.kernels.fused import vec_width
-    from ckd.kernels.static import cached_mentors, loss_launches
+    from ckd.methods import distill_loss
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from static import cached_mentors, loss_launches
 
     zm, stats, y = cached_mentors(B=8, C=100, M=3)
     assert zm.shape == (3, 8, 100) and zm.stride() == (8 * 104, 104, 1)

@@ -13,10 +13,9 @@ from ckd.kernels import (
     NonFiniteError,
     check_finite,
     dgkd_keep_mask,
-    distill_loss,
     tekap_noise,
 )
-from ckd.methods import get_method
+from ckd.methods import distill_loss, get_method
 
 
 def inputs(B=8, C=10, M=3, seed=0, dtype=torch.float32):

@@ -11,17 +11,19 @@ import error_bound as EB
 import pytest
 import torch
 from device import DEVICE, ON_GPU
+from registry_cases import method_cases
 
-from ckd.kernels import NonFiniteError, check_finite, distill_loss, resolve_backend
+from ckd.kernels import NonFiniteError, check_finite, resolve_backend
 from ckd.kernels import distill as D
 from ckd.kernels import reference as R
+from ckd.methods import distill_loss
 
 CLASSROOM = [dict(method="classroom", variant=v, granularity=g)
              for v in ("paper", "official") for g in ("batch", "sample")]
 OTHERS = [dict(method="nokd"), dict(method="kd", T=3.0, alpha_ce=0.5, alpha_kd=2.0),
           dict(method="aver", tau=6.0), dict(method="dgkd", tau=5.0, p=0.5, seed=3, step=7),
           dict(method="tekap", seed=1, step=2, n_copies=2), dict(method="dkd", epoch=10)]
-ALL = CLASSROOM + [dict(method="classroom", delta=0.7, beta=0.5)] + OTHERS
+ALL = list(method_cases().values())  # every registered fused method and variant
 
 
 def _id(kw):
@@ -271,7 +273,7 @@ def test_selection_ties_round_half_even(variant, granularity):
 def test_selection_kernels_round_every_operation():
     """The kernels that select (batch ranking, sample-granularity loss) are launched
     without FP contraction: an fma in r_m - r_s = fma(q_m, lam, -r_s) breaks exact ties."""
-    from ckd.kernels.static import recorded_launches
+    from ckd.kernels.specialize import recorded_launches
 
     zs, zm, y = inputs(B=4, C=10, M=2)
     for granularity, selecting in (("batch", "_rank_batch_kernel"),

@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from torch import nn
 
 from ckd.cli.main import main as cli
-from ckd.kernels import distill_loss
 from ckd.kernels import reference as R
 from ckd.methods import (
     Method,
     MethodError,
     Param,
     all_methods,
+    distill_loss,
     get_method,
     make_plan,
     parse_method,

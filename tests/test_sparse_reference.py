@@ -37,7 +37,7 @@ def _dense(method):
 
 
 def _sparse(method):
-    return lambda zs, sm, y, **kw: sr.run_sparse_reference(method, zs, sm, y, **kw)
+    return get_method(method).run_sparse_reference
 
 
 def _loss_grad(fn, zs, mentors, y, **kw):

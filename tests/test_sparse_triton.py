@@ -9,9 +9,9 @@ import pytest
 import torch
 from device import DEVICE
 
-from ckd.kernels import SparseMentors, check_finite, distill_loss
-from ckd.kernels.api import NonFiniteError
+from ckd.kernels import NonFiniteError, SparseMentors, check_finite
 from ckd.kernels.sparse_mentors import sparsify_sample, sparsify_topk, stack
+from ckd.methods import distill_loss
 
 
 def _mentors(spec: str, zm, y, seed=0) -> SparseMentors:

@@ -15,7 +15,7 @@ import torch
 from device import DEVICE, ON_GPU
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ckd.kernels import distill_loss
+from ckd.methods import distill_loss
 from ckd.models import create_model
 from ckd.train.graphs import GraphedStep, make_train_step
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ckd.kernels
+import ckd.methods.loss
 from ckd.row_stats import mentor_row_stats
 from ckd.train import train
 
@@ -39,7 +39,7 @@ def mentors(tmp_path_factory):
 def _recording(monkeypatch) -> list[tuple]:
     """Wrap distill_loss (LossPlan.loss imports it per call): record what it is handed."""
     seen: list[tuple] = []
-    real = ckd.kernels.distill_loss
+    real = ckd.methods.loss.distill_loss
 
     def spy(zs, zm, y, **kw):
         stats = kw.get("mentor_stats")
@@ -47,7 +47,7 @@ def _recording(monkeypatch) -> list[tuple]:
                      None if stats is None else stats.clone()))
         return real(zs, zm, y, **kw)
 
-    monkeypatch.setattr(ckd.kernels, "distill_loss", spy)
+    monkeypatch.setattr(ckd.methods.loss, "distill_loss", spy)
     return seen
 
 

@@ -145,16 +145,16 @@ def _load_student(ptr, rows, rmask, s_b, s_c, c0, C, BLOCK_C: tl.constexpr,
 
 
 @triton.jit
-def _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root, noise_a,
-                NM: tl.constexpr, NT: tl.constexpr, NOISE: tl.constexpr,
+def _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root, noise_a, src, copy,
+                NT: tl.constexpr, NOISE: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
                 ACC: tl.constexpr):
-    """Term tiles [BLOCK_T, ROWS, BLOCK_C] (one load for every term). Term j < NM reads
-    mentor j; terms NM..NT-1 read the teacher (TeKAP noisy copies j-1 when NOISE, else the
-    delta term). `kept` [BLOCK_T, 1] masks terms that need not be read."""
+    """Term tiles [BLOCK_T, ROWS, BLOCK_C] (one load for every term). Term j reads mentor
+    src[j] ([BLOCK_T, 1, 1], from the term table), TeKAP's noisy copy copy[j] of it when
+    copy[j] >= 0 and NOISE. `kept` [BLOCK_T, 1] masks terms that need not be read."""
     jv = tl.arange(0, BLOCK_T)[:, None, None]
     cols = c0 + tl.arange(0, BLOCK_C)[None, None, :]
-    src = tl.where(jv < NM, jv, 0).to(tl.int64)
+    src = src.to(tl.int64)
     tmask = (jv < NT) & (kept[:, :, None] != 0)
     valid = tmask & rmask[None, :, None] & (cols < C)
     r64 = rows.to(tl.int64)[None, :, None]
@@ -167,10 +167,10 @@ def _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root, noise_
         z = tl.load(zm_ptr + src * s_mm + r64 * s_mb + cols * s_mc, mask=valid, other=0.0)
     z = z.to(ACC)
     bad = tl.max(tl.max(tl.max(tl.where(valid & ((z - z) != 0), 1, 0), 2), 1), 0)
-    if NOISE:  # TeKAP copy i = j - 1: z_i = a * eta + (1 - a) * z, eta drawn in-kernel
-        key = _hash32(_hash32(root ^ r64) ^ (jv - 1).to(tl.int64))
+    if NOISE:  # TeKAP copy i: z_i = a * eta + (1 - a) * z, eta drawn in-kernel
+        key = _hash32(_hash32(root ^ r64) ^ copy.to(tl.int64))
         eta = _gauss(key, cols.to(tl.int64)).to(ACC)
-        z = tl.where(jv >= 1, noise_a * eta + (1.0 - noise_a) * z, z)
+        z = tl.where(copy >= 0, noise_a * eta + (1.0 - noise_a) * z, z)
     return tl.where(valid, z, float("-inf")), valid, bad
 
 
@@ -209,8 +209,8 @@ def _pick(vec, i, NV: tl.constexpr):
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _terms_kernel(
     zs_ptr, s_sb, s_sc, zr_ptr, s_rb, s_rc, zm_ptr, s_mm, s_mb, s_mc, y_ptr, s_y,
-    st_ptr, s_stm, s_stb, tab_ptr, grad_ptr, part_ptr, cnt_ptr, loss_ptr, flag_ptr, out_ptr,
-    state_ptr,
+    st_ptr, s_stm, s_stb, tab_ptr, src_ptr, grad_ptr, part_ptr, cnt_ptr, loss_ptr, flag_ptr,
+    out_ptr, state_ptr,
     B, C, inv_B, seed32, step_val, step_ptr, tau, beta, delta, lam, noise_a,
     NM: tl.constexpr, NT: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr,
     NOISE: tl.constexpr, DELTA_TERM: tl.constexpr, OFFICIAL: tl.constexpr,
@@ -237,11 +237,14 @@ def _terms_kernel(
     if NOISE:
         root = _stream_key(_TEKAP, seed32, step_val, step_ptr, STEP_FROM_PTR) + root
     zero_r = tl.zeros([ROWS], ACC)
+    # the term table's source mentor and noise copy of every term [BLOCK_T, 1, 1]
+    src = tl.load(src_ptr + jv)[:, :, None]
+    copy = tl.load(src_ptr + BLOCK_T + jv)[:, :, None]
     # ---- pass A: maxima and the student's T=1 normalizer (the only pass when ONE_BLOCK)
     if ONE_BLOCK:
         x, xv, bad_s = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, 0, C, BLOCK_C, VEC_S, ACC)
         z, zv, bad_m = _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, 0, C, kept, root,
-                                   noise_a, NM, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M, ACC)
+                                   noise_a, src, copy, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M, ACC)
         m1 = tl.max(x, 1)
         m1 = tl.where(m1 == float("-inf"), 0.0, m1)
         d1 = tl.sum(tl.exp(x - m1[:, None]), 1)
@@ -259,7 +262,8 @@ def _terms_kernel(
             x, xv, bs = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, c0, C, BLOCK_C, VEC_S,
                                       ACC)
             z, zv, bm = _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root,
-                                    noise_a, NM, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M, ACC)
+                                    noise_a, src, copy, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M,
+                                    ACC)
             bad_s = tl.maximum(bad_s, bs)
             bad_m = tl.maximum(bad_m, bm)
             mx = tl.maximum(m1, tl.max(x, 1))
@@ -344,7 +348,8 @@ def _terms_kernel(
             x, xv, bs = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, c0, C, BLOCK_C, VEC_S,
                                       ACC)
             z, zv, bm = _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root,
-                                    noise_a, NM, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M, ACC)
+                                    noise_a, src, copy, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M,
+                                    ACC)
             ds += tl.sum(tl.exp((x[None, :, :] - m1[None, :, None]) * inv_t[:, :, None]), 2)
             dm += tl.sum(tl.exp((z - mz[:, :, None]) * inv_t[:, :, None]), 2)
     lds = tl.log(tl.where(ds > 0, ds, 1.0))
@@ -361,7 +366,8 @@ def _terms_kernel(
             x, xv, bs = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, c0, C, BLOCK_C, VEC_S,
                                       ACC)
             z, zv, bm = _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root,
-                                    noise_a, NM, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M, ACC)
+                                    noise_a, src, copy, NT, NOISE, BLOCK_T, BLOCK_C, VEC_M,
+                                    ACC)
             kl += _kl_grad(x, xv, z, zv, y, m1, ld1, mz, inv_t, lds, ldm, on, wt, wce, rows,
                            c0, grad_ptr, C, inv_B, BLOCK_C, VEC_G, WRITE_GRAD)
     loss = wce * ce + tl.sum(tl.where(on, wt * t * kl, 0.0), 0)

@@ -1,5 +1,5 @@
-"""Fused path of `distill_loss`: each method as a term table for `distill.py`, the launch
-plan and the thin autograd.Function (gradient computed in the forward, backward scales it).
+"""Fused loss of a term table (terms.py) on dense mentors: the launch plan for `distill.py`
+and the thin autograd.Function (gradient computed in the forward, backward scales it).
 
 Launches per loss forward+backward: the loss kernel (+ the batch-ranking kernel for
 ClassroomKD at batch granularity) and one backward kernel that touches no memory when
@@ -19,6 +19,7 @@ from ckd.kernels import distill as D
 from ckd.kernels.output import DistillOutput
 from ckd.kernels.rank import _rank_batch_kernel
 from ckd.kernels.rng import as_i32
+from ckd.kernels.terms import Decoupled, RandomDrop, Ranking, TermTable
 from ckd.row_stats import mentor_row_stats
 
 _CONST: dict[tuple, Tensor] = {}
@@ -123,19 +124,31 @@ def _step_args(step):
     return as_i32(step), None, False
 
 
-def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *,
-               tau: float, beta: float, delta: float, lam: float | None, variant: str,
-               granularity: str, block_c: int | None = None,
-               mentor_stats: Tensor | None = None):
-    """The fused counterpart of `reference.REFERENCE[method]`; returns DistillOutput."""
+def _stats_consts(rank, active, temp, student, dev) -> dict[str, Tensor]:
+    f32 = torch.float32
+    return {"mentor_rank": _const(tuple(float(v) for v in rank), f32, dev),
+            "mentor_active": _const(tuple(float(v) for v in active), f32, dev),
+            "mentor_temp": _const(tuple(float(v) for v in temp), f32, dev),
+            "student_rank": _const(float(student), f32, dev)}
+
+
+def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Decoupled, *,
+               seed: int = 0, step: int | Tensor = 0, epoch: int | Tensor | None = None,
+               mentor_stats: Tensor | None = None, rank_logits: Tensor | None = None,
+               block_c: int | None = None) -> DistillOutput:
+    """The loss of a term table (terms.py) on dense mentors [M, B, C], fused: returns
+    DistillOutput. `seed`, `step` key the random draws (RandomDrop, TeKAP copies), `epoch`
+    the Decoupled warm-up; `step`, `epoch` may be 0-dim device tensors. `mentor_stats`
+    [M, B, 2] (`ckd.row_stats`) feed a Ranking; `rank_logits` rank instead of the student
+    logits (a testing hook)."""
+    if isinstance(table, Decoupled):
+        return _decoupled_loss(zs, zm, y, table, epoch, block_c)
     dev = zs.device
     B, C = zs.shape
     M = 0 if zm is None else zm.shape[0]
+    table.check(M)
     f32 = torch.float32
-    # parameters a method does not declare come as None (unused by its kernel path)
-    tau = 1.0 if tau is None else tau
-    beta = 1.0 if beta is None else beta
-    delta = 0.0 if delta is None else delta
+    sel = table.select
     write_grad = zs.requires_grad and torch.is_grad_enabled()
     loss_dtype = torch.float64 if zs.dtype == torch.float64 else f32
     in_place = zs.dtype != torch.float16  # fp16: the gradient stays fp32 until scaled
@@ -149,78 +162,23 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
     acc = _acc(zs.dtype)
     vec_s = vec_width(zs_d, C)
     vec_g = vec_width(grad, C) if write_grad else 1
-    one_hot = [1.0] + [0.0] * (M - 1)
-    seed32 = as_i32(0 if p.get("seed") is None else p["seed"])
-    step_val, step_ptr, step_from_ptr = _step_args(0 if p.get("step") is None else p["step"])
-
-    if method == "dkd":
-        zt = zm[0]
-        rows, bc, one, warps = _tiles(B, C, 1, block_c)
-        nprog = triton.cdiv(B, rows)
-        part = torch.empty(nprog, 4, dtype=loss_dtype, device=dev)
-        rank_out = torch.empty(M, dtype=f32, device=dev)
-        epoch = p.get("epoch")
-        warm = 1.0 if epoch is None or isinstance(epoch, Tensor) else \
-            min(float(epoch) / p["warmup"], 1.0)
-
-        def launch():
-            run(D._dkd_kernel, (nprog,), (
-                zs_d, zs_d.stride(0), zs_d.stride(1), zt, zt.stride(0), zt.stride(1), y,
-                y.stride(0), grad if write_grad else loss, part, tickets[TICKET_LOSS:],
-                loss, flags, rank_out, state, B, C, 1.0 / B, float(p["T"]),
-                float(p["alpha_ce"]), float(p["dkd_alpha"]), float(p["dkd_beta"]), warm,
-                epoch if isinstance(epoch, Tensor) else loss, float(p["warmup"])),
-                dict(EPOCH_FROM_PTR=isinstance(epoch, Tensor), BLOCK_M=triton.next_power_of_2(M),
-                     M=M, ROWS=rows, BLOCK_C=bc, ONE_BLOCK=one, VEC_S=vec_s,
-                     VEC_M=vec_width(zt, C), VEC_G=vec_g, ACC=acc, WRITE_GRAD=write_grad,
-                     NV=4, num_warps=warps))
-            return loss, flags, grad, state, in_place
-
-        stats = {"mentor_rank": rank_out,
-                 "mentor_active": _const(tuple(one_hot), f32, dev),
-                 "mentor_temp": _const(tuple([float(p["T"])] + [1.0] * (M - 1)), f32, dev),
-                 "student_rank": _const(float(p["alpha_ce"]), f32, dev)}
-        out, flags_out = FusedDistillFn.apply(zs, launch)
-        return DistillOutput(out, {**stats, "nonfinite": flags_out})
-
-    # ---- term methods
-    mode, table, noise_a, n_terms, n_mentors, official = D.MODE_TABLE, None, 0.0, M, M, False
-    delta_term = False
-    thr = 0
-    stats_from_kernel = False
-    if method == "nokd":
-        n_terms = n_mentors = 0
-        table = ([], [], 1.0)
-        st = ([0.0] * M, [0.0] * M, [1.0] * M, 1.0)
-    elif method == "kd":
-        n_terms = n_mentors = 1
-        table = ([p["alpha_kd"]], [p["T"]], p["alpha_ce"])
-        st = ([p["alpha_kd"]] + [0.0] * (M - 1), one_hot, [p["T"]] + [1.0] * (M - 1),
-              p["alpha_ce"])
-    elif method == "aver":
-        table = ([1.0] * M, [tau] * M, 1.0)
-        st = ([1.0] * M, [1.0] * M, [tau] * M, 1.0)
-    elif method == "dgkd":
-        mode, stats_from_kernel = D.MODE_DGKD, True
-        if not 0.0 <= p["p"] <= 1.0:
-            raise ValueError(f"dgkd drop probability p must be in [0, 1], got {p['p']}")
-        thr = int(p["p"] * 2.0**32)
-    elif method == "tekap":
-        n = int(p["n_copies"])
-        n_terms, n_mentors, noise_a = n + 1, 1, float(p["a"])
-        table = ([p["lam_clean"]] + [p["lam_noisy"]] * n, [p["T"]] * (n + 1), p["alpha_ce"])
-        st = ([p["lam_clean"] + n * p["lam_noisy"]] + [0.0] * (M - 1), one_hot,
-              [p["T"]] + [1.0] * (M - 1), p["alpha_ce"])
-    elif method == "classroom":
-        stats_from_kernel, official = True, variant == "official"
-        delta_term = variant == "paper" and delta != 0.0
-        n_terms = M + int(delta_term)
-        mode = D.MODE_SAMPLE if granularity == "sample" else D.MODE_TABLE
-    else:
-        raise AssertionError(method)
+    seed32 = as_i32(seed)
+    step_val, step_ptr, step_from_ptr = _step_args(step)
+    n_terms = len(table.src)
+    n_mentors = max(table.src, default=-1) + 1  # mentors read: 0..n_mentors-1
+    mode, thr, official, delta_term = D.MODE_TABLE, 0, False, False
+    tau = beta = lam_v = 1.0
+    delta = 0.0
+    if isinstance(sel, Ranking):
+        mode = D.MODE_SAMPLE if sel.per_sample else D.MODE_TABLE
+        official, delta_term = sel.official, sel.delta_term
+        tau, beta, delta, lam_v = sel.tau, sel.beta, sel.delta, sel.lam
+        n_mentors = M
+    elif isinstance(sel, RandomDrop):
+        mode, thr, tau = D.MODE_DGKD, sel.threshold(), sel.tau
     bt = triton.next_power_of_2(max(n_terms, 1))
     rows, bc, one, warps = _tiles(B, C, n_terms, block_c, n_terms > n_mentors > 1)
-    vec_m = 1 if zm is None else vec_width(zm[:n_mentors], C)
+    vec_m = 1 if zm is None else vec_width(zm[:max(n_mentors, 1)], C)
     if one and rows > 1 and (vec_s == 1 or (zm is not None and vec_m == 1)):
         # unaligned rows (a bf16 student at C=100, contiguous fp16 mentors) load element by
         # element, which takes more registers per element: fewer rows per program (a
@@ -229,26 +187,27 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
     nprog = triton.cdiv(B, rows)
     nv = triton.next_power_of_2(5 + 3 * bt)
     part = torch.empty(nprog, nv, dtype=loss_dtype, device=dev)
+    stats_from_kernel = sel is not None
     out = torch.empty(3 * M + 1, dtype=f32, device=dev) if stats_from_kernel else None
     zm_arg = zs_d if zm is None else zm
     zm_strides = (0, 0, 0) if zm is None else zm.stride()
-    rank_zs = zs_d if p.get("rank_logits") is None else p["rank_logits"].detach()
+    rank_zs = zs_d if rank_logits is None else rank_logits.detach()
     mstats = None
-    if method == "classroom":
+    if isinstance(sel, Ranking):
         mstats = mentor_stats if mentor_stats is not None else mentor_row_stats(zm, y)
-    if table is not None:
-        w, t, wce = table
-        pad = bt - len(w)
-        table_t = _const(tuple(float(v) for v in [*w, *[0.0] * pad, *t, *[1.0] * pad, wce]),
-                         f32, dev)
-    else:
+    pad = bt - n_terms
+    src_t = _const(tuple(table.src) + (0,) * pad + tuple(table.copies) + (-1,) * pad,
+                   torch.int32, dev)
+    if sel is None:
+        table_t = _const(tuple(float(v) for v in [*table.weight, *[0.0] * pad, *table.temp,
+                                                  *[1.0] * pad, table.w_ce]), f32, dev)
+    else:  # written on the device (batch ranking) or unused
         table_t = torch.empty(2 * bt + 1, dtype=f32, device=dev)
     st_arg = (mstats, mstats.stride(0), mstats.stride(1)) if mstats is not None else \
         (loss, 0, 0)
-    lam_v = float(M if lam is None else lam)
 
     def launch():
-        if method == "classroom" and mode == D.MODE_TABLE:  # batch ranking first
+        if isinstance(sel, Ranking) and mode == D.MODE_TABLE:  # batch ranking first
             r_rows, r_bc, r_one, r_warps = _tiles(B, C, 1, block_c)
             r_nprog = triton.cdiv(B, r_rows)
             r_part = torch.empty(r_nprog, 2 * bt, dtype=f32, device=dev)
@@ -261,12 +220,12 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
                      NV=2 * bt, num_warps=r_warps, **D.SELECTION_OPTIONS))
         run(D._terms_kernel, (nprog,), (
             zs_d, zs_d.stride(0), zs_d.stride(1), rank_zs, rank_zs.stride(0), rank_zs.stride(1),
-            zm_arg, *zm_strides, y, y.stride(0), *st_arg, table_t,
+            zm_arg, *zm_strides, y, y.stride(0), *st_arg, table_t, src_t,
             grad if write_grad else loss, part, tickets[TICKET_LOSS:], loss, flags,
             out if out is not None else loss, state, B, C, 1.0 / B, seed32, step_val,
             step_ptr if step_ptr is not None else y, float(tau), float(beta), float(delta),
-            lam_v, noise_a),
-            dict(NM=n_mentors, NT=n_terms, BLOCK_T=bt, MODE=mode, NOISE=method == "tekap",
+            float(lam_v), float(table.noise_a)),
+            dict(NM=n_mentors, NT=n_terms, BLOCK_T=bt, MODE=mode, NOISE=table.noisy,
                  DELTA_TERM=delta_term, OFFICIAL=official, DROP_THRESHOLD=thr,
                  STEP_FROM_PTR=step_from_ptr, RANK_SEPARATE=rank_zs is not zs_d, ROWS=rows,
                  BLOCK_C=bc, ONE_BLOCK=one, VEC_S=vec_s, VEC_M=vec_m, VEC_G=vec_g, ACC=acc,
@@ -278,10 +237,49 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, method: str, p: dict, *
         stats = {"mentor_rank": out[:M], "mentor_active": out[M:2 * M],
                  "mentor_temp": out[2 * M:3 * M], "student_rank": out[3 * M]}
     else:
-        rank, active, temp, student = st
-        stats = {"mentor_rank": _const(tuple(float(v) for v in rank), f32, dev),
-                 "mentor_active": _const(tuple(float(v) for v in active), f32, dev),
-                 "mentor_temp": _const(tuple(float(v) for v in temp), f32, dev),
-                 "student_rank": _const(float(student), f32, dev)}
+        stats = _stats_consts(*table.static_stats(M), dev)
     loss_out, flags_out = FusedDistillFn.apply(zs, launch)
     return DistillOutput(loss_out, {**stats, "nonfinite": flags_out})
+
+
+def _decoupled_loss(zs, zm, y, table: Decoupled, epoch, block_c) -> DistillOutput:
+    dev = zs.device
+    B, C = zs.shape
+    M = zm.shape[0]
+    f32 = torch.float32
+    write_grad = zs.requires_grad and torch.is_grad_enabled()
+    loss_dtype = torch.float64 if zs.dtype == torch.float64 else f32
+    in_place = zs.dtype != torch.float16
+    zs_d = zs.detach()
+    loss = torch.empty((), dtype=loss_dtype, device=dev)
+    flags = torch.empty((), dtype=torch.int32, device=dev)
+    state = torch.empty((), dtype=loss_dtype, device=dev)
+    grad = torch.empty((B, C), dtype=f32 if zs.dtype == torch.float16 else zs.dtype,
+                       device=dev) if write_grad else None
+    zt = zm[0]
+    rows, bc, one, warps = _tiles(B, C, 1, block_c)
+    nprog = triton.cdiv(B, rows)
+    part = torch.empty(nprog, 4, dtype=loss_dtype, device=dev)
+    rank_out = torch.empty(M, dtype=f32, device=dev)
+    warm = 1.0 if epoch is None or isinstance(epoch, Tensor) else \
+        min(float(epoch) / table.warmup, 1.0)
+
+    def launch():
+        run(D._dkd_kernel, (nprog,), (
+            zs_d, zs_d.stride(0), zs_d.stride(1), zt, zt.stride(0), zt.stride(1), y,
+            y.stride(0), grad if write_grad else loss, part, _tickets(dev)[TICKET_LOSS:],
+            loss, flags, rank_out, state, B, C, 1.0 / B, float(table.T),
+            float(table.alpha_ce), float(table.w_target), float(table.w_nontarget), warm,
+            epoch if isinstance(epoch, Tensor) else loss, float(table.warmup)),
+            dict(EPOCH_FROM_PTR=isinstance(epoch, Tensor), BLOCK_M=triton.next_power_of_2(M),
+                 M=M, ROWS=rows, BLOCK_C=bc, ONE_BLOCK=one, VEC_S=vec_width(zs_d, C),
+                 VEC_M=vec_width(zt, C), VEC_G=vec_width(grad, C) if write_grad else 1,
+                 ACC=_acc(zs.dtype), WRITE_GRAD=write_grad, NV=4, num_warps=warps))
+        return loss, flags, grad, state, in_place
+
+    one_hot = [1.0] + [0.0] * (M - 1)
+    stats = _stats_consts([0.0] * M, one_hot, [float(table.T)] + [1.0] * (M - 1),
+                          table.alpha_ce, dev)
+    stats["mentor_rank"] = rank_out
+    out, flags_out = FusedDistillFn.apply(zs, launch)
+    return DistillOutput(out, {**stats, "nonfinite": flags_out})

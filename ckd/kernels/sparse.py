@@ -1,7 +1,7 @@
 """Triton kernels of the distillation losses on sparse mentors (`SparseMentors`): the fused
 counterpart of `sparse_reference.py` (its docstring states the math).
 
-Same term table as the dense kernels (`fused.py`: term j = mentor src_j, TeKAP copy_j,
+Same term table as the dense kernels (terms.py: term j = mentor src_j, TeKAP copy_j,
 weight w_j[b], temperature T_j[b]), one program per sample row:
 
 1. per term, the mentor's target over its K slots from the stored ids, logits, counts and
@@ -25,6 +25,7 @@ import triton.language as tl
 from ckd.kernels import distill as D
 from ckd.kernels.rng import STREAM_TEKAP, as_i32, dgkd_keep_mask, stream_key
 from ckd.kernels.sparse_mentors import SparseMentors
+from ckd.kernels.terms import RandomDrop, Ranking, TermTable
 
 MAX_BLOCK_ELEMS = 8192  # BLOCK_C x BLOCK_K of the class-vs-slot comparison
 
@@ -279,81 +280,66 @@ class _SparseFn(torch.autograd.Function):
         return grad * grad_loss.to(grad.dtype), None
 
 
-def _static_terms(method: str, M: int, p: dict, tau: float):
-    """(src, copy, weights, temps, w_ce, (rank, active, temp, student_rank)) of the methods
-    whose weights do not depend on the logits (same terms as the dense path)."""
-    one_hot = [1.0] + [0.0] * (M - 1)
-    if method == "nokd":
-        return [], [], [], [], 1.0, ([0.0] * M, [0.0] * M, [1.0] * M, 1.0)
-    if method == "kd":
-        return ([0], [-1], [p["alpha_kd"]], [p["T"]], p["alpha_ce"],
-                ([p["alpha_kd"]] + [0.0] * (M - 1), one_hot, [p["T"]] + [1.0] * (M - 1),
-                 p["alpha_ce"]))
-    if method == "aver":
-        return (list(range(M)), [-1] * M, [1.0] * M, [tau] * M, 1.0,
-                ([1.0] * M, [1.0] * M, [tau] * M, 1.0))
-    if method == "dgkd":
-        keep = dgkd_keep_mask(p["seed"], p["step"], M, p["p"])
-        kept = [m for m in range(M) if keep[m]]
-        act = [1.0 if k else 0.0 for k in keep]
-        return (kept, [-1] * len(kept), [1.0 / len(kept)] * len(kept), [tau] * len(kept),
-                1.0, ([a / len(kept) for a in act], act, [tau if k else 1.0 for k in keep],
-                      1.0))
-    if method == "tekap":
-        n = int(p["n_copies"])
-        return ([0] * (n + 1), [-1] + list(range(n)), [p["lam_clean"]] + [p["lam_noisy"]] * n,
-                [p["T"]] * (n + 1), p["alpha_ce"],
-                ([p["lam_clean"] + n * p["lam_noisy"]] + [0.0] * (M - 1), one_hot,
-                 [p["T"]] + [1.0] * (M - 1), p["alpha_ce"]))
-    raise AssertionError(method)
-
-
-def sparse_fused_loss(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, method: str,
-                      p: dict, *, tau: float | None, beta: float | None, delta: float | None,
-                      lam: float | None, variant: str | None, granularity: str | None,
-                      block_c: int | None = None):
-    """The fused counterpart of `sparse_reference.SPARSE_REFERENCE[method]`; returns
-    DistillOutput. ClassroomKD's selection runs on device from the student's CE and the
-    mentors' stored true-class log-probs (the reference's `classroom_weights`)."""
+def sparse_fused_loss(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor,
+                      table: TermTable, *, seed: int = 0, step: int = 0,
+                      rank_logits: torch.Tensor | None = None, block_c: int | None = None):
+    """The loss of a term table on sparse mentors, fused; returns DistillOutput. A Ranking
+    runs on the device from the student's CE and the mentors' stored true-class log-probs
+    (`reference.classroom_weights`); a RandomDrop's keep mask comes from (seed, step) on the
+    host (ints: no device counters here)."""
     from ckd.kernels import reference as ref
     from ckd.kernels.output import DistillOutput
 
+    if not isinstance(table, TermTable):
+        raise ValueError("sparse mentors run term tables only (a decoupled loss needs every "
+                         "class): use a dense cache")
     dev = zs.device
     B, _ = zs.shape
     M = sm.shape[0]
+    table.check(M)
     f32 = torch.float32
     write_grad = zs.requires_grad and torch.is_grad_enabled()
     flag = torch.zeros((), dtype=torch.int32, device=dev)
-    if method == "classroom":
+    sel = table.select
+    src, copy = tuple(table.src), tuple(table.copies)
+    if isinstance(sel, Ranking):
         with torch.no_grad():
-            rank_zs = zs if p.get("rank_logits") is None else p["rank_logits"]
+            rank_zs = zs if rank_logits is None else rank_logits
             ce = torch.cat([ref.ce_rows(rank_zs.detach(), y.long())[None].float(),
                             -sm.true_logp.float()])
             flag |= (~torch.isfinite(sm.true_logp)).any().to(torch.int32) * 2
-            cw = ref.classroom_weights(ce, tau=tau, beta=beta, delta=delta, lam=lam,
-                                       variant=variant, granularity=granularity)
+            cw = ref.classroom_weights(
+                ce, tau=sel.tau, beta=sel.beta, delta=sel.delta, lam=sel.lam,
+                variant="official" if sel.official else "paper",
+                granularity="sample" if sel.per_sample else "batch")
         w, t, wce = cw["w_kl"].float(), cw["temp"].float(), cw["w_ce"].float()
         stats = ref.classroom_stats(cw, flag)
-        src, copy = tuple(range(M)), (-1,) * M
-        if variant == "paper" and delta != 0.0:  # delta * L_distill(teacher; T=1)
-            w = torch.cat([w, torch.full((1, B), float(delta), device=dev)])
+        if sel.delta_term:  # delta * L_distill(teacher; T=1)
+            w = torch.cat([w, torch.full((1, B), float(sel.delta), device=dev)])
             t = torch.cat([t, torch.ones(1, B, device=dev)])
-            src, copy = src + (0,), copy + (-1,)
         stats.pop("nonfinite")
     else:
-        src, copy, wl, tl_, wce_v, st = _static_terms(method, M, p, tau)
-        src, copy = tuple(src), tuple(copy)
-        w = _const(tuple(float(v) for v in wl), f32, dev).view(-1, 1).expand(len(wl), B)
-        t = _const(tuple(float(v) for v in tl_), f32, dev).view(-1, 1).expand(len(tl_), B)
-        wce = _const((float(wce_v),), f32, dev).expand(B)
-        rank, active, temp, student = st
-        stats = {"mentor_rank": _const(tuple(rank), f32, dev),
-                 "mentor_active": _const(tuple(active), f32, dev),
-                 "mentor_temp": _const(tuple(temp), f32, dev),
+        weights, temps, rank_stats = table.weight, table.temp, table.static_stats(M)
+        if isinstance(sel, RandomDrop):
+            keep = dgkd_keep_mask(int(seed), int(step), M, sel.p)
+            kept = [j for j in range(len(src)) if keep[src[j]]]
+            src, copy = tuple(src[j] for j in kept), tuple(copy[j] for j in kept)
+            weights, temps = (1.0 / len(kept),) * len(kept), (sel.tau,) * len(kept)
+            act = [1.0 if k else 0.0 for k in keep]
+            rank_stats = ([a / len(kept) for a in act], act,
+                          [sel.tau if k else 1.0 for k in keep], 1.0)
+        n = len(src)
+        w = _const(tuple(float(v) for v in weights), f32, dev).view(-1, 1).expand(n, B)
+        t = _const(tuple(float(v) for v in temps), f32, dev).view(-1, 1).expand(n, B)
+        wce = _const((float(table.w_ce),), f32, dev).expand(B)
+        rank, active, temp, student = rank_stats
+        stats = {"mentor_rank": _const(tuple(float(v) for v in rank), f32, dev),
+                 "mentor_active": _const(tuple(float(v) for v in active), f32, dev),
+                 "mentor_temp": _const(tuple(float(v) for v in temp), f32, dev),
                  "student_rank": _const(float(student), f32, dev)}
     src_t = _const(src or (0,), torch.int32, dev)
     copy_t = _const(copy or (-1,), torch.int32, dev)
-    noise = (p["seed"], p["step"], p["a"]) if method == "tekap" else None
+    noise = (seed, step, table.noise_a) if table.noisy else None
 
     def launch():
         rows, grad = sparse_distill(zs.detach(), sm, y, src_t, copy_t, w, t, wce, flag,

@@ -209,21 +209,8 @@ def stack(parts: list[SparseMentors]) -> SparseMentors:
         sum((p.modes for p in parts), ()), parts[0].num_classes)
 
 
-
-def check_sparse_method(method: str, supported: tuple[str, ...]) -> None:
-    """Refuse a method that cannot run on sparse mentors, naming the modes it supports, the
-    methods that do run on sparse ones and the fix."""
-    if method not in supported:
-        raise ValueError(
-            f"method {method!r} runs on dense mentor logits only (it needs every class); "
-            f"sparse mentors (topk:K, sample:S) work with {', '.join(supported)}. Use a "
-            "dense cache (`ckd cache-logits --logits dense`) for this method")
-
-
-def validate_sparse(sm: SparseMentors, method: str, supported: tuple[str, ...], B: int,
-                    C: int, device: torch.device) -> None:
-    """Shape/dtype/method checks of sparse mentors given to `distill_loss`."""
-    check_sparse_method(method, supported)
+def validate_sparse(sm: SparseMentors, B: int, C: int, device: torch.device) -> None:
+    """Shape/dtype checks of sparse mentors given to a loss."""
     M, Bm, K = sm.shape
     if Bm != B or sm.num_classes != C:
         raise ValueError(f"sparse mentors are for B = {Bm} rows of C = {sm.num_classes} "

@@ -35,8 +35,6 @@ from ckd.kernels.sparse_mentors import SparseMentors
 
 REST_MODELS = ("moment", "equal")
 REST_MODEL = "moment"  # measured against dense: docs/SPARSE.md, benchmarks/sparse.py
-# methods that run on sparse mentors (every mode); the others say so
-SPARSE_METHODS = ("nokd", "kd", "aver", "dgkd", "tekap", "classroom")
 
 
 def rest_log_mass(rest_lse: Tensor, rest_mean: Tensor, n_rest: Tensor, t: Tensor | float,
@@ -216,21 +214,3 @@ def nokd(zs, sm, labels):
     M = 0 if sm is None else sm.shape[0]
     return ref.ce_rows(zs, labels).mean(), ref._stats(M, zs.device,
                                                       flag=ref._flag(zs, [], labels))
-
-
-def run_sparse_reference(method: str, zs: Tensor, sm: SparseMentors, labels: Tensor,
-                         **kw) -> tuple[Tensor, dict[str, Tensor]]:
-    """`SPARSE_REFERENCE[method]` with the method's declared defaults filled in (ckd.methods),
-    as `Method.run_reference` does for dense mentors."""
-    from ckd.methods import get_method
-    from ckd.methods.registry import COUNTER_DEFAULTS
-
-    spec = get_method(method)
-    counters = spec.counter_values(kw)
-    params = spec.resolve({k: v for k, v in kw.items() if k not in COUNTER_DEFAULTS})
-    return SPARSE_REFERENCE[method](zs, sm, labels, **params, **counters)
-
-
-SPARSE_REFERENCE = {"nokd": nokd, "kd": kd, "aver": aver, "dgkd": dgkd, "tekap": tekap,
-                    "classroom": classroom}
-assert tuple(SPARSE_REFERENCE) == SPARSE_METHODS

@@ -47,15 +47,14 @@ def training_inputs(B: int, C: int, M: int, student=torch.float32, mentor=torch.
     return zs.requires_grad_(), zm, y, stats
 
 
-def loss_calls(kwargs: dict, B: int, C: int, M: int, student=torch.float32,
-               mentor=torch.float16, backward: bool = True, inputs=None) -> list:
-    """The launches of one `distill_loss(**kwargs)` forward (+ backward), recorded."""
-    from ckd.kernels.api import distill_loss
+def loss_calls(table, B: int, C: int, M: int, student=torch.float32, mentor=torch.float16,
+               backward: bool = True, inputs=None, **counters) -> list:
+    """The launches of one `terms_loss(table)` forward (+ backward), recorded."""
+    from ckd.kernels.api import terms_loss
 
     zs, zm, y, stats = inputs or training_inputs(B, C, M, student, mentor)
     with recorded_launches() as calls:
-        out = distill_loss(zs, zm, y, backend="triton", validate=False, mentor_stats=stats,
-                           **kwargs)
+        out = terms_loss(zs, zm, y, table, validate=False, mentor_stats=stats, **counters)
         if backward:
             out.loss.backward()
     return calls

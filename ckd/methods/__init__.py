@@ -13,6 +13,7 @@ from ckd.methods.compose import (
     resolve_terms,
     select_mentors,
 )
+from ckd.methods.loss import distill_loss, logit_method
 from ckd.methods.registry import (
     Method,
     MethodError,
@@ -25,5 +26,6 @@ from ckd.methods.registry import (
 )
 
 __all__ = ["LossPlan", "Method", "MethodError", "Paper", "Param", "StepInputs", "Term",
-           "all_methods", "get_method", "make_plan", "method_mentors", "method_names",
-           "parse_method", "register", "resolve_terms", "select_mentors"]
+           "all_methods", "distill_loss", "get_method", "logit_method", "make_plan",
+           "method_mentors", "method_names", "parse_method", "register", "resolve_terms",
+           "select_mentors"]

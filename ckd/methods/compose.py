@@ -189,7 +189,7 @@ class LossPlan:
         `step` may be 0-dim device tensors (a captured step). `mentor_stats`: the mentors'
         row statistics (the cache stores them) and `validate` (its label check) for
         `distill_loss`."""
-        from ckd.kernels import distill_loss  # noqa: PLC0415 - kernels import methods lazily
+        from ckd.methods.loss import distill_loss  # noqa: PLC0415 - tests wrap it per call
 
         counters = {"seed": seed, "step": step, "epoch": epoch + 1}
         assert set(counters) == set(COUNTERS)
@@ -221,4 +221,12 @@ def _without_hooks(term: Term) -> dict[str, Any]:
 
 def make_plan(expr: str, params: Mapping[str, Any] | None = None, preset: str | None = None,
               shortcuts: Mapping[str, Any] | None = None, backend: str = "auto") -> LossPlan:
-    return LossPlan(expr, resolve_terms(expr, params, preset, shortcuts), backend)
+    """The loss of a run. Capabilities are checked here, before any step: an explicit
+    `backend="triton"` refuses a logit method without a fused form (its term table)."""
+    terms = resolve_terms(expr, params, preset, shortcuts)
+    logit = next(t.method for t in terms if t.method.logit)
+    if backend == "triton" and not logit.fused:
+        raise MethodError(f"method {logit.name!r} has no fused kernel form (its declaration "
+                          "gives no `terms`): use --backend reference or auto, which runs "
+                          "its eager reference")
+    return LossPlan(expr, terms, backend)

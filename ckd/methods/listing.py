@@ -22,10 +22,8 @@ def describe(m: Method) -> str:
     impl = "fused kernel + eager reference" if m.fused else "eager"
     lines.append(f"  needs: {needs}; loss: {impl}")
     if m.logit and m.mentors != "none":
-        from ckd.kernels.sparse_reference import SPARSE_METHODS  # noqa: PLC0415
-
         lines.append("  mentor logits: " + (
-            "dense, topk:K, sample:S (docs/SPARSE.md)" if m.name in SPARSE_METHODS
+            "dense, topk:K, sample:S (docs/SPARSE.md)" if m.sparse is not None
             else "dense only (needs every class; sparse caches are refused)"))
     shown = [p for p in m.params if p.cli]
     if shown:

@@ -1,7 +1,8 @@
 """The method registry: one declaration per distillation method (docs/METHODS.md).
 
 A method is data: its name, paper, what it reads from the mentors, its parameters (default,
-type, valid range, help), its eager reference and whether the fused kernels implement it.
+type, valid range, help), its eager reference, and its capabilities: the term table the
+fused kernels run (`terms`) and its sparse-mentor reference (`sparse`).
 The CLI (`--method` choices, `--param` help, `ckd methods`), config validation, the
 trainer's loss and the README's methods table are all read from here.
 
@@ -47,7 +48,12 @@ class Method:
 
     reference: eager `f(student_logits, mentor_logits, labels, **params, **counters)
         -> (loss, stats)` (the contract the fused kernels are tested against).
-    fused: `ckd.kernels.distill_loss` has a Triton path for it.
+    terms: its fused form, `terms(params, M) -> ckd.kernels.TermTable | Decoupled` (the
+        kernels run the table; None: no fused form, the reference runs on every backend
+        but an explicit `triton`, which is refused by name).
+    sparse: eager reference on sparse mentors, `f(student_logits, SparseMentors, labels,
+        **params, **counters)` (None: dense mentors only; with `terms`, sparse mentors
+        also run fused).
     logit: the method is a `distill_loss` method (reads logits; its loss includes the CE
         term). Methods with `loss` instead (feature methods) add a term without CE.
     temperature: the parameter that the trainer's `--tau` shortcut sets.
@@ -67,7 +73,8 @@ class Method:
     params: tuple[Param, ...] = ()
     paper: Paper | None = None
     reference: Callable | None = None
-    fused: bool = False
+    terms: Callable | None = None
+    sparse: Callable | None = None
     logit: bool = True
     # what it reads from the mentors; "stats": their row statistics (ckd.row_stats), which
     # the fused kernels rank from instead of a pass over the mentor logits
@@ -91,6 +98,11 @@ class Method:
             raise ValueError(f"{self.name}: unknown counters {sorted(bad)}")
         for preset in self.presets.values():
             self.resolve(preset)  # a preset must itself be valid
+
+    @property
+    def fused(self) -> bool:
+        """The fused kernels compute it (it declares its term table)."""
+        return self.terms is not None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -134,6 +146,14 @@ class Method:
         counters = self.counter_values(kw)
         params = self.resolve({k: v for k, v in kw.items() if k not in COUNTER_DEFAULTS})
         return self.reference(student_logits, mentor_logits, labels, **params, **counters)
+
+    def run_sparse_reference(self, student_logits, sparse_mentors, labels, **kw: Any):
+        """The eager reference on sparse mentors, defaults filled in."""
+        if self.sparse is None:
+            raise MethodError(f"method {self.name!r} has no sparse-mentor form")
+        counters = self.counter_values(kw)
+        params = self.resolve({k: v for k, v in kw.items() if k not in COUNTER_DEFAULTS})
+        return self.sparse(student_logits, sparse_mentors, labels, **params, **counters)
 
     def param_names(self) -> str:
         return ", ".join(p.name for p in self.params if p.cli) or "none"

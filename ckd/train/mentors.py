@@ -227,10 +227,9 @@ def _open_cache(cfg: TrainConfig, ds, device: torch.device,
         cache = BlockReader(cache, window=BLOCK_WINDOW)
     cache.check_compatible(ds.name, ds.fingerprint, ds.num_classes)
     if need and not cfg.mentors_online and cache.sparse:  # refused now, not at the 1st step
-        from ckd.kernels.sparse_mentors import check_sparse_method  # noqa: PLC0415
-        from ckd.kernels.sparse_reference import SPARSE_METHODS  # noqa: PLC0415
+        from ckd.methods.loss import check_sparse_method  # noqa: PLC0415
 
-        check_sparse_method(cfg.loss_plan().logit_term.method.name, SPARSE_METHODS)
+        check_sparse_method(cfg.loss_plan().logit_term.method)
     if cfg.mentors_online:
         # no NAME=PATH given: the checkpoint the cache was built from, if it is there
         specs = specs or [(n, None) for n in avail]

@@ -3,7 +3,7 @@
 bundled in triton, and read the result: registers, spills, 128-bit global loads/stores
 (PTX `ld.global.v4` / SASS `LDG.E.128`) and the launches per loss call.
 
-    TRITON_INTERPRET= python -m ckd.kernels.static --arch 90 --C 100 1000
+    TRITON_INTERPRET= python benchmarks/static.py --arch 90 --C 100 1000
 
 Run it with TRITON_INTERPRET unset (the kernels must be JIT functions, not the
 interpreter's); nothing is launched: `fused.run` is replaced by a recorder. The mentor
@@ -76,7 +76,7 @@ def loss_launches(case: str, B: int, C: int, M: int, student=torch.float32,
     trainer's cache gather (`source="cache"`: rows padded to 16 bytes) or, for
     comparison, a contiguous [M, B, C] tensor (`"plain"`: what an outside caller might
     pass)."""
-    from ckd.kernels.api import distill_loss
+    from ckd.methods import distill_loss
     from ckd.row_stats import mentor_row_stats
 
     zs = torch.randn(B, C).to(student).requires_grad_()
