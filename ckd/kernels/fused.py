@@ -16,6 +16,7 @@ import triton
 from torch import Tensor
 
 from ckd.kernels import distill as D
+from ckd.kernels.dkd import _dkd_kernel
 from ckd.kernels.output import DistillOutput
 from ckd.kernels.rank import _rank_batch_kernel
 from ckd.kernels.rng import as_i32
@@ -265,7 +266,7 @@ def _decoupled_loss(zs, zm, y, table: Decoupled, epoch, block_c) -> DistillOutpu
         min(float(epoch) / table.warmup, 1.0)
 
     def launch():
-        run(D._dkd_kernel, (nprog,), (
+        run(_dkd_kernel, (nprog,), (
             zs_d, zs_d.stride(0), zs_d.stride(1), zt, zt.stride(0), zt.stride(1), y,
             y.stride(0), grad if write_grad else loss, part, _tickets(dev)[TICKET_LOSS:],
             loss, flags, rank_out, state, B, C, 1.0 / B, float(table.T),
