@@ -21,7 +21,8 @@ Memory traffic (the point of the design):
   pad lanes are masked out of the math).
 - The batch loss and the statistics are reduced without an extra launch: every program
   writes its partial sums, and the last program to finish (an atomic ticket, reset by
-  that program) adds them in a fixed order (deterministic) and writes the scalars.
+  that program) adds them in a fixed tree order (`_reduce`: tiles of partials, each a
+  block-wise tl.sum; bit-identical run to run) and writes the scalars.
 - Selection (ClassroomKD): at sample granularity inside the kernel, from the student's
   own CE and the mentors' cached statistics (log-probability of the true class), with no
   pass over mentor logits; at batch granularity one small kernel before (`rank.py`).
@@ -45,6 +46,8 @@ _TEKAP = tl.constexpr(STREAM_TEKAP)
 
 MAX_BLOCK_C = 4096  # whole rows in registers up to this many classes
 ROW_TILE = 1024  # elements of one row-vector tile per program (8 per thread at 4 warps)
+# elements of the partial-sums tile the last program reduces per step (_reduce)
+REDUCE_TILE = tl.constexpr(2048)
 MODE_TABLE, MODE_DGKD, MODE_SAMPLE = 0, 1, 2  # where the term weights come from
 # per-step integer arguments: never specialized on their value (no recompiles mid-run)
 UNSPECIALIZED = ["seed32", "step_val"]
@@ -187,10 +190,19 @@ def _finish(part_ptr, cnt_ptr, pid, values, NV: tl.constexpr):
 
 @triton.jit
 def _reduce(part_ptr, nprog, NV: tl.constexpr):
-    """Column sums of the partials [nprog, NV] in a fixed order (deterministic)."""
+    """Column sums of the partials [nprog, NV] in a fixed tree order: REDUCE_TILE // NV
+    programs' partials per step, loaded as one tile and summed by a block-wise tl.sum
+    (a tree), the steps in program order. Bit-identical run to run for a launch
+    configuration; ceil(nprog / CHUNK) dependent steps, whose loads do not depend on each
+    other (4096 programs with NV = 32: 64 steps of 64, where a serial loop took 4096)."""
+    CHUNK: tl.constexpr = REDUCE_TILE // NV
+    cols = tl.arange(0, NV)
     acc = tl.zeros([NV], tl.float32).to(part_ptr.dtype.element_ty)
-    for p in range(0, nprog):
-        acc += tl.load(part_ptr + p * NV + tl.arange(0, NV), cache_modifier=".cg")
+    for p0 in range(0, nprog, CHUNK):
+        p = p0 + tl.arange(0, CHUNK)
+        tile = tl.load(part_ptr + p[:, None] * NV + cols[None, :], mask=(p < nprog)[:, None],
+                       other=0.0, cache_modifier=".cg")
+        acc += tl.sum(tile, 0)
     return acc
 
 
@@ -372,7 +384,7 @@ def _terms_kernel(
                            c0, grad_ptr, C, inv_B, BLOCK_C, VEC_G, WRITE_GRAD)
     loss = wce * ce + tl.sum(tl.where(on, wt * t * kl, 0.0), 0)
     loss_sum = tl.sum(tl.where(rmask, loss, 0.0), 0)
-    # ---- batch reduction: the last program adds the partials in program order
+    # ---- batch reduction: the last program adds the partials in a fixed tree order
     part = stat_part.to(ACC) + tl.where(nv == 0, loss_sum, 0.0)
     part += tl.where(nv == 1, bad_s, 0) + tl.where(nv == 2, bad_m, 0) + tl.where(nv == 3, bad_y, 0)
     if _finish(part_ptr, cnt_ptr, pid, part, NV):
