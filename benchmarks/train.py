@@ -14,6 +14,7 @@ only, no evaluation).
     .venv/bin/python benchmarks/train.py                 # CPU (reference loss)
     .venv/bin/python benchmarks/train.py --device cuda   # GPU: bf16, channels_last, Triton
     .venv/bin/python benchmarks/train.py --device cuda --cuda-graphs   # + each case replayed
+    .venv/bin/python benchmarks/train.py --deterministic   # + each case with --deterministic
     .venv/bin/python benchmarks/train.py --multi r8,r14,wrn_16_1   # N students, one pass
 """
 
@@ -165,6 +166,9 @@ def main() -> None:
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also run each logit-method case with `ckd train --cuda-graphs` "
                     "(CUDA only; feature-method cases run eagerly only)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="also run each case (and its --cuda-graphs twin) with `ckd train "
+                    "--deterministic`, right after it")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--multi", help="comma list of students: one pass vs separate runs")
     ap.add_argument("--fastpaths", action="store_true",
@@ -199,12 +203,25 @@ def main() -> None:
             "resnet110"]}, root / "cache1", views=1, device=args.device, progress=False)
         multi(args.multi.split(","), base, str(cache), root)
         return
+    def run_det(name: str, cfg: dict) -> None:
+        """The case and, with --deterministic, its deterministic twin right after it (an op
+        without a deterministic kernel is reported, and the other cases still run)."""
+        from ckd.determinism import DeterminismError
+
+        rows.append(run_case(name, cfg))
+        if args.deterministic:
+            try:
+                rows.append(run_case(f"{name}, --deterministic",
+                                     dict(cfg, deterministic=True, out=cfg["out"] + "-det")))
+            except DeterminismError as err:
+                print(f"[{name}, --deterministic: refused: {err}]")
+
     def run_modes(name: str, cfg: dict) -> None:
         """The case eagerly and, with --cuda-graphs, replayed (logit methods only)."""
-        rows.append(run_case(name, cfg))
+        run_det(name, cfg)
         if args.cuda_graphs and "+" not in cfg["method"]:
-            rows.append(run_case(f"{name}, --cuda-graphs",
-                                 dict(cfg, cuda_graphs=True, out=cfg["out"] + "-graphs")))
+            run_det(f"{name}, --cuda-graphs",
+                    dict(cfg, cuda_graphs=True, out=cfg["out"] + "-graphs"))
 
     if "nokd" in cases:
         run_modes("nokd", dict(base, method="nokd", out=str(root / "nokd")))

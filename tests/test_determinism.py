@@ -14,7 +14,6 @@ import yaml
 from click.testing import CliRunner
 
 from ckd import determinism
-from ckd.cli.main import main as cli
 from ckd.determinism import CUBLAS_KEY, DeterminismError, deterministic
 
 
@@ -98,6 +97,9 @@ TRAIN = ["train", "--dataset", "synthetic", "-D", "n_train=16", "-D", "n_test=8"
 
 
 def _run(*args: str):
+    pytest.importorskip("zarr")  # the CLI's cache commands (gpu_check.sh may lack it)
+    from ckd.cli.main import main as cli
+
     return CliRunner().invoke(cli, [*args], catch_exceptions=False)
 
 
@@ -219,3 +221,42 @@ def test_cache_logits_refuses_a_nondeterministic_op_by_name(tmp_path, monkeypatc
     assert res.exit_code == 1
     assert "Error: --deterministic: the op put_ has no deterministic implementation" in \
         res.output and "drop --deterministic" in res.output, res.output
+
+
+# ------------------------------------------------------------------ the zoo under it
+def test_global_avg_pool_paths_agree():
+    """The deterministic path (avg_pool2d over the whole map, taken for CUDA tensors under
+    deterministic algorithms) computes the adaptive pool's mean."""
+    import torch.nn.functional as F
+
+    from ckd.models.layers import global_avg_pool
+
+    for h, w in ((8, 8), (7, 5), (1, 1)):
+        x = torch.randn(3, 4, h, w, requires_grad=True)
+        whole = torch.flatten(F.avg_pool2d(x, (h, w)), 1)
+        torch.testing.assert_close(whole, global_avg_pool(x), rtol=1e-6, atol=1e-7)
+        g, = torch.autograd.grad(whole.sum(), x)
+        torch.testing.assert_close(g, torch.full_like(x, 1.0 / (h * w)))
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "wrn_16_1", "vgg8", "ShuffleV1"])
+def test_zoo_students_train_under_deterministic_algorithms(arch):
+    """A training step of each zoo family under deterministic algorithms raises nothing (on
+    a GPU: adaptive_avg_pool2d's CUDA backward would, so the zoo pools deterministically),
+    and two such steps from the same weights give the same gradients bit for bit."""
+    from device import DEVICE
+
+    from ckd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10).to(DEVICE)
+    x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    y = torch.randint(0, 10, (4,), device=DEVICE)
+    grads = []
+    with deterministic():
+        for _ in range(2):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
