@@ -260,3 +260,30 @@ def test_zoo_students_train_under_deterministic_algorithms(arch):
             grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_flag_changes_no_result_on_cpu(tmp_path):
+    """On CPU the claims hold without the flag, and with it the run is the same bit for bit
+    (classroom from a cache, the fused loss under the Triton interpreter): the newly
+    allocated memory it fills with NaN is never read."""
+    pytest.importorskip("zarr")
+    from test_cache_robust import mentor
+
+    from ckd.cache import build_cache
+    from ckd.data import load_dataset
+    from ckd.train import train
+
+    opts = dict(n_train=16, n_test=8, num_classes=10, seed=0)
+    paths = {a: str(mentor(tmp_path / f"{a}.pt", s, num_classes=10))
+             for a, s in (("t", 0), ("p", 1))}
+    cache = build_cache(load_dataset("synthetic", **opts), paths, tmp_path / "cache", views=2,
+                        progress=False)
+    cfg = dict(dataset="synthetic", dataset_options=opts, student="resnet8", epochs=1,
+               batch_size=8, progress=False, device="cpu", log_every=1, seed=1,
+               method="classroom", cache=str(cache), mentors=["t", "p"])
+    runs = [train(dict(cfg, deterministic=det, out=str(tmp_path / f"det{det}")))
+            for det in (False, True)]
+    for a, b in zip(runs[0]["model"].state_dict().values(),
+                    runs[1]["model"].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert runs[0]["history"][0]["train_loss"] == runs[1]["history"][0]["train_loss"]
