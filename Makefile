@@ -24,9 +24,10 @@ bench: setup
 	$(PY) benchmarks/cache.py
 	$(PY) benchmarks/train.py
 
-# On a CUDA machine: kernel/view tests on the GPU + kernel and trainer benchmarks, one
-# results file under benchmarks/out (scripts/gpu_check.sh).
-# Uses .venv if present, else the machine's python3 (e.g. a preinstalled CUDA torch).
+# On a CUDA machine: kernel/view/graph/exactness/determinism tests on the GPU (pytest-xdist)
+# + kernel and trainer benchmarks, < 10 min, one results file ($OUT/gpu_check.md, else
+# under benchmarks/out). Uses .venv if present, else the machine's python3 (e.g. a
+# preinstalled CUDA torch) with missing packages from .whl/ (see scripts/gpu_check.sh).
 gpu-check:
 	bash scripts/gpu_check.sh
 

@@ -14,6 +14,7 @@ only, no evaluation).
     .venv/bin/python benchmarks/train.py                 # CPU (reference loss)
     .venv/bin/python benchmarks/train.py --device cuda   # GPU: bf16, channels_last, Triton
     .venv/bin/python benchmarks/train.py --device cuda --cuda-graphs   # + each case replayed
+    .venv/bin/python benchmarks/train.py --deterministic   # + each case with --deterministic
     .venv/bin/python benchmarks/train.py --multi r8,r14,wrn_16_1   # N students, one pass
 """
 
@@ -70,13 +71,17 @@ def run_case(name: str, cfg: dict) -> dict:
             "projected_240ep_h": 240 * CIFAR_STEPS * step_s / 3600, "wall_s": wall}
 
 
-def fastpaths(device: str, batch: int, num_classes: int, reps: int, compile_: bool) -> None:
+def fastpaths(device: str, batch: int, num_classes: int, reps: int, compile_: bool,
+              deterministic: bool = False) -> None:
     """Student resnet20 SGD step (forward, CE, backward, step) under each fast path, min of
-    `reps` timed steps after 2 warm-up steps."""
+    `reps` timed steps after 2 warm-up steps. With `deterministic`, a twin of each variant
+    (same initial weights) steps under `ckd.determinism.deterministic()` right after it,
+    step for step, so both see the same load; the twins' final weights are compared."""
     import contextlib
 
     import torch.nn.functional as F
 
+    from ckd.determinism import deterministic as det_mode
     from ckd.models import create_model
 
     dev = torch.device(device)
@@ -88,32 +93,44 @@ def fastpaths(device: str, batch: int, num_classes: int, reps: int, compile_: bo
         variants += [("bf16 autocast, channels_last", True, True, False)]
     if compile_:
         variants += [(f"{variants[-1][0]}, torch.compile", *variants[-1][1:3], True)]
+    modes = [False, True] if deterministic else [False]
     print("\n| student step variant | min step (ms) |\n|---|---|")
     for name, cl, amp, comp in variants:
-        torch.manual_seed(0)
-        model = create_model("resnet20", num_classes).to(dev)
         x = x0.contiguous(memory_format=torch.channels_last) if cl else x0
-        if cl:
-            model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        fwd = torch.compile(model) if comp else model
+        models, opts, fwds = [], [], []
+        for _ in modes:
+            torch.manual_seed(0)
+            model = create_model("resnet20", num_classes).to(dev)
+            if cl:
+                model = model.to(memory_format=torch.channels_last)
+            models.append(model)
+            opts.append(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+            fwds.append(torch.compile(model) if comp else model)
         ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else \
             contextlib.nullcontext
-        best = float("inf")
+        best = [float("inf")] * len(modes)
         for i in range(reps + 2):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            with ctx():
-                loss = F.cross_entropy(fwd(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:
-                best = min(best, time.perf_counter() - t)
-        print(f"| {name} | {1000 * best:.1f} |")
+            for k, det in enumerate(modes):
+                with det_mode(det):
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    with ctx():
+                        loss = F.cross_entropy(fwds[k](x).float(), y)
+                    opts[k].zero_grad(set_to_none=True)
+                    loss.backward()
+                    opts[k].step()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                if i >= 2:
+                    best[k] = min(best[k], time.perf_counter() - t)
+        print(f"| {name} | {1000 * best[0]:.1f} |")
+        if deterministic:
+            same = all(torch.equal(a, b) for a, b in zip(
+                models[0].state_dict().values(), models[1].state_dict().values(), strict=True))
+            print(f"| {name}, --deterministic | {1000 * best[1]:.1f} "
+                  f"({best[1] / best[0]:.2f}x; weights after {reps + 2} steps "
+                  f"{'equal' if same else 'differ'}) |")
 
 
 def _median_epoch_s(res: dict) -> float:
@@ -165,17 +182,24 @@ def main() -> None:
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also run each logit-method case with `ckd train --cuda-graphs` "
                     "(CUDA only; feature-method cases run eagerly only)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="also run each case (and its --cuda-graphs twin) with `ckd train "
+                    "--deterministic`, right after it (--fastpaths: each step variant, "
+                    "step for step)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--multi", help="comma list of students: one pass vs separate runs")
     ap.add_argument("--fastpaths", action="store_true",
                     help="only time the student step under each fast path")
+    ap.add_argument("--fastpath-steps", type=int, default=8,
+                    help="--fastpaths: timed steps a variant (the minimum is reported)")
     args = ap.parse_args()
     if args.cuda_graphs and not args.device.startswith("cuda"):
         ap.error("--cuda-graphs needs --device cuda (CUDA graphs); drop --cuda-graphs")
     if args.cuda_graphs and args.compile:
         ap.error("--cuda-graphs and --compile both capture the step: drop one")
     if args.fastpaths:
-        fastpaths(args.device, args.batch_size, args.num_classes, 8, args.compile)
+        fastpaths(args.device, args.batch_size, args.num_classes, args.fastpath_steps,
+                  args.compile, args.deterministic)
         return
 
     from ckd.cache import build_cache
@@ -199,12 +223,25 @@ def main() -> None:
             "resnet110"]}, root / "cache1", views=1, device=args.device, progress=False)
         multi(args.multi.split(","), base, str(cache), root)
         return
+    def run_det(name: str, cfg: dict) -> None:
+        """The case and, with --deterministic, its deterministic twin right after it (an op
+        without a deterministic kernel is reported, and the other cases still run)."""
+        from ckd.determinism import DeterminismError
+
+        rows.append(run_case(name, cfg))
+        if args.deterministic:
+            try:
+                rows.append(run_case(f"{name}, --deterministic",
+                                     dict(cfg, deterministic=True, out=cfg["out"] + "-det")))
+            except DeterminismError as err:
+                print(f"[{name}, --deterministic: refused: {err}]")
+
     def run_modes(name: str, cfg: dict) -> None:
         """The case eagerly and, with --cuda-graphs, replayed (logit methods only)."""
-        rows.append(run_case(name, cfg))
+        run_det(name, cfg)
         if args.cuda_graphs and "+" not in cfg["method"]:
-            rows.append(run_case(f"{name}, --cuda-graphs",
-                                 dict(cfg, cuda_graphs=True, out=cfg["out"] + "-graphs")))
+            run_det(f"{name}, --cuda-graphs",
+                    dict(cfg, cuda_graphs=True, out=cfg["out"] + "-graphs"))
 
     if "nokd" in cases:
         run_modes("nokd", dict(base, method="nokd", out=str(root / "nokd")))

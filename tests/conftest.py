@@ -9,6 +9,8 @@ import os
 
 if os.environ.get("CKD_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # cuBLAS reads it once, at its first use: deterministic tests need it from the start
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 

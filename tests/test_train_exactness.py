@@ -2,7 +2,9 @@
 `--views all` fp32 logit cache and one trained with the same mentors evaluated live on the
 same views, from the same seed, see the same per-step loss (max abs diff <= 1e-6, fp32 CPU)
 and end at the same weights. Runs the default `distill_loss` path (Triton interpreter
-under TRITON_INTERPRET=1)."""
+under TRITON_INTERPRET=1). With CKD_TEST_DEVICE=cuda the cache is built and both students
+trained on the GPU with `--deterministic` (the setting the claim needs there; the cache in
+batches of the training batch size, so the mentors see the shapes they see online)."""
 
 from __future__ import annotations
 
@@ -11,19 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from device import DEVICE, ON_GPU
 
 from ckd.data import load_dataset
 from ckd.train import train, train_mentor
 
 DS_OPTS = dict(n_train=16, n_test=16, num_classes=10, seed=3)
 COMMON = dict(dataset="synthetic", dataset_options=DS_OPTS, student="resnet8", epochs=2,
-              batch_size=8, log_every=1, progress=False, seed=5, device="cpu")
+              batch_size=8, log_every=1, progress=False, seed=5, device=str(DEVICE),
+              deterministic=ON_GPU)
 
 
 @pytest.fixture(scope="module")
 def classroom_cache(tmp_path_factory) -> dict:
     """Two resnet8 mentors (trained 2 and 1 epochs, so they disagree) and an fp32
     all-views cache of their logits and pooled features."""
+    pytest.importorskip("zarr")  # gpu_check.sh may run where the cache packages are not
     from ckd.cache import build_cache
 
     root = tmp_path_factory.mktemp("exact")
@@ -35,8 +40,9 @@ def classroom_cache(tmp_path_factory) -> dict:
                            backend="reference")
         paths[alias] = res["mentor_path"]
     ds = load_dataset("synthetic", **DS_OPTS)
-    cache = build_cache(ds, paths, root / "cache", views="all", dtype="fp32", batch_size=512,
-                        progress=False, features="pool")
+    cache = build_cache(ds, paths, root / "cache", views="all", dtype="fp32",
+                        batch_size=COMMON["batch_size"] if ON_GPU else 512, progress=False,
+                        features="pool", device=str(DEVICE), deterministic=ON_GPU)
     return {"root": root, "cache": str(cache), "paths": paths}
 
 

@@ -4,7 +4,8 @@ counter draws the same dgkd/TeKAP keys as the eager step's integers, its learnin
 epoch are read from device tensors (one graph serves every epoch), the trainer wires it in
 (full batches through the graph, the partial batch eager) and reaches the eager trainer's
 weights, `--cuda-graphs` on a CPU is refused with the fix, and (on a GPU) the replayed
-steps give the eager steps' weights."""
+steps give the eager steps' weights bit for bit. On a GPU the comparisons run with
+deterministic algorithms (`--deterministic`): without them two eager twins already differ."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from device import DEVICE, ON_GPU
+from device import DEVICE, ON_GPU, gpu_deterministic
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckd.methods import distill_loss
@@ -82,6 +83,7 @@ def _no_autocast():
     return contextlib.nullcontext()
 
 
+@gpu_deterministic()
 def test_device_step_counter_equals_integer_steps():
     model, opt, batches, kw = _setup("dgkd")
     twin = copy.deepcopy(model)
@@ -97,6 +99,7 @@ def test_device_step_counter_equals_integer_steps():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU (CKD_TEST_DEVICE=cuda)")
+@gpu_deterministic()
 def test_graph_replay_equals_eager_steps():
     model, opt, batches, kw = _setup("classroom")
     twin = copy.deepcopy(model)
@@ -108,7 +111,7 @@ def test_graph_replay_equals_eager_steps():
         eager(x, zm, None, y)
     assert graphed.captures == 1 and graphed.replays == len(batches) * 2 - 2
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert torch.equal(a, b), (a - b).abs().max()  # bit for bit (deterministic)
 
 
 
@@ -166,7 +169,7 @@ def test_trainer_graph_mode_equals_eager_trainer(cache, tmp_path, monkeypatch, m
 
     cfg = dict(TRAIN, method=method, cache=cache, mentors=["t", "p"])
     if ON_GPU:
-        cfg.update(device=str(DEVICE), amp=False)
+        cfg.update(device=str(DEVICE), amp=False, deterministic=True)
     eager = train(dict(cfg, out=str(tmp_path / "eager")))
 
     replays: list = []

@@ -217,10 +217,11 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
                   layout: Layout, paths: Mapping[str, Path], shas: Mapping[str, str],
                   overwrite: bool, features: Mapping[str, Mapping[str, Any]] | None = None,
                   mentor_extra: Callable[[str, str], dict[str, Any]] | None = None,
-                  modes: Mapping[str, str] | None = None) -> None:
+                  modes: Mapping[str, str] | None = None, deterministic: bool = False) -> None:
     """Rank 0: create or check the store and every mentor group before anyone writes.
     `mentor_extra(alias, arch)`: attributes a mentor gets beyond the standard ones (image
-    folders: its resolution and `boxes`); `modes`: alias -> logit storage mode."""
+    folders: its resolution and `boxes`); `modes`: alias -> logit storage mode;
+    `deterministic`: --deterministic, recorded per mentor (a resume must match it)."""
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
     have = _open_root(out)
@@ -255,7 +256,19 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
                     "same --resolution, another alias, or --overwrite")
             state = None
         mode = (modes or {}).get(alias, "dense")
-        extra = {**extra, "logits_mode": mode}
+        extra = {**extra, "logits_mode": mode, "deterministic": bool(deterministic)}
+        # an unfinished mentor resumes with the setting its first units were computed with
+        # (a complete one is left as recorded: no forward pass runs for it)
+        if state is not None and not state.get("complete") and \
+                bool(state.get("deterministic")) != bool(deterministic):
+            if not overwrite:
+                had = bool(state.get("deterministic"))
+                raise CacheMismatchError(
+                    f"mentor {alias!r} in {out} was started {'with' if had else 'without'} "
+                    f"--deterministic: resume it {'with' if had else 'without'} "
+                    "--deterministic (as it was started), or pass --overwrite to recompute "
+                    "it, or use another alias or --out")
+            state = None
         if state is not None and state.get("logits_mode", "dense") != mode:
             if not overwrite:
                 raise CacheMismatchError(

@@ -4,9 +4,10 @@ write the logits into a Zarr v3 store; resumable after kill -9 and sharded over 
 Determinism (byte-identical stores whether a run was killed, resumed or sharded): a work
 unit (one logits chunk) is always computed with the same batch composition (its
 (slot, sample) pairs in slot-major order, cut into `batch_size` pieces), eval mode,
-no_grad, and on CUDA `torch.use_deterministic_algorithms(True, warn_only=True)` without
-cudnn autotuning; units are assigned to ranks statically (unit u -> rank u % world) so ranks
-never race on a chunk; the store's metadata is written whole, in a fixed key order.
+no_grad, and on CUDA deterministic algorithms without cudnn autotuning (`ckd.determinism`:
+warn-only by default, strict with `deterministic=True`); units are assigned to ranks
+statically (unit u -> rank u % world) so ranks never race on a chunk; the store's
+metadata is written whole, in a fixed key order.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import zarr
 
+from ckd import determinism
 from ckd.dist import barrier, dist_context, process_group
 
 from .integrity import marker_columns, mentor_digest, mentor_specs, unit_marker, unit_status
@@ -44,27 +46,13 @@ from .lock import writer_lock
 from .mentors import load_mentor, resolve_mentors  # noqa: F401 (re-export)
 from .store import check_free_space, check_out_folder, disk_full, prepare_store, space_needed
 
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
 
-
-@contextlib.contextmanager
-def deterministic(device: torch.device) -> Iterator[None]:
-    """Deterministic kernels on CUDA (no cudnn autotuning). CPU inference kernels already
-    are deterministic (checked by the byte-identity tests), and the global switch costs a
-    ~2 s import of torch._inductor, so it is only flipped for CUDA."""
-    if device.type != "cuda":
-        yield
-        return
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    prev_bench = torch.backends.cudnn.benchmark
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-        torch.backends.cudnn.benchmark = prev_bench
+def mentor_mode(device: torch.device, strict: bool):
+    """The mentors' forward passes: deterministic algorithms on CUDA (warn-only unless
+    `strict`, i.e. --deterministic). CPU inference kernels already are deterministic
+    (checked by the byte-identity tests) and the global switch costs a ~1-2 s import, so
+    on CPU it is only flipped when asked for (a nondeterministic op is then refused)."""
+    return determinism.deterministic(strict or device.type == "cuda", warn_only=not strict)
 
 
 # ------------------------------------------------------------------ inference
@@ -171,7 +159,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                 codec: str | None = None, samples_per_chunk: int | None = None,
                 progress: bool = True, features: str | Sequence[str] | None = None,
                 resolutions: Mapping[str, int] | None = None,
-                logits: str | Mapping[str, str] = "dense") -> Path:
+                logits: str | Mapping[str, str] = "dense", deterministic: bool = False) -> Path:
     """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset, or
     `ImageViews` of a prepared image folder: K rrc views per image, each mentor at its
     resolution, `resolutions` overriding the arch's input size per alias) in
@@ -181,7 +169,9 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     `features` ("pool", "pool,map"): also store each mentor's pooled feature / last stage
     map per cached view; added to mentors cached without them by redoing their units.
     `logits`: storage mode 'dense' | 'topk:K' | 'sample:S' for every mentor, or per alias
-    (docs/SPARSE.md).
+    (docs/SPARSE.md). `deterministic` (--deterministic): strict deterministic algorithms
+    (`ckd.determinism`), recorded per mentor; resuming a mentor with the other setting is
+    refused.
     """
     from ckd.data.views import NUM_VIEWS, RECIPE, view_ids
     from ckd.models import file_sha256
@@ -266,7 +256,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     with process_group("gloo"), lock:
         if rank == 0:
             prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite,
-                          feature_shapes, mentor_extra, modes)
+                          feature_shapes, mentor_extra, modes, deterministic)
             need = space_needed(out, paths)
             check_free_space(out, need)
         barrier()
@@ -275,7 +265,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
         keyed_ids = (torch.from_numpy(root["view_ids"][:]) if keyed_ids is not None else None)
         images = None if images_mode else torch.from_numpy(dataset.train.images).to(dev)
         labels = torch.from_numpy(dataset.train.labels)
-        with deterministic(dev):
+        with mentor_mode(dev, deterministic):
             for alias, path in paths.items():
                 try:
                     _run_mentor(out, alias, path, layout, images, labels, keyed_ids, dataset,
@@ -287,7 +277,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
             barrier()
             if rank == 0:
                 for alias, path in paths.items():
-                    _finalize_mentor(out, alias, path, layout, dataset, batch_size, dev)
+                    _finalize_mentor(out, alias, path, layout, dataset, batch_size, dev,
+                                     deterministic)
         barrier()
     return out
 
@@ -369,7 +360,7 @@ def _run_mentor(out: Path, alias: str, path: Path, layout: Layout,
 
 
 def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset: Any,
-                     batch_size: int, dev: torch.device) -> None:
+                     batch_size: int, dev: torch.device, strict: bool = False) -> None:
     grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
     attrs = grp.attrs.asdict()
     if not attrs.get("complete"):
@@ -380,7 +371,7 @@ def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset:
                 f"mentor {alias!r}: {len(undone) + len(holes)} units still missing after all "
                 "ranks finished; rerun the same command to complete them")
         model = load_mentor(alias, path, layout.num_classes, dev)
-        with deterministic(dev):
+        with mentor_mode(dev, strict):
             if "resolution" in attrs:  # image folder: center crops at the mentor's size
                 test_acc = dataset.test_accuracy(model, attrs["resolution"], dev)
             else:
@@ -388,7 +379,8 @@ def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset:
                                          dataset.mean, dataset.std, batch_size, dev)
         per_view = grp[CORRECT][:].sum(axis=1) / layout.num_samples * 100.0
         keep = ("alias", "arch", "num_classes", "checkpoint", "checkpoint_sha256", "arrays",
-                "stat_fields", "features", "resolution", "boxes", "logits_mode")
+                "stat_fields", "features", "resolution", "boxes", "logits_mode",
+                "deterministic")
         grp.attrs.put({**{k: attrs[k] for k in keep if k in attrs}, "test_acc": test_acc,
                        "train_acc": round(float(per_view.mean()), 4),
                        "train_acc_per_view": [round(float(v), 4) for v in per_view],

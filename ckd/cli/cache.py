@@ -88,13 +88,17 @@ def _default_device() -> str:
 @click.option("--logits", "logits_spec", default="dense", show_default=True,
               help="Storage per mentor: dense | topk:K | sample:S for all, or per alias, "
                    "e.g. r110=dense,r8=sample:16 (docs/SPARSE.md).")
+@click.option("--deterministic", is_flag=True,
+              help="Strict deterministic algorithms (cuDNN, cuBLAS; an op without a "
+                   "deterministic kernel is refused by name), recorded per mentor: the "
+                   "same store byte for byte on every GPU run (docs/ARCHITECTURE.md).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None,
                  dataset_opts: tuple[str, ...], mentors: str, mentor_dir: str, out: str,
                  views: str, seed: int, batch_size: int, device: str | None, dtype: str,
                  codec: str, samples_per_chunk: int | None, overwrite: bool,
                  features: str | None, resolutions: tuple[str, ...], logits_spec: str,
-                 quiet: bool) -> None:
+                 deterministic: bool, quiet: bool) -> None:
     """Run each frozen mentor once per view over the training set into a Zarr cache.
 
     Resumable (rerun the same command after an interruption), and sharded when launched
@@ -128,7 +132,8 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
         build_cache(ds, paths, out, views=views, seed=seed, batch_size=batch_size,
                     device=device or _default_device(), dtype=dtype, overwrite=overwrite,
                     codec=codec, samples_per_chunk=samples_per_chunk, progress=not quiet,
-                    features=features, resolutions=res or None, logits=modes)
+                    features=features, resolutions=res or None, logits=modes,
+                    deterministic=deterministic)
     except _ERRORS as err:
         raise click.ClickException(str(err)) from err
     _print_info(out)

@@ -11,8 +11,10 @@ import click
 import yaml
 
 from ckd.cli import params
+from ckd.determinism import DeterminismError
 
-_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
+_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError,
+           DeterminismError)
 
 
 class MethodExpr(click.ParamType):
@@ -99,6 +101,10 @@ def _common(f):
                      "and weights are replaced; mentors: replace the mentor checkpoint)."),
         click.option("--device", help="cpu | cuda | cuda:N (default cuda if available)."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA (default on)."),
+        click.option("--deterministic/--no-deterministic", default=None,
+                     help="Deterministic algorithms (cuDNN, cuBLAS; an op without a "
+                     "deterministic kernel is refused by name): bit-for-bit GPU runs "
+                     "(docs/ARCHITECTURE.md). Default off; recorded, a --resume must match."),
         click.option("--channels-last/--no-channels-last", default=None,
                      help="channels_last memory format (default on)."),
         click.option("--compile", "compile_", is_flag=True, default=None,

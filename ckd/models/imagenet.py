@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import init_resnet_weights
+from .layers import global_avg_pool
 from .resnet import staged_forward
 
 
@@ -181,7 +182,7 @@ class ImageNetMobileNetV2(nn.Module):
             x = layer(x)
             if i in self.FEATURE_ENDS:
                 feats.append(x)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        pooled = global_avg_pool(x)
         logits = self.classifier(pooled)
         if not is_feat:
             return logits

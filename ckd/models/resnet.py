@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import init_resnet_weights
+from .layers import global_avg_pool
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -28,7 +29,7 @@ def staged_forward(f0: torch.Tensor, x: torch.Tensor, stages, fc: nn.Module,
         x, x_pre = stage[-1].forward_preact(stage[:-1](x))
         feats.append(x)
         pre.append(x_pre)
-    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    pooled = global_avg_pool(x)
     logits = fc(pooled)
     if not is_feat:
         return logits

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ckd.models.layers import global_avg_pool
+
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     n, c, h, w = x.shape
@@ -78,7 +80,7 @@ def _staged_forward(net: nn.Module, x: torch.Tensor, is_feat: bool, preact: bool
         pre.append(x_pre)
     if head is not None:
         x = head(x)
-    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    pooled = global_avg_pool(x)
     logits = net.linear(pooled)
     if not is_feat:
         return logits

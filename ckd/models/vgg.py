@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckd.models.init import fan_out_init
+from ckd.models.layers import global_avg_pool
 
 # Channels per conv layer in each of the five blocks.
 VGG_CFGS: dict[int, tuple[tuple[int, ...], ...]] = {
@@ -56,7 +57,7 @@ class VGG(nn.Module):
             # max-pool after blocks 1 and 2; after block 3 only for 64x64 inputs (RepDistiller)
             if i < 2 or (i == 2 and h == 64):
                 x = F.max_pool2d(x, 2)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        pooled = global_avg_pool(x)
         logits = self.classifier(pooled)
         if not is_feat:
             return logits

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckd.models.init import fan_out_init
+from ckd.models.layers import global_avg_pool
 
 
 class WideBlock(nn.Module):
@@ -68,7 +69,7 @@ class WideResNet(nn.Module):
         f1 = self.block1(f0)
         f2 = self.block2(f1)
         f3 = self.block3(f2)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn1(f3)), 1), 1)
+        pooled = global_avg_pool(F.relu(self.bn1(f3)))
         logits = self.fc(pooled)
         if not is_feat:
             return logits

@@ -102,6 +102,8 @@ class TrainConfig:
     overwrite: bool = _opt(False, bool, "start over in an --out that holds a run")
     device: str | None = None  # None: cuda if available else cpu
     amp: bool = _opt(True, bool, "bf16 autocast (CUDA only)")
+    # bit-for-bit GPU runs (ckd.determinism); online mentors then run as the cache's: fp32
+    deterministic: bool = _opt(False, bool, "deterministic algorithms (cuDNN, cuBLAS)")
     # student (CPU and CUDA) and online mentors (CUDA)
     channels_last: bool = _opt(True, bool, "channels_last memory format")
     compile: bool = _opt(False, bool, "torch.compile the student")

@@ -15,6 +15,7 @@ online training stay equal.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,13 +88,13 @@ class OnlineMentors(NoMentors):
     kind = "online"
 
     def __init__(self, models: list[nn.Module], names: list[str], seed: int, cache: Any,
-                 device: torch.device, autocast: Callable) -> None:
+                 device: torch.device, autocast: Callable, like_cache: bool = False) -> None:
         super().__init__(seed, cache)
         self.models, self.names = models, names
         self.autocast = autocast
-        # CPU: contiguous input, as `ckd cache-logits` runs them, so online logits equal
-        # cached fp32 logits bit for bit; CUDA: channels_last (speed)
-        self.contiguous = device.type != "cuda"
+        # CPU (and CUDA with --deterministic): contiguous input, as `ckd cache-logits` runs
+        # them, so online logits equal cached fp32 logits bit for bit; else channels_last
+        self.contiguous = device.type != "cuda" or like_cache
 
     def views(self, epoch, idx):
         return None, super().views(epoch, idx)[1]  # no cached rows to point at
@@ -191,7 +192,10 @@ def make_mentor_source(cfg: TrainConfig, ds, device: torch.device,
         names = select_mentors(cfg.method, [n for n, _ in specs])
         models = [_load_online(n, p, cfg, ds, device, found.get(n))
                   for n, p in specs[:len(names)]]
-        return OnlineMentors(models, names, cfg.seed, cache, device, autocast)
+        if cfg.deterministic:  # forward as `ckd cache-logits` does: fp32, contiguous
+            autocast = contextlib.nullcontext
+        return OnlineMentors(models, names, cfg.seed, cache, device, autocast,
+                             like_cache=cfg.deterministic)
     if cache is None:
         raise ValueError(f"method {cfg.method!r} needs mentor logits: pass --cache DIR (built "
                          "with `ckd cache-logits`) or --mentors-online with --mentors, or use "
@@ -281,6 +285,6 @@ def _load_online(name: str, path: str | None, cfg: TrainConfig, ds, device: torc
         raise ValueError(f"mentor {name!r} ({p}) was trained on {meta['dataset']!r}, not "
                          f"{ds.name!r}: pass the right --mentor-dir or NAME=PATH")
     model = load_mentor(name, p, ds.num_classes, device)
-    if device.type == "cuda" and cfg.channels_last:
+    if device.type == "cuda" and cfg.channels_last and not cfg.deterministic:
         model = model.to(memory_format=torch.channels_last)
     return model

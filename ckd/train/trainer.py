@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ckd.determinism import deterministic
 from ckd.train.checkpoint import save_training_state
 from ckd.train.config import TrainConfig, as_config
 from ckd.train.ddp import DistInfo, all_reduce, barrier, cleanup, init_distributed
@@ -56,6 +57,11 @@ def train(config: TrainConfig | dict | str | Path) -> dict[str, Any]:
     """Train a student (see `TrainConfig`); returns best/last accuracy, run_dir, model..."""
     cfg = as_config(config)
     cfg.validate()
+    with deterministic(cfg.deterministic):  # before CUDA starts (cuBLAS's workspace)
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     info = init_distributed(cfg.device)
     try:
         with contextlib.ExitStack() as stack:
