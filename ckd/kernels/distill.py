@@ -47,7 +47,7 @@ _TEKAP = tl.constexpr(STREAM_TEKAP)
 MAX_BLOCK_C = 4096  # whole rows in registers up to this many classes
 ROW_TILE = 1024  # elements of one row-vector tile per program (8 per thread at 4 warps)
 # elements of the partial-sums tile the last program reduces per step (_reduce)
-REDUCE_TILE = tl.constexpr(2048)
+REDUCE_TILE = tl.constexpr(1024)
 MODE_TABLE, MODE_DGKD, MODE_SAMPLE = 0, 1, 2  # where the term weights come from
 # per-step integer arguments: never specialized on their value (no recompiles mid-run)
 UNSPECIALIZED = ["seed32", "step_val"]
@@ -194,7 +194,7 @@ def _reduce(part_ptr, nprog, NV: tl.constexpr):
     programs' partials per step, loaded as one tile and summed by a block-wise tl.sum
     (a tree), the steps in program order. Bit-identical run to run for a launch
     configuration; ceil(nprog / CHUNK) dependent steps, whose loads do not depend on each
-    other (4096 programs with NV = 32: 64 steps of 64, where a serial loop took 4096)."""
+    other (4096 programs with NV = 32: 128 steps of 32, where a serial loop took 4096)."""
     CHUNK: tl.constexpr = REDUCE_TILE // NV
     cols = tl.arange(0, NV)
     acc = tl.zeros([NV], tl.float32).to(part_ptr.dtype.element_ty)
@@ -225,6 +225,7 @@ def _terms_kernel(
     out_ptr, state_ptr,
     B, C, inv_B, seed32, step_val, step_ptr, tau, beta, delta, lam, noise_a,
     NM: tl.constexpr, NT: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr,
+    SRC_PREFIX: tl.constexpr, COPY_FROM_TABLE: tl.constexpr,
     NOISE: tl.constexpr, DELTA_TERM: tl.constexpr, OFFICIAL: tl.constexpr,
     DROP_THRESHOLD: tl.constexpr, STEP_FROM_PTR: tl.constexpr, RANK_SEPARATE: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ONE_BLOCK: tl.constexpr, VEC_S: tl.constexpr,
@@ -249,9 +250,16 @@ def _terms_kernel(
     if NOISE:
         root = _stream_key(_TEKAP, seed32, step_val, step_ptr, STEP_FROM_PTR) + root
     zero_r = tl.zeros([ROWS], ACC)
-    # the term table's source mentor and noise copy of every term [BLOCK_T, 1, 1]
-    src = tl.load(src_ptr + jv)[:, :, None]
-    copy = tl.load(src_ptr + BLOCK_T + jv)[:, :, None]
+    # the source mentor and noise copy of every term [BLOCK_T, 1, 1]: the common layouts
+    # as constants (no load, no live registers), any other from the term table
+    if SRC_PREFIX >= 0:  # term j < SRC_PREFIX reads mentor j, the others the teacher
+        src = tl.where(jv < SRC_PREFIX, jv, 0)[:, :, None]
+    else:
+        src = tl.load(src_ptr + jv)[:, :, None]
+    if COPY_FROM_TABLE:
+        copy = tl.load(src_ptr + BLOCK_T + jv)[:, :, None]
+    else:  # TeKAP's layout: term 0 the clean teacher, term j its copy j - 1
+        copy = (jv - 1)[:, :, None]
     # ---- pass A: maxima and the student's T=1 normalizer (the only pass when ONE_BLOCK)
     if ONE_BLOCK:
         x, xv, bad_s = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, 0, C, BLOCK_C, VEC_S, ACC)
