@@ -178,6 +178,15 @@ def _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root, noise_
 
 
 @triton.jit
+def _online(m, d, x):
+    """Online softmax over class blocks: (running row max, running sum of exp(x - max))
+    updated with the block x [ROWS, BLOCK_C] (-inf lanes; safe while a row is all -inf)."""
+    mx = tl.maximum(m, tl.max(x, 1))
+    ref = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx, d * tl.exp(m - ref) + tl.sum(tl.exp(x - ref[:, None]), 1)
+
+
+@triton.jit
 def _finish(part_ptr, cnt_ptr, pid, values, NV: tl.constexpr):
     """Write this program's partial sums [NV]; True in the program that finishes last
     (it then owns every partial; the ticket is reset for the next launch)."""
@@ -286,10 +295,7 @@ def _terms_kernel(
                                     ACC)
             bad_s = tl.maximum(bad_s, bs)
             bad_m = tl.maximum(bad_m, bm)
-            mx = tl.maximum(m1, tl.max(x, 1))
-            ref = tl.where(mx == float("-inf"), 0.0, mx)
-            d1 = d1 * tl.exp(m1 - ref) + tl.sum(tl.exp(x - ref[:, None]), 1)
-            m1 = mx
+            m1, d1 = _online(m1, d1, x)
             mz = tl.maximum(mz, tl.max(z, 2))
             cols = c0 + tl.arange(0, BLOCK_C)
             zy += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)
