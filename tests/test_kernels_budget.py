@@ -227,3 +227,21 @@ def test_kernels_are_a_leaf():
     bad = {p.name: layer.findall(p.read_text())
            for p in Path(ckd.kernels.__file__).parent.glob("*.py")}
     assert not {k: v for k, v in bad.items() if v}, bad
+
+
+def test_launch_plan_is_built_once_per_shape():
+    """The host cost of a step: the second call with the same table, shapes and dtypes
+    finds its plan (and its method's resolved table) cached; another batch size builds one
+    more."""
+    from ckd.methods import loss as method_loss
+
+    zs, zm, y, st = _inputs(B=8)
+    z = zs.clone().requires_grad_()
+    for _ in range(2):
+        distill_loss(z, zm, y, method="classroom", backend="triton", mentor_stats=st)
+        sizes = (len(F._PLANS), len(method_loss._TABLES))
+    distill_loss(z, zm, y, method="classroom", backend="triton", mentor_stats=st)
+    assert (len(F._PLANS), len(method_loss._TABLES)) == sizes
+    distill_loss(z[:4], zm[:, :4], y[:4], method="classroom", backend="triton",
+                 mentor_stats=st[:, :4])
+    assert len(F._PLANS) == sizes[0] + 1

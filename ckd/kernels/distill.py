@@ -47,7 +47,7 @@ _TEKAP = tl.constexpr(STREAM_TEKAP)
 MAX_BLOCK_C = 4096  # whole rows in registers up to this many classes
 ROW_TILE = 1024  # elements of one row-vector tile per program (8 per thread at 4 warps)
 # elements of the partial-sums tile the last program reduces per step (_reduce)
-REDUCE_TILE = tl.constexpr(2048)
+REDUCE_TILE = tl.constexpr(1024)
 MODE_TABLE, MODE_DGKD, MODE_SAMPLE = 0, 1, 2  # where the term weights come from
 # per-step integer arguments: never specialized on their value (no recompiles mid-run)
 UNSPECIALIZED = ["seed32", "step_val"]
@@ -178,6 +178,15 @@ def _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root, noise_
 
 
 @triton.jit
+def _online(m, d, x):
+    """Online softmax over class blocks: (running row max, running sum of exp(x - max))
+    updated with the block x [ROWS, BLOCK_C] (-inf lanes; safe while a row is all -inf)."""
+    mx = tl.maximum(m, tl.max(x, 1))
+    ref = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx, d * tl.exp(m - ref) + tl.sum(tl.exp(x - ref[:, None]), 1)
+
+
+@triton.jit
 def _finish(part_ptr, cnt_ptr, pid, values, NV: tl.constexpr):
     """Write this program's partial sums [NV]; True in the program that finishes last
     (it then owns every partial; the ticket is reset for the next launch)."""
@@ -194,7 +203,7 @@ def _reduce(part_ptr, nprog, NV: tl.constexpr):
     programs' partials per step, loaded as one tile and summed by a block-wise tl.sum
     (a tree), the steps in program order. Bit-identical run to run for a launch
     configuration; ceil(nprog / CHUNK) dependent steps, whose loads do not depend on each
-    other (4096 programs with NV = 32: 64 steps of 64, where a serial loop took 4096)."""
+    other (4096 programs with NV = 32: 128 steps of 32, where a serial loop took 4096)."""
     CHUNK: tl.constexpr = REDUCE_TILE // NV
     cols = tl.arange(0, NV)
     acc = tl.zeros([NV], tl.float32).to(part_ptr.dtype.element_ty)
@@ -225,6 +234,7 @@ def _terms_kernel(
     out_ptr, state_ptr,
     B, C, inv_B, seed32, step_val, step_ptr, tau, beta, delta, lam, noise_a,
     NM: tl.constexpr, NT: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr,
+    SRC_PREFIX: tl.constexpr, COPY_FROM_TABLE: tl.constexpr,
     NOISE: tl.constexpr, DELTA_TERM: tl.constexpr, OFFICIAL: tl.constexpr,
     DROP_THRESHOLD: tl.constexpr, STEP_FROM_PTR: tl.constexpr, RANK_SEPARATE: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ONE_BLOCK: tl.constexpr, VEC_S: tl.constexpr,
@@ -249,9 +259,16 @@ def _terms_kernel(
     if NOISE:
         root = _stream_key(_TEKAP, seed32, step_val, step_ptr, STEP_FROM_PTR) + root
     zero_r = tl.zeros([ROWS], ACC)
-    # the term table's source mentor and noise copy of every term [BLOCK_T, 1, 1]
-    src = tl.load(src_ptr + jv)[:, :, None]
-    copy = tl.load(src_ptr + BLOCK_T + jv)[:, :, None]
+    # the source mentor and noise copy of every term [BLOCK_T, 1, 1]: the common layouts
+    # as constants (no load, no live registers), any other from the term table
+    if SRC_PREFIX >= 0:  # term j < SRC_PREFIX reads mentor j, the others the teacher
+        src = tl.where(jv < SRC_PREFIX, jv, 0)[:, :, None]
+    else:
+        src = tl.load(src_ptr + jv)[:, :, None]
+    if COPY_FROM_TABLE:
+        copy = tl.load(src_ptr + BLOCK_T + jv)[:, :, None]
+    else:  # TeKAP's layout: term 0 the clean teacher, term j its copy j - 1
+        copy = (jv - 1)[:, :, None]
     # ---- pass A: maxima and the student's T=1 normalizer (the only pass when ONE_BLOCK)
     if ONE_BLOCK:
         x, xv, bad_s = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, 0, C, BLOCK_C, VEC_S, ACC)
@@ -278,10 +295,7 @@ def _terms_kernel(
                                     ACC)
             bad_s = tl.maximum(bad_s, bs)
             bad_m = tl.maximum(bad_m, bm)
-            mx = tl.maximum(m1, tl.max(x, 1))
-            ref = tl.where(mx == float("-inf"), 0.0, mx)
-            d1 = d1 * tl.exp(m1 - ref) + tl.sum(tl.exp(x - ref[:, None]), 1)
-            m1 = mx
+            m1, d1 = _online(m1, d1, x)
             mz = tl.maximum(mz, tl.max(z, 2))
             cols = c0 + tl.arange(0, BLOCK_C)
             zy += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ckd.kernels.distill import _finish, _load_student, _pick, _reduce, _store_grad
+from ckd.kernels.distill import _finish, _load_student, _online, _pick, _reduce, _store_grad
 
 
 @triton.jit
@@ -92,10 +92,7 @@ def _dkd_kernel(
                                       ACC)
             bad_s = tl.maximum(bad_s, bs)
             bad_m = tl.maximum(bad_m, bm)
-            mx = tl.maximum(m1, tl.max(x, 1))
-            ref = tl.where(mx == float("-inf"), 0.0, mx)
-            d1 = d1 * tl.exp(m1 - ref) + tl.sum(tl.exp(x - ref[:, None]), 1)
-            m1 = mx
+            m1, d1 = _online(m1, d1, x)
             mz = tl.maximum(mz, tl.max(z, 1))
             is_y = (c0 + tl.arange(0, BLOCK_C))[None, :] == y[:, None]
             zy += tl.sum(tl.where(is_y, x, 0.0), 1)

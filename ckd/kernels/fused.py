@@ -7,9 +7,16 @@ the upstream gradient is 1: at most 3, with no host sync and no fill kernels (ou
 are written by the kernels' last program, tickets reset themselves). Constant tables
 and stats are built once per (values, device) and cached (a CPU -> CUDA copy from
 pageable memory would block the host every step): treat cached stats as read-only.
+Host cost: the launch plan of a table (tiles, grid, constexpr arguments, the table's
+tensors, scratch buffers) is built once per (table, shapes, dtypes, alignments, device)
+and cached (`_plan`), so a step costs a dict lookup, the output allocations and the
+autograd.Function (benchmarks/host.py measures it against F.cross_entropy).
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -43,6 +50,11 @@ def _tickets(device: torch.device) -> Tensor:
     return _TICKETS[key]
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceil division in Python (triton.cdiv is a JIT function: ~5 us a host call)."""
+    return -(-a // b)
+
+
 def run(kernel, grid, args, kwargs) -> None:
     """Every launch goes through here (tests record the calls)."""
     kernel[grid](*args, **kwargs)
@@ -51,18 +63,24 @@ def run(kernel, grid, args, kwargs) -> None:
 def vec_width(t: Tensor, C: int) -> int:
     """Elements per 128-bit load for rows of `t` (last dim C), or 1 when the rows are not
     16-byte aligned or the last row's padded group would leave the storage."""
-    v = 16 // t.element_size()
+    size = t.element_size()
+    v = 16 // size
     if v == 1 or t.stride(-1) != 1 or t.data_ptr() % 16:
         return 1
-    if any(s % v for n, s in zip(t.shape[:-1], t.stride()[:-1], strict=True) if n > 1):
-        return 1
-    last = t.storage_offset() + sum((n - 1) * s for n, s in
-                                    zip(t.shape[:-1], t.stride()[:-1], strict=True))
-    if (last + triton.cdiv(C, v) * v) * t.element_size() > t.untyped_storage().nbytes():
+    if C % v == 0 and t.is_contiguous():  # whole groups, every row inside the storage
+        return v
+    last = t.storage_offset()
+    for n, s in zip(t.shape[:-1], t.stride()[:-1], strict=True):
+        if n > 1:
+            if s % v:
+                return 1
+            last += (n - 1) * s
+    if (last + _cdiv(C, v) * v) * size > t.untyped_storage().nbytes():
         return 1
     return v
 
 
+@functools.lru_cache(maxsize=1024)
 def _tiles(B: int, C: int, n_terms: int, block_c: int | None, extra_term: bool = False):
     """(ROWS, BLOCK_C, ONE_BLOCK, num_warps): whole rows in registers up to MAX_BLOCK_C
     (several rows per program for small C), else class blocks of 1024."""
@@ -112,7 +130,7 @@ class FusedDistillFn(torch.autograd.Function):
                                "that does not require grad): recompute it with grad enabled")
         out = grad if ctx.in_place else torch.empty_like(grad, dtype=ctx.student_dtype)
         block = 4096
-        run(D._scale_kernel, (triton.cdiv(grad.numel(), block),),
+        run(D._scale_kernel, (_cdiv(grad.numel(), block),),
             (grad, out, grad_loss, state, _tickets(grad.device)[TICKET_SCALE:], grad.numel()),
             dict(IN_PLACE=ctx.in_place, BLOCK=block, num_warps=8))
         return out, None
@@ -133,6 +151,108 @@ def _stats_consts(rank, active, temp, student, dev) -> dict[str, Tensor]:
             "student_rank": _const(float(student), f32, dev)}
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a term-table launch that does not change from step to step."""
+
+    terms: tuple  # (grid, constexpr kwargs) of the loss kernel
+    rank: tuple | None  # (grid, constexpr kwargs, partial width) of the batch ranking
+    scalars: tuple  # (tau, beta, delta, lam, noise_a) arguments
+    nprog: int
+    nv: int
+    bt: int
+    src: Tensor  # the table's source mentors and noise copies, int32 [2 * BLOCK_T]
+    weights: Tensor | None  # [w | T | w_ce] of a table without selection
+    stats: dict[str, Tensor] | None  # logged stats of a table without selection
+    # scratch buffers written and read within one forward (partial sums, the ranking's
+    # table): allocated once per plan; launches on one stream run in order
+    scratch: dict[str, Tensor] = field(default_factory=dict)
+
+    def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device) -> Tensor:
+        buf = self.scratch.get(name)
+        if buf is None:
+            buf = self.scratch[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _src_prefix(src: tuple[int, ...]) -> int:
+    """k when term j reads mentor j for j < k and the teacher after (every built-in
+    method's layout: the kernel then needs no table load), else -1."""
+    k = 0
+    while k < len(src) and src[k] == k:
+        k += 1
+    return k if all(s == 0 for s in src[k:]) else -1
+
+
+def _plan(table: TermTable, B: int, C: int, M: int, zs: Tensor, zm: Tensor | None,
+          vecs: tuple[int, int, int, int], write_grad: bool, step_from_ptr: bool,
+          rank_separate: bool, block_c: int | None) -> _Plan:
+    """The launch plan of a table at these shapes, dtypes and alignments, built once per
+    key (the host cost of a step is then a dict lookup and the allocations)."""
+    key = (table, B, C, M, zs.dtype, None if zm is None else zm.dtype, vecs, write_grad,
+           step_from_ptr, rank_separate, block_c, str(zs.device))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    dev = zs.device
+    vec_s, vec_m, vec_g, vec_r = vecs
+    sel = table.select
+    n_terms = len(table.src)
+    n_mentors = max(table.src, default=-1) + 1  # mentors read: 0..n_mentors-1
+    mode, thr, official, delta_term = D.MODE_TABLE, 0, False, False
+    tau = beta = lam = 1.0
+    delta = 0.0
+    if isinstance(sel, Ranking):
+        mode = D.MODE_SAMPLE if sel.per_sample else D.MODE_TABLE
+        official, delta_term = sel.official, sel.delta_term
+        tau, beta, delta, lam = sel.tau, sel.beta, sel.delta, sel.lam
+        n_mentors = M
+    elif isinstance(sel, RandomDrop):
+        mode, thr, tau = D.MODE_DGKD, sel.threshold(), sel.tau
+    bt = triton.next_power_of_2(max(n_terms, 1))
+    rows, bc, one, warps = _tiles(B, C, n_terms, block_c, n_terms > n_mentors > 1)
+    if one and rows > 1 and (vec_s == 1 or (zm is not None and vec_m == 1)):
+        # unaligned rows (a bf16 student at C=100, contiguous fp16 mentors) load element by
+        # element, which takes more registers per element: fewer rows per program (a
+        # quarter with sample-granularity selection, which keeps more per row)
+        rows = max(1, rows // (4 if mode == D.MODE_SAMPLE else 2))
+    nprog = _cdiv(B, rows)
+    nv = triton.next_power_of_2(5 + 3 * bt)
+    acc = _acc(zs.dtype)
+    terms_kw = dict(NM=n_mentors, NT=n_terms, BLOCK_T=bt, MODE=mode, NOISE=table.noisy,
+                    SRC_PREFIX=_src_prefix(table.src),
+                    COPY_FROM_TABLE=table.noisy and table.copies != tuple(range(-1, n_terms - 1)),
+                    DELTA_TERM=delta_term, OFFICIAL=official, DROP_THRESHOLD=thr,
+                    STEP_FROM_PTR=step_from_ptr, RANK_SEPARATE=rank_separate, ROWS=rows,
+                    BLOCK_C=bc, ONE_BLOCK=one, VEC_S=vec_s, VEC_M=vec_m, VEC_G=vec_g,
+                    ACC=acc, WRITE_GRAD=write_grad, NV=nv, num_warps=warps,
+                    **(D.SELECTION_OPTIONS if mode == D.MODE_SAMPLE else {}))
+    rank = None
+    if isinstance(sel, Ranking) and mode == D.MODE_TABLE:  # batch ranking first
+        r_rows, r_bc, r_one, r_warps = _tiles(B, C, 1, block_c)
+        rank = ((_cdiv(B, r_rows),), dict(
+            NM=M, BLOCK_T=bt, OFFICIAL=official, DELTA_TERM=delta_term, ROWS=r_rows,
+            BLOCK_C=r_bc, ONE_BLOCK=r_one, VEC=vec_r, ACC=acc, NV=2 * bt,
+            num_warps=r_warps, **D.SELECTION_OPTIONS), _cdiv(B, r_rows))
+    pad = bt - n_terms
+    f32 = torch.float32
+    src = _const(tuple(table.src) + (0,) * pad + tuple(table.copies) + (-1,) * pad,
+                 torch.int32, dev)
+    weights = stats = None
+    if sel is None:
+        weights = _const(tuple(float(v) for v in [*table.weight, *[0.0] * pad, *table.temp,
+                                                  *[1.0] * pad, table.w_ce]), f32, dev)
+        stats = _stats_consts(*table.static_stats(M), dev)
+    plan = _Plan(((nprog,), terms_kw), rank,
+                 (float(tau), float(beta), float(delta), float(lam), float(table.noise_a)),
+                 nprog, nv, bt, src, weights, stats)
+    _PLANS[key] = plan
+    return plan
+
+
 def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Decoupled, *,
                seed: int = 0, step: int | Tensor = 0, epoch: int | Tensor | None = None,
                mentor_stats: Tensor | None = None, rank_logits: Tensor | None = None,
@@ -149,96 +269,59 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Deco
     M = 0 if zm is None else zm.shape[0]
     table.check(M)
     f32 = torch.float32
-    sel = table.select
     write_grad = zs.requires_grad and torch.is_grad_enabled()
     loss_dtype = torch.float64 if zs.dtype == torch.float64 else f32
     in_place = zs.dtype != torch.float16  # fp16: the gradient stays fp32 until scaled
-    grad_dtype = f32 if zs.dtype == torch.float16 else zs.dtype
     zs_d = zs.detach()
+    rank_zs = zs_d if rank_logits is None else rank_logits.detach()
+    grad = torch.empty((B, C), dtype=f32 if zs.dtype == torch.float16 else zs.dtype,
+                       device=dev) if write_grad else None
+    n_read = max(table.src, default=-1) + 1
+    vecs = (vec_width(zs_d, C), 1 if zm is None else vec_width(zm[:max(n_read, 1)], C),
+            vec_width(grad, C) if write_grad else 1,
+            vec_width(rank_zs, C) if isinstance(table.select, Ranking) else 1)
+    step_val, step_ptr, step_from_ptr = _step_args(step)
+    plan = _plan(table, B, C, M, zs, zm, vecs, write_grad, step_from_ptr,
+                 rank_zs is not zs_d, block_c)
+    ranking = isinstance(table.select, Ranking)
     loss = torch.empty((), dtype=loss_dtype, device=dev)
     flags = torch.empty((), dtype=torch.int32, device=dev)
     state = torch.empty((), dtype=loss_dtype, device=dev)
-    grad = torch.empty((B, C), dtype=grad_dtype, device=dev) if write_grad else None
-    tickets = _tickets(dev)
-    acc = _acc(zs.dtype)
-    vec_s = vec_width(zs_d, C)
-    vec_g = vec_width(grad, C) if write_grad else 1
-    seed32 = as_i32(seed)
-    step_val, step_ptr, step_from_ptr = _step_args(step)
-    n_terms = len(table.src)
-    n_mentors = max(table.src, default=-1) + 1  # mentors read: 0..n_mentors-1
-    mode, thr, official, delta_term = D.MODE_TABLE, 0, False, False
-    tau = beta = lam_v = 1.0
-    delta = 0.0
-    if isinstance(sel, Ranking):
-        mode = D.MODE_SAMPLE if sel.per_sample else D.MODE_TABLE
-        official, delta_term = sel.official, sel.delta_term
-        tau, beta, delta, lam_v = sel.tau, sel.beta, sel.delta, sel.lam
-        n_mentors = M
-    elif isinstance(sel, RandomDrop):
-        mode, thr, tau = D.MODE_DGKD, sel.threshold(), sel.tau
-    bt = triton.next_power_of_2(max(n_terms, 1))
-    rows, bc, one, warps = _tiles(B, C, n_terms, block_c, n_terms > n_mentors > 1)
-    vec_m = 1 if zm is None else vec_width(zm[:max(n_mentors, 1)], C)
-    if one and rows > 1 and (vec_s == 1 or (zm is not None and vec_m == 1)):
-        # unaligned rows (a bf16 student at C=100, contiguous fp16 mentors) load element by
-        # element, which takes more registers per element: fewer rows per program (a
-        # quarter with sample-granularity selection, which keeps more per row)
-        rows = max(1, rows // (4 if mode == D.MODE_SAMPLE else 2))
-    nprog = triton.cdiv(B, rows)
-    nv = triton.next_power_of_2(5 + 3 * bt)
-    part = torch.empty(nprog, nv, dtype=loss_dtype, device=dev)
-    stats_from_kernel = sel is not None
-    out = torch.empty(3 * M + 1, dtype=f32, device=dev) if stats_from_kernel else None
+    part = plan.buffer("part", (plan.nprog, plan.nv), loss_dtype, dev)
+    out = torch.empty(3 * M + 1, dtype=f32, device=dev) if plan.stats is None else None
+    table_t = plan.weights if plan.weights is not None else \
+        plan.buffer("table", (2 * plan.bt + 1,), f32, dev)
     zm_arg = zs_d if zm is None else zm
     zm_strides = (0, 0, 0) if zm is None else zm.stride()
-    rank_zs = zs_d if rank_logits is None else rank_logits.detach()
     mstats = None
-    if isinstance(sel, Ranking):
+    if ranking:
         mstats = mentor_stats if mentor_stats is not None else mentor_row_stats(zm, y)
-    pad = bt - n_terms
-    src_t = _const(tuple(table.src) + (0,) * pad + tuple(table.copies) + (-1,) * pad,
-                   torch.int32, dev)
-    if sel is None:
-        table_t = _const(tuple(float(v) for v in [*table.weight, *[0.0] * pad, *table.temp,
-                                                  *[1.0] * pad, table.w_ce]), f32, dev)
-    else:  # written on the device (batch ranking) or unused
-        table_t = torch.empty(2 * bt + 1, dtype=f32, device=dev)
     st_arg = (mstats, mstats.stride(0), mstats.stride(1)) if mstats is not None else \
         (loss, 0, 0)
+    tickets = _tickets(dev)
+    tau, beta, delta, lam, noise_a = plan.scalars
 
     def launch():
-        if isinstance(sel, Ranking) and mode == D.MODE_TABLE:  # batch ranking first
-            r_rows, r_bc, r_one, r_warps = _tiles(B, C, 1, block_c)
-            r_nprog = triton.cdiv(B, r_rows)
-            r_part = torch.empty(r_nprog, 2 * bt, dtype=f32, device=dev)
-            run(_rank_batch_kernel, (r_nprog,), (
+        if plan.rank is not None:
+            grid, kw, r_nprog = plan.rank
+            r_part = plan.buffer("rank_part", (r_nprog, 2 * plan.bt), f32, dev)
+            run(_rank_batch_kernel, grid, (
                 rank_zs, rank_zs.stride(0), rank_zs.stride(1), y, y.stride(0), *st_arg,
-                table_t, out, r_part, tickets[TICKET_RANK:], B, C, lam_v, float(tau),
-                float(beta), float(delta)),
-                dict(NM=M, BLOCK_T=bt, OFFICIAL=official, DELTA_TERM=delta_term, ROWS=r_rows,
-                     BLOCK_C=r_bc, ONE_BLOCK=r_one, VEC=vec_width(rank_zs, C), ACC=acc,
-                     NV=2 * bt, num_warps=r_warps, **D.SELECTION_OPTIONS))
-        run(D._terms_kernel, (nprog,), (
+                table_t, out, r_part, tickets[TICKET_RANK:], B, C, lam, tau, beta, delta), kw)
+        grid, kw = plan.terms
+        run(D._terms_kernel, grid, (
             zs_d, zs_d.stride(0), zs_d.stride(1), rank_zs, rank_zs.stride(0), rank_zs.stride(1),
-            zm_arg, *zm_strides, y, y.stride(0), *st_arg, table_t, src_t,
+            zm_arg, *zm_strides, y, y.stride(0), *st_arg, table_t, plan.src,
             grad if write_grad else loss, part, tickets[TICKET_LOSS:], loss, flags,
-            out if out is not None else loss, state, B, C, 1.0 / B, seed32, step_val,
-            step_ptr if step_ptr is not None else y, float(tau), float(beta), float(delta),
-            float(lam_v), float(table.noise_a)),
-            dict(NM=n_mentors, NT=n_terms, BLOCK_T=bt, MODE=mode, NOISE=table.noisy,
-                 DELTA_TERM=delta_term, OFFICIAL=official, DROP_THRESHOLD=thr,
-                 STEP_FROM_PTR=step_from_ptr, RANK_SEPARATE=rank_zs is not zs_d, ROWS=rows,
-                 BLOCK_C=bc, ONE_BLOCK=one, VEC_S=vec_s, VEC_M=vec_m, VEC_G=vec_g, ACC=acc,
-                 WRITE_GRAD=write_grad, NV=nv, num_warps=warps,
-                 **(D.SELECTION_OPTIONS if mode == D.MODE_SAMPLE else {})))
+            out if out is not None else loss, state, B, C, 1.0 / B, as_i32(seed), step_val,
+            step_ptr if step_ptr is not None else y, tau, beta, delta, lam, noise_a), kw)
         return loss, flags, grad, state, in_place
 
-    if stats_from_kernel:
+    if plan.stats is None:
         stats = {"mentor_rank": out[:M], "mentor_active": out[M:2 * M],
                  "mentor_temp": out[2 * M:3 * M], "student_rank": out[3 * M]}
     else:
-        stats = _stats_consts(*table.static_stats(M), dev)
+        stats = plan.stats
     loss_out, flags_out = FusedDistillFn.apply(zs, launch)
     return DistillOutput(loss_out, {**stats, "nonfinite": flags_out})
 
@@ -259,7 +342,7 @@ def _decoupled_loss(zs, zm, y, table: Decoupled, epoch, block_c) -> DistillOutpu
                        device=dev) if write_grad else None
     zt = zm[0]
     rows, bc, one, warps = _tiles(B, C, 1, block_c)
-    nprog = triton.cdiv(B, rows)
+    nprog = _cdiv(B, rows)
     part = torch.empty(nprog, 4, dtype=loss_dtype, device=dev)
     rank_out = torch.empty(M, dtype=f32, device=dev)
     warm = 1.0 if epoch is None or isinstance(epoch, Tensor) else \

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ckd.kernels.distill import _finish, _load_student, _pick, _reduce, select
+from ckd.kernels.distill import _finish, _load_student, _online, _pick, _reduce, select
 
 
 @triton.jit
@@ -42,10 +42,7 @@ def _rank_batch_kernel(
         for c0 in range(0, C, BLOCK_C):
             x, xv, bad = _load_student(zr_ptr, rows, rmask, s_rb, s_rc, c0, C, BLOCK_C, VEC,
                                        ACC)
-            mx = tl.maximum(m, tl.max(x, 1))
-            ref = tl.where(mx == float("-inf"), 0.0, mx)
-            d = d * tl.exp(m - ref) + tl.sum(tl.exp(x - ref[:, None]), 1)
-            m = mx
+            m, d = _online(m, d, x)
             zy += tl.sum(tl.where((c0 + tl.arange(0, BLOCK_C))[None, :] == y[:, None], x, 0.0),
                          1)
         m = tl.where(m == float("-inf"), 0.0, m)

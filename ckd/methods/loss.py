@@ -52,6 +52,23 @@ def method_backend(spec: Method, backend: str, device: torch.device) -> str:
     return chosen
 
 
+_TABLES: dict[tuple, tuple[dict, Any]] = {}
+
+
+def _resolved_table(spec: Method, given: dict, M: int) -> tuple[dict, Any]:
+    """(parameters, term table) of a method, resolved and built once per (method, given
+    values, M): the host cost of a step stays a lookup (a tensor-valued hook: no cache)."""
+    if any(isinstance(v, Tensor) for v in given.values()):  # a tensor hook: no cache
+        params = spec.resolve(given)
+        return params, spec.terms(params, M)
+    key = (spec.name, id(spec), tuple(sorted(given.items())), M)
+    hit = _TABLES.get(key)
+    if hit is None:
+        params = spec.resolve(given)
+        hit = _TABLES[key] = (params, spec.terms(params, M))
+    return hit
+
+
 def distill_loss(
     student_logits: Tensor, mentor_logits: Tensor | SparseMentors | None, labels: Tensor, *,
     method: str = "classroom", tau: float | None = None, beta: float | None = None,
@@ -89,16 +106,17 @@ def distill_loss(
                      granularity=granularity)
     given = {k: v for k, v in shortcuts.items() if v is not None and spec.param(k)}
     given.update({k: v for k, v in method_params.items() if k not in COUNTER_DEFAULTS})
-    params = spec.resolve(given)
     counters = spec.counter_values(method_params)
     sparse = isinstance(zm, SparseMentors)
     if sparse:
         check_sparse_method(spec)
     if method_backend(spec, backend, zs.device) == "triton":
         M = 0 if zm is None else zm.shape[0]
-        return terms_loss(zs, zm, y, spec.terms(params, M), mentor_stats=mentor_stats,
+        params, table = _resolved_table(spec, given, M)
+        return terms_loss(zs, zm, y, table, mentor_stats=mentor_stats,
                           validate=validate, rank_logits=params.get("rank_logits"),
                           who=f"method {method!r}", **counters)
+    params = spec.resolve(given)
     if sparse:
         validate_inputs(zs, None, y, False, validate)
         validate_sparse(zm, zs.shape[0], zs.shape[1], zs.device)
