@@ -223,18 +223,22 @@ def main() -> None:
             "resnet110"]}, root / "cache1", views=1, device=args.device, progress=False)
         multi(args.multi.split(","), base, str(cache), root)
         return
+    def add(row: dict) -> None:  # each row as it comes (a time limit keeps those done)
+        rows.append(row)
+        print(f"[{row['case']}: {row['step_ms']:.1f} ms/step median]", flush=True)
+
     def run_det(name: str, cfg: dict) -> None:
         """The case and, with --deterministic, its deterministic twin right after it (an op
         without a deterministic kernel is reported, and the other cases still run)."""
         from ckd.determinism import DeterminismError
 
-        rows.append(run_case(name, cfg))
+        add(run_case(name, cfg))
         if args.deterministic:
             try:
-                rows.append(run_case(f"{name}, --deterministic",
-                                     dict(cfg, deterministic=True, out=cfg["out"] + "-det")))
+                add(run_case(f"{name}, --deterministic",
+                             dict(cfg, deterministic=True, out=cfg["out"] + "-det")))
             except DeterminismError as err:
-                print(f"[{name}, --deterministic: refused: {err}]")
+                print(f"[{name}, --deterministic: refused: {err}]", flush=True)
 
     def run_modes(name: str, cfg: dict) -> None:
         """The case eagerly and, with --cuda-graphs, replayed (logit methods only)."""

@@ -89,9 +89,9 @@ def _default_device() -> str:
               help="Storage per mentor: dense | topk:K | sample:S for all, or per alias, "
                    "e.g. r110=dense,r8=sample:16 (docs/SPARSE.md).")
 @click.option("--deterministic", is_flag=True,
-              help="Strict deterministic algorithms (cuDNN, cuBLAS; an op without a "
-                   "deterministic kernel is refused by name), recorded per mentor: the "
-                   "same store byte for byte on every GPU run (docs/ARCHITECTURE.md).")
+              help="Strict deterministic algorithms (cuDNN, cuBLAS): an op without a "
+                   "deterministic kernel is refused by name instead of warned about; "
+                   "recorded per mentor, a resume must match (docs/ARCHITECTURE.md).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None,
                  dataset_opts: tuple[str, ...], mentors: str, mentor_dir: str, out: str,
