@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import json
 import re
 import sys
@@ -233,6 +234,10 @@ def import_graph(root: Path):
     except ImportError:
         sys.exit("grimp is missing: install import-linter (it is in scripts/setup.sh)")
     sys.path.insert(0, str(root))
+    spec = importlib.util.find_spec(PACKAGE)  # what grimp reads: the imported ckd, if any
+    if spec is None or not spec.origin or not Path(spec.origin).is_relative_to(root):
+        sys.exit(f"{PACKAGE} resolves to {spec and spec.origin}, not under {root}: "
+                 f"run with PYTHONPATH={root}")
     return grimp.build_graph(PACKAGE, cache_dir=None)
 
 

@@ -65,18 +65,19 @@ def test_a_new_violation_breaks_its_contract(tmp_path, module, line, contract):
 
 def test_generated_ignore_lists_keep_the_contracts(tmp_path):
     """The lists `house_counts.py --write-ignores` writes are what the contracts need: with
-    them the contracts hold, with each list emptied every contract breaks."""
+    them the contracts hold, with each list emptied every contract with violations breaks."""
     hc = house_counts()
     root = copy_of_repo(tmp_path)
     found = hc.contract_ignores(ROOT)
-    assert set(found) == set(hc.contracts(ROOT)) and all(found.values())
+    assert set(found) == set(hc.contracts(ROOT))
     text = (ROOT / "pyproject.toml").read_text()
     (root / "pyproject.toml").write_text(hc.with_ignores(text, found))
     run = lint_imports(root)
     assert run.returncode == 0, run.stdout
     (root / "pyproject.toml").write_text(hc.with_ignores(text, {}))
     run = lint_imports(root)
-    assert f"Contracts: 0 kept, {len(found)} broken." in run.stdout, run.stdout
+    broken = sum(bool(rows) for rows in found.values())
+    assert f"Contracts: {len(found) - broken} kept, {broken} broken." in run.stdout, run.stdout
 
 
 def test_architecture_shows_the_declared_layers():
