@@ -391,8 +391,9 @@ def layers_diagram(root: Path) -> str:
 def ignore_block(rows: list[tuple[str, str, list[int]]]) -> str:
     """One contract's `ignore_imports = [...]` in TOML, a line number comment per import."""
     out = ["ignore_imports = [",
-           f"  # {HOUSE_COMMENT} (scripts/house_counts.py --importlinter-ignores)"]
-    out += [f'  "{a} -> {b}",  # l.{",".join(map(str, lines))}' for a, b, lines in rows]
+           "  # today's violations: scripts/house_counts.py --write-ignores rewrites this list"]
+    out += [f'  "{a} -> {b}",  # l.{",".join(map(str, lines))}: {HOUSE_COMMENT}'
+            for a, b, lines in rows]
     return "\n".join([*out, "]"])
 
 
