@@ -9,7 +9,9 @@ setup:
 demo: setup
 	$(PY) -m ckd.cli.main demo --out demo_out
 
+# The layer contracts (pyproject.toml [tool.importlinter]) first, then the default suite.
 test: setup
+	.venv/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q
 
 # Slow tests too (CI runs this target).
@@ -17,7 +19,8 @@ test-all: setup
 	$(PY) -m pytest -q -m ""
 
 lint: setup
-	.venv/bin/ruff check ckd tests benchmarks
+	.venv/bin/ruff check ckd tests benchmarks scripts
+	.venv/bin/lint-imports --no-cache --no-logo
 
 bench: setup
 	$(PY) benchmarks/kernels.py
