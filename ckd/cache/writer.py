@@ -284,6 +284,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                     if err.errno != errno.ENOSPC:
                         raise
                     raise disk_full(out, space_needed(out, paths), err) from err
+                except ArithmeticError as err:  # non-finite or fp16-overflowing output
+                    raise type(err)(f"mentor {alias!r} ({path}): {err}") from err
             barrier()
             if rank == 0:
                 for alias, path in paths.items():

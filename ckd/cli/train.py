@@ -12,8 +12,6 @@ import yaml
 
 from ckd.cli import params
 
-_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
-
 
 class MethodExpr(click.ParamType):
     """--method: a registered method or a weighted sum, checked against the registry."""
@@ -187,11 +185,8 @@ def train(**kw: Any) -> None:
     from ckd.train import train as run
 
     path, kw = _overrides(kw)
-    try:
-        cfg = load_config(path, **kw)
-        result = run(cfg)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    cfg = load_config(path, **kw)
+    result = run(cfg)
     _summary(result)
 
 
@@ -206,16 +201,13 @@ def train_mentor(arch: str, mentor_dir: str | None, **kw: Any) -> None:
     from ckd.train import train_mentor as run
 
     path, kw = _overrides(kw)
-    try:
-        base = load_config(path, **kw).to_dict() if path else {
-            k: v for k, v in kw.items() if v is not None}
-        dataset = base.pop("dataset", None)
-        out = base.pop("out", None)
-        for k in ("student", "method", "cache", "mentors", "mentors_online"):
-            base.pop(k, None)
-        result = run(arch, dataset, out=out, mentor_dir=mentor_dir, **base)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    base = load_config(path, **kw).to_dict() if path else {
+        k: v for k, v in kw.items() if v is not None}
+    dataset = base.pop("dataset", None)
+    out = base.pop("out", None)
+    for k in ("student", "method", "cache", "mentors", "mentors_online"):
+        base.pop(k, None)
+    result = run(arch, dataset, out=out, mentor_dir=mentor_dir, **base)
     _summary(result)
     if result.get("rank", 0) == 0:
         click.echo(f"mentor checkpoint {result['mentor_path']}")
@@ -229,10 +221,7 @@ def report(run_dirs: tuple[str, ...], out: str) -> None:
     """Plots (accuracy, mentor ranks, temperatures) and a best/last top-1 table for runs."""
     from ckd.train.report import summary_table, write_report
 
-    try:
-        written = write_report(list(run_dirs), out)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    written = write_report(list(run_dirs), out)
     from ckd.train.report import load_run
 
     click.echo(summary_table([load_run(d) for d in run_dirs]))
