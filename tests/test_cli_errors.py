@@ -1,0 +1,219 @@
+"""What a user sees when a run goes wrong: one line (`Error: ...`, exit code 1) naming what
+failed and what to try, never a raw traceback, for every error class ckd raises
+(ckd/cli/errors.py); `ckd --debug` keeps the traceback. Each case is the command a user
+types."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckd.cli.main import main as cli
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cache_robust import mentor  # noqa: E402
+
+DATA = ["--dataset", "synthetic", "-D", "n_train=64", "-D", "num_classes=5"]
+
+STUDENTS = '''
+import torch
+from torch import nn
+
+
+class Plain(nn.Module):  # no is_feat: logit methods only
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+class WithFeat(Plain):
+    def forward(self, x, is_feat=False):
+        f = self.body(x)
+        return ([f], self.fc(f)) if is_feat else self.fc(f)
+
+
+class NoParams(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return x.flatten(1)[:, :self.num_classes] * 0
+
+
+class FirstTwo(Plain):  # right at the 2-image probe, wrong for any other batch size
+    def forward(self, x):
+        return self.fc(self.body(x))[:2]
+
+
+class NaNOut(Plain):
+    def forward(self, x):
+        return self.fc(self.body(x)) * float("nan")
+'''
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def one_line_error(res, *needles: str, code: int = 1) -> str:
+    """The command failed with exit `code` on one `Error:` line holding every needle, and
+    no exception (hence no traceback) escaped."""
+    assert res.exit_code == code, res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """A resnet8 mentor (5 classes), a NaN copy of it, a dense cache with pooled features
+    and a module of outside students on sys.path."""
+    tmp = tmp_path_factory.mktemp("errors")
+    good = mentor(tmp / "r8.pt", 0)
+    ckpt = torch.load(good, weights_only=False)
+    for v in ckpt["state_dict"].values():
+        if v.is_floating_point():
+            v.fill_(float("nan"))
+    torch.save(ckpt, tmp / "nan.pt")
+    res = run("cache-logits", *DATA, "--mentors", f"r8={good}", "--out", str(tmp / "cache"),
+              "--device", "cpu", "--views", "2", "--quiet", "--features", "pool")
+    assert res.exit_code == 0, res.output
+    (tmp / "ckd_test_students.py").write_text(textwrap.dedent(STUDENTS))
+    sys.path.insert(0, str(tmp))
+    yield dict(tmp=tmp, good=good, nan=tmp / "nan.pt", cache=tmp / "cache")
+    sys.path.remove(str(tmp))
+
+
+def train(c, tmp_path, *extra: str):
+    return run("train", *DATA, "--cache", str(c["cache"]), "--epochs", "1", "--batch-size",
+               "16", "--device", "cpu", "--no-progress", "--backend", "reference",
+               "--out", str(tmp_path / "run"), *extra)
+
+
+# ------------------------------------------------------------ non-finite values (case 13)
+def test_divergence_names_the_step_and_the_fix(caches, tmp_path):
+    res = train(caches, tmp_path, "--student", "resnet8", "--method", "kd", "--lr", "1e12",
+                "--epochs", "3", "--log-every", "1")
+    one_line_error(res, "training stopped at step", "(epoch ", "student logits",
+                   "lower the learning rate")
+
+
+def test_nan_student_names_the_step(caches, tmp_path):
+    res = train(caches, tmp_path, "--student", "ckd_test_students:NaNOut", "--method", "kd")
+    one_line_error(res, "training stopped at steps 1..4 (epoch 1/1", "student logits")
+
+
+def test_nan_online_mentor_is_named(caches, tmp_path):
+    res = run("train", *DATA, "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+              "--no-progress", "--backend", "reference", "--out", str(tmp_path / "run"),
+              "--student", "resnet8", "--method", "kd", "--mentors-online", "--mentors",
+              f"bad={caches['nan']}")
+    one_line_error(res, "training stopped at steps 1..4", "mentor logits",
+                   "the mentors run online here", "retrain or replace it")
+
+
+def test_nan_mentor_in_cache_logits_is_named(caches, tmp_path):
+    out = tmp_path / "c"
+    res = run("cache-logits", *DATA, "--mentors", f"r8={caches['good']},bad={caches['nan']}",
+              "--out", str(out), "--device", "cpu", "--views", "2", "--quiet")
+    one_line_error(res, "mentor 'bad'", "non-finite logits", "retrain or replace it")
+    # the store stays usable: the same command without the broken mentor completes it
+    res = run("cache-logits", *DATA, "--mentors", f"r8={caches['good']}", "--out", str(out),
+              "--device", "cpu", "--views", "2", "--quiet")
+    assert res.exit_code == 0, res.output
+
+
+def test_debug_keeps_the_traceback(caches, tmp_path):
+    from ckd.kernels import NonFiniteError
+
+    res = CliRunner().invoke(cli, ["--debug", "train", *DATA, "--cache", str(caches["cache"]),
+                                   "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+                                   "--no-progress", "--backend", "reference", "--out",
+                                   str(tmp_path / "run"), "--student",
+                                   "ckd_test_students:NaNOut", "--method", "kd"])
+    assert isinstance(res.exception, NonFiniteError)
+
+
+# ------------------------------------------------- students (cases 14, 20, 28, 29, 30)
+@pytest.mark.parametrize("student,kwargs,method", [
+    ("vit_tiny", "dim=48", "fitnet"), ("vit_tiny", "dim=48", "crd"),
+    ("mamba_tiny", "dim=32", "sdkd")])
+def test_feature_methods_use_the_students_real_shapes(caches, tmp_path, student, kwargs,
+                                                      method):
+    res = train(caches, tmp_path, "--student", student, "--student-kwargs", kwargs,
+                "--method", method, "--max-steps-per-epoch", "1")
+    assert res.exit_code == 0, res.output
+
+
+def test_outside_student_with_feature_methods(caches, tmp_path):
+    res = train(caches, tmp_path, "--student", "ckd_test_students:WithFeat", "--method",
+                "crd", "--max-steps-per-epoch", "1")
+    assert res.exit_code == 0, res.output
+    res = train(caches, tmp_path, "--student", "ckd_test_students:Plain", "--method",
+                "fitnet", "--overwrite")
+    one_line_error(res, "student 'ckd_test_students:Plain'", "forward(x, is_feat=True)",
+                   "or use a logit method")
+    assert "unknown architecture" not in res.output
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--student", "mamba_tiny", "--student-kwargs", "dim=0"],
+     ["mamba_tiny cannot be built with --student-kwargs dim=0", "choose other values"]),
+    (["--student", "ckd_test_students:NoParams"], ["has no trainable parameters"]),
+    (["--student", "ckd_test_students:FirstTwo"],
+     ["returned logits of shape (2, 5) for a batch of 16 images", "every batch size"]),
+])
+def test_students_that_cannot_train_are_refused_by_name(caches, tmp_path, extra, needles):
+    res = train(caches, tmp_path, "--method", "kd", *extra)
+    line = one_line_error(res, *needles)
+    assert "labels must be" not in line and "does not require grad" not in line
+
+
+# ---------------------------------------------------- cache-logits refusals (18, 24)
+def test_features_with_sparse_logits_are_refused_before_any_work(caches, tmp_path):
+    out = tmp_path / "c"
+    res = run("cache-logits", *DATA, "--mentors", f"r8={caches['good']}", "--out", str(out),
+              "--device", "cpu", "--views", "2", "--quiet", "--features", "pool",
+              "--logits", "topk:3")
+    one_line_error(res, "--features with sparse --logits (r8=topk:3)", "--logits dense")
+    assert not out.exists()
+
+
+def test_sample_size_is_bounded_by_the_classes(caches, tmp_path):
+    out = tmp_path / "c"
+    res = run("cache-logits", *DATA, "--mentors", f"r8={caches['good']}", "--out", str(out),
+              "--device", "cpu", "--views", "2", "--quiet", "--logits", "sample:99999999999")
+    one_line_error(res, "sample:99999999999", "C = 5 classes", "S <= 5")
+    assert not out.exists()
+
+
+def test_sample_size_on_an_object_store(s3, caches):
+    from ckd.cache.location import cache_path, list_files
+
+    res = run("cache-logits", *DATA, "--mentors", f"r8={caches['good']}", "--out",
+              f"{s3}/big", "--device", "cpu", "--views", "2", "--quiet", "--logits",
+              "sample:99999999999")
+    one_line_error(res, "sample:99999999999", "S <= 5")
+    assert not list_files(cache_path(f"{s3}/big"))
+
+
+def test_plain_http_endpoint_names_aws_allow_http(s3, caches, monkeypatch):
+    monkeypatch.delenv("AWS_ALLOW_HTTP")
+    res = run("cache-logits", *DATA, "--mentors", f"r8={caches['good']}", "--out",
+              f"{s3}/http", "--device", "cpu", "--views", "2", "--quiet")
+    one_line_error(res, f"{s3}/http", "AWS_ALLOW_HTTP=true")
