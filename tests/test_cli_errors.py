@@ -217,3 +217,53 @@ def test_plain_http_endpoint_names_aws_allow_http(s3, caches, monkeypatch):
     res = run("cache-logits", *DATA, "--mentors", f"r8={caches['good']}", "--out",
               f"{s3}/http", "--device", "cpu", "--views", "2", "--quiet")
     one_line_error(res, f"{s3}/http", "AWS_ALLOW_HTTP=true")
+
+
+# ------------------------------------------------------------------ resume (case 19)
+def test_resume_with_another_feature_method_is_named(caches, tmp_path):
+    res = train(caches, tmp_path, "--student", "resnet8", "--method", "kd+0.8*crd")
+    assert res.exit_code == 0, res.output
+    res = train(caches, tmp_path, "--student", "resnet8", "--method", "kd", "--epochs", "2",
+                "--resume", "--resume-allow", "epochs,method")
+    line = one_line_error(res, "holds the trainable modules of a feature method",
+                          "--method kd does not have", "resume with the method")
+    assert "parameter groups" not in line
+    res = train(caches, tmp_path, "--student", "resnet8", "--method", "kd+0.8*crd",
+                "--param", "crd.feat_dim=64", "--epochs", "2", "--resume", "--resume-allow",
+                "epochs,method_params")
+    one_line_error(res, "crd.embed_s.linear.bias (128,) -> (64,)", "crd.feat_dim")
+
+
+# ------------------------------------------------------------- damaged stores (22, 27)
+def _flip(path: Path) -> None:
+    b = bytearray(path.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def test_truncated_array_metadata_is_named_by_the_repair_command(caches, tmp_path):
+    import shutil
+
+    store = tmp_path / "c"
+    shutil.copytree(caches["cache"], store)
+    meta = store / "mentors" / "r8" / "logits" / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:100])
+    args = ["cache-logits", *DATA, "--mentors", f"r8={caches['good']}", "--out", str(store),
+            "--device", "cpu", "--views", "2", "--quiet", "--features", "pool"]
+    one_line_error(run(*args), f"cannot read {meta}", f"delete {store / 'mentors' / 'r8'}")
+    shutil.rmtree(store / "mentors" / "r8")  # the repair the line names
+    assert run(*args).exit_code == 0
+    assert run("cache", "verify", str(store)).exit_code == 0
+
+
+def test_verify_names_every_damaged_array_of_a_unit(caches, tmp_path):
+    import shutil
+
+    store = tmp_path / "c"
+    shutil.copytree(caches["cache"], store)
+    for name in ("logits", "pool"):
+        _flip(store / "mentors" / "r8" / name / "c" / "0" / "0" / "0")
+    res = run("cache", "verify", str(store))
+    assert res.exit_code == 1 and "2 problem(s)" in res.output, res.output
+    for name in ("logits", "pool"):
+        assert f"PROBLEM cannot read {store}/mentors/r8/{name}/c/0/0/0" in res.output

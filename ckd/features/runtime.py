@@ -55,6 +55,11 @@ def check_module_state(state: dict[str, Any], modules: nn.Module | None, method:
     """Refuse to resume a run whose checkpoint lacks (or has other) method modules."""
     saved = state.get(MODULES_KEY)
     if modules is None:
+        if saved:
+            raise ValueError(f"--resume: {run_dir}/checkpoint.pt holds the trainable modules "
+                             f"of a feature method ({sorted(saved)[:3]} ...) that --method "
+                             f"{method} does not have; resume with the method it was trained "
+                             "with (its config.yaml), or start a new run with another --out")
         return
     if saved is None:
         raise ValueError(f"--resume: {run_dir}/checkpoint.pt holds no trainable modules for "
@@ -67,6 +72,15 @@ def check_module_state(state: dict[str, Any], modules: nn.Module | None, method:
         raise ValueError(f"--resume: the method modules in {run_dir}/checkpoint.pt do not fit "
                          f"--method {method} (missing {missing}, unexpected {extra}); resume "
                          "with the method it was trained with, or start a new --out")
+    current = modules.state_dict()
+    changed = [f"{k} {tuple(saved[k].shape)} -> {tuple(current[k].shape)}" for k in sorted(want)
+               if tuple(saved[k].shape) != tuple(current[k].shape)]
+    if changed:
+        raise ValueError(f"--resume: the method modules in {run_dir}/checkpoint.pt have other "
+                         f"shapes than --method {method} builds now ({'; '.join(changed[:3])}): "
+                         "a method parameter that sizes them (e.g. crd.feat_dim) changed; "
+                         "resume with the parameters it was trained with (its config.yaml), "
+                         "or start a new --out")
 
 
 def sync_module_grads(modules: nn.Module | None) -> None:
