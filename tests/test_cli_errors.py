@@ -267,3 +267,61 @@ def test_verify_names_every_damaged_array_of_a_unit(caches, tmp_path):
     assert res.exit_code == 1 and "2 problem(s)" in res.output, res.output
     for name in ("logits", "pool"):
         assert f"PROBLEM cannot read {store}/mentors/r8/{name}/c/0/0/0" in res.output
+
+
+# -------------------------------------------------- aid and image folders (15-17, 23-26)
+def test_analyze_refuses_a_sparse_cache_by_name(caches, tmp_path):
+    sparse = tmp_path / "topk"
+    res = run("cache-logits", *DATA, "--mentors", f"r8={caches['good']}", "--out",
+              str(sparse), "--device", "cpu", "--views", "2", "--quiet", "--logits", "topk:3")
+    assert res.exit_code == 0, res.output
+    res = train(caches, tmp_path, "--student", "resnet8", "--method", "kd",
+                "--max-steps-per-epoch", "1")
+    assert res.exit_code == 0, res.output
+    res = run("analyze", "--cache", str(sparse), "--mentor", "r8", "--student",
+              str(tmp_path / "run"), "--out", str(tmp_path / "an"))
+    one_line_error(res, "reads dense mentor logits", "'r8'", "topk:3", "--logits dense")
+    assert not (tmp_path / "an").exists()
+
+
+@pytest.fixture(scope="module")
+def image_cache(prepared_images, tmp_path_factory):
+    from ckd.models import create_model, save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("imgerrors")
+    torch.manual_seed(0)
+    save_checkpoint(tmp / "r8.pt", create_model("resnet8", 3), arch="resnet8", num_classes=3,
+                    dataset="imagefolder", metrics=None)
+    # more views than the CIFAR recipe's 162 distinct ones: crops are continuous (case 26)
+    res = run("cache-logits", "--prepared", str(prepared_images), "--mentors",
+              f"r8={tmp / 'r8.pt'}", "--out", str(tmp / "cache"), "--views", "200",
+              "--samples-per-chunk", "8", "--batch-size", "8", "--quiet")
+    assert res.exit_code == 0, res.output
+    return dict(tmp=tmp, mentor=tmp / "r8.pt", cache=tmp / "cache", prepared=prepared_images)
+
+
+@pytest.mark.slow  # an image-folder cache of 200 views and an image-folder training run
+def test_image_folder_refusals_name_what_works(image_cache, tmp_path):
+    c = image_cache
+    common = ["--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-progress"]
+    res = run("train", "--prepared", str(c["prepared"]), "--cache", str(c["cache"]),
+              "--backend", "reference", "--student", "resnet8", "--method", "fitnet",
+              "--out", str(tmp_path / "run"), *common)
+    line = one_line_error(res, "reads mentor features", "image folder", "logit method")
+    assert "--features pool" not in line  # what cache-logits refuses for image folders
+    res = run("train-mentor", "--arch", "resnet8", "--prepared", str(c["prepared"]),
+              "--mentor-dir", str(tmp_path / "mentors"), *common)
+    line = one_line_error(res, "image folder", "`ckd train-mentor` cannot train on yet",
+                          "cache-logits --prepared")
+    assert "--cache" not in line.replace("cache-logits", "")
+    res = run("adapt-mentor", "--checkpoint", str(c["mentor"]), "--student", "resnet8",
+              "--prepared", str(c["prepared"]), "--out", str(tmp_path / "ad.pt"))
+    one_line_error(res, "ckd adapt-mentor works on CIFAR-style data", "image folder")
+    assert not (tmp_path / "ad.pt").exists()
+    res = run("train", "--prepared", str(c["prepared"]), "--cache", str(c["cache"]),
+              "--backend", "reference", "--student", "resnet8", "--method", "kd",
+              "--max-steps-per-epoch", "1", "--out", str(tmp_path / "kd"), *common)
+    assert res.exit_code == 0, res.output
+    res = run("analyze", "--cache", str(c["cache"]), "--mentor", "r8", "--student",
+              str(tmp_path / "kd"), "--out", str(tmp_path / "an"))
+    one_line_error(res, "ckd analyze works on CIFAR-style data", "image folder")
