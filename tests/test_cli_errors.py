@@ -325,3 +325,64 @@ def test_image_folder_refusals_name_what_works(image_cache, tmp_path):
     res = run("analyze", "--cache", str(c["cache"]), "--mentor", "r8", "--student",
               str(tmp_path / "kd"), "--out", str(tmp_path / "an"))
     one_line_error(res, "ckd analyze works on CIFAR-style data", "image folder")
+
+
+# ------------------------------------------------ NaN and inf, class-wide (case 31, 6)
+def _float_options(command, path=()):
+    import click
+
+    for p in command.params:
+        if isinstance(p, click.Option) and p.type.name == "float":
+            yield " ".join(path), p
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _float_options(sub, (*path, name))
+
+
+def test_every_float_option_of_the_cli_refuses_nan_and_inf():
+    from ckd.cli.params import Finite
+
+    found = list(_float_options(cli))
+    assert len(found) >= 10  # train's and the aid commands' floats at least
+    for where, p in found:
+        assert isinstance(p.type, Finite), f"{where} {p.opts}"
+
+
+ADAPT = ["adapt-mentor", "--student", "resnet8", *DATA, "--epochs", "1"]
+
+
+@pytest.mark.parametrize("option", ["--lam", "--anchor", "--tau", "--lr", "--student-lr",
+                                    "--margin"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_adapt_mentor_refuses_non_finite_values(caches, tmp_path, option, value):
+    out = tmp_path / "adapted.pt"
+    res = run(*ADAPT, "--checkpoint", str(caches["good"]), "--out", str(out), option, value)
+    one_line_error(res, option, "must be a finite number", code=2)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--lr", "nan"], "--lr"), (["--momentum", "inf"], "--momentum"),
+    (["--weight-decay", "nan"], "--weight-decay"), (["--tau", "inf"], "--tau"),
+    (["--method", "classroom", "--beta", "nan"], "--beta"),
+    (["--method", "classroom", "--delta", "inf"], "--delta"),
+    (["--method", "classroom", "--lam", "nan"], "--lam"),
+    (["--param", "T=.nan"], "T=nan"), (["--param", "alpha_kd=.inf"], "alpha_kd=inf"),
+])
+def test_train_refuses_non_finite_values(caches, tmp_path, extra, named):
+    res = train(caches, tmp_path, "--student", "resnet8", "--method", "kd", *extra)
+    one_line_error(res, named, code=res.exit_code)
+    assert res.exit_code in (1, 2) and not (tmp_path / "run").exists()
+
+
+def test_config_file_non_finite_values_are_refused(caches, tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("lr: .nan\ngamma: .inf\n")
+    res = train(caches, tmp_path, "--student", "resnet8", "--method", "kd", "--config",
+                str(cfg))
+    one_line_error(res, "--lr=nan is invalid")
+
+
+def test_analyze_refuses_a_non_finite_tau(caches, tmp_path):
+    res = run("analyze", "--cache", str(caches["cache"]), "--mentor", "r8", "--student",
+              str(tmp_path), "--out", str(tmp_path / "an"), "--tau", "nan")
+    one_line_error(res, "--tau", "must be a finite number", code=2)

@@ -10,6 +10,7 @@ import importlib
 import click
 
 from ckd.cli.errors import error_line
+from ckd.cli.params import finite_floats
 
 # Modules that define a module-level `commands` list of click commands/groups.
 STAGE_MODULES = ("data", "models", "methods", "cache", "train", "aid", "demo")
@@ -52,6 +53,7 @@ for _name in STAGE_MODULES:
             raise
         continue
     for _cmd in _mod.commands:
+        finite_floats(_cmd)  # NaN or inf never reaches a loss or an optimizer
         main.add_command(_cmd)
 
 
