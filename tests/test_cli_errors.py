@@ -107,10 +107,16 @@ def train(c, tmp_path, *extra: str):
 
 # ------------------------------------------------------------ non-finite values (case 13)
 def test_divergence_names_the_step_and_the_fix(caches, tmp_path):
-    res = train(caches, tmp_path, "--student", "resnet8", "--method", "kd", "--lr", "1e12",
-                "--epochs", "3", "--log-every", "1")
-    one_line_error(res, "training stopped at step", "(epoch ", "student logits",
+    base = ("--student", "resnet8", "--method", "kd", "--log-every", "1")
+    assert train(caches, tmp_path, *base).exit_code == 0  # one good epoch, checkpointed
+    res = train(caches, tmp_path, *base, "--lr", "1e12", "--epochs", "3", "--resume",
+                "--resume-allow", "epochs,lr")
+    one_line_error(res, "training stopped at step", "(epoch 2/3", "student logits",
                    "lower the learning rate")
+    # the last finished epoch is kept: resumed with the old lr, the run completes
+    res = train(caches, tmp_path, *base, "--epochs", "3", "--resume", "--resume-allow",
+                "epochs")
+    assert res.exit_code == 0, res.output
 
 
 def test_nan_student_names_the_step(caches, tmp_path):
