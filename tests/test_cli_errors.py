@@ -392,3 +392,28 @@ def test_analyze_refuses_a_non_finite_tau(caches, tmp_path):
     res = run("analyze", "--cache", str(caches["cache"]), "--mentor", "r8", "--student",
               str(tmp_path), "--out", str(tmp_path / "an"), "--tau", "nan")
     one_line_error(res, "--tau", "must be a finite number", code=2)
+
+
+def test_each_error_class_maps_to_one_line():
+    from ckd.cache.layout import CacheReadError
+    from ckd.cache.location import ObjectStoreError
+    from ckd.cli.errors import error_line
+    from ckd.kernels import NonFiniteError
+    from ckd.locks import LockedError
+
+    own = [ValueError("bad --x"), CacheReadError("cannot read f"), OSError("disk full"),
+           ObjectStoreError("s3://b: no credentials"), FileExistsError("f exists"),
+           NonFiniteError("student logits"), FloatingPointError("mentor 'b'"),
+           OverflowError("beyond float16"), ImportError("pip install 'ckd[s3]'"),
+           LockedError("held by pid 7")]
+    for err in own:
+        assert error_line(err, "train") == str(err), type(err)
+    assert error_line(KeyError("mentor 'x' not loaded; loaded: ['a']"), "train") == \
+        "mentor 'x' not loaded; loaded: ['a']"  # unquoted
+    line = error_line(RuntimeError("size mismatch\nfor a.weight ...\nfor b.weight ..."),
+                      "train")
+    assert line == ("RuntimeError: size mismatch ... (run `ckd --debug train ...` for the "
+                    "traceback)")
+    assert error_line(TypeError("x"), "cache-logits").startswith("TypeError: x (run `ckd")
+    assert error_line(AttributeError("a bug"), "train") is None  # keeps its traceback
+    assert error_line(ZeroDivisionError("x"), "train").startswith("ZeroDivisionError: x")

@@ -9,11 +9,12 @@ student, a checkpoint) are shown by class and first line, with the way to the tr
 from __future__ import annotations
 
 # ckd raises these with a message naming the problem and the fix: shown as they are.
-# ArithmeticError: non-finite training or mentor values (FloatingPointError and
-# kernels.NonFiniteError), fp16 overflow of a mentor's logits (OverflowError).
-OWN_MESSAGE = (ValueError, OSError, ArithmeticError)
+# FloatingPointError: non-finite training or mentor values (and kernels.NonFiniteError);
+# OverflowError: a mentor's logits beyond fp16; ImportError: a missing optional dependency
+# (named, with its install command).
+OWN_MESSAGE = (ValueError, OSError, FloatingPointError, OverflowError, ImportError)
 # raised by ckd on a user's input too, but also from inside libraries: class and first line
-FOREIGN = (TypeError, LookupError, RuntimeError)
+FOREIGN = (TypeError, LookupError, RuntimeError, ArithmeticError)
 
 
 def error_line(err: BaseException, command: str | None) -> str | None:
