@@ -222,7 +222,7 @@ def test_plain_http_endpoint_names_aws_allow_http(s3, caches, monkeypatch):
     monkeypatch.delenv("AWS_ALLOW_HTTP")
     res = run("cache-logits", *DATA, "--mentors", f"r8={caches['good']}", "--out",
               f"{s3}/http", "--device", "cpu", "--views", "2", "--quiet")
-    one_line_error(res, f"{s3}/http", "AWS_ALLOW_HTTP=true")
+    one_line_error(res, f"{s3}/http", "is plain http", "export AWS_ALLOW_HTTP=true")
 
 
 # ------------------------------------------------------------------ resume (case 19)
