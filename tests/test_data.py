@@ -217,8 +217,8 @@ def test_prepare_roundtrip(tmp_path):
 
 
 def test_prepare_cli_bad_dataset(tmp_path):
-    from ckd.cli.data import prepare
+    from ckd.cli.main import main
 
-    res = CliRunner().invoke(prepare, ["mnist", "--out", str(tmp_path / "x")])
+    res = CliRunner().invoke(main, ["prepare", "mnist", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0
     assert "must be one of cifar10, cifar100, digits, synthetic" in res.output

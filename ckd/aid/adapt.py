@@ -53,6 +53,7 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
     """Write the adapted mentor to `out` (ckd checkpoint; metrics record the source
     checkpoint and its sha256, the student, the objective and its parameters, both test
     accuracies). Returns that record plus `model`."""
+    from ckd.aid.analyze import check_in_memory_data  # noqa: PLC0415
     from ckd.cache.layout import epoch_seed  # noqa: PLC0415
     from ckd.cache.writer import test_accuracy  # noqa: PLC0415
     from ckd.data.loaders import make_loader  # noqa: PLC0415
@@ -75,8 +76,9 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
     if out.resolve() == checkpoint.resolve():
         raise ValueError(f"--out {out} would overwrite the source mentor: choose another path")
     dev = torch.device(device)
-    ds = load_data(load_config(None, dataset=dataset, prepared=prepared, data_dir=data_dir,
-                               dataset_options=dataset_options or None))
+    ds = check_in_memory_data(load_data(load_config(
+        None, dataset=dataset, prepared=prepared, data_dir=data_dir,
+        dataset_options=dataset_options or None)), "ckd adapt-mentor")
     meta = read_checkpoint_meta(checkpoint)
     arch = arch or meta.get("arch")
     if arch is None:

@@ -26,6 +26,18 @@ def student_checkpoint(run_or_ckpt: str | Path) -> tuple[Path, Path | None]:
     return p, None
 
 
+def check_in_memory_data(ds: Any, command: str) -> Any:
+    """`ds`, unless it is a prepared image folder: the AID commands read whole in-memory
+    image arrays with the CIFAR-style views (image folders' crops are not supported yet)."""
+    from ckd.train.setup import is_image_data  # noqa: PLC0415
+
+    if is_image_data(ds):
+        raise ValueError(f"{command} works on CIFAR-style data (--dataset NAME, or --prepared "
+                         f"from `ckd prepare cifar100|...`); {ds.name!r} is an image folder "
+                         "(`ckd prepare imagefolder|imagenet`), which it does not support yet")
+    return ds
+
+
 def load_run_data(run_dir: Path | None, prepared: str | None, dataset: str | None,
                   dataset_options: dict[str, Any] | None, data_dir: str | None):
     """The dataset: from --prepared/--dataset, else the run's config.yaml."""
@@ -40,7 +52,7 @@ def load_run_data(run_dir: Path | None, prepared: str | None, dataset: str | Non
     else:
         cfg = load_config(None, prepared=prepared, dataset=dataset, data_dir=data_dir,
                           dataset_options=dataset_options or None)
-    return load_data(cfg)
+    return check_in_memory_data(load_data(cfg), "ckd analyze")
 
 
 @torch.no_grad()
@@ -54,6 +66,11 @@ def decompose_over_train(cache_dir: str | Path, mentor: str, student: torch.nn.M
     from ckd.data.views import apply_views  # noqa: PLC0415
 
     cache = LogitCache(cache_dir, mentors=[mentor])
+    if cache.sparse:  # the decomposition needs every class's logit
+        cache.close()
+        raise ValueError(f"ckd analyze reads dense mentor logits, but mentor {mentor!r} in "
+                         f"{cache_dir} is stored as {cache.logits_modes[mentor]}: analyze a "
+                         "cache of it built with --logits dense")
     cache.check_compatible(ds.name, ds.fingerprint, ds.num_classes)
     student = student.eval()
     images = torch.from_numpy(ds.train.images)

@@ -188,15 +188,16 @@ def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group
             continue
         sr, sm = lay.slot_range(a), lay.sample_range(b)
         region = (slice(sr.start, sr.stop), slice(sm.start, sm.stop))
-        named = {}
-        try:
-            for spec in specs:
-                named[spec.name] = read_array(path, root, f"mentors/{alias}/{spec.name}",
-                                              region, (a, b, *[0] * len(spec.suffix(lay))))
-            named[CORRECT] = read_array(path, root, f"mentors/{alias}/{CORRECT}",
-                                        (region[0], slice(b, b + 1)), (a, b))
-        except CacheReadError as err:
-            rep.problems.append(str(err))
+        named, damaged = {}, []  # every damaged array of the unit is named, not the first
+        reads = [(spec.name, region, (a, b, *[0] * len(spec.suffix(lay)))) for spec in specs]
+        reads.append((CORRECT, (region[0], slice(b, b + 1)), (a, b)))
+        for name, where, coords in reads:
+            try:
+                named[name] = read_array(path, root, f"mentors/{alias}/{name}", where, coords)
+            except CacheReadError as err:
+                damaged.append(str(err))
+        if damaged:
+            rep.problems.extend(damaged)
             continue
         rep.chunks_read += len(named)
         logits = named.get("logits")
@@ -211,12 +212,14 @@ def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group
                 zeros = "/".join("0" * (vals.ndim - 2))
                 rep.problems.append(f"{alias}/{name}/c/{a}/{b}/{zeros}: "
                                     f"{int((~np.isfinite(vals)).sum())} non-finite values")
-        try:
-            for name, vals in named.items():
+        for name, vals in named.items():
+            try:
                 check_unit(path, alias, lay, a, b, name, vals, marker, columns,
                            vals.ndim - 2 if name != CORRECT else 0)
-        except CacheReadError as err:
-            rep.problems.append(str(err))
+            except CacheReadError as err:
+                damaged.append(str(err))
+        if damaged:
+            rep.problems.extend(damaged)
             continue
         if labels is None or logits is None:  # derived arrays need the dense logits
             continue

@@ -63,7 +63,13 @@ def explain(url: str, err: BaseException) -> ObjectStoreError:
     """An ObjectStoreError naming `url` and the likely fix for an obstore failure."""
     text = str(err)
     first = text.splitlines()[0][:300] if text else type(err).__name__
-    if "NoSuchBucket" in text:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or ""
+    if endpoint.startswith("http://") and os.environ.get("AWS_ALLOW_HTTP", "").lower() \
+            not in ("true", "1"):
+        why = (f"the endpoint {endpoint} is plain http, which the S3 client refuses unless "
+               "AWS_ALLOW_HTTP=true is set: export AWS_ALLOW_HTTP=true (or use an https "
+               "endpoint)")
+    elif "NoSuchBucket" in text:
         why = (f"the bucket does not exist at {_env_hint()}: create it, or fix the bucket "
                "name / AWS_ENDPOINT_URL")
     elif "/latest/api/token" in text or "credential" in text.lower() or "InvalidAccessKeyId" \

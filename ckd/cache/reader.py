@@ -374,6 +374,11 @@ class LogitCache:
         for m in self.mentors:
             have = self.mentor_meta[m].get("features") or {}
             lack = [f for f in features if f not in have]
+            if lack and self.rrc:  # `cache-logits --features` refuses image folders
+                raise CacheMismatchError(
+                    f"this method reads mentor features ({','.join(lack)}), which a cache of "
+                    f"an image folder ({self.path}) cannot hold yet: train with a logit "
+                    "method here (`ckd methods` lists them)")
             if lack:
                 raise CacheMismatchError(
                     f"mentor {m!r} in {self.path} was cached without the {','.join(lack)} "

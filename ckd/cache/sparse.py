@@ -173,6 +173,11 @@ def logits_modes(logits: str | Mapping[str, str], aliases: list[str], num_classe
             mode, n = parse_mode(spec, num_classes)
         except ValueError as err:
             raise ValueError(f"--logits (mentor {alias!r}): {err}") from err
+        if mode == "sample" and n > num_classes:
+            raise ValueError(f"--logits (mentor {alias!r}): sample:{n} stores {n} draw slots "
+                             f"per row, more than the C = {num_classes} classes: that is "
+                             "larger than dense logits, which are exact; use dense, or "
+                             f"sample:S with S <= {num_classes}")
         out[alias] = "dense" if mode == "dense" else f"{mode}:{n}"
     return out
 

@@ -198,6 +198,9 @@ def _mentor_state(out: Path, alias: str) -> dict[str, Any] | None:
     if not file.exists():
         return None
     attrs = read_json_attrs(out, file)
+    for array in sorted(p for p in file.parent.iterdir() if p.is_dir()):
+        if (array / "zarr.json").is_file():  # a damaged array's metadata, named by file
+            read_json_attrs(out, array / "zarr.json")
     return attrs if "alias" in attrs else None
 
 

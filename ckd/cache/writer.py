@@ -194,6 +194,9 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
             raise ValueError(f"views must be 'all' or a positive int, got {views!r}") from None
         if k < 1:
             raise ValueError(f"views must be 'all' or a positive int, got {views!r}")
+        if k > NUM_VIEWS and not images_mode:  # an image folder's crops are continuous
+            raise ValueError(f"--views {k} is invalid: must be 'all' or a number of views in "
+                             f"[1, {NUM_VIEWS}] (the recipe has {NUM_VIEWS} distinct views)")
     elif images_mode:
         raise ValueError("an image folder's random-resized-crop views are continuous: pass "
                          "--views K (K views per image, e.g. --views 10)")
@@ -215,6 +218,12 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
 
     n, c = len(dataset.train), int(dataset.num_classes)
     modes = logits_modes(logits, list(paths), c)
+    sparse = sorted(a for a, m in modes.items() if m != "dense")
+    if features and sparse:  # the feature methods read only dense caches
+        given = ", ".join(f"{a}={modes[a]}" for a in sparse)
+        raise ValueError(f"--features with sparse --logits ({given}): the feature methods "
+                         "read mentor features beside dense logits only; drop --features, "
+                         "or cache these mentors with --logits dense")
     num_slots = k if keyed else NUM_VIEWS
     seeds = [epoch_seed(seed, j) for j in range(num_slots)] if keyed else None
     layout = make_layout(num_slots, n, c, keyed=keyed, dtype=DTYPES[dtype],
@@ -274,6 +283,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                     if err.errno != errno.ENOSPC:
                         raise
                     raise disk_full(out, space_needed(out, paths), err) from err
+                except ArithmeticError as err:  # non-finite or fp16-overflowing output
+                    raise type(err)(f"mentor {alias!r} ({path}): {err}") from err
             barrier()
             if rank == 0:
                 for alias, path in paths.items():

@@ -10,7 +10,6 @@ from ckd.cli.train import _kv
 
 # exit status of adapt-mentor when the adapted mentor lost more than --margin points
 MARGIN_EXCEEDED_EXIT = 3
-_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
 
 
 def _data_options(f):
@@ -56,12 +55,9 @@ def adapt_mentor(dataset_opt: tuple[str, ...], tau: float, no_progress: bool,
     """Fine-tune a mentor toward an intra-class distribution the student can fit (AID)."""
     from ckd.aid.adapt import adapt_mentor as run  # noqa: PLC0415
 
-    try:
-        res = run(kw.pop("arch"), kw.pop("checkpoint"), kw.pop("student"), kw.pop("out"),
-                  dataset_options=_kv(dataset_opt, "--dataset-opt"), T=tau,
-                  progress=not no_progress, **kw)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    res = run(kw.pop("arch"), kw.pop("checkpoint"), kw.pop("student"), kw.pop("out"),
+              dataset_options=_kv(dataset_opt, "--dataset-opt"), T=tau,
+              progress=not no_progress, **kw)
     click.echo(f"adapted mentor {res['out']}: test top-1 {res['source_test_acc']:.2f}% -> "
                f"{res['test_acc']:.2f}% ({-res['accuracy_drop']:+.2f}; margin "
                f"{res['margin']:.2f}{'' if res['within_margin'] else ', EXCEEDED'})")
@@ -93,17 +89,14 @@ def analyze(cache: str, mentor: str, student: str, out: str, dataset: str | None
     from ckd.aid.decompose import markdown_table  # noqa: PLC0415
     from ckd.models import load_checkpoint  # noqa: PLC0415
 
-    try:
-        ckpt, run_dir = student_checkpoint(student)
-        ds = load_run_data(run_dir, prepared, dataset, _kv(dataset_opt, "--dataset-opt"),
-                           data_dir)
-        model = load_checkpoint(ckpt, num_classes=ds.num_classes)
-        rows = decompose_over_train(cache, mentor, model, ds, T=tau, seed=seed)
-        title = (f"KD loss (T={tau:g}) of mentor {mentor} ({cache}) vs student {student}, "
-                 f"{ds.name} training set")
-        paths = write_analysis(rows, out, title)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    ckpt, run_dir = student_checkpoint(student)
+    ds = load_run_data(run_dir, prepared, dataset, _kv(dataset_opt, "--dataset-opt"),
+                       data_dir)
+    model = load_checkpoint(ckpt, num_classes=ds.num_classes)
+    rows = decompose_over_train(cache, mentor, model, ds, T=tau, seed=seed)
+    title = (f"KD loss (T={tau:g}) of mentor {mentor} ({cache}) vs student {student}, "
+             f"{ds.name} training set")
+    paths = write_analysis(rows, out, title)
     click.echo(markdown_table(rows))
     for p in paths.values():
         click.echo(f"wrote {p}")

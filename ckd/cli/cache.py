@@ -7,11 +7,7 @@ from typing import Any
 import click
 
 from ckd.cache.layout import CODECS, DEFAULT_CODEC
-from ckd.cache.location import ObjectStoreError
 from ckd.cli import params
-
-_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError,
-           ObjectStoreError)
 
 
 def _dataset_kw(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -117,25 +113,22 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
             raise click.BadParameter(f"expected ALIAS=PIXELS (e.g. r50=224), got {item!r}",
                                      param_hint="--resolution")
         res[alias.strip()] = int(px)
-    try:
-        ds = _load(dataset, data_dir, prepared, dataset_opts, batch_size)
-        paths = resolve_mentors(mentors, ds.name, mentor_dir)
-        unknown = sorted(set(res) - set(paths))
-        if unknown:
-            raise ValueError(f"--resolution names {unknown}, not among the mentors "
-                             f"{sorted(paths)}")
-        modes = logits_modes(logits_spec, list(paths), ds.num_classes)
-        slots = NUM_VIEWS if views == "all" else int(views) if views.isdigit() else 0
-        for line in storage_lines(modes, ds.num_classes, slots * len(ds.train),
-                                  2 if dtype == "fp16" else 4):
-            click.echo(line)
-        build_cache(ds, paths, out, views=views, seed=seed, batch_size=batch_size,
-                    device=device or _default_device(), dtype=dtype, overwrite=overwrite,
-                    codec=codec, samples_per_chunk=samples_per_chunk, progress=not quiet,
-                    features=features, resolutions=res or None, logits=modes,
-                    deterministic=deterministic)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    ds = _load(dataset, data_dir, prepared, dataset_opts, batch_size)
+    paths = resolve_mentors(mentors, ds.name, mentor_dir)
+    unknown = sorted(set(res) - set(paths))
+    if unknown:
+        raise ValueError(f"--resolution names {unknown}, not among the mentors "
+                         f"{sorted(paths)}")
+    modes = logits_modes(logits_spec, list(paths), ds.num_classes)
+    slots = NUM_VIEWS if views == "all" else int(views) if views.isdigit() else 0
+    for line in storage_lines(modes, ds.num_classes, slots * len(ds.train),
+                              2 if dtype == "fp16" else 4):
+        click.echo(line)
+    build_cache(ds, paths, out, views=views, seed=seed, batch_size=batch_size,
+                device=device or _default_device(), dtype=dtype, overwrite=overwrite,
+                codec=codec, samples_per_chunk=samples_per_chunk, progress=not quiet,
+                features=features, resolutions=res or None, logits=modes,
+                deterministic=deterministic)
     _print_info(out)
 
 
@@ -188,10 +181,7 @@ def cache_group() -> None:
 @click.argument("path")
 def cache_info(path: str) -> None:
     """Table of the mentors in a cache: arch, accuracy, views, size, compression."""
-    try:
-        _print_info(path)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    _print_info(path)
 
 
 @cache_group.command("verify")
@@ -212,14 +202,11 @@ def cache_verify(path: str, recompute: int, data_dir: str | None, prepared: str 
     from ckd.cache.inspect import load_cache_dataset, verify
     from ckd.cache.layout import read_root_attrs
 
-    try:
-        ds = None
-        if recompute:
-            ds = load_cache_dataset(read_root_attrs(path), data_dir, prepared)
-        rep = verify(path, recompute=recompute, dataset=ds, device=device, seed=seed,
-                     progress=True)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    ds = None
+    if recompute:
+        ds = load_cache_dataset(read_root_attrs(path), data_dir, prepared)
+    rep = verify(path, recompute=recompute, dataset=ds, device=device, seed=seed,
+                 progress=True)
     click.echo(f"chunks read: {rep.chunks_read}, rows recomputed: {rep.rows_recomputed}"
                + (f" (max |diff| {rep.max_abs_diff:.3g})" if rep.rows_recomputed else ""))
     if not rep.ok:
@@ -241,10 +228,7 @@ def cache_upgrade(path: str, quiet: bool) -> None:
     """
     from ckd.cache.upgrade import upgrade
 
-    try:
-        notes = upgrade(path, progress=not quiet)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    notes = upgrade(path, progress=not quiet)
     for note in notes:
         click.echo(note)
     click.echo(f"{path}: upgraded; check it with `ckd cache verify {path}`")
@@ -262,10 +246,7 @@ def cache_copy(src: str, dst: str, quiet: bool) -> None:
     """
     from ckd.cache.copy import copy_cache
 
-    try:
-        rep = copy_cache(src, dst, progress=not quiet)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    rep = copy_cache(src, dst, progress=not quiet)
     click.echo(f"{dst}: {rep.files} files ({rep.copied} copied now, "
                f"{rep.bytes_copied / 2**20:.1f} MiB), checksums and digests OK")
 

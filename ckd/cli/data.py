@@ -45,10 +45,7 @@ def prepare(dataset: str, out: str, data_dir: str | None, no_download: bool,
 
     kw = {k: v for k, v in dict(n_train=n_train, n_test=n_test, num_classes=num_classes,
                                 seed=seed).items() if v is not None}
-    try:
-        ds = load_dataset(dataset, data_dir, download=not no_download, **kw)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
-        raise click.ClickException(str(err)) from err
+    ds = load_dataset(dataset, data_dir, download=not no_download, **kw)
     path = write_betons(ds, out)
     click.echo(f"{ds.name}: {len(ds.train)} train + {len(ds.test)} test images, "
                f"{ds.num_classes} classes")
@@ -64,12 +61,9 @@ def _prepare_images(kind: str, data_dir: str | None, out: str, max_side: int, qu
     if not data_dir:
         raise click.UsageError(f"{kind} needs --data-dir DIR (the folder holding train/ "
                                "and val/)")
-    try:
-        meta = prepare_imagefolder(data_dir, out, imagenet=kind == "imagenet",
-                                   max_side=max_side, quality=quality, resume=resume,
-                                   workers=workers)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise click.ClickException(str(err)) from err
+    meta = prepare_imagefolder(data_dir, out, imagenet=kind == "imagenet",
+                               max_side=max_side, quality=quality, resume=resume,
+                               workers=workers)
     click.echo(f"{meta['name']}: {meta['n_train']} train + {meta['n_test']} test images, "
                f"{meta['num_classes']} classes, {meta['num_skipped']} unreadable file(s) "
                f"skipped" + (f" (listed in {out}/skipped.txt)" if meta["num_skipped"] else ""))

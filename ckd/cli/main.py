@@ -9,15 +9,17 @@ import importlib
 
 import click
 
+from ckd.cli.errors import error_line
+from ckd.cli.params import finite_floats
+
 # Modules that define a module-level `commands` list of click commands/groups.
 STAGE_MODULES = ("data", "models", "methods", "cache", "train", "aid", "demo")
-# what a user's mistake raises (bad values, missing or existing files, corrupt inputs)
-USAGE_ERRORS = (ValueError, TypeError, KeyError, LookupError, OSError, RuntimeError)
 
 
 class CkdGroup(click.Group):
-    """One error policy for every command: a failure is one line naming the problem and
-    the fix; `--debug` re-raises the underlying exception with its traceback."""
+    """One error policy for every command (ckd.cli.errors): a failure is one line naming
+    the problem and the fix; `--debug` re-raises the underlying exception with its
+    traceback."""
 
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug"))
@@ -30,13 +32,10 @@ class CkdGroup(click.Group):
         except (click.exceptions.Exit, click.Abort):
             raise
         except Exception as err:
-            if debug or not isinstance(err, USAGE_ERRORS):
+            line = None if debug else error_line(err, ctx.invoked_subcommand)
+            if line is None:
                 raise
-            if isinstance(err, (ValueError, OSError)):  # the message names value and fix
-                raise click.ClickException(str(err)) from err
-            raise click.ClickException(f"{type(err).__name__}: {err} (run `ckd --debug "
-                                       f"{ctx.invoked_subcommand} ...` for the traceback)"
-                                       ) from err
+            raise click.ClickException(line) from err
 
 
 @click.group(cls=CkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,6 +53,7 @@ for _name in STAGE_MODULES:
             raise
         continue
     for _cmd in _mod.commands:
+        finite_floats(_cmd)  # NaN or inf never reaches a loss or an optimizer
         main.add_command(_cmd)
 
 

@@ -11,10 +11,6 @@ import click
 import yaml
 
 from ckd.cli import params
-from ckd.determinism import DeterminismError
-
-_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError,
-           DeterminismError)
 
 
 class MethodExpr(click.ParamType):
@@ -193,11 +189,8 @@ def train(**kw: Any) -> None:
     from ckd.train import train as run
 
     path, kw = _overrides(kw)
-    try:
-        cfg = load_config(path, **kw)
-        result = run(cfg)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    cfg = load_config(path, **kw)
+    result = run(cfg)
     _summary(result)
 
 
@@ -212,16 +205,13 @@ def train_mentor(arch: str, mentor_dir: str | None, **kw: Any) -> None:
     from ckd.train import train_mentor as run
 
     path, kw = _overrides(kw)
-    try:
-        base = load_config(path, **kw).to_dict() if path else {
-            k: v for k, v in kw.items() if v is not None}
-        dataset = base.pop("dataset", None)
-        out = base.pop("out", None)
-        for k in ("student", "method", "cache", "mentors", "mentors_online"):
-            base.pop(k, None)
-        result = run(arch, dataset, out=out, mentor_dir=mentor_dir, **base)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    base = load_config(path, **kw).to_dict() if path else {
+        k: v for k, v in kw.items() if v is not None}
+    dataset = base.pop("dataset", None)
+    out = base.pop("out", None)
+    for k in ("student", "method", "cache", "mentors", "mentors_online"):
+        base.pop(k, None)
+    result = run(arch, dataset, out=out, mentor_dir=mentor_dir, **base)
     _summary(result)
     if result.get("rank", 0) == 0:
         click.echo(f"mentor checkpoint {result['mentor_path']}")
@@ -235,10 +225,7 @@ def report(run_dirs: tuple[str, ...], out: str) -> None:
     """Plots (accuracy, mentor ranks, temperatures) and a best/last top-1 table for runs."""
     from ckd.train.report import summary_table, write_report
 
-    try:
-        written = write_report(list(run_dirs), out)
-    except _ERRORS as err:
-        raise click.ClickException(str(err)) from err
+    written = write_report(list(run_dirs), out)
     from ckd.train.report import load_run
 
     click.echo(summary_table([load_run(d) for d in run_dirs]))

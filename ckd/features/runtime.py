@@ -55,6 +55,11 @@ def check_module_state(state: dict[str, Any], modules: nn.Module | None, method:
     """Refuse to resume a run whose checkpoint lacks (or has other) method modules."""
     saved = state.get(MODULES_KEY)
     if modules is None:
+        if saved:
+            raise ValueError(f"--resume: {run_dir}/checkpoint.pt holds the trainable modules "
+                             f"of a feature method ({sorted(saved)[:3]} ...) that --method "
+                             f"{method} does not have; resume with the method it was trained "
+                             "with (its config.yaml), or start a new run with another --out")
         return
     if saved is None:
         raise ValueError(f"--resume: {run_dir}/checkpoint.pt holds no trainable modules for "
@@ -67,6 +72,15 @@ def check_module_state(state: dict[str, Any], modules: nn.Module | None, method:
         raise ValueError(f"--resume: the method modules in {run_dir}/checkpoint.pt do not fit "
                          f"--method {method} (missing {missing}, unexpected {extra}); resume "
                          "with the method it was trained with, or start a new --out")
+    current = modules.state_dict()
+    changed = [f"{k} {tuple(saved[k].shape)} -> {tuple(current[k].shape)}" for k in sorted(want)
+               if tuple(saved[k].shape) != tuple(current[k].shape)]
+    if changed:
+        raise ValueError(f"--resume: the method modules in {run_dir}/checkpoint.pt have other "
+                         f"shapes than --method {method} builds now ({'; '.join(changed[:3])}): "
+                         "a method parameter that sizes them (e.g. crd.feat_dim) changed; "
+                         "resume with the parameters it was trained with (its config.yaml), "
+                         "or start a new --out")
 
 
 def sync_module_grads(modules: nn.Module | None) -> None:
@@ -89,6 +103,44 @@ def sync_module_grads(modules: nn.Module | None) -> None:
         offset += g.numel()
 
 
+def student_feature_shapes(student: nn.Module, name: str,
+                           image_size: int) -> tuple[tuple[int, ...], ...]:
+    """Per-sample shapes of the student's own `forward(x, is_feat=True)` features, from a
+    dry forward of two blank images through the built model: its constructor keywords
+    (--student-kwargs) and outside `module:Class` students count, not a zoo default."""
+    p = next(student.parameters(), None)
+    x = torch.zeros(2, 3, image_size, image_size, device=None if p is None else p.device)
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            feats, _ = student(x, is_feat=True)
+    except Exception as err:  # noqa: BLE001 - any failure means no usable features
+        raise ValueError(
+            f"student {name!r}: feature methods read the student's features, but "
+            f"forward(x, is_feat=True) failed ({type(err).__name__}: {err}); give the class "
+            "an `is_feat` keyword returning (list of features, logits) with the pooled "
+            "feature last, as the zoo models do (`ckd models`), or use a logit method"
+        ) from err
+    finally:
+        student.train(was_training)
+    return tuple(tuple(f.shape[1:]) for f in feats)
+
+
+def student_classifier(student: nn.Module, name: str,
+                       shapes: Sequence[tuple[int, ...]]) -> nn.Module | None:
+    """The student's final Linear (the zoo's declared one; for an outside class the last
+    Linear reading the pooled feature), or None when it has none."""
+    from ckd.models.registry import arch_spec, is_import_path  # noqa: PLC0415
+
+    named = dict(student.named_modules())
+    if not is_import_path(name):
+        return named[arch_spec(name).classifier]
+    dim = shapes[-1][0] if shapes and shapes[-1] else None
+    linears = [m for m in named.values() if isinstance(m, nn.Linear) and m.in_features == dim]
+    return linears[-1] if linears else None
+
+
 class FeatureRun:
     """The feature terms of one run: their modules on the device (in the optimizer, the
     checkpoint and synchronised under DDP) and the per-step `extra` for their losses."""
@@ -96,18 +148,15 @@ class FeatureRun:
     def __init__(self, plan: Any, student: nn.Module, student_arch: str,
                  mentor_shapes: Sequence[Sequence[tuple[int, ...]]], context: BuildContext,
                  image_size: int, device: torch.device) -> None:
-        from ckd.models import feature_shapes  # noqa: PLC0415
-        from ckd.models.registry import arch_spec  # noqa: PLC0415
-
         self.needs = feature_needs(plan.terms)
-        # logit-only methods never look at the student's features: no shapes asked of the
-        # arch (an outside `module:Class` student or one with kwargs has no zoo entry)
+        # logit-only methods never look at the student's features
         uses = bool(self.needs) or any(t.method.build_modules for t in plan.terms)
-        self.student_shapes = feature_shapes(student_arch, image_size) if uses else ()
+        self.student_shapes = student_feature_shapes(student, student_arch, image_size) \
+            if uses else ()
         built = plan.build_modules(self.student_shapes, mentor_shapes, context) if uses \
             else None
         self.modules = None if built is None else built.to(device)
-        self.classifier = dict(student.named_modules())[arch_spec(student_arch).classifier] \
+        self.classifier = student_classifier(student, student_arch, self.student_shapes) \
             if uses else None
 
     @property

@@ -173,6 +173,10 @@ def create_model(name_or_alias: str, num_classes: int = 100, **kwargs: Any) -> n
     except TypeError as err:
         raise ValueError(f"architecture {spec.name}: bad keyword arguments {sorted(kwargs)} "
                          f"({err})") from err
+    except (ValueError, RuntimeError, ZeroDivisionError) as err:  # a value the layers refuse
+        raise ValueError(f"architecture {spec.name} cannot be built with --student-kwargs "
+                         f"{', '.join(f'{k}={v!r}' for k, v in kwargs.items())} ({err}): "
+                         "choose other values (positive sizes)") from err
 
 
 def check_logits_shape(model: nn.Module, name: str, image_shape: tuple[int, int, int],

@@ -142,6 +142,11 @@ class _StudentEpoch:
                 feats, logits = run.model(x, is_feat=True)
             else:
                 feats, logits = None, run.model(x)
+        if logits.shape[0] != x.shape[0]:  # shape metadata only: no device sync
+            raise ValueError(f"student {cfg.student!r} returned logits of shape "
+                             f"{tuple(logits.shape)} for a batch of {x.shape[0]} images: its "
+                             "output must be [B, C] for every batch size B (look for a "
+                             "reshape or view that assumes a fixed batch size)")
         out = run.loss_plan.loss(logits, mentor, labels, epoch=self.epoch, step=run.step,
                                  seed=cfg.seed, modules=feat.modules, mentor_stats=mentor_stats,
                                  **feat.extra(feats, mentor_feats, idx))
@@ -159,12 +164,15 @@ class _IntervalLog:
         self.run, self.epoch, self.lr, self.t = run, epoch, lr, t0
 
     def write(self, interval: DeviceSums, bar: Any) -> None:
-        from ckd.kernels import check_finite  # noqa: PLC0415
+        from ckd.kernels import NonFiniteError, check_finite  # noqa: PLC0415
 
         run = self.run
         vals = interval.read()
         if "nonfinite" in vals:
-            check_finite(vals)  # raises naming student, mentor or label input
+            try:
+                check_finite(vals)  # raises naming student, mentor or label input
+            except NonFiniteError as err:
+                raise NonFiniteError(self._where(err, interval)) from None
         now = time.perf_counter()
         run.imgs_per_s = interval.count * run.info.world_size / max(now - self.t, 1e-9)
         self.t = now
@@ -176,7 +184,24 @@ class _IntervalLog:
             if k not in ("loss", "correct", "nonfinite"):
                 rec[k] = v / interval.steps
         if not math.isfinite(rec["loss"]):
-            raise FloatingPointError(f"loss is {rec['loss']} at step {run.step} "
-                                     f"(epoch {self.epoch}): lower --lr or check the data")
+            raise FloatingPointError(f"training stopped: the loss is {rec['loss']} at "
+                                     f"{self._steps(interval)}: lower --lr (or check the data and "
+                                     "the student's forward)")
         run.logger.write(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{run.imgs_per_s:.0f}")
+
+    def _steps(self, interval: DeviceSums) -> str:
+        last = self.run.step
+        first = last - interval.steps + 1
+        steps = f"step {last}" if first == last else f"steps {first}..{last}"
+        cfg = self.run.cfg
+        return f"{steps} (epoch {self.epoch + 1}/{cfg.epochs}; checked every --log-every " \
+            f"{cfg.log_every} steps)"
+
+    def _where(self, err: Exception, interval: DeviceSums) -> str:
+        """The kernel's finding, with when it happened (and which mentors: online ones)."""
+        text = f"training stopped at {self._steps(interval)}: {err}"
+        if self.run.cfg.mentors_online and "mentor" in str(err):
+            text += " (the mentors run online here: a mentor checkpoint is broken or " \
+                "diverged; retrain or replace it)"
+        return text

@@ -39,6 +39,9 @@ def build_student(cfg: TrainConfig, ds) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"student {cfg.student!r} built a {type(model).__name__}, not an "
                          "nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"student {cfg.student!r} has no trainable parameters: nothing to "
+                         "train (a student needs parameters with requires_grad=True)")
     h, w = (student_resolution(cfg),) * 2 if is_image_data(ds) else \
         ds.train.images.shape[1:3]
     check_logits_shape(model, cfg.student, (3, h, w), ds.num_classes)
