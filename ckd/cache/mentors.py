@@ -3,17 +3,35 @@ loading a frozen eval-mode model."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
+
+_METAS: dict[tuple[str, int, int], dict[str, Any]] = {}  # (file, mtime, size) -> its meta
+
+
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    """`read_checkpoint_meta`, read once per file version per process (a build asks for a
+    mentor's arch several times; a changed file is read again)."""
+    from ckd.models import read_checkpoint_meta
+
+    if not Path(path).is_file():
+        return read_checkpoint_meta(path)  # the error naming how to get one
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _METAS:
+        _METAS[key] = read_checkpoint_meta(path)
+    return _METAS[key]
 
 
 def mentor_arch(alias: str, path: Path) -> str:
     """Arch recorded in (or inferred from) the checkpoint, else the alias's arch. An alias
     that names an architecture (r14) must name the checkpoint's real one."""
-    from ckd.models import read_checkpoint_meta, resolve_arch
+    from ckd.models import resolve_arch
 
-    arch = read_checkpoint_meta(path).get("arch")
+    arch = checkpoint_meta(path).get("arch")
     try:
         named = resolve_arch(alias)
     except ValueError:

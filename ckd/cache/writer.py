@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -275,19 +275,27 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
         keyed_ids = (torch.from_numpy(root["view_ids"][:]) if keyed_ids is not None else None)
         images = None if images_mode else torch.from_numpy(dataset.train.images).to(dev)
         labels = torch.from_numpy(dataset.train.labels)
+        models: dict[str, torch.nn.Module] = {}
+
+        def model_of(alias: str) -> torch.nn.Module:  # each mentor loaded once, when needed
+            if alias not in models:
+                models[alias] = load_mentor(alias, paths[alias], layout.num_classes, dev)
+            return models[alias]
+
         with deterministic(dev):
-            for alias, path in paths.items():
+            for alias in paths:
                 try:
-                    _run_mentor(out, alias, path, layout, images, labels, keyed_ids, dataset,
-                                batch_size, dev, rank, world, progress, seed)
+                    _run_mentor(out, alias, model_of, layout, images, labels, keyed_ids,
+                                dataset, batch_size, dev, rank, world, progress, seed)
                 except OSError as err:
                     if err.errno != errno.ENOSPC:
                         raise
                     raise disk_full(out, space_needed(out, paths), err) from err
             barrier()
             if rank == 0:
-                for alias, path in paths.items():
-                    _finalize_mentor(out, alias, path, layout, dataset, batch_size, dev)
+                for alias in paths:
+                    _finalize_mentor(out, alias, model_of, layout, dataset, batch_size, dev)
+                    models.pop(alias, None)
         barrier()
     return out
 
@@ -323,7 +331,8 @@ class UnitWriter:
         self.marker[a:a + 1, b:b + 1] = unit_marker(a, b, named, self.columns)
 
 
-def _run_mentor(out: Path, alias: str, path: Path, layout: Layout,
+def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
+                layout: Layout,
                 images: torch.Tensor | None, labels: torch.Tensor,
                 keyed_ids: torch.Tensor | None, dataset: Any, batch_size: int,
                 dev: torch.device, rank: int, world: int, progress: bool,
@@ -338,7 +347,7 @@ def _run_mentor(out: Path, alias: str, path: Path, layout: Layout,
     todo = [(a, b) for a, b in units if (done[a, b] < 0).any()]
     if not todo:
         return
-    model = load_mentor(alias, path, layout.num_classes, dev)
+    model = model_of(alias)
     total = sum(len(layout.slot_range(a)) * len(layout.sample_range(b)) for a, b in todo)
     desc = f"{alias}" + (f" [rank {rank}]" if world > 1 else "")
     write = unit_writer.write
@@ -368,7 +377,8 @@ def _run_mentor(out: Path, alias: str, path: Path, layout: Layout,
             f.result()
 
 
-def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset: Any,
+def _finalize_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
+                     layout: Layout, dataset: Any,
                      batch_size: int, dev: torch.device) -> None:
     grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
     attrs = grp.attrs.asdict()
@@ -379,7 +389,7 @@ def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset:
             raise RuntimeError(
                 f"mentor {alias!r}: {len(undone) + len(holes)} units still missing after all "
                 "ranks finished; rerun the same command to complete them")
-        model = load_mentor(alias, path, layout.num_classes, dev)
+        model = model_of(alias)
         with deterministic(dev):
             if "resolution" in attrs:  # image folder: center crops at the mentor's size
                 test_acc = dataset.test_accuracy(model, attrs["resolution"], dev)
