@@ -41,7 +41,13 @@ from .layout import (
 )
 from .location import ObjectPath, cache_path, zarr_store
 from .lock import writer_lock
-from .mentors import load_mentor, resolve_mentors  # noqa: F401 (re-export)
+from .mentors import (  # noqa: F401 (resolve_mentors: re-export)
+    check_precision,
+    load_mentor,
+    mentor_forward,
+    recorded_precision,
+    resolve_mentors,
+)
 from .store import check_free_space, check_out_folder, disk_full, prepare_store, space_needed
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
@@ -80,7 +86,7 @@ def _slot_views(keyed_ids: torch.Tensor | None, slots: range, idx: torch.Tensor
 def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  layout: Layout, a: int, b: int, keyed_ids: torch.Tensor | None,
                  mean: Any, std: Any, batch_size: int, progress: Any = None,
-                 features: Sequence[str] = ()
+                 features: Sequence[str] = (), precision: str = "fp32"
                  ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Logits [slots_a, samples_b, C] (float32 cast to the store dtype), per-slot correct
     counts and the requested features ([slots_a, samples_b, *shape], same dtype) for one
@@ -99,7 +105,7 @@ def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         bi, bv = sidx[s:s + batch_size].to(dev), vids[s:s + batch_size].to(dev)
         x = apply_views(images[bi], bv, mean, std)
         if features:
-            stages, z = model(x, is_feat=True)
+            stages, z = mentor_forward(model, x, precision, features=True)
             for name, t in zip(("pool", "map"), (stages[-1], stages[-2]), strict=True):
                 if name in features:
                     if name not in feats:
@@ -107,7 +113,7 @@ def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
                                                   dtype=torch.float32)
                     feats[name][s:s + len(bi)] = t.float().cpu()
         else:
-            z = model(x)
+            z = mentor_forward(model, x, precision)
         out[s:s + len(bi)] = z.float().cpu()
         if progress is not None:
             progress.update(len(bi))
@@ -150,7 +156,8 @@ def _check_values(t: torch.Tensor, samples: range, what: str) -> None:
 
 @torch.no_grad()
 def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndarray,
-                  mean: Any, std: Any, batch_size: int, device: torch.device) -> float:
+                  mean: Any, std: Any, batch_size: int, device: torch.device,
+                  precision: str = "fp32") -> float:
     """Top-1 % on the un-augmented images (IDENTITY_VIEW)."""
     from ckd.data.views import IDENTITY_VIEW, apply_views
 
@@ -159,7 +166,7 @@ def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndar
     for s in range(0, len(imgs), batch_size):
         x = imgs[s:s + batch_size].to(device)
         ids = torch.full((len(x),), IDENTITY_VIEW, dtype=torch.int64, device=device)
-        pred = model(apply_views(x, ids, mean, std)).argmax(-1).cpu()
+        pred = mentor_forward(model, apply_views(x, ids, mean, std), precision).argmax(-1).cpu()
         correct += int((pred == torch.from_numpy(labels[s:s + batch_size])).sum())
     return round(100.0 * correct / max(1, len(imgs)), 4)
 
@@ -167,7 +174,8 @@ def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndar
 # ------------------------------------------------------------------ entry point
 def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path, *,
                 views: str | int = "all", seed: int = 0, batch_size: int = 512,
-                device: str = "cpu", dtype: str = "fp16", overwrite: bool = False,
+                device: str = "cpu", dtype: str = "fp16", precision: str = "fp32",
+                overwrite: bool = False,
                 codec: str | None = None, samples_per_chunk: int | None = None,
                 progress: bool = True, features: str | Sequence[str] | None = None,
                 resolutions: Mapping[str, int] | None = None,
@@ -181,7 +189,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     `features` ("pool", "pool,map"): also store each mentor's pooled feature / last stage
     map per cached view; added to mentors cached without them by redoing their units.
     `logits`: storage mode 'dense' | 'topk:K' | 'sample:S' for every mentor, or per alias
-    (docs/SPARSE.md).
+    (docs/SPARSE.md). `precision`: the mentors' autocast (fp32 | bf16 | fp16), recorded per
+    mentor; online training and verify --recompute run the same forward at it.
     """
     from ckd.data.views import NUM_VIEWS, RECIPE, view_ids
     from ckd.models import file_sha256
@@ -196,6 +205,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
         out.check_bucket()  # a wrong bucket, credentials or endpoint: say so first
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    check_precision(precision)
     keyed = not (isinstance(views, str) and views == "all")
     if keyed:
         try:
@@ -266,7 +276,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     with process_group("gloo"), lock:
         if rank == 0:
             prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite,
-                          feature_shapes, mentor_extra, modes)
+                          feature_shapes, mentor_extra, modes, precision)
             need = space_needed(out, paths)
             check_free_space(out, need)
         barrier()
@@ -313,6 +323,7 @@ class UnitWriter:
         self.specs = mentor_specs(state)
         self.features = tuple(state.get("features") or {})
         self.resolution = state.get("resolution")  # image caches: the mentor's input size
+        self.precision = recorded_precision(state)
         self.columns = marker_columns(self.specs)
         self.arrays = {s.name: grp[s.name] for s in self.specs}
         self.correct, self.marker = grp[CORRECT], grp[MARKER]
@@ -363,13 +374,14 @@ def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module
             if images is None:  # image folder: decode + crop + resize per unit
                 sl, sm = layout.slot_range(a), layout.sample_range(b)
                 logits, boxes = dataset.unit_logits(model, unit_writer.resolution, seed, sl,
-                                                    sm, dev, bar)
+                                                    sm, dev, bar, unit_writer.precision)
                 vals, correct = checked_unit(logits, labels, sm, layout)
                 outputs = {"boxes": boxes}
             else:
                 vals, correct, outputs = compute_unit(model, images, labels, layout, a, b,
                                                       keyed_ids, dataset.mean, dataset.std,
-                                                      batch_size, bar, feats)
+                                                      batch_size, bar, feats,
+                                                      unit_writer.precision)
             pending.append(pool.submit(write, a, b, vals, correct, outputs))
             if len(pending) >= 2:
                 pending.pop(0).result()
@@ -389,16 +401,17 @@ def _finalize_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.M
             raise RuntimeError(
                 f"mentor {alias!r}: {len(undone) + len(holes)} units still missing after all "
                 "ranks finished; rerun the same command to complete them")
-        model = model_of(alias)
+        model, precision = model_of(alias), recorded_precision(attrs)
         with deterministic(dev):
             if "resolution" in attrs:  # image folder: center crops at the mentor's size
-                test_acc = dataset.test_accuracy(model, attrs["resolution"], dev)
+                test_acc = dataset.test_accuracy(model, attrs["resolution"], dev, precision)
             else:
                 test_acc = test_accuracy(model, dataset.test.images, dataset.test.labels,
-                                         dataset.mean, dataset.std, batch_size, dev)
+                                         dataset.mean, dataset.std, batch_size, dev,
+                                         precision)
         per_view = grp[CORRECT][:].sum(axis=1) / layout.num_samples * 100.0
         keep = ("alias", "arch", "num_classes", "checkpoint", "checkpoint_sha256", "arrays",
-                "stat_fields", "features", "resolution", "boxes", "logits_mode")
+                "stat_fields", "features", "resolution", "boxes", "logits_mode", "precision")
         grp.attrs.put({**{k: attrs[k] for k in keep if k in attrs}, "test_acc": test_acc,
                        "train_acc": round(float(per_view.mean()), 4),
                        "train_acc_per_view": [round(float(v), 4) for v in per_view],

@@ -15,7 +15,6 @@ online training stay equal.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,22 +86,20 @@ class OnlineMentors(NoMentors):
     kind = "online"
 
     def __init__(self, models: list[nn.Module], names: list[str], seed: int, cache: Any,
-                 device: torch.device, autocast: Callable) -> None:
+                 precision: str) -> None:
+        from ckd.cache.mentors import mentor_forward  # noqa: PLC0415 - one forward for both
+
         super().__init__(seed, cache)
         self.models, self.names = models, names
-        self.autocast = autocast
-        # CPU: contiguous input, as `ckd cache-logits` runs them, so online logits equal
-        # cached fp32 logits bit for bit; CUDA: channels_last (speed)
-        self.contiguous = device.type != "cuda"
+        self.precision = precision  # the forward `ckd cache-logits --precision` runs
+        self.forward = mentor_forward
 
     def views(self, epoch, idx):
         return None, super().views(epoch, idx)[1]  # no cached rows to point at
 
     @torch.no_grad()
     def logits(self, slots, idx, x):
-        xm = x.contiguous() if self.contiguous else x
-        with self.autocast():
-            return torch.stack([m(xm) for m in self.models])
+        return torch.stack([self.forward(m, x, self.precision) for m in self.models])
 
     @torch.no_grad()
     def gather(self, slots, idx, x, needs=(), labels=None):
@@ -111,9 +108,8 @@ class OnlineMentors(NoMentors):
         else:
             from ckd.features.runtime import mentor_features  # noqa: PLC0415
 
-            xm = x.contiguous() if self.contiguous else x
-            with self.autocast():  # one forward gives the logits and the features
-                outs = [m(xm, is_feat=True) for m in self.models]
+            # one forward gives the logits and the features
+            outs = [self.forward(m, x, self.precision, features=True) for m in self.models]
             per = [mentor_features(f, needs) for f, _ in outs]
             logits = torch.stack([z for _, z in outs])
             feats = {n: [f[n].float() for f in per] for n in needs}
@@ -177,8 +173,30 @@ def default_mentor_order(found: dict[str, dict]) -> list[str]:
     return sorted(found, key=key)
 
 
-def make_mentor_source(cfg: TrainConfig, ds, device: torch.device,
-                       autocast: Callable) -> MentorSource:
+def online_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """The online mentors' forward precision: --mentor-precision, else what the trainer's
+    autocast used before the option existed (bf16 with --amp on CUDA, else fp32)."""
+    if cfg.mentor_precision is not None:
+        return cfg.mentor_precision
+    return "bf16" if device.type == "cuda" and cfg.amp else "fp32"
+
+
+def _check_precisions(cfg: TrainConfig, found: dict[str, dict], names: list[str],
+                      precision: str | None) -> None:
+    """Online mentors compared with a cache run at the precision it was built at; an
+    explicit --mentor-precision must match the cached mentors' too."""
+    from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
+
+    for n in names:
+        if n in found and recorded_precision(found[n]) != precision:
+            raise ValueError(
+                f"mentor {n!r} in the cache {cfg.cache} was computed at --precision "
+                f"{recorded_precision(found[n])}, the online mentors run at {precision}: pass "
+                f"--mentor-precision {recorded_precision(found[n])}, or rebuild the cache with "
+                f"`ckd cache-logits --out {cfg.cache} --precision {precision} --overwrite ...`")
+
+
+def make_mentor_source(cfg: TrainConfig, ds, device: torch.device) -> MentorSource:
     """Open the cache (checked against the data) and/or load the online mentors."""
     specs = parse_mentor_specs(cfg.mentors)
     need = method_mentors(cfg.method) != "none"
@@ -189,13 +207,17 @@ def make_mentor_source(cfg: TrainConfig, ds, device: torch.device,
         return NoMentors(cfg.seed, cache)
     if cfg.mentors_online:
         names = select_mentors(cfg.method, [n for n, _ in specs])
+        precision = online_precision(cfg, device)
+        _check_precisions(cfg, found, names, precision)
         models = [_load_online(n, p, cfg, ds, device, found.get(n))
                   for n, p in specs[:len(names)]]
-        return OnlineMentors(models, names, cfg.seed, cache, device, autocast)
+        return OnlineMentors(models, names, cfg.seed, cache, precision)
     if cache is None:
         raise ValueError(f"method {cfg.method!r} needs mentor logits: pass --cache DIR (built "
                          "with `ckd cache-logits`) or --mentors-online with --mentors, or use "
                          "--method nokd")
+    if cfg.mentor_precision is not None:
+        _check_precisions(cfg, found, cache.mentors, cfg.mentor_precision)
     return CachedMentors(cache, cfg.seed)
 
 
@@ -281,7 +303,4 @@ def _load_online(name: str, path: str | None, cfg: TrainConfig, ds, device: torc
     if meta.get("dataset") and norm_name(str(meta["dataset"])) != norm_name(ds.name):
         raise ValueError(f"mentor {name!r} ({p}) was trained on {meta['dataset']!r}, not "
                          f"{ds.name!r}: pass the right --mentor-dir or NAME=PATH")
-    model = load_mentor(name, p, ds.num_classes, device)
-    if device.type == "cuda" and cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return load_mentor(name, p, ds.num_classes, device)  # the cache's model and layout
