@@ -85,29 +85,31 @@ class ImageViews:
     @torch.no_grad()
     def unit_logits(self, model: torch.nn.Module, size: int, seed: int, slots: range,
                     samples: range, device: torch.device, progress: Any = None,
-                    precision: str = "fp32") -> tuple[torch.Tensor, np.ndarray]:
-        """float32 logits [slots, samples, C] and uint16 boxes [slots, samples, 5] of one
-        work unit. Batches are cut from the samples in order: fixed composition."""
+                    precision: str = "fp32") -> tuple[Any, np.ndarray]:
+        """Float32 logits [slots * samples, C] (`HostRows`: copies in flight until its
+        `wait()`) and uint16 boxes [slots, samples, 5] of one work unit. Batches are cut
+        from the samples in order: fixed composition."""
         from ckd.data.views import normalize
 
         from .mentors import mentor_forward
+        from .pipeline import HostRows
 
         loader = self.loader("train", size)
         idx = torch.arange(samples.start, samples.stop)
-        out = torch.empty((len(slots), len(idx), self.num_classes), dtype=torch.float32)
+        out = HostRows((len(slots) * len(idx), self.num_classes), device)
         boxes = np.empty((len(slots), len(idx), 5), dtype=np.uint16)
         for j, k in enumerate(slots):
             views = self.boxes(seed, k, idx)
             boxes[j] = views.numpy()
             loader.set_boxes(idx, views)
-            pos = 0
+            pos = j * len(idx)
             for (imgs,), _, got in loader.iterate(idx.numpy()):
                 x = normalize(imgs.to(device), self.mean, self.std).permute(0, 3, 1, 2)
-                out[j, pos:pos + len(got)] = mentor_forward(model, x, precision).float().cpu()
+                out.put(pos, mentor_forward(model, x, precision))
                 pos += len(got)
                 if progress is not None:
                     progress.update(len(got))
-        return out, boxes
+        return out.ready(), boxes
 
     @torch.no_grad()
     def test_accuracy(self, model: torch.nn.Module, size: int, device: torch.device,

@@ -7,6 +7,9 @@ unit (one logits chunk) is always computed with the same batch composition (its
 no_grad, and on CUDA `torch.use_deterministic_algorithms(True, warn_only=True)` without
 cudnn autotuning; units are assigned to ranks statically (unit u -> rank u % world) so ranks
 never race on a chunk; the store's metadata is written whole, in a fixed key order.
+Units are computed in order and written by a bounded pool of writer threads (several in
+flight, ckd/cache/pipeline.py); each unit's marker is written after its chunks by the same
+task, so a kill -9 with writes in flight loses only the units without a marker.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from .mentors import (  # noqa: F401 (resolve_mentors: re-export)
     recorded_precision,
     resolve_mentors,
 )
+from .pipeline import HostRows, WritePool, default_writers, prefetched
 from .store import check_free_space, check_out_folder, disk_full, prepare_store, space_needed
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
@@ -83,48 +86,70 @@ def _slot_views(keyed_ids: torch.Tensor | None, slots: range, idx: torch.Tensor
 
 
 @torch.no_grad()
+def launch_unit(model: torch.nn.Module, images: torch.Tensor, layout: Layout, a: int, b: int,
+                keyed_ids: torch.Tensor | None, mean: Any, std: Any, batch_size: int,
+                progress: Any = None, features: Sequence[str] = (),
+                precision: str = "fp32") -> dict[str, HostRows]:
+    """Queue one work unit's forwards: its logits (and requested features) as float32
+    host rows [slots_a * samples_b, ...] that `finish_unit` reads once their copies are
+    done. Fixed batch composition ((slot, sample) pairs slot-major, cut into `batch_size`
+    pieces): deterministic bytes. With features, one forward (`is_feat=True`) gives both;
+    its logits equal the plain forward's bit for bit. No host sync per batch."""
+    from ckd.data.views import apply_views
+
+    slots, samples = layout.slot_range(a), layout.sample_range(b)
+    idx = torch.arange(samples.start, samples.stop)
+    dev = images.device
+    vids = _slot_views(keyed_ids, slots, idx).reshape(-1).to(dev)
+    sidx = idx.repeat(len(slots)).to(dev)
+    rows: dict[str, HostRows] = {"logits": HostRows((len(vids), layout.num_classes), dev)}
+
+    def views(s: int) -> torch.Tensor:
+        return apply_views(images[sidx[s:s + batch_size]], vids[s:s + batch_size], mean, std)
+
+    for s, x in prefetched(views, range(0, len(vids), batch_size), dev):
+        if features:
+            stages, z = mentor_forward(model, x, precision, features=True)
+            for name, t in zip(("pool", "map"), (stages[-1], stages[-2]), strict=True):
+                if name in features:
+                    if name not in rows:
+                        rows[name] = HostRows((len(vids), *t.shape[1:]), dev)
+                    rows[name].put(s, t)
+        else:
+            z = mentor_forward(model, x, precision)
+        rows["logits"].put(s, z)
+        if progress is not None:
+            progress.update(len(x))
+    return {name: r.ready() for name, r in rows.items()}
+
+
+def finish_unit(rows: dict[str, HostRows], labels: torch.Tensor, layout: Layout, a: int,
+                b: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(logits in the store dtype [slots, samples, C], per-slot correct counts, features
+    [slots, samples, *shape] in the store dtype) of a launched unit, after its copies."""
+    slots, samples = layout.slot_range(a), layout.sample_range(b)
+    outputs = {}
+    for name, r in rows.items():
+        if name == "logits":
+            continue
+        t = r.wait()
+        _check_values(t, samples, f"{name} features")
+        outputs[name] = t.reshape(len(slots), len(samples), *t.shape[1:]).numpy().astype(
+            layout.dtype)
+    logits = rows["logits"].wait().reshape(len(slots), len(samples), -1)
+    vals, correct = checked_unit(logits, labels, samples, layout)
+    return vals, correct, outputs
+
+
 def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  layout: Layout, a: int, b: int, keyed_ids: torch.Tensor | None,
                  mean: Any, std: Any, batch_size: int, progress: Any = None,
                  features: Sequence[str] = (), precision: str = "fp32"
                  ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Logits [slots_a, samples_b, C] (float32 cast to the store dtype), per-slot correct
-    counts and the requested features ([slots_a, samples_b, *shape], same dtype) for one
-    work unit. Fixed batch composition: deterministic bytes. With features, one forward
-    (`is_feat=True`) gives both; its logits equal the plain forward's bit for bit."""
-    from ckd.data.views import apply_views
-
-    slots, samples = layout.slot_range(a), layout.sample_range(b)
-    idx = torch.arange(samples.start, samples.stop)
-    vids = _slot_views(keyed_ids, slots, idx).reshape(-1)
-    sidx = idx.repeat(len(slots))
-    dev = images.device
-    out = torch.empty((len(vids), layout.num_classes), dtype=torch.float32)
-    feats: dict[str, torch.Tensor] = {}
-    for s in range(0, len(vids), batch_size):
-        bi, bv = sidx[s:s + batch_size].to(dev), vids[s:s + batch_size].to(dev)
-        x = apply_views(images[bi], bv, mean, std)
-        if features:
-            stages, z = mentor_forward(model, x, precision, features=True)
-            for name, t in zip(("pool", "map"), (stages[-1], stages[-2]), strict=True):
-                if name in features:
-                    if name not in feats:
-                        feats[name] = torch.empty((len(vids), *t.shape[1:]),
-                                                  dtype=torch.float32)
-                    feats[name][s:s + len(bi)] = t.float().cpu()
-        else:
-            z = mentor_forward(model, x, precision)
-        out[s:s + len(bi)] = z.float().cpu()
-        if progress is not None:
-            progress.update(len(bi))
-    outputs = {}
-    for name, t in feats.items():
-        _check_values(t, samples, f"{name} features")
-        outputs[name] = t.reshape(len(slots), len(samples), *t.shape[1:]).numpy().astype(
-            layout.dtype)
-    vals, correct = checked_unit(out.reshape(len(slots), len(samples), -1), labels, samples,
-                                 layout)
-    return vals, correct, outputs
+    """One work unit computed and checked, in order (`launch_unit` then `finish_unit`)."""
+    rows = launch_unit(model, images, layout, a, b, keyed_ids, mean, std, batch_size,
+                       progress, features, precision)
+    return finish_unit(rows, labels, layout, a, b)
 
 
 def checked_unit(logits: torch.Tensor, labels: torch.Tensor, samples: range, layout: Layout,
@@ -179,7 +204,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                 codec: str | None = None, samples_per_chunk: int | None = None,
                 progress: bool = True, features: str | Sequence[str] | None = None,
                 resolutions: Mapping[str, int] | None = None,
-                logits: str | Mapping[str, str] = "dense") -> Path:
+                logits: str | Mapping[str, str] = "dense", writers: int | None = None
+                ) -> Path:
     """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset, or
     `ImageViews` of a prepared image folder: K rrc views per image, each mentor at its
     resolution, `resolutions` overriding the arch's input size per alias) in
@@ -191,6 +217,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     `logits`: storage mode 'dense' | 'topk:K' | 'sample:S' for every mentor, or per alias
     (docs/SPARSE.md). `precision`: the mentors' autocast (fp32 | bf16 | fp16), recorded per
     mentor; online training and verify --recompute run the same forward at it.
+    `writers`: writer threads (default `pipeline.default_writers()`; 0: every unit written
+    in this thread before the next is computed, the sequential reference).
     """
     from ckd.data.views import NUM_VIEWS, RECIPE, view_ids
     from ckd.models import file_sha256
@@ -296,7 +324,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
             for alias in paths:
                 try:
                     _run_mentor(out, alias, model_of, layout, images, labels, keyed_ids,
-                                dataset, batch_size, dev, rank, world, progress, seed)
+                                dataset, batch_size, dev, rank, world, progress, seed,
+                                writers)
                 except OSError as err:
                     if err.errno != errno.ENOSPC:
                         raise
@@ -347,7 +376,7 @@ def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module
                 images: torch.Tensor | None, labels: torch.Tensor,
                 keyed_ids: torch.Tensor | None, dataset: Any, batch_size: int,
                 dev: torch.device, rank: int, world: int, progress: bool,
-                seed: int = 0) -> None:
+                seed: int = 0, writers: int | None = None) -> None:
     from tqdm import tqdm
 
     unit_writer = UnitWriter(out, alias, layout, labels.numpy())
@@ -361,32 +390,29 @@ def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module
     model = model_of(alias)
     total = sum(len(layout.slot_range(a)) * len(layout.sample_range(b)) for a, b in todo)
     desc = f"{alias}" + (f" [rank {rank}]" if world > 1 else "")
-    write = unit_writer.write
 
-    # Compression + writing of chunk k overlaps the inference of chunk k + 1 (one writer
-    # thread, at most 2 chunks in flight), so the mentor never waits on the codec.
-    pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckd-cache-write") as pool, \
+    def write(a: int, b: int, rows: dict[str, HostRows], extra: dict[str, Any]) -> None:
+        vals, correct, outputs = finish_unit(rows, labels, layout, a, b)  # waits its copies
+        unit_writer.write(a, b, vals, correct, {**outputs, **extra})
+
+    # The device queues unit k + 1 while writer threads check, compress and write the
+    # units before it (ckd/cache/pipeline.py says what overlaps with what).
+    workers = default_writers() if writers is None else writers
+    with WritePool(workers) as pool, \
             tqdm(total=total, desc=desc, unit="img", unit_scale=True,
                  disable=not progress or rank != 0, dynamic_ncols=True) as bar:
         feats = tuple(unit_writer.features)
         for a, b in todo:
             if images is None:  # image folder: decode + crop + resize per unit
                 sl, sm = layout.slot_range(a), layout.sample_range(b)
-                logits, boxes = dataset.unit_logits(model, unit_writer.resolution, seed, sl,
-                                                    sm, dev, bar, unit_writer.precision)
-                vals, correct = checked_unit(logits, labels, sm, layout)
-                outputs = {"boxes": boxes}
+                rows, boxes = dataset.unit_logits(model, unit_writer.resolution, seed, sl,
+                                                  sm, dev, bar, unit_writer.precision)
+                pool.submit(write, a, b, {"logits": rows}, {"boxes": boxes})
             else:
-                vals, correct, outputs = compute_unit(model, images, labels, layout, a, b,
-                                                      keyed_ids, dataset.mean, dataset.std,
-                                                      batch_size, bar, feats,
-                                                      unit_writer.precision)
-            pending.append(pool.submit(write, a, b, vals, correct, outputs))
-            if len(pending) >= 2:
-                pending.pop(0).result()
-        for f in pending:
-            f.result()
+                rows = launch_unit(model, images, layout, a, b, keyed_ids, dataset.mean,
+                                   dataset.std, batch_size, bar, features=feats,
+                                   precision=unit_writer.precision)
+                pool.submit(write, a, b, rows, {})
 
 
 def _finalize_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
