@@ -198,7 +198,7 @@ def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndar
 
 # ------------------------------------------------------------------ entry point
 def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path, *,
-                views: str | int = "all", seed: int = 0, batch_size: int = 512,
+                views: str | int = "all", seed: int = 0, batch_size: int | None = None,
                 device: str = "cpu", dtype: str = "fp16", precision: str = "fp32",
                 overwrite: bool = False,
                 codec: str | None = None, samples_per_chunk: int | None = None,
@@ -217,9 +217,13 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     `logits`: storage mode 'dense' | 'topk:K' | 'sample:S' for every mentor, or per alias
     (docs/SPARSE.md). `precision`: the mentors' autocast (fp32 | bf16 | fp16), recorded per
     mentor; online training and verify --recompute run the same forward at it.
-    `writers`: writer threads (default `pipeline.default_writers()`; 0: every unit written
-    in this thread before the next is computed, the sequential reference).
+    `batch_size`: images per forward (None: 512 on CPU, on CUDA the most that fits, up to
+    2048; `plan.auto_batch_size`). `writers`: writer threads (default
+    `pipeline.default_writers()`; 0: every unit written in this thread before the next is
+    computed, the sequential reference).
     """
+    from tqdm import tqdm
+
     from ckd.data.views import NUM_VIEWS, RECIPE, view_ids
     from ckd.models import file_sha256
 
@@ -320,16 +324,23 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                 models[alias] = load_mentor(alias, paths[alias], layout.num_classes, dev)
             return models[alias]
 
+        todo = {alias: _todo(out, alias, layout, rank, world) for alias in paths}
         with deterministic(dev):
-            for alias in paths:
-                try:
-                    _run_mentor(out, alias, model_of, layout, images, labels, keyed_ids,
-                                dataset, batch_size, dev, rank, world, progress, seed,
-                                writers)
-                except OSError as err:
-                    if err.errno != errno.ENOSPC:
-                        raise
-                    raise disk_full(out, space_needed(out, paths), err) from err
+            batch_size = _plan(out, todo, model_of, layout, dataset, images, batch_size, dev,
+                               progress and rank == 0)
+            rows = sum(len(layout.slot_range(a)) * len(layout.sample_range(b))
+                       for units in todo.values() for a, b in units)
+            with tqdm(total=rows, unit="mentor-img", unit_scale=True, dynamic_ncols=True,
+                      disable=not progress or rank != 0 or not rows) as bar:
+                for alias in paths:
+                    bar.set_description(alias + (f" [rank {rank}]" if world > 1 else ""))
+                    try:
+                        _run_mentor(out, alias, model_of, layout, images, labels, keyed_ids,
+                                    dataset, batch_size, dev, todo[alias], bar, seed, writers)
+                    except OSError as err:
+                        if err.errno != errno.ENOSPC:
+                            raise
+                        raise disk_full(out, space_needed(out, paths), err) from err
             barrier()
             if rank == 0:
                 for alias in paths:
@@ -337,6 +348,59 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                     models.pop(alias, None)
         barrier()
     return out
+
+
+def _todo(out: Path, alias: str, layout: Layout, rank: int, world: int
+          ) -> list[tuple[int, int]]:
+    """This rank's units of `alias` still to compute (unit u -> rank u % world)."""
+    grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r")
+    if grp.attrs.get("complete"):  # prepare_store reopened a complete mentor with holes
+        return []
+    done = grp[MARKER][:]
+    units = [u for i, u in enumerate(layout.units()) if i % world == rank]
+    return [(a, b) for a, b in units if (done[a, b] < 0).any()]
+
+
+def _plan(out: Path, todo: Mapping[str, list[tuple[int, int]]],
+          model_of: Callable[[str], torch.nn.Module], layout: Layout, dataset: Any,
+          images: torch.Tensor | None, batch_size: int | None, dev: torch.device,
+          say: bool) -> int:
+    """The batch size (`batch_size`, else `plan.auto_batch_size`), and with `say` the plan
+    printed: mentors, views, rows, bytes and a timed warm-up's estimate per mentor."""
+    from ckd.kernels.sparse_mentors import bytes_per_row
+
+    from .plan import auto_batch_size, plan_lines, warmup_rate
+
+    attrs = {alias: zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r")
+             .attrs.asdict() for alias in todo}
+
+    def probe(alias: str) -> Callable[[int], Any]:
+        model, precision = model_of(alias), recorded_precision(attrs[alias])
+        res = attrs[alias].get("resolution")
+        hw = (res, res) if res else tuple(images.shape[1:3])
+        return lambda n: mentor_forward(model, torch.zeros((n, 3, *hw), device=dev), precision)
+
+    why = "given"
+    if batch_size is None:
+        batch_size, why = auto_batch_size({a: probe(a) for a, u in todo.items() if u}, dev)
+        if hasattr(dataset, "batch_size"):  # an image folder's loaders: cut the same way
+            dataset.batch_size = batch_size
+    if say:
+        rows = {a: sum(len(layout.slot_range(i)) * len(layout.sample_range(j)) for i, j in u)
+                for a, u in todo.items()}
+        itemsize = np.dtype(layout.dtype).itemsize
+        warm = batch_size if dev.type == "cuda" else min(batch_size, 64)  # CPU: keep it short
+        mentors = {a: {"arch": attrs[a].get("arch"), "precision": recorded_precision(attrs[a]),
+                       "rows": rows[a], "rate": warmup_rate(probe(a), warm, dev) if rows[a]
+                       else None,
+                       "bytes": bytes_per_row(attrs[a].get("logits_mode", "dense"),
+                                              layout.num_classes, itemsize)
+                       * layout.num_slots * layout.num_samples}
+                   for a in todo}
+        for line in plan_lines(mentors, layout.num_slots, layout.num_samples, batch_size,
+                               why, dev):
+            print(line, flush=True)
+    return batch_size
 
 
 class UnitWriter:
@@ -372,24 +436,14 @@ class UnitWriter:
 
 
 def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
-                layout: Layout,
-                images: torch.Tensor | None, labels: torch.Tensor,
+                layout: Layout, images: torch.Tensor | None, labels: torch.Tensor,
                 keyed_ids: torch.Tensor | None, dataset: Any, batch_size: int,
-                dev: torch.device, rank: int, world: int, progress: bool,
-                seed: int = 0, writers: int | None = None) -> None:
-    from tqdm import tqdm
-
-    unit_writer = UnitWriter(out, alias, layout, labels.numpy())
-    if unit_writer.complete:  # prepare_store reopened a complete mentor that has holes
-        return
-    done = unit_writer.marker[:]
-    units = [u for i, u in enumerate(layout.units()) if i % world == rank]
-    todo = [(a, b) for a, b in units if (done[a, b] < 0).any()]
+                dev: torch.device, todo: list[tuple[int, int]], bar: Any, seed: int = 0,
+                writers: int | None = None) -> None:
     if not todo:
         return
+    unit_writer = UnitWriter(out, alias, layout, labels.numpy())
     model = model_of(alias)
-    total = sum(len(layout.slot_range(a)) * len(layout.sample_range(b)) for a, b in todo)
-    desc = f"{alias}" + (f" [rank {rank}]" if world > 1 else "")
 
     def write(a: int, b: int, rows: dict[str, HostRows], extra: dict[str, Any]) -> None:
         vals, correct, outputs = finish_unit(rows, labels, layout, a, b)  # waits its copies
@@ -398,9 +452,7 @@ def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module
     # The device queues unit k + 1 while writer threads check, compress and write the
     # units before it (ckd/cache/pipeline.py says what overlaps with what).
     workers = default_writers() if writers is None else writers
-    with WritePool(workers) as pool, \
-            tqdm(total=total, desc=desc, unit="img", unit_scale=True,
-                 disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+    with WritePool(workers) as pool:
         feats = tuple(unit_writer.features)
         for a, b in todo:
             if images is None:  # image folder: decode + crop + resize per unit

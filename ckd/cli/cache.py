@@ -65,8 +65,9 @@ def _default_device() -> str:
               help="'all' (every distinct view: 162 for CIFAR) or K keyed views per sample.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Augmentation seed (--views K).")
-@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Images per mentor forward pass.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="Images per mentor forward pass (default: 512 on CPU; on CUDA the most "
+                   "that fits in half the device's memory, up to 2048; printed at the start).")
 @click.option("--device", default=None, callback=params.device,
               help="cpu|cuda|cuda:N (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["fp16", "fp32"]), default="fp16",
@@ -95,7 +96,7 @@ def _default_device() -> str:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None,
                  dataset_opts: tuple[str, ...], mentors: str, mentor_dir: str, out: str,
-                 views: str, seed: int, batch_size: int, device: str | None, dtype: str,
+                 views: str, seed: int, batch_size: int | None, device: str | None, dtype: str,
                  precision: str, codec: str, samples_per_chunk: int | None, overwrite: bool,
                  features: str | None, resolutions: tuple[str, ...], logits_spec: str,
                  quiet: bool) -> None:
@@ -118,7 +119,7 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
                                      param_hint="--resolution")
         res[alias.strip()] = int(px)
     try:
-        ds = _load(dataset, data_dir, prepared, dataset_opts, batch_size)
+        ds = _load(dataset, data_dir, prepared, dataset_opts, batch_size or 512)
         paths = resolve_mentors(mentors, ds.name, mentor_dir)
         unknown = sorted(set(res) - set(paths))
         if unknown:
