@@ -66,7 +66,11 @@ def test_bf16_cached_training_equals_bf16_online_training(bf16):
     mentors = ["teacher", "peer"]
     cached = train(dict(common, cache=str(bf16["cache"]), mentors=mentors,
                         out=str(bf16["tmp"] / "cached")))
-    online = train(dict(common, mentors_online=True, mentor_precision="bf16",
+    # online mentors beside the cache default to its recorded precision
+    beside = train(dict(common, cache=str(bf16["cache"]), mentors_online=True,
+                        mentors=[f"{m}={bf16['paths'][m]}" for m in mentors],
+                        out=str(bf16["tmp"] / "beside")))
+    online = train(dict(common, mentors_online=True, mentor_precision="bf16",  # as --cache's
                         mentors=[f"{m}={bf16['paths'][m]}" for m in mentors],
                         out=str(bf16["tmp"] / "online")))
 
@@ -75,7 +79,7 @@ def test_bf16_cached_training_equals_bf16_online_training(bf16):
         return [r["loss"] for r in map(json.loads, lines) if r["type"] == "step"]
 
     a, b = steps(cached), steps(online)
-    assert len(a) == len(b) == 2 and a == b
+    assert len(a) == len(b) == 2 and a == b == steps(beside)
     for (k, p), q in zip(cached["model"].state_dict().items(),
                          online["model"].state_dict().values(), strict=True):
         assert torch.equal(p, q), k
@@ -106,8 +110,8 @@ def test_precision_mismatch_refused_naming_the_flag(bf16, tmp_path):
     base = dict(dataset="synthetic", dataset_options=DS_OPTS, student="resnet8", epochs=1,
                 batch_size=8, progress=False, device="cpu", method="classroom",
                 cache=str(bf16["cache"]))
-    with pytest.raises(ValueError, match="--mentor-precision bf16"):  # online (default fp32)
-        train(dict(base, mentors_online=True, out=str(tmp_path / "a"),
+    with pytest.raises(ValueError, match="--mentor-precision bf16"):  # online
+        train(dict(base, mentors_online=True, mentor_precision="fp32", out=str(tmp_path / "a"),
                    mentors=[f"{m}={p}" for m, p in paths.items()]))
     with pytest.raises(ValueError, match="--mentor-precision bf16"):  # explicit, cached
         train(dict(base, mentor_precision="fp16", out=str(tmp_path / "b")))

@@ -68,9 +68,8 @@ class TrainConfig:
     mentors_online: bool = _opt(False, bool, "run the mentors live")
     mentor_precision: str | None = _opt(
         None, str, "online mentors' forward precision (autocast), as `ckd cache-logits "
-        "--precision`; None: bf16 with --amp on CUDA, else fp32", choices=("fp32", "bf16",
-                                                                          "fp16"),
-        optional=True)
+        "--precision`; None: a --cache's recorded one, else bf16 with --amp on CUDA, else "
+        "fp32", choices=("fp32", "bf16", "fp16"), optional=True)
     mentor_dir: str | None = None  # <mentor_dir>/<dataset>/<arch>.pt; default ./mentors
     # loss hyper-parameters (None: the method's declared default, lam None: number of
     # mentors); tau sets the method's temperature (tau or T), method_params any parameter

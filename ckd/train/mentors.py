@@ -86,12 +86,14 @@ class OnlineMentors(NoMentors):
     kind = "online"
 
     def __init__(self, models: list[nn.Module], names: list[str], seed: int, cache: Any,
-                 precision: str) -> None:
+                 precisions: str | list[str]) -> None:
         from ckd.cache.mentors import mentor_forward  # noqa: PLC0415 - one forward for both
 
         super().__init__(seed, cache)
         self.models, self.names = models, names
-        self.precision = precision  # the forward `ckd cache-logits --precision` runs
+        if isinstance(precisions, str):
+            precisions = [precisions] * len(models)
+        self.precisions = precisions  # each the forward `ckd cache-logits --precision` runs
         self.forward = mentor_forward
 
     def views(self, epoch, idx):
@@ -99,7 +101,8 @@ class OnlineMentors(NoMentors):
 
     @torch.no_grad()
     def logits(self, slots, idx, x):
-        return torch.stack([self.forward(m, x, self.precision) for m in self.models])
+        return torch.stack([self.forward(m, x, p)
+                            for m, p in zip(self.models, self.precisions, strict=True)])
 
     @torch.no_grad()
     def gather(self, slots, idx, x, needs=(), labels=None):
@@ -109,7 +112,8 @@ class OnlineMentors(NoMentors):
             from ckd.features.runtime import mentor_features  # noqa: PLC0415
 
             # one forward gives the logits and the features
-            outs = [self.forward(m, x, self.precision, features=True) for m in self.models]
+            outs = [self.forward(m, x, p, features=True)
+                    for m, p in zip(self.models, self.precisions, strict=True)]
             per = [mentor_features(f, needs) for f, _ in outs]
             logits = torch.stack([z for _, z in outs])
             feats = {n: [f[n].float() for f in per] for n in needs}
@@ -173,27 +177,34 @@ def default_mentor_order(found: dict[str, dict]) -> list[str]:
     return sorted(found, key=key)
 
 
-def online_precision(cfg: TrainConfig, device: torch.device) -> str:
-    """The online mentors' forward precision: --mentor-precision, else what the trainer's
-    autocast used before the option existed (bf16 with --amp on CUDA, else fp32)."""
+def online_precisions(cfg: TrainConfig, device: torch.device, names: list[str],
+                      found: dict[str, dict]) -> list[str]:
+    """Each online mentor's forward precision: --mentor-precision, else the one its cache
+    entry was computed at (so cached == online holds), else what the trainer's autocast
+    used before the option existed (bf16 with --amp on CUDA, else fp32). An explicit
+    --mentor-precision must match the cache's mentors."""
     if cfg.mentor_precision is not None:
-        return cfg.mentor_precision
-    return "bf16" if device.type == "cuda" and cfg.amp else "fp32"
+        _check_precisions(cfg, found, names, cfg.mentor_precision)
+        return [cfg.mentor_precision] * len(names)
+    from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
+
+    default = "bf16" if device.type == "cuda" and cfg.amp else "fp32"
+    return [recorded_precision(found[n]) if n in found else default for n in names]
 
 
 def _check_precisions(cfg: TrainConfig, found: dict[str, dict], names: list[str],
-                      precision: str | None) -> None:
-    """Online mentors compared with a cache run at the precision it was built at; an
-    explicit --mentor-precision must match the cached mentors' too."""
+                      precision: str) -> None:
+    """Refuse a --mentor-precision other than the one a cached mentor was computed at."""
     from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
 
     for n in names:
         if n in found and recorded_precision(found[n]) != precision:
             raise ValueError(
                 f"mentor {n!r} in the cache {cfg.cache} was computed at --precision "
-                f"{recorded_precision(found[n])}, the online mentors run at {precision}: pass "
-                f"--mentor-precision {recorded_precision(found[n])}, or rebuild the cache with "
-                f"`ckd cache-logits --out {cfg.cache} --precision {precision} --overwrite ...`")
+                f"{recorded_precision(found[n])}, --mentor-precision {precision} was given: "
+                f"pass --mentor-precision {recorded_precision(found[n])} (or leave it out), "
+                f"or rebuild the cache with `ckd cache-logits --out {cfg.cache} --precision "
+                f"{precision} --overwrite ...`")
 
 
 def make_mentor_source(cfg: TrainConfig, ds, device: torch.device) -> MentorSource:
@@ -207,11 +218,10 @@ def make_mentor_source(cfg: TrainConfig, ds, device: torch.device) -> MentorSour
         return NoMentors(cfg.seed, cache)
     if cfg.mentors_online:
         names = select_mentors(cfg.method, [n for n, _ in specs])
-        precision = online_precision(cfg, device)
-        _check_precisions(cfg, found, names, precision)
+        precisions = online_precisions(cfg, device, names, found)
         models = [_load_online(n, p, cfg, ds, device, found.get(n))
                   for n, p in specs[:len(names)]]
-        return OnlineMentors(models, names, cfg.seed, cache, precision)
+        return OnlineMentors(models, names, cfg.seed, cache, precisions)
     if cache is None:
         raise ValueError(f"method {cfg.method!r} needs mentor logits: pass --cache DIR (built "
                          "with `ckd cache-logits`) or --mentors-online with --mentors, or use "
