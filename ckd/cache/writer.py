@@ -141,17 +141,6 @@ def finish_unit(rows: dict[str, HostRows], labels: torch.Tensor, layout: Layout,
     return vals, correct, outputs
 
 
-def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 layout: Layout, a: int, b: int, keyed_ids: torch.Tensor | None,
-                 mean: Any, std: Any, batch_size: int, progress: Any = None,
-                 features: Sequence[str] = (), precision: str = "fp32"
-                 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """One work unit computed and checked, in order (`launch_unit` then `finish_unit`)."""
-    rows = launch_unit(model, images, layout, a, b, keyed_ids, mean, std, batch_size,
-                       progress, features, precision)
-    return finish_unit(rows, labels, layout, a, b)
-
-
 def checked_unit(logits: torch.Tensor, labels: torch.Tensor, samples: range, layout: Layout,
                  ) -> tuple[np.ndarray, np.ndarray]:
     """float32 logits [slots, samples, C] -> (store-dtype values, per-slot correct counts),
