@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import zarr
+
+from .layout import Layout
+from .location import zarr_store
+from .mentors import mentor_forward, recorded_precision
 
 CPU_BATCH = 512  # the CLI's default before auto sizing; CPU results depend on it
 MAX_CUDA_BATCH = 2048  # 1.5x the throughput of 512 on an H200 (README, cache-logits)
@@ -93,3 +100,43 @@ def plan_lines(mentors: Mapping[str, dict[str, Any]], num_views: int, num_sample
     lines.append(f"  estimated mentor time: ~{_duration(total)} (from a timed warm-up batch "
                  "per mentor; writes overlap it)")
     return lines
+
+
+def plan_build(out: Path, todo: Mapping[str, list[tuple[int, int]]],
+          model_of: Callable[[str], torch.nn.Module], layout: Layout, dataset: Any,
+          images: torch.Tensor | None, batch_size: int | None, dev: torch.device,
+          say: bool) -> int:
+    """The batch size (`batch_size`, else `plan.auto_batch_size`), and with `say` the plan
+    printed: mentors, views, rows, bytes and a timed warm-up's estimate per mentor."""
+    from ckd.kernels.sparse_mentors import bytes_per_row
+
+    attrs = {alias: zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r")
+             .attrs.asdict() for alias in todo}
+
+    def probe(alias: str) -> Callable[[int], Any]:
+        model, precision = model_of(alias), recorded_precision(attrs[alias])
+        res = attrs[alias].get("resolution")
+        hw = (res, res) if res else tuple(images.shape[1:3])
+        return lambda n: mentor_forward(model, torch.zeros((n, 3, *hw), device=dev), precision)
+
+    why = "given"
+    if batch_size is None:
+        batch_size, why = auto_batch_size({a: probe(a) for a, u in todo.items() if u}, dev)
+        if hasattr(dataset, "batch_size"):  # an image folder's loaders: cut the same way
+            dataset.batch_size = batch_size
+    if say:
+        rows = {a: sum(len(layout.slot_range(i)) * len(layout.sample_range(j)) for i, j in u)
+                for a, u in todo.items()}
+        itemsize = np.dtype(layout.dtype).itemsize
+        warm = batch_size if dev.type == "cuda" else min(batch_size, 64)  # CPU: keep it short
+        mentors = {a: {"arch": attrs[a].get("arch"), "precision": recorded_precision(attrs[a]),
+                       "rows": rows[a], "rate": warmup_rate(probe(a), warm, dev) if rows[a]
+                       else None,
+                       "bytes": bytes_per_row(attrs[a].get("logits_mode", "dense"),
+                                              layout.num_classes, itemsize)
+                       * layout.num_slots * layout.num_samples}
+                   for a in todo}
+        for line in plan_lines(mentors, layout.num_slots, layout.num_samples, batch_size,
+                               why, dev):
+            print(line, flush=True)
+    return batch_size

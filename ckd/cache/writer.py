@@ -51,6 +51,7 @@ from .mentors import (  # noqa: F401 (resolve_mentors: re-export)
     resolve_mentors,
 )
 from .pipeline import HostRows, WritePool, default_writers, prefetched
+from .plan import plan_build
 from .store import check_free_space, check_out_folder, disk_full, prepare_store, space_needed
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
@@ -315,8 +316,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
 
         todo = {alias: _todo(out, alias, layout, rank, world) for alias in paths}
         with deterministic(dev):
-            batch_size = _plan(out, todo, model_of, layout, dataset, images, batch_size, dev,
-                               progress and rank == 0)
+            batch_size = plan_build(out, todo, model_of, layout, dataset, images, batch_size,
+                                    dev, progress and rank == 0)
             rows = sum(len(layout.slot_range(a)) * len(layout.sample_range(b))
                        for units in todo.values() for a, b in units)
             with tqdm(total=rows, unit="mentor-img", unit_scale=True, dynamic_ncols=True,
@@ -348,48 +349,6 @@ def _todo(out: Path, alias: str, layout: Layout, rank: int, world: int
     done = grp[MARKER][:]
     units = [u for i, u in enumerate(layout.units()) if i % world == rank]
     return [(a, b) for a, b in units if (done[a, b] < 0).any()]
-
-
-def _plan(out: Path, todo: Mapping[str, list[tuple[int, int]]],
-          model_of: Callable[[str], torch.nn.Module], layout: Layout, dataset: Any,
-          images: torch.Tensor | None, batch_size: int | None, dev: torch.device,
-          say: bool) -> int:
-    """The batch size (`batch_size`, else `plan.auto_batch_size`), and with `say` the plan
-    printed: mentors, views, rows, bytes and a timed warm-up's estimate per mentor."""
-    from ckd.kernels.sparse_mentors import bytes_per_row
-
-    from .plan import auto_batch_size, plan_lines, warmup_rate
-
-    attrs = {alias: zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r")
-             .attrs.asdict() for alias in todo}
-
-    def probe(alias: str) -> Callable[[int], Any]:
-        model, precision = model_of(alias), recorded_precision(attrs[alias])
-        res = attrs[alias].get("resolution")
-        hw = (res, res) if res else tuple(images.shape[1:3])
-        return lambda n: mentor_forward(model, torch.zeros((n, 3, *hw), device=dev), precision)
-
-    why = "given"
-    if batch_size is None:
-        batch_size, why = auto_batch_size({a: probe(a) for a, u in todo.items() if u}, dev)
-        if hasattr(dataset, "batch_size"):  # an image folder's loaders: cut the same way
-            dataset.batch_size = batch_size
-    if say:
-        rows = {a: sum(len(layout.slot_range(i)) * len(layout.sample_range(j)) for i, j in u)
-                for a, u in todo.items()}
-        itemsize = np.dtype(layout.dtype).itemsize
-        warm = batch_size if dev.type == "cuda" else min(batch_size, 64)  # CPU: keep it short
-        mentors = {a: {"arch": attrs[a].get("arch"), "precision": recorded_precision(attrs[a]),
-                       "rows": rows[a], "rate": warmup_rate(probe(a), warm, dev) if rows[a]
-                       else None,
-                       "bytes": bytes_per_row(attrs[a].get("logits_mode", "dense"),
-                                              layout.num_classes, itemsize)
-                       * layout.num_slots * layout.num_samples}
-                   for a in todo}
-        for line in plan_lines(mentors, layout.num_slots, layout.num_samples, batch_size,
-                               why, dev):
-            print(line, flush=True)
-    return batch_size
 
 
 class UnitWriter:
