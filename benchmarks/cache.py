@@ -5,6 +5,8 @@ memory and stream modes.
     .venv/bin/python benchmarks/cache.py [--quick] [--out FILE.md]   (see benchmarks/RESULTS.md)
     .venv/bin/python benchmarks/cache.py --remote [--quick]   (local vs loopback S3, requests
                                                             per epoch: cache_remote.py)
+    .venv/bin/python benchmarks/cache.py --build [--device cuda] [--precision fp16] ...
+        (build_cache vs each mentor's bare forward: cache_build.py)
 
 CPU only here (no CUDA on the machine this was written on); every number it prints is
 measured by this script on the machine that runs it.
@@ -273,8 +275,35 @@ def main() -> None:
     ap.add_argument("--remote", action="store_true",
                     help="only the object-store part: local vs loopback S3 (moto) read "
                          "rows/s, requests per epoch random vs shard-block order")
+    ap.add_argument("--build", action="store_true",
+                    help="only build_cache vs each mentor's bare forward (cache_build.py)")
+    ap.add_argument("--mentors", default="resnet110,resnet8,resnet14,ShuffleV2,MobileNetV2,"
+                    "ShuffleV1", help="--build: mentor archs (random weights)")
+    ap.add_argument("--n", type=int, default=512, help="--build: training images")
+    ap.add_argument("--views", type=int, default=2, help="--build: keyed views an image")
+    ap.add_argument("--n-test", type=int, default=64, help="--build: test images")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="--build: images a forward (default: build_cache's choice)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    ap.add_argument("--reps", type=int, default=2, help="--build: best of")
     args = ap.parse_args()
     q = args.quick
+    if args.build:
+        from cache_build import build_bench
+
+        say("# Logit cache build vs bare mentor forwards\n\nCommand: `.venv/bin/python "
+            f"benchmarks/cache.py --build --mentors {args.mentors} --n {args.n} --views "
+            f"{args.views} --n-test {args.n_test} --precision {args.precision} --device "
+            f"{args.device} --dtype {args.dtype} --reps {args.reps}"
+            + (f" --batch-size {args.batch_size}" if args.batch_size else "") + "`")
+        build_bench(say, archs=args.mentors.split(","), n=args.n, n_test=args.n_test,
+                    views=args.views, batch=args.batch_size, precision=args.precision,
+                    device=args.device, dtype=args.dtype, reps=args.reps)
+        if args.out:
+            args.out.write_text("\n".join(LINES) + "\n")
+        return
     if args.remote:
         from cache_remote import remote_bench
 

@@ -16,6 +16,7 @@ only, no evaluation).
     .venv/bin/python benchmarks/train.py --device cuda --cuda-graphs   # + each case replayed
     .venv/bin/python benchmarks/train.py --deterministic   # + each case with --deterministic
     .venv/bin/python benchmarks/train.py --multi r8,r14,wrn_16_1   # N students, one pass
+    .venv/bin/python benchmarks/train.py --cases online --precision bf16   # mentors' autocast
 """
 
 from __future__ import annotations
@@ -186,6 +187,10 @@ def main() -> None:
                     help="also run each case (and its --cuda-graphs twin) with `ckd train "
                     "--deterministic`, right after it (--fastpaths: each step variant, "
                     "step for step)")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                    help="the mentors' forward precision: the cache is built at it and the "
+                    "online mentors run at it (--mentor-precision); default: the trainer's "
+                    "(fp32 cache; online bf16 with --amp on CUDA, else fp32)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--multi", help="comma list of students: one pass vs separate runs")
     ap.add_argument("--fastpaths", action="store_true",
@@ -257,7 +262,8 @@ def main() -> None:
                                CLASSROOM if classroom else CLASSROOM[:1])
         ds = load_dataset("synthetic", **opts)
         cache = build_cache(ds, mentors, root / "cache", views=1, device=args.device,
-                            progress=False, features=("pool",) if feature_cases else ())
+                            progress=False, features=("pool",) if feature_cases else (),
+                            precision=args.precision or "fp32")
         print(f"[built {len(mentors)}-mentor cache for {n} samples in "
               f"{time.perf_counter() - t:.0f} s]")
         for case in feature_cases:  # a feature method on the CE + KD of the teacher
@@ -274,9 +280,11 @@ def main() -> None:
                       dict(base, method="classroom", cache=str(cache), mentors=CLASSROOM,
                            out=str(root / "cached")))
         if "online" in cases:
-            run_modes("classroom, online mentors",
+            prec = f" ({args.precision})" if args.precision else ""
+            run_modes(f"classroom, online mentors{prec}",
                       dict(base, method="classroom", cache=str(cache), mentors_online=True,
-                           mentors=CLASSROOM, out=str(root / "online")))
+                           mentors=CLASSROOM, out=str(root / "online"),
+                           mentor_precision=args.precision))
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"\ndevice: {dev}; torch {torch.__version__}; batch {args.batch_size}, "

@@ -251,3 +251,19 @@ def test_bad_mentor_output_stops_the_build(setup, tmp_path):
         with pytest.raises(err, match=match):
             build_cache(ds, {"m": tmp_path / f"{name}.pt"}, tmp_path / f"cache-{name}",
                         views=1, dtype="fp16", progress=False)
+
+
+def test_build_reads_each_mentor_checkpoint_once_and_loads_it_once(setup, tmp_path,
+                                                                   monkeypatch):
+    """One load per mentor per build (its run and its test accuracy share the model), and
+    the checkpoint file read twice at most (its recorded arch, then its weights)."""
+    import ckd.cache.writer as writer
+    import ckd.models.checkpoint as ckpt
+
+    loads, reads = [], []
+    real_load, real_read = writer.load_mentor, ckpt._torch_load
+    monkeypatch.setattr(writer, "load_mentor", lambda *a: loads.append(a[0]) or real_load(*a))
+    monkeypatch.setattr(ckpt, "_torch_load", lambda p: reads.append(p) or real_read(p))
+    build_cache(setup["ds"], {"r8": setup["tmp"] / "r8.pt"}, tmp_path / "c", views=2,
+                dtype="fp32", batch_size=20, samples_per_chunk=16, progress=False)
+    assert loads == ["r8"] and len(reads) <= 2

@@ -64,13 +64,13 @@ def test_features_added_to_a_logits_store_compute_only_what_is_missing(mentors, 
     logits_before = {a: LogitCache(path, mentors=[a]).gather(torch.zeros(24, dtype=torch.long),
                                                            torch.arange(24)) for a in mentors}
     calls = []
-    real = writer.compute_unit
+    real = writer.launch_unit
 
     def counting(*args, **kw):
-        calls.append(args[-1] if len(args) > 10 else kw.get("features", ()))
+        calls.append(kw.get("features", ()))
         return real(*args, **kw)
 
-    monkeypatch.setattr(writer, "compute_unit", counting)
+    monkeypatch.setattr(writer, "launch_unit", counting)
     # interrupted while adding pool to mentor t: its first unit is written, then a crash
     real_write = writer.UnitWriter.write
     state = {"n": 0}
@@ -191,7 +191,7 @@ def test_verify_recompute_rederives_the_feature_arrays(mentors, tmp_path, monkey
     from ckd.cache.inspect import verify
     from ckd.cli.main import main
 
-    real = writer.compute_unit
+    real = writer.finish_unit
 
     def wrong_pool(*args, **kw):
         vals, correct, outputs = real(*args, **kw)
@@ -203,7 +203,7 @@ def test_verify_recompute_rederives_the_feature_arrays(mentors, tmp_path, monkey
                        progress=False, features="pool,map")
     rep = verify(good, recompute=6, dataset=ds)
     assert rep.ok and rep.rows_recomputed == 6, rep.problems
-    monkeypatch.setattr(writer, "compute_unit", wrong_pool)
+    monkeypatch.setattr(writer, "finish_unit", wrong_pool)
     path = build_cache(ds, {"t": mentors["t"]}, tmp_path / "c", views=2, dtype="fp32",
                        progress=False, features="pool,map")
     monkeypatch.undo()

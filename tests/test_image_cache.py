@@ -79,6 +79,21 @@ def test_cached_equals_online_for_the_replayed_slots(built):
             assert (cached[m].float() - online[idx]).abs().max() <= 1e-5, (alias, epoch)
 
 
+def test_pipelined_build_equals_sequential_byte_for_byte(built, tmp_path):
+    """The default build (writer threads, units in flight) wrote the bytes a sequential
+    build (`writers=0`) writes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cache_robust import assert_same_tree
+
+    seq = build_cache(built["views"], built["paths"], tmp_path / "seq", views=2, seed=5,
+                      dtype="fp32", samples_per_chunk=8, batch_size=8,
+                      resolutions={"wrn": 40}, progress=False, writers=0)
+    assert_same_tree(seq, built["out"])
+
+
 def test_verify_recompute_rederives_boxes(built):
     from ckd.cache.inspect import verify
 

@@ -293,6 +293,51 @@ def test_shape_mismatch_names_key_expected_and_found(tmp_path) -> None:
         load_checkpoint(tmp_path / "missing.pt", arch="r8")
 
 
+def test_recorded_arch_is_trusted_without_a_zoo_sweep(tmp_path, monkeypatch) -> None:
+    """A ckd checkpoint records its arch: loading checks the weights against that arch's
+    shapes only; the zoo sweep runs for files that record nothing, once per process."""
+    import ckd.models.checkpoint as ckpt
+
+    model = _trained_like("r8", 10)
+    save_checkpoint(tmp_path / "c.pt", model, arch="r8", num_classes=10, dataset="cifar10",
+                    metrics={})
+
+    def no_sweep(sd):
+        raise AssertionError("zoo sweep on a checkpoint that records its arch")
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "infer_arch", no_sweep)
+        assert _same_outputs(model, load_checkpoint(tmp_path / "c.pt"))
+        assert _same_outputs(model, load_checkpoint(tmp_path / "c.pt", arch="r8",
+                                                    num_classes=10))
+    # a file that records nothing: swept once, then answered from the per-process cache
+    torch.save({"model": model.state_dict()}, tmp_path / "rd.pth")
+    ckpt._SWEEPS.clear()
+    calls = []
+    real = ckpt.state_shapes
+    monkeypatch.setattr(ckpt, "state_shapes", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert read_checkpoint_meta(tmp_path / "rd.pth")["arch"] == "resnet8"
+    swept = len(calls)
+    assert swept >= len(ARCHS) - 1
+    assert read_checkpoint_meta(tmp_path / "rd.pth")["arch"] == "resnet8"
+    assert len(calls) == swept
+
+
+def test_recorded_arch_that_does_not_fit_names_both(tmp_path) -> None:
+    sd = create_model("r8", 10).state_dict()
+    torch.save({"format": "ckd", "arch": "resnet14", "num_classes": 10, "state_dict": sd},
+               tmp_path / "mislabelled.pt")
+    with pytest.raises(CheckpointError, match="records arch resnet14 but its weights are "
+                                              "resnet8"):
+        load_checkpoint(tmp_path / "mislabelled.pt")
+    del sd["layer1.0.conv1.weight"]  # fits no zoo arch: the mismatch itself is named
+    torch.save({"format": "ckd", "arch": "resnet8", "num_classes": 10, "state_dict": sd},
+               tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match=r"does not fit resnet8 \(records resnet8\): "
+                                              "missing keys.*layer1.0.conv1.weight"):
+        load_checkpoint(tmp_path / "broken.pt")
+
+
 def test_save_refuses_mislabelled_model(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="is resnet8 but --arch r14"):
         save_checkpoint(tmp_path / "x.pt", create_model("r8", 10), arch="r14", num_classes=10,

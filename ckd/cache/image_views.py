@@ -85,38 +85,46 @@ class ImageViews:
     @torch.no_grad()
     def unit_logits(self, model: torch.nn.Module, size: int, seed: int, slots: range,
                     samples: range, device: torch.device, progress: Any = None,
-                    ) -> tuple[torch.Tensor, np.ndarray]:
-        """float32 logits [slots, samples, C] and uint16 boxes [slots, samples, 5] of one
-        work unit. Batches are cut from the samples in order: fixed composition."""
+                    precision: str = "fp32") -> tuple[Any, np.ndarray]:
+        """Float32 logits [slots * samples, C] (`HostRows`: copies in flight until its
+        `wait()`) and uint16 boxes [slots, samples, 5] of one work unit. Batches are cut
+        from the samples in order: fixed composition."""
         from ckd.data.views import normalize
+
+        from .mentors import mentor_forward
+        from .pipeline import HostRows
 
         loader = self.loader("train", size)
         idx = torch.arange(samples.start, samples.stop)
-        out = torch.empty((len(slots), len(idx), self.num_classes), dtype=torch.float32)
+        out = HostRows((len(slots) * len(idx), self.num_classes), device)
         boxes = np.empty((len(slots), len(idx), 5), dtype=np.uint16)
         for j, k in enumerate(slots):
             views = self.boxes(seed, k, idx)
             boxes[j] = views.numpy()
             loader.set_boxes(idx, views)
-            pos = 0
+            pos = j * len(idx)
             for (imgs,), _, got in loader.iterate(idx.numpy()):
                 x = normalize(imgs.to(device), self.mean, self.std).permute(0, 3, 1, 2)
-                out[j, pos:pos + len(got)] = model(x.contiguous()).float().cpu()
+                out.put(pos, mentor_forward(model, x, precision))
                 pos += len(got)
                 if progress is not None:
                     progress.update(len(got))
-        return out, boxes
+        return out.ready(), boxes
 
     @torch.no_grad()
-    def test_accuracy(self, model: torch.nn.Module, size: int, device: torch.device) -> float:
+    def test_accuracy(self, model: torch.nn.Module, size: int, device: torch.device,
+                      precision: str = "fp32") -> float:
         """Top-1 % on the center crops (224/256 of the short side) of the test images."""
         from ckd.data.views import normalize
+
+        from .mentors import mentor_forward
 
         loader = self.loader("test", size)
         correct = 0
         for (imgs,), labels, _ in loader.iterate(np.arange(len(self.test))):
             x = normalize(imgs.to(device), self.mean, self.std).permute(0, 3, 1, 2)
-            correct += int((model(x.contiguous()).argmax(-1).cpu() == labels).sum())
+            pred = mentor_forward(model, x, precision).argmax(-1).cpu()
+            correct += int((pred == labels).sum())
         return round(100.0 * correct / max(1, len(self.test)), 4)
 
 
@@ -140,7 +148,7 @@ def recompute_rows(path: Path, attrs: dict[str, Any], lay: Any, root: Any,
 
     from .inspect import compare_rows, stored_rows
     from .layout import check_compatible
-    from .mentors import load_mentor
+    from .mentors import load_mentor, mentor_forward, recorded_precision
 
     check_compatible(attrs, fingerprint=views.fingerprint, num_classes=views.num_classes,
                      recipe=views.recipe, path=str(path))
@@ -173,8 +181,8 @@ def recompute_rows(path: Path, attrs: dict[str, Any], lay: Any, root: Any,
                 loader.set_boxes(torch.from_numpy(idx[rows]), torch.from_numpy(expected[rows]))
                 for (imgs,), _, batch_idx in loader.iterate(np.unique(idx[rows])):
                     x = normalize(imgs.to(dev), views.mean, views.std).permute(0, 3, 1, 2)
-                    out = model(x.contiguous()).float().cpu()
+                    out = mentor_forward(model, x, recorded_precision(m)).float().cpu()
                     for j, i in enumerate(batch_idx.tolist()):
                         ref[rows[idx[rows] == i]] = out[j]
         raw = torch.from_numpy(stored_rows(root[f"mentors/{alias}/logits"], slots, idx))
-        compare_rows(rep, path, alias, "logits", ref, raw, lay.dtype)
+        compare_rows(rep, path, alias, "logits", ref, raw, lay.dtype, recorded_precision(m))

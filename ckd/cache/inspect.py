@@ -32,6 +32,7 @@ from .layout import (
     root_array_names,
 )
 from .location import ObjectPath, cache_path, list_files
+from .mentors import recorded_precision
 from .reader import list_mentors, open_root, read_array
 from .sparse import sparse_problems
 
@@ -66,6 +67,7 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         dense_view = bytes_per_row("dense", lay.num_classes, np.dtype(lay.dtype).itemsize)
         feats = dict(m.get("features") or {})
         rows.append(dict(alias=alias, arch=m.get("arch"), test_acc=m.get("test_acc"),
+                         precision=recorded_precision(m),
                          logits_mode=mode, bytes_per_view=per_view,
                          ratio_to_dense=per_view / dense_view, features=feats,
                          feature_bytes=sum(dir_size(path / "mentors" / alias / f)
@@ -256,7 +258,7 @@ def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
     from ckd.features.runtime import mentor_features
     from ckd.models import file_sha256
 
-    from .mentors import load_mentor
+    from .mentors import load_mentor, mentor_forward
 
     if dataset is None:
         dataset = load_cache_dataset(attrs)
@@ -288,19 +290,19 @@ def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
         model = load_mentor(alias, ckpt, lay.num_classes, dev)
         features = tuple(m.get("features") or {})
         x = apply_views(images, torch.from_numpy(vids).to(dev), mean, std)
-        with torch.no_grad():  # with features, the one `is_feat` forward the build ran
-            if features:
-                stages, logits = model(x, is_feat=True)
-                recomputed = {"logits": logits, **mentor_features(stages, features)}
-            else:
-                recomputed = {"logits": model(x)}
+        precision = recorded_precision(m)  # the forward the build ran, at its precision
+        if features:  # with features, the one `is_feat` forward
+            stages, logits = mentor_forward(model, x, precision, features=True)
+            recomputed = {"logits": logits, **mentor_features(stages, features)}
+        else:
+            recomputed = {"logits": mentor_forward(model, x, precision)}
         for name, ref in recomputed.items():
             try:
                 got = torch.from_numpy(stored_rows(root[f"mentors/{alias}/{name}"], slots, idx))
             except Exception as err:  # noqa: BLE001 - named like every other read failure
                 rep.problems.append(f"{alias}/{name}: cannot read the recomputed rows ({err})")
                 continue
-            compare_rows(rep, path, alias, name, ref.cpu(), got, lay.dtype)
+            compare_rows(rep, path, alias, name, ref.cpu(), got, lay.dtype, precision)
 
 
 def stored_rows(arr: Any, slots: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -314,7 +316,7 @@ def stored_rows(arr: Any, slots: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def compare_rows(rep: VerifyReport, path: Path, alias: str, name: str, ref: torch.Tensor,
-                 got: torch.Tensor, dtype: str) -> None:
+                 got: torch.Tensor, dtype: str, precision: str = "fp32") -> None:
     """Rows recomputed from a checkpoint (`ref`, fp32) against the stored ones (`got`,
     [n, ...] of mentors/alias/name): a problem naming the mentor, the array, how many rows
     differ and the rebuild command."""
@@ -322,7 +324,10 @@ def compare_rows(rep: VerifyReport, path: Path, alias: str, name: str, ref: torc
     diff = (got - ref).abs()
     # Other batch compositions may change fp32 results in the last bits; fp16 rows may
     # then round to the neighbouring fp16 value.
-    tol = 1e-4 + (2.0 ** -10 if dtype == "float16" else 1e-5) * ref.abs()
+    # bf16/fp16 autocast rounds inside the forward: a few units of its last place.
+    rel = {"bf16": 2.0 ** -6, "fp16": 2.0 ** -8}.get(precision,
+                                                   2.0 ** -10 if dtype == "float16" else 1e-5)
+    tol = 1e-4 + rel * ref.abs()
     n_rows = len(ref)
     rep.rows_recomputed += n_rows if name == "logits" else 0
     rep.max_abs_diff = max(rep.max_abs_diff, float(diff.max()))

@@ -30,7 +30,7 @@ from .layout import (
     read_json_attrs,
 )
 from .location import ObjectPath, list_files, remove_tree, zarr_store
-from .mentors import mentor_arch
+from .mentors import mentor_arch, recorded_precision
 
 
 def _clean_partials(out: Path | ObjectPath) -> None:
@@ -220,10 +220,12 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
                   layout: Layout, paths: Mapping[str, Path], shas: Mapping[str, str],
                   overwrite: bool, features: Mapping[str, Mapping[str, Any]] | None = None,
                   mentor_extra: Callable[[str, str], dict[str, Any]] | None = None,
-                  modes: Mapping[str, str] | None = None, deterministic: bool = False) -> None:
+                  modes: Mapping[str, str] | None = None, precision: str = "fp32",
+                  deterministic: bool = False) -> None:
     """Rank 0: create or check the store and every mentor group before anyone writes.
     `mentor_extra(alias, arch)`: attributes a mentor gets beyond the standard ones (image
     folders: its resolution and `boxes`); `modes`: alias -> logit storage mode;
+    `precision`: the mentors' forward precision (a mentor cached at another is refused);
     `deterministic`: --deterministic, recorded per mentor (a resume must match it)."""
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
@@ -259,7 +261,16 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
                     "same --resolution, another alias, or --overwrite")
             state = None
         mode = (modes or {}).get(alias, "dense")
-        extra = {**extra, "logits_mode": mode, "deterministic": bool(deterministic)}
+        extra = {**extra, "logits_mode": mode, "precision": precision,
+                 "deterministic": bool(deterministic)}
+        if state is not None and recorded_precision(state) != precision:
+            if not overwrite:
+                raise CacheMismatchError(
+                    f"mentor {alias!r} in {out} was cached at --precision "
+                    f"{recorded_precision(state)}, requested {precision}: pass --precision "
+                    f"{recorded_precision(state)} to resume or add to it, --overwrite to "
+                    "recompute it, or use another alias or --out")
+            state = None
         # an unfinished mentor resumes with the setting its first units were computed with
         # (a complete one is left as recorded: no forward pass runs for it)
         if state is not None and not state.get("complete") and \

@@ -8,6 +8,9 @@ no_grad, and on CUDA deterministic algorithms without cudnn autotuning (`ckd.det
 warn-only by default, strict with `deterministic=True`); units are assigned to ranks
 statically (unit u -> rank u % world) so ranks never race on a chunk; the store's
 metadata is written whole, in a fixed key order.
+Units are computed in order and written by a bounded pool of writer threads (several in
+flight, ckd/cache/pipeline.py); each unit's marker is written after its chunks by the same
+task, so a kill -9 with writes in flight loses only the units without a marker.
 """
 
 from __future__ import annotations
@@ -15,8 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,15 @@ from .layout import (
 )
 from .location import ObjectPath, cache_path, zarr_store
 from .lock import writer_lock
-from .mentors import load_mentor, resolve_mentors  # noqa: F401 (re-export)
+from .mentors import (  # noqa: F401 (resolve_mentors: re-export)
+    check_precision,
+    load_mentor,
+    mentor_forward,
+    recorded_precision,
+    resolve_mentors,
+)
+from .pipeline import HostRows, WritePool, default_writers, prefetched
+from .plan import plan_build
 from .store import check_free_space, check_out_folder, disk_full, prepare_store, space_needed
 
 
@@ -65,47 +75,58 @@ def _slot_views(keyed_ids: torch.Tensor | None, slots: range, idx: torch.Tensor
 
 
 @torch.no_grad()
-def compute_unit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 layout: Layout, a: int, b: int, keyed_ids: torch.Tensor | None,
-                 mean: Any, std: Any, batch_size: int, progress: Any = None,
-                 features: Sequence[str] = ()
-                 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Logits [slots_a, samples_b, C] (float32 cast to the store dtype), per-slot correct
-    counts and the requested features ([slots_a, samples_b, *shape], same dtype) for one
-    work unit. Fixed batch composition: deterministic bytes. With features, one forward
-    (`is_feat=True`) gives both; its logits equal the plain forward's bit for bit."""
+def launch_unit(model: torch.nn.Module, images: torch.Tensor, layout: Layout, a: int, b: int,
+                keyed_ids: torch.Tensor | None, mean: Any, std: Any, batch_size: int,
+                progress: Any = None, features: Sequence[str] = (),
+                precision: str = "fp32") -> dict[str, HostRows]:
+    """Queue one work unit's forwards: its logits (and requested features) as float32
+    host rows [slots_a * samples_b, ...] that `finish_unit` reads once their copies are
+    done. Fixed batch composition ((slot, sample) pairs slot-major, cut into `batch_size`
+    pieces): deterministic bytes. With features, one forward (`is_feat=True`) gives both;
+    its logits equal the plain forward's bit for bit. No host sync per batch."""
     from ckd.data.views import apply_views
 
     slots, samples = layout.slot_range(a), layout.sample_range(b)
     idx = torch.arange(samples.start, samples.stop)
-    vids = _slot_views(keyed_ids, slots, idx).reshape(-1)
-    sidx = idx.repeat(len(slots))
     dev = images.device
-    out = torch.empty((len(vids), layout.num_classes), dtype=torch.float32)
-    feats: dict[str, torch.Tensor] = {}
-    for s in range(0, len(vids), batch_size):
-        bi, bv = sidx[s:s + batch_size].to(dev), vids[s:s + batch_size].to(dev)
-        x = apply_views(images[bi], bv, mean, std)
+    vids = _slot_views(keyed_ids, slots, idx).reshape(-1).to(dev)
+    sidx = idx.repeat(len(slots)).to(dev)
+    rows: dict[str, HostRows] = {"logits": HostRows((len(vids), layout.num_classes), dev)}
+
+    def views(s: int) -> torch.Tensor:
+        return apply_views(images[sidx[s:s + batch_size]], vids[s:s + batch_size], mean, std)
+
+    for s, x in prefetched(views, range(0, len(vids), batch_size), dev):
         if features:
-            stages, z = model(x, is_feat=True)
+            stages, z = mentor_forward(model, x, precision, features=True)
             for name, t in zip(("pool", "map"), (stages[-1], stages[-2]), strict=True):
                 if name in features:
-                    if name not in feats:
-                        feats[name] = torch.empty((len(vids), *t.shape[1:]),
-                                                  dtype=torch.float32)
-                    feats[name][s:s + len(bi)] = t.float().cpu()
+                    if name not in rows:
+                        rows[name] = HostRows((len(vids), *t.shape[1:]), dev)
+                    rows[name].put(s, t)
         else:
-            z = model(x)
-        out[s:s + len(bi)] = z.float().cpu()
+            z = mentor_forward(model, x, precision)
+        rows["logits"].put(s, z)
         if progress is not None:
-            progress.update(len(bi))
+            progress.update(len(x))
+    return {name: r.ready() for name, r in rows.items()}
+
+
+def finish_unit(rows: dict[str, HostRows], labels: torch.Tensor, layout: Layout, a: int,
+                b: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(logits in the store dtype [slots, samples, C], per-slot correct counts, features
+    [slots, samples, *shape] in the store dtype) of a launched unit, after its copies."""
+    slots, samples = layout.slot_range(a), layout.sample_range(b)
     outputs = {}
-    for name, t in feats.items():
+    for name, r in rows.items():
+        if name == "logits":
+            continue
+        t = r.wait()
         _check_values(t, samples, f"{name} features")
         outputs[name] = t.reshape(len(slots), len(samples), *t.shape[1:]).numpy().astype(
             layout.dtype)
-    vals, correct = checked_unit(out.reshape(len(slots), len(samples), -1), labels, samples,
-                                 layout)
+    logits = rows["logits"].wait().reshape(len(slots), len(samples), -1)
+    vals, correct = checked_unit(logits, labels, samples, layout)
     return vals, correct, outputs
 
 
@@ -138,7 +159,8 @@ def _check_values(t: torch.Tensor, samples: range, what: str) -> None:
 
 @torch.no_grad()
 def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndarray,
-                  mean: Any, std: Any, batch_size: int, device: torch.device) -> float:
+                  mean: Any, std: Any, batch_size: int, device: torch.device,
+                  precision: str = "fp32") -> float:
     """Top-1 % on the un-augmented images (IDENTITY_VIEW)."""
     from ckd.data.views import IDENTITY_VIEW, apply_views
 
@@ -147,19 +169,21 @@ def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndar
     for s in range(0, len(imgs), batch_size):
         x = imgs[s:s + batch_size].to(device)
         ids = torch.full((len(x),), IDENTITY_VIEW, dtype=torch.int64, device=device)
-        pred = model(apply_views(x, ids, mean, std)).argmax(-1).cpu()
+        pred = mentor_forward(model, apply_views(x, ids, mean, std), precision).argmax(-1).cpu()
         correct += int((pred == torch.from_numpy(labels[s:s + batch_size])).sum())
     return round(100.0 * correct / max(1, len(imgs)), 4)
 
 
 # ------------------------------------------------------------------ entry point
 def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path, *,
-                views: str | int = "all", seed: int = 0, batch_size: int = 512,
-                device: str = "cpu", dtype: str = "fp16", overwrite: bool = False,
+                views: str | int = "all", seed: int = 0, batch_size: int | None = None,
+                device: str = "cpu", dtype: str = "fp16", precision: str = "fp32",
+                overwrite: bool = False,
                 codec: str | None = None, samples_per_chunk: int | None = None,
                 progress: bool = True, features: str | Sequence[str] | None = None,
                 resolutions: Mapping[str, int] | None = None,
-                logits: str | Mapping[str, str] = "dense", deterministic: bool = False) -> Path:
+                logits: str | Mapping[str, str] = "dense", deterministic: bool = False,
+                writers: int | None = None) -> Path:
     """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset, or
     `ImageViews` of a prepared image folder: K rrc views per image, each mentor at its
     resolution, `resolutions` overriding the arch's input size per alias) in
@@ -169,10 +193,17 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     `features` ("pool", "pool,map"): also store each mentor's pooled feature / last stage
     map per cached view; added to mentors cached without them by redoing their units.
     `logits`: storage mode 'dense' | 'topk:K' | 'sample:S' for every mentor, or per alias
-    (docs/SPARSE.md). `deterministic` (--deterministic): strict deterministic algorithms
-    (`ckd.determinism`), recorded per mentor; resuming a mentor with the other setting is
-    refused.
+    (docs/SPARSE.md). `precision`: the mentors' autocast (fp32 | bf16 | fp16), recorded per
+    mentor; online training and verify --recompute run the same forward at it.
+    `deterministic` (--deterministic): strict deterministic algorithms (`ckd.determinism`),
+    recorded per mentor; resuming a mentor with the other setting is refused.
+    `batch_size`: images per forward (None: 512 on CPU, on CUDA the most that fits, up to
+    2048; `plan.auto_batch_size`). `writers`: writer threads (default
+    `pipeline.default_writers()`; 0: every unit written in this thread before the next is
+    computed, the sequential reference).
     """
+    from tqdm import tqdm
+
     from ckd.data.views import NUM_VIEWS, RECIPE, view_ids
     from ckd.models import file_sha256
 
@@ -186,6 +217,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
         out.check_bucket()  # a wrong bucket, credentials or endpoint: say so first
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    check_precision(precision)
     keyed = not (isinstance(views, str) and views == "all")
     if keyed:
         try:
@@ -265,7 +297,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     with process_group("gloo"), lock:
         if rank == 0:
             prepare_store(out, attrs, dataset, keyed_ids, layout, paths, shas, overwrite,
-                          feature_shapes, mentor_extra, modes, deterministic)
+                          feature_shapes, mentor_extra, modes, precision, deterministic)
             need = space_needed(out, paths)
             check_free_space(out, need)
         barrier()
@@ -274,24 +306,51 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
         keyed_ids = (torch.from_numpy(root["view_ids"][:]) if keyed_ids is not None else None)
         images = None if images_mode else torch.from_numpy(dataset.train.images).to(dev)
         labels = torch.from_numpy(dataset.train.labels)
+        models: dict[str, torch.nn.Module] = {}
+
+        def model_of(alias: str) -> torch.nn.Module:  # each mentor loaded once, when needed
+            if alias not in models:
+                models[alias] = load_mentor(alias, paths[alias], layout.num_classes, dev)
+            return models[alias]
+
+        todo = {alias: _todo(out, alias, layout, rank, world) for alias in paths}
         with mentor_mode(dev, deterministic):
-            for alias, path in paths.items():
-                try:
-                    _run_mentor(out, alias, path, layout, images, labels, keyed_ids, dataset,
-                                batch_size, dev, rank, world, progress, seed)
-                except OSError as err:
-                    if err.errno != errno.ENOSPC:
-                        raise
-                    raise disk_full(out, space_needed(out, paths), err) from err
-                except ArithmeticError as err:  # non-finite or fp16-overflowing output
-                    raise type(err)(f"mentor {alias!r} ({path}): {err}") from err
+            batch_size = plan_build(out, todo, model_of, layout, dataset, images, batch_size,
+                                    dev, progress and rank == 0)
+            rows = sum(len(layout.slot_range(a)) * len(layout.sample_range(b))
+                       for units in todo.values() for a, b in units)
+            with tqdm(total=rows, unit="mentor-img", unit_scale=True, dynamic_ncols=True,
+                      disable=not progress or rank != 0 or not rows) as bar:
+                for alias in paths:
+                    bar.set_description(alias + (f" [rank {rank}]" if world > 1 else ""))
+                    try:
+                        _run_mentor(out, alias, model_of, layout, images, labels, keyed_ids,
+                                    dataset, batch_size, dev, todo[alias], bar, seed, writers)
+                    except OSError as err:
+                        if err.errno != errno.ENOSPC:
+                            raise
+                        raise disk_full(out, space_needed(out, paths), err) from err
+                    except ArithmeticError as err:  # non-finite or fp16-overflowing output
+                        raise type(err)(f"mentor {alias!r} ({paths[alias]}): {err}") from err
             barrier()
             if rank == 0:
-                for alias, path in paths.items():
-                    _finalize_mentor(out, alias, path, layout, dataset, batch_size, dev,
+                for alias in paths:
+                    _finalize_mentor(out, alias, model_of, layout, dataset, batch_size, dev,
                                      deterministic)
+                    models.pop(alias, None)
         barrier()
     return out
+
+
+def _todo(out: Path, alias: str, layout: Layout, rank: int, world: int
+          ) -> list[tuple[int, int]]:
+    """This rank's units of `alias` still to compute (unit u -> rank u % world)."""
+    grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r")
+    if grp.attrs.get("complete"):  # prepare_store reopened a complete mentor with holes
+        return []
+    done = grp[MARKER][:]
+    units = [u for i, u in enumerate(layout.units()) if i % world == rank]
+    return [(a, b) for a, b in units if (done[a, b] < 0).any()]
 
 
 class UnitWriter:
@@ -307,6 +366,7 @@ class UnitWriter:
         self.specs = mentor_specs(state)
         self.features = tuple(state.get("features") or {})
         self.resolution = state.get("resolution")  # image caches: the mentor's input size
+        self.precision = recorded_precision(state)
         self.columns = marker_columns(self.specs)
         self.arrays = {s.name: grp[s.name] for s in self.specs}
         self.correct, self.marker = grp[CORRECT], grp[MARKER]
@@ -325,53 +385,41 @@ class UnitWriter:
         self.marker[a:a + 1, b:b + 1] = unit_marker(a, b, named, self.columns)
 
 
-def _run_mentor(out: Path, alias: str, path: Path, layout: Layout,
-                images: torch.Tensor | None, labels: torch.Tensor,
+def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
+                layout: Layout, images: torch.Tensor | None, labels: torch.Tensor,
                 keyed_ids: torch.Tensor | None, dataset: Any, batch_size: int,
-                dev: torch.device, rank: int, world: int, progress: bool,
-                seed: int = 0) -> None:
-    from tqdm import tqdm
-
-    unit_writer = UnitWriter(out, alias, layout, labels.numpy())
-    if unit_writer.complete:  # prepare_store reopened a complete mentor that has holes
-        return
-    done = unit_writer.marker[:]
-    units = [u for i, u in enumerate(layout.units()) if i % world == rank]
-    todo = [(a, b) for a, b in units if (done[a, b] < 0).any()]
+                dev: torch.device, todo: list[tuple[int, int]], bar: Any, seed: int = 0,
+                writers: int | None = None) -> None:
     if not todo:
         return
-    model = load_mentor(alias, path, layout.num_classes, dev)
-    total = sum(len(layout.slot_range(a)) * len(layout.sample_range(b)) for a, b in todo)
-    desc = f"{alias}" + (f" [rank {rank}]" if world > 1 else "")
-    write = unit_writer.write
+    unit_writer = UnitWriter(out, alias, layout, labels.numpy())
+    model = model_of(alias)
 
-    # Compression + writing of chunk k overlaps the inference of chunk k + 1 (one writer
-    # thread, at most 2 chunks in flight), so the mentor never waits on the codec.
-    pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckd-cache-write") as pool, \
-            tqdm(total=total, desc=desc, unit="img", unit_scale=True,
-                 disable=not progress or rank != 0, dynamic_ncols=True) as bar:
+    def write(a: int, b: int, rows: dict[str, HostRows], extra: dict[str, Any]) -> None:
+        vals, correct, outputs = finish_unit(rows, labels, layout, a, b)  # waits its copies
+        unit_writer.write(a, b, vals, correct, {**outputs, **extra})
+
+    # The device queues unit k + 1 while writer threads check, compress and write the
+    # units before it (ckd/cache/pipeline.py says what overlaps with what).
+    workers = default_writers() if writers is None else writers
+    with WritePool(workers) as pool:
         feats = tuple(unit_writer.features)
         for a, b in todo:
             if images is None:  # image folder: decode + crop + resize per unit
                 sl, sm = layout.slot_range(a), layout.sample_range(b)
-                logits, boxes = dataset.unit_logits(model, unit_writer.resolution, seed, sl,
-                                                    sm, dev, bar)
-                vals, correct = checked_unit(logits, labels, sm, layout)
-                outputs = {"boxes": boxes}
+                rows, boxes = dataset.unit_logits(model, unit_writer.resolution, seed, sl,
+                                                  sm, dev, bar, unit_writer.precision)
+                pool.submit(write, a, b, {"logits": rows}, {"boxes": boxes})
             else:
-                vals, correct, outputs = compute_unit(model, images, labels, layout, a, b,
-                                                      keyed_ids, dataset.mean, dataset.std,
-                                                      batch_size, bar, feats)
-            pending.append(pool.submit(write, a, b, vals, correct, outputs))
-            if len(pending) >= 2:
-                pending.pop(0).result()
-        for f in pending:
-            f.result()
+                rows = launch_unit(model, images, layout, a, b, keyed_ids, dataset.mean,
+                                   dataset.std, batch_size, bar, features=feats,
+                                   precision=unit_writer.precision)
+                pool.submit(write, a, b, rows, {})
 
 
-def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset: Any,
-                     batch_size: int, dev: torch.device, strict: bool = False) -> None:
+def _finalize_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
+                     layout: Layout, dataset: Any, batch_size: int, dev: torch.device,
+                     strict: bool = False) -> None:
     grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
     attrs = grp.attrs.asdict()
     if not attrs.get("complete"):
@@ -381,16 +429,17 @@ def _finalize_mentor(out: Path, alias: str, path: Path, layout: Layout, dataset:
             raise RuntimeError(
                 f"mentor {alias!r}: {len(undone) + len(holes)} units still missing after all "
                 "ranks finished; rerun the same command to complete them")
-        model = load_mentor(alias, path, layout.num_classes, dev)
+        model, precision = model_of(alias), recorded_precision(attrs)
         with mentor_mode(dev, strict):
             if "resolution" in attrs:  # image folder: center crops at the mentor's size
-                test_acc = dataset.test_accuracy(model, attrs["resolution"], dev)
+                test_acc = dataset.test_accuracy(model, attrs["resolution"], dev, precision)
             else:
                 test_acc = test_accuracy(model, dataset.test.images, dataset.test.labels,
-                                         dataset.mean, dataset.std, batch_size, dev)
+                                         dataset.mean, dataset.std, batch_size, dev,
+                                         precision)
         per_view = grp[CORRECT][:].sum(axis=1) / layout.num_samples * 100.0
         keep = ("alias", "arch", "num_classes", "checkpoint", "checkpoint_sha256", "arrays",
-                "stat_fields", "features", "resolution", "boxes", "logits_mode",
+                "stat_fields", "features", "resolution", "boxes", "logits_mode", "precision",
                 "deterministic")
         grp.attrs.put({**{k: attrs[k] for k in keep if k in attrs}, "test_acc": test_acc,
                        "train_acc": round(float(per_view.mean()), 4),

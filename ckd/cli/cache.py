@@ -61,12 +61,17 @@ def _default_device() -> str:
               help="'all' (every distinct view: 162 for CIFAR) or K keyed views per sample.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Augmentation seed (--views K).")
-@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Images per mentor forward pass.")
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="Images per mentor forward pass (default: 512 on CPU; on CUDA the most "
+                   "that fits in half the device's memory, up to 2048; printed at the start).")
 @click.option("--device", default=None, callback=params.device,
               help="cpu|cuda|cuda:N (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["fp16", "fp32"]), default="fp16",
               show_default=True, help="Storage precision of the logits.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True,
+              help="Mentor forward precision (autocast; recorded per mentor: online training "
+                   "and `cache verify --recompute` run the mentors at it). fp32 is exact.")
 @click.option("--codec", type=click.Choice(list(CODECS)), default=DEFAULT_CODEC,
               show_default=True, help="Compression (new stores only).")
 @click.option("--samples-per-chunk", type=click.IntRange(min=1), default=None,
@@ -91,8 +96,8 @@ def _default_device() -> str:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None,
                  dataset_opts: tuple[str, ...], mentors: str, mentor_dir: str, out: str,
-                 views: str, seed: int, batch_size: int, device: str | None, dtype: str,
-                 codec: str, samples_per_chunk: int | None, overwrite: bool,
+                 views: str, seed: int, batch_size: int | None, device: str | None, dtype: str,
+                 precision: str, codec: str, samples_per_chunk: int | None, overwrite: bool,
                  features: str | None, resolutions: tuple[str, ...], logits_spec: str,
                  deterministic: bool, quiet: bool) -> None:
     """Run each frozen mentor once per view over the training set into a Zarr cache.
@@ -113,7 +118,7 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
             raise click.BadParameter(f"expected ALIAS=PIXELS (e.g. r50=224), got {item!r}",
                                      param_hint="--resolution")
         res[alias.strip()] = int(px)
-    ds = _load(dataset, data_dir, prepared, dataset_opts, batch_size)
+    ds = _load(dataset, data_dir, prepared, dataset_opts, batch_size or 512)
     paths = resolve_mentors(mentors, ds.name, mentor_dir)
     unknown = sorted(set(res) - set(paths))
     if unknown:
@@ -125,7 +130,8 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
                               2 if dtype == "fp16" else 4):
         click.echo(line)
     build_cache(ds, paths, out, views=views, seed=seed, batch_size=batch_size,
-                device=device or _default_device(), dtype=dtype, overwrite=overwrite,
+                device=device or _default_device(), dtype=dtype, precision=precision,
+                overwrite=overwrite,
                 codec=codec, samples_per_chunk=samples_per_chunk, progress=not quiet,
                 features=features, resolutions=res or None, logits=modes,
                 deterministic=deterministic)
@@ -143,13 +149,14 @@ def _print_info(path: str) -> None:
     t = Table(title=f"{path}: {ds['name']} ({ds['fingerprint']}), {attrs['num_samples']} "
                     f"samples x {attrs['views']['num_slots']} views ({attrs['views']['mode']}), "
                     f"{attrs['num_classes']} classes, {attrs['dtype']}")
-    for col in ("mentor", "arch", "logits", "B/view (x dense)", "test acc %", "train acc %",
+    for col in ("mentor", "arch", "precision", "logits", "B/view (x dense)", "test acc %",
+                "train acc %",
                 "views", "chunks", "size on disk", "ratio", "features"):
         left = col in ("mentor", "arch")
         t.add_column(col, justify="left" if left else "right", no_wrap=left or col == "chunks")
     notes = []
     for r in rows:
-        t.add_row(r["alias"], str(r["arch"]), r["logits_mode"],
+        t.add_row(r["alias"], str(r["arch"]), r["precision"], r["logits_mode"],
                   f"{r['bytes_per_view']} ({r['ratio_to_dense']:.3f})",
                   "-" if r["test_acc"] is None else f"{r['test_acc']:.2f}",
                   "-" if r["train_acc"] is None else f"{r['train_acc']:.2f}",

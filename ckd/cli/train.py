@@ -168,6 +168,10 @@ def _summary(result: dict[str, Any]) -> None:
               "or with --mentors-online NAME or NAME=checkpoint.pt.")
 @click.option("--mentors-online/--no-mentors-online", default=None,
               help="Run the mentors' checkpoints live on the same views (no cache).")
+@click.option("--mentor-precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Online mentors' forward precision, as `ckd cache-logits --precision` "
+              "(default: the --cache's recorded one, else bf16 with --amp on CUDA, else "
+              "fp32); must match a --cache's.")
 @click.option("--mentor-dir", type=click.Path(file_okay=False),
               help="Online mentors: NAME is <mentor-dir>/<dataset>/<arch>.pt (default "
               "./mentors), as in `ckd cache-logits`.")

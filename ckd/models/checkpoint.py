@@ -106,13 +106,22 @@ def _signature(shapes: Mapping[str, tuple[int, ...]], classifier: str | None) ->
                      and not (classifier and k.startswith(classifier + ".")))
 
 
+_SWEEPS: dict[frozenset, str | None] = {}  # shape signature -> infer_arch's answer
+
+
 def infer_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """The unique zoo arch whose keys and shapes match `sd` (classifier aside), else None."""
+    """The unique zoo arch whose keys and shapes match `sd` (classifier aside), else None.
+
+    A sweep over the whole zoo (meta-device models): only for files that record nothing
+    (RepDistiller, plain state_dicts) and for error messages; cached per process."""
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    hits = [name for name, spec in ARCHS.items()
-            if _signature(shapes, spec.classifier)
-            == _signature(state_shapes(name), spec.classifier)]
-    return hits[0] if len(hits) == 1 else None
+    key = frozenset(shapes.items())
+    if key not in _SWEEPS:
+        hits = [name for name, spec in ARCHS.items()
+                if _signature(shapes, spec.classifier)
+                == _signature(state_shapes(name), spec.classifier)]
+        _SWEEPS[key] = hits[0] if len(hits) == 1 else None
+    return _SWEEPS[key]
 
 
 def _classes_in(sd: Mapping[str, torch.Tensor], arch: str) -> int | None:
@@ -160,18 +169,40 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     return _meta_from(fmt, sd, extras)
 
 
+def _wrong_arch(sd: Mapping[str, torch.Tensor], canon: str, fmt: str, path: Path,
+                given: str, arch_kwargs: Mapping[str, Any] | None) -> CheckpointError | None:
+    """On an error path only: the error naming the arch the weights really are, when the
+    zoo sweep finds another one (not with constructor kwargs: mamba_tiny with other widths
+    may look like mamba_small)."""
+    if arch_kwargs or is_import_path(canon):
+        return None
+    found = infer_arch(sd)
+    if found is None or found == canon:
+        return None
+    if fmt == "ckd":  # a mislabelled ckd file
+        return CheckpointError(f"checkpoint {path} records arch {canon} but its weights are "
+                               f"{found}")
+    return CheckpointError(f"checkpoint {path} is {found} but --arch {given} ({canon}) was "
+                           "given")
+
+
 def _check_shapes(sd: Mapping[str, torch.Tensor], arch: str, num_classes: int,
-                  path: Path, given: str, arch_kwargs: Mapping[str, Any] | None = None) -> None:
-    expected = state_shapes(arch, num_classes, **dict(arch_kwargs or {}))
+                  path: Path, given: str, arch_kwargs: Mapping[str, Any] | None = None,
+                  expected: Mapping[str, tuple[int, ...]] | None = None,
+                  fmt: str = "state_dict") -> None:
+    """Refuse `sd` unless its keys and shapes are `arch`'s (`expected`: the shapes of an
+    already built model; default: a meta-device model's), naming both on a mismatch."""
+    if expected is None:
+        expected = state_shapes(arch, num_classes, **dict(arch_kwargs or {}))
     found = {k: tuple(v.shape) for k, v in sd.items()}
     missing = [k for k in expected if k not in found and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in found if k not in expected]
     wrong = [k for k in expected if k in found and found[k] != expected[k]]
     if not (missing or unexpected or wrong):
         return
-    other = infer_arch(sd)
-    if other and other != arch:
-        raise CheckpointError(f"checkpoint {path} is {other} but --arch {given} ({arch}) was given")
+    other = _wrong_arch(sd, arch, fmt, path, given, arch_kwargs)
+    if other is not None:
+        raise other
     parts = []
     if missing:
         parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -180,8 +211,9 @@ def _check_shapes(sd: Mapping[str, torch.Tensor], arch: str, num_classes: int,
     if wrong:
         parts.append("shape mismatches " + ", ".join(
             f"{k}: expected {expected[k]}, found {found[k]}" for k in wrong[:5]))
+    said = "records" if fmt == "ckd" else "--arch"
     raise CheckpointError(f"checkpoint {path} does not fit {arch} "
-                          f"(--arch {given}): " + "; ".join(parts))
+                          f"({said} {given}): " + "; ".join(parts))
 
 
 def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
@@ -209,26 +241,23 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
                                   f"architecture{hint}: pass arch (--arch), e.g. "
                                   f"--arch {guess or 'resnet110'}")
         canon, given = canonical_arch(arch), arch
-    # Arch first: a wrong arch usually also shows up as a wrong class count, less helpfully.
-    # (Not with constructor kwargs: mamba_tiny with other widths may look like mamba_small.)
-    found = None if arch_kwargs or is_import_path(canon) else infer_arch(sd)
-    if found is not None and found != canon:
-        if fmt == "ckd":  # a mislabelled ckd file
-            raise CheckpointError(f"checkpoint {path} says {canon} but its weights are {found}")
-        raise CheckpointError(f"checkpoint {path} is {found} but --arch {given} ({canon}) "
-                              "was given")
+    # The recorded (or given) arch is trusted and checked against the weights' shapes; the
+    # zoo sweep runs only to name the real arch in an error.
     stored_nc = _classes_in(sd, canon)
     if fmt == "ckd" and extras.get("num_classes") is not None:
         stored_nc = int(extras["num_classes"])
     if num_classes is not None and stored_nc is not None and num_classes != stored_nc:
-        raise CheckpointError(f"checkpoint {path}: classifier has {stored_nc} classes, "
-                              f"expected {num_classes}")
+        # a wrong arch usually also shows up as a wrong class count, less helpfully
+        other = _wrong_arch(sd, canon, fmt, path, given, arch_kwargs)
+        raise other or CheckpointError(f"checkpoint {path}: classifier has {stored_nc} "
+                                       f"classes, expected {num_classes}")
     nc = num_classes if num_classes is not None else stored_nc
     if nc is None:
-        _check_shapes(sd, canon, 1, path, given, arch_kwargs)  # raises: no classifier weight
+        _check_shapes(sd, canon, 1, path, given, arch_kwargs, fmt=fmt)  # raises: no classifier
         raise CheckpointError(f"{path}: cannot tell num_classes; pass num_classes")
-    _check_shapes(sd, canon, nc, path, given, arch_kwargs)
     model = create_model(canon, nc, **arch_kwargs)
+    _check_shapes(sd, canon, nc, path, given, arch_kwargs, fmt=fmt,
+                  expected={k: tuple(v.shape) for k, v in model.state_dict().items()})
     # Very old checkpoints predate BN's num_batches_tracked buffer; it does not affect eval.
     result = model.load_state_dict(sd, strict=False)
     bad = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]

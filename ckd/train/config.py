@@ -66,6 +66,10 @@ class TrainConfig:
                                                                            "shard-blocks"))
     mentors: list[str] | None = None  # subset (teacher first); "name" or "name=path.pt"
     mentors_online: bool = _opt(False, bool, "run the mentors live")
+    mentor_precision: str | None = _opt(
+        None, str, "online mentors' forward precision (autocast), as `ckd cache-logits "
+        "--precision`; None: a --cache's recorded one, else bf16 with --amp on CUDA, else "
+        "fp32", choices=("fp32", "bf16", "fp16"), optional=True)
     mentor_dir: str | None = None  # <mentor_dir>/<dataset>/<arch>.pt; default ./mentors
     # loss hyper-parameters (None: the method's declared default, lam None: number of
     # mentors); tau sets the method's temperature (tau or T), method_params any parameter
@@ -104,7 +108,7 @@ class TrainConfig:
     amp: bool = _opt(True, bool, "bf16 autocast (CUDA only)")
     # bit-for-bit GPU runs (ckd.determinism); online mentors then run as the cache's: fp32
     deterministic: bool = _opt(False, bool, "deterministic algorithms (cuDNN, cuBLAS)")
-    # student (CPU and CUDA) and online mentors (CUDA)
+    # the student (CPU and CUDA); online mentors follow `ckd cache-logits` (load_mentor)
     channels_last: bool = _opt(True, bool, "channels_last memory format")
     compile: bool = _opt(False, bool, "torch.compile the student")
     cuda_graphs: bool = _opt(False, bool, "replay the training step from a CUDA graph")

@@ -15,8 +15,6 @@ online training stay equal.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,22 +86,23 @@ class OnlineMentors(NoMentors):
     kind = "online"
 
     def __init__(self, models: list[nn.Module], names: list[str], seed: int, cache: Any,
-                 device: torch.device, autocast: Callable, like_cache: bool = False) -> None:
+                 precisions: str | list[str]) -> None:
+        from ckd.cache.mentors import mentor_forward  # noqa: PLC0415 - one forward for both
+
         super().__init__(seed, cache)
         self.models, self.names = models, names
-        self.autocast = autocast
-        # CPU (and CUDA with --deterministic): contiguous input, as `ckd cache-logits` runs
-        # them, so online logits equal cached fp32 logits bit for bit; else channels_last
-        self.contiguous = device.type != "cuda" or like_cache
+        if isinstance(precisions, str):
+            precisions = [precisions] * len(models)
+        self.precisions = precisions  # each the forward `ckd cache-logits --precision` runs
+        self.forward = mentor_forward
 
     def views(self, epoch, idx):
         return None, super().views(epoch, idx)[1]  # no cached rows to point at
 
     @torch.no_grad()
     def logits(self, slots, idx, x):
-        xm = x.contiguous() if self.contiguous else x
-        with self.autocast():
-            return torch.stack([m(xm) for m in self.models])
+        return torch.stack([self.forward(m, x, p)
+                            for m, p in zip(self.models, self.precisions, strict=True)])
 
     @torch.no_grad()
     def gather(self, slots, idx, x, needs=(), labels=None):
@@ -112,9 +111,9 @@ class OnlineMentors(NoMentors):
         else:
             from ckd.features.runtime import mentor_features  # noqa: PLC0415
 
-            xm = x.contiguous() if self.contiguous else x
-            with self.autocast():  # one forward gives the logits and the features
-                outs = [m(xm, is_feat=True) for m in self.models]
+            # one forward gives the logits and the features
+            outs = [self.forward(m, x, p, features=True)
+                    for m, p in zip(self.models, self.precisions, strict=True)]
             per = [mentor_features(f, needs) for f, _ in outs]
             logits = torch.stack([z for _, z in outs])
             feats = {n: [f[n].float() for f in per] for n in needs}
@@ -178,8 +177,39 @@ def default_mentor_order(found: dict[str, dict]) -> list[str]:
     return sorted(found, key=key)
 
 
-def make_mentor_source(cfg: TrainConfig, ds, device: torch.device,
-                       autocast: Callable) -> MentorSource:
+def online_precisions(cfg: TrainConfig, device: torch.device, names: list[str],
+                      found: dict[str, dict]) -> list[str]:
+    """Each online mentor's forward precision: --mentor-precision, else the one its cache
+    entry was computed at (so cached == online holds), else what the trainer's autocast
+    used before the option existed (bf16 with --amp on CUDA without --deterministic, else
+    fp32). An explicit
+    --mentor-precision must match the cache's mentors."""
+    if cfg.mentor_precision is not None:
+        _check_precisions(cfg, found, names, cfg.mentor_precision)
+        return [cfg.mentor_precision] * len(names)
+    from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
+
+    # --deterministic: as `ckd cache-logits` runs them by default (fp32)
+    default = "bf16" if device.type == "cuda" and cfg.amp and not cfg.deterministic else "fp32"
+    return [recorded_precision(found[n]) if n in found else default for n in names]
+
+
+def _check_precisions(cfg: TrainConfig, found: dict[str, dict], names: list[str],
+                      precision: str) -> None:
+    """Refuse a --mentor-precision other than the one a cached mentor was computed at."""
+    from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
+
+    for n in names:
+        if n in found and recorded_precision(found[n]) != precision:
+            raise ValueError(
+                f"mentor {n!r} in the cache {cfg.cache} was computed at --precision "
+                f"{recorded_precision(found[n])}, --mentor-precision {precision} was given: "
+                f"pass --mentor-precision {recorded_precision(found[n])} (or leave it out), "
+                f"or rebuild the cache with `ckd cache-logits --out {cfg.cache} --precision "
+                f"{precision} --overwrite ...`")
+
+
+def make_mentor_source(cfg: TrainConfig, ds, device: torch.device) -> MentorSource:
     """Open the cache (checked against the data) and/or load the online mentors."""
     specs = parse_mentor_specs(cfg.mentors)
     need = method_mentors(cfg.method) != "none"
@@ -190,16 +220,16 @@ def make_mentor_source(cfg: TrainConfig, ds, device: torch.device,
         return NoMentors(cfg.seed, cache)
     if cfg.mentors_online:
         names = select_mentors(cfg.method, [n for n, _ in specs])
+        precisions = online_precisions(cfg, device, names, found)
         models = [_load_online(n, p, cfg, ds, device, found.get(n))
                   for n, p in specs[:len(names)]]
-        if cfg.deterministic:  # forward as `ckd cache-logits` does: fp32, contiguous
-            autocast = contextlib.nullcontext
-        return OnlineMentors(models, names, cfg.seed, cache, device, autocast,
-                             like_cache=cfg.deterministic)
+        return OnlineMentors(models, names, cfg.seed, cache, precisions)
     if cache is None:
         raise ValueError(f"method {cfg.method!r} needs mentor logits: pass --cache DIR (built "
                          "with `ckd cache-logits`) or --mentors-online with --mentors, or use "
                          "--method nokd")
+    if cfg.mentor_precision is not None:
+        _check_precisions(cfg, found, cache.mentors, cfg.mentor_precision)
     return CachedMentors(cache, cfg.seed)
 
 
@@ -284,7 +314,4 @@ def _load_online(name: str, path: str | None, cfg: TrainConfig, ds, device: torc
     if meta.get("dataset") and norm_name(str(meta["dataset"])) != norm_name(ds.name):
         raise ValueError(f"mentor {name!r} ({p}) was trained on {meta['dataset']!r}, not "
                          f"{ds.name!r}: pass the right --mentor-dir or NAME=PATH")
-    model = load_mentor(name, p, ds.num_classes, device)
-    if device.type == "cuda" and cfg.channels_last and not cfg.deterministic:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return load_mentor(name, p, ds.num_classes, device)  # the cache's model and layout
