@@ -10,7 +10,7 @@ import importlib
 import click
 
 # Modules that define a module-level `commands` list of click commands/groups.
-STAGE_MODULES = ("data", "models", "methods", "cache", "train", "aid", "demo")
+STAGE_MODULES = ("data", "models", "methods", "cache", "train", "aid", "demo", "pose")
 # what a user's mistake raises (bad values, missing or existing files, corrupt inputs)
 USAGE_ERRORS = (ValueError, TypeError, KeyError, LookupError, OSError, RuntimeError)
 
