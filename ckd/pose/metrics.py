@@ -103,3 +103,12 @@ def coco_ap(pred_orig: np.ndarray, scores: np.ndarray, gt_kps_orig: np.ndarray,
     st = ev.stats
     return {"AP": float(st[0]), "AP50": float(st[1]), "AP75": float(st[2]),
             "AR": float(st[5])}
+
+
+def rows_pck(rows: torch.Tensor, layout, input_size: Sequence[int], view_kps: torch.Tensor,
+             weight: torch.Tensor, norm: torch.Tensor, thr: float = THRESHOLD) -> torch.Tensor:
+    """Per-sample PCK [N] of a model's rows on a view (the ClassroomKD ranking key)."""
+    from ckd.pose.codec import decode  # noqa: PLC0415
+
+    xy, _ = decode(rows, layout, input_size)
+    return pck(xy, view_kps.to(xy.device), weight.to(xy.device), norm.to(xy.device), thr)
