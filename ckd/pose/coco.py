@@ -345,9 +345,28 @@ def prepare_coco_keypoints(data_dir: str | Path, out: str | Path, *,
     return meta
 
 
+_LOADED: dict[tuple, PoseDataset] = {}
+
+
 def load_pose_prepared(prepared: str | Path) -> PoseDataset:
-    """Read a `ckd prepare coco-keypoints` folder back, checking its fingerprint."""
-    d = Path(prepared)
+    """Read a `ckd prepare coco-keypoints` folder back, checking its fingerprint (kept in
+    memory per process while its files are unchanged: runs only read the arrays)."""
+    d = Path(prepared).resolve()
+    try:
+        key = (str(d), *((f.stat().st_mtime_ns, f.stat().st_size) for f in
+                         (d / META, d / "train.beton", d / "test.beton")))
+    except OSError:
+        key = None
+    if key in _LOADED:
+        return _LOADED[key]
+    ds = _load_pose_prepared(d)
+    if key is not None:
+        _LOADED.clear()
+        _LOADED[key] = ds
+    return ds
+
+
+def _load_pose_prepared(d: Path) -> PoseDataset:
     if not (d / META).is_file():
         raise FileNotFoundError(f"{d / META} missing: run `ckd prepare coco-keypoints "
                                 f"--out {d}` first")

@@ -49,8 +49,8 @@ def targets(kps: torch.Tensor, layout: Layout, input_size: Sequence[int],
     for a labelled joint inside the input, else 0."""
     h, w = (int(v) for v in input_size)
     kps = torch.as_tensor(kps, dtype=torch.float64)
-    x, y, v = kps[..., 0], kps[..., 1], kps[..., 2]
-    weight = ((v > 0) & (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5))
+    x, y = kps[..., 0], kps[..., 1]
+    weight = joint_weights(kps, input_size)
     if layout.kind == "simcc":
         dx, dy = layout.dims
         rows = torch.cat([_gauss(_coord_cell(x, dx, w), dx, sigma),
@@ -60,7 +60,15 @@ def targets(kps: torch.Tensor, layout: Layout, input_size: Sequence[int],
         gy = _gauss(_coord_cell(y, hh, h), hh, sigma)
         gx = _gauss(_coord_cell(x, ww, w), ww, sigma)
         rows = (gy[..., :, None] * gx[..., None, :]).flatten(-2)
-    return rows.float(), weight.float()
+    return rows.float(), weight
+
+
+def joint_weights(kps: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
+    """[N, K] float32: 1 for a labelled joint inside the input, else 0."""
+    h, w = (int(v) for v in input_size)
+    x, y, v = kps[..., 0], kps[..., 1], kps[..., 2]
+    inside = (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)
+    return ((v > 0) & inside).float()
 
 
 def decode(rows: torch.Tensor, layout: Layout, input_size: Sequence[int],

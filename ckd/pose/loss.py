@@ -72,6 +72,25 @@ def distill_rows(mentor: Tensor, student: Tensor, segs: list[tuple[int, int]],
     return t2 * kl.sum(1) / zs.shape[1]
 
 
+def mentor_distill(mentors, m: int, student: Tensor, segs: list[tuple[int, int]],
+                   T: Tensor | float) -> Tensor:
+    """`distill_rows` of mentor m, from dense rows [M, N, K, D] or from top-k sparse rows
+    (`SparseMentors` over the N*K joint rows of one-segment heatmap rows: the K+1-bucket KL
+    of docs/SPARSE.md)."""
+    if torch.is_tensor(mentors):
+        return distill_rows(mentors[m], student, segs, T)
+    from ckd.kernels.sparse_reference import sparse_kl_rows  # noqa: PLC0415
+
+    if len(segs) != 1:
+        raise ValueError("top-k sparse mentor rows hold heatmaps; SimCC rows are stored dense")
+    n, k, d = student.shape
+    t = torch.as_tensor(T, dtype=torch.float32, device=student.device)
+    t_rows = t.reshape(-1, 1).expand(n, k).reshape(-1) if t.dim() == 1 else t
+    kl = sparse_kl_rows(mentors, m, student.float().reshape(n * k, d), t_rows).reshape(n, k)
+    t2 = (t * t).reshape(-1) if t.dim() == 1 else t * t
+    return t2 * kl.sum(1) / k
+
+
 def batch_key(keys: Tensor) -> Tensor:
     """Mean over samples with a key (non-NaN) [.., N] -> [.., 1]; 0 where none has one."""
     ok = ~torch.isnan(keys)
@@ -98,15 +117,15 @@ def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tens
         raise ValueError(f"pose method {method} takes {sorted(POSE_DEFAULTS[method])}, not "
                          f"{sorted(unknown)}")
     task = task_rows(student, target, weight, segs)
-    m = 0 if mentors is None else mentors.shape[0]
+    m = 0 if mentors is None else mentors.shape[0]  # dense rows or SparseMentors
     zeros, ones = student.new_zeros(m), student.new_ones(m)
     if method == "nokd":
         return task.mean(), _stats(zeros, zeros, ones, 1.0)
     if m == 0:
         raise ValueError(f"pose method {method} needs mentor rows (--mentors / a pose cache)")
     if method == "kd":
-        loss = p["alpha_ce"] * task + p["alpha_kd"] * distill_rows(mentors[0], student, segs,
-                                                                   p["T"])
+        loss = p["alpha_ce"] * task + p["alpha_kd"] * mentor_distill(mentors, 0, student, segs,
+                                                                     p["T"])
         one = zeros.clone()
         one[0] = 1.0
         return loss.mean(), _stats(one * p["alpha_kd"], one, one * (p["T"] - 1) + 1,
@@ -114,7 +133,7 @@ def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tens
     if method == "aver":
         loss = task
         for k in range(m):
-            loss = loss + distill_rows(mentors[k], student, segs, p["tau"])
+            loss = loss + mentor_distill(mentors, k, student, segs, p["tau"])
         return loss.mean(), _stats(ones, ones, ones * p["tau"], 1.0)
     return _classroom(student, mentors, task, segs, student_key, mentor_keys, p)
 
@@ -137,11 +156,11 @@ def _classroom(student, mentors, task, segs, student_key, mentor_keys, p):
     per = cw["w_ce"].expand(n) * task
     for k in range(mentors.shape[0]):
         w = cw["w_kl"][k].expand(n)
-        term = w * distill_rows(mentors[k], student, segs, cw["temp"][k].expand(n))
+        term = w * mentor_distill(mentors, k, student, segs, cw["temp"][k].expand(n))
         per = per + torch.where(w != 0, term, torch.zeros_like(term))
     loss = per.mean()
     if p["delta"] != 0.0:
-        loss = loss + p["delta"] * distill_rows(mentors[0], student, segs, 1.0).mean()
+        loss = loss + p["delta"] * mentor_distill(mentors, 0, student, segs, 1.0).mean()
     act = cw["active"].float()
     n_act = act.sum(1)
     temp = torch.where(n_act > 0, (cw["temp"] * act).sum(1) / n_act.clamp_min(1.0), 1.0)
