@@ -94,3 +94,18 @@ def test_input_to_original_round_trip():
     view = transform_keypoints(kps, mats, ident[:, 2], list(range(5)))
     assert torch.allclose(input_to_original(view[..., :2], crops, meta),
                           stored_to_original(kps, crops, meta))
+
+
+def test_rank_key_is_pck_at_005_of_the_input():
+    from ckd.pose.metrics import rank_key
+
+    layout, size = Layout("simcc", 4, (48, 64)), (32, 24)
+    gt = torch.tensor([[[10.25, 10.25, 2], [10.25, 10.25, 2], [10.25, 10.25, 2],
+                        [10.25, 10.25, 0]]], dtype=torch.float64)
+    pred = gt.clone()
+    pred[0, 0, 0] = 11.25  # 1.0 / 24 = 0.042 of the width: a hit
+    pred[0, 1, 0] = 11.75  # 1.5 / 24 = 0.0625: a miss
+    pred[0, 2, 1] = 11.75  # 1.5 / 32 = 0.047 of the height: a hit
+    rows, _ = targets(pred, layout, size)
+    key = rank_key(torch.log(rows + 1e-12), layout, size, gt, (gt[..., 2] > 0).float())
+    assert key.tolist() == [pytest.approx(2 / 3)]

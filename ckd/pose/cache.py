@@ -7,7 +7,8 @@ A directory (every file written atomically; sha256 of each in meta.json):
                       sha256), row layout (SimCC dims or heatmap size), seed, slots S,
                       dtype, storage, view recipe, file checksums
     params.npy        float64 [S, N, 3]  (scale, rotation, flip) of view s of sample i
-    pck.npy           float32 [M, S, N]  mentor m's PCK on that view (NaN: no joint to score)
+    pck.npy           float32 [M, S, N]  mentor m's ranking key on that view: PCK@0.05 of
+                      the input size (`ckd.pose.metrics.rank_key`; NaN: no joint to score)
     rows_<m>.npy      fp16|fp32 [S, N, K, D]            dense storage (SimCC or heatmap)
     topk_<m>_ids.npy, topk_<m>_logits.npy, topk_<m>_rest.npy   `topk:k` storage (heatmaps
                       only): per joint row the k largest logits + cell ids and the rest's
@@ -104,9 +105,9 @@ def build_pose_cache(ds, mentor_paths: list[str], out: str | Path, *, seed: int 
     steps = [(s, a) for s in range(slots) for a in range(0, n, batch_size)]
     for s, a in tqdm(steps, desc="cache pose views", disable=not progress, leave=False):
         idx = torch.arange(a, min(n, a + batch_size))
-        x, view_kps, weight, norm = batch_views(ds, ds.train, idx, table[s, idx])
+        x, view_kps, weight, _ = batch_views(ds, ds.train, idx, table[s, idx])
         for mi, m in enumerate(mentors):
-            r, key = m.rows_and_key(x, view_kps, weight, norm)
+            r, key = m.rows_and_key(x, view_kps, weight)
             pck[mi, s, idx] = key.float().numpy()
             if mode == "dense":
                 rows[mi][s, idx] = r.numpy().astype(np_dtype)
@@ -138,7 +139,8 @@ def build_pose_cache(ds, mentor_paths: list[str], out: str | Path, *, seed: int 
                                                                   strict=True)],
             "layout": layout.to_dict(), "seed": int(seed), "slots": int(slots),
             "num_samples": n, "dtype": dtype, "storage": storage if mode == "topk" else "dense",
-            "views": RECIPE, "files": {name: _sha(out / name) for name in files}}
+            "views": RECIPE, "rank_key": "pck@0.05-input",
+            "files": {name: _sha(out / name) for name in files}}
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -248,11 +250,11 @@ def verify_pose_cache(path: str | Path, *, recompute: bool = False, data: str | 
     n = meta["num_samples"]
     for s in range(meta["slots"]):
         idx = torch.randperm(n, generator=gen)[:samples].sort().values
-        x, kps, w, norm = batch_views(ds, ds.train, idx, torch.from_numpy(table[s, idx]))
+        x, kps, w, _ = batch_views(ds, ds.train, idx, torch.from_numpy(table[s, idx]))
         slot = torch.full_like(idx, s)
         rows, keys = cache.gather(slot, idx)
         for mi, mentor in enumerate(mentors):
-            r, key = mentor.rows_and_key(x, kps, w, norm)
+            r, key = mentor.rows_and_key(x, kps, w)
             if not torch.allclose(key, keys[mi], equal_nan=True):
                 problems.append(f"pck.npy: mentor {mi} slot {s}: recomputed PCK differs")
             if meta["storage"] == "dense":

@@ -27,12 +27,12 @@ class PoseDemoPlan:
     input_size: tuple[int, int] = (64, 48)
     # (name, architecture, epochs, seed): the first is the teacher
     mentors: tuple[tuple[str, str, int, int], ...] = (
-        ("teacher", "resnet20-simcc", 8, 11), ("peer-r14", "resnet14-simcc", 5, 12),
-        ("peer-r8", "resnet8-simcc", 3, 13))
+        ("teacher", "resnet20-simcc", 6, 11), ("peer-r14", "resnet14-simcc", 3, 12),
+        ("peer-r8", "resnet8-simcc", 2, 13))
     student: str = "resnet8-simcc"
     methods: tuple[str, ...] = ("nokd", "kd", "aver", "classroom")
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 5
+    epochs: int = 4
     views: int = 4
     batch_size: int = 64
     lr: float = 2e-3

@@ -6,7 +6,8 @@ Inputs, per batch of N samples with K joints and rows of D logits:
 - `target [N, K, D]` (per-segment Gaussians, `ckd.pose.codec.targets`), `weight [N, K]`;
 - `segs`: the row's segments ([x bins, y bins] for SimCC, [all cells] for heatmaps);
 - `student_key [N]`, `mentor_keys [M, N]`: each model's per-sample PCK on this view (NaN
-  where the sample has no weighted joint), the ClassroomKD ranking key.
+  where the sample has no weighted joint; `ckd.pose.metrics.rank_key`), the ClassroomKD
+  ranking key.
 
 Per sample (all divided by K, then the mean over the batch):
 - task `L_task[n] = (1/K) sum_k weight[n,k] sum_seg CE(target_seg, softmax(zs_seg))`;

@@ -137,15 +137,14 @@ def split_pose_name(name: str) -> tuple[str, str]:
 
 def create_pose_model(name: str, num_joints: int, input_size: tuple[int, int],
                       **kwargs) -> nn.Module:
-    if is_import_path(name):
-        cls = import_model_class(name)
+    if is_import_path(name):  # the registry builds it (and names bad keyword arguments)
         try:
-            params = inspect.signature(cls).parameters
+            params = inspect.signature(import_model_class(name)).parameters
         except (TypeError, ValueError):
             params = {}
         extra = {k: v for k, v in (("num_joints", num_joints), ("input_size", input_size))
                  if k in params and k not in kwargs}
-        return cls(**kwargs, **extra)
+        return create_model(name, 1, **kwargs, **extra)
     backbone, head = split_pose_name(name)
     return PoseNet(backbone, head, num_joints, input_size, **kwargs)
 

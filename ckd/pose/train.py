@@ -31,7 +31,7 @@ from ckd.pose.metrics import (
     coco_ap,
     input_to_original,
     pck_hits,
-    rows_pck,
+    rank_key,
     stored_to_original,
     view_box_side,
 )
@@ -63,10 +63,11 @@ class PoseMentor:
     input_size: tuple[int, int]
 
     @torch.no_grad()
-    def rows_and_key(self, x, view_kps, weight, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows_and_key(self, x, view_kps, weight) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mentor's rows [B, K, D] on the views and its ranking key [B]."""
         rows, _ = pose_rows(self.model(x))
         rows = rows.float()
-        return rows, rows_pck(rows, self.layout, self.input_size, view_kps, weight, norm)
+        return rows, rank_key(rows, self.layout, self.input_size, view_kps, weight)
 
 
 def save_pose_checkpoint(path: Path, model: nn.Module, arch: str, kwargs: dict,
@@ -206,7 +207,7 @@ def train_pose(cfg: dict) -> dict[str, Any]:
                       disable=not c["progress"], leave=False):
             idx = order[a:a + c["batch_size"]]
             s = slot_of[idx]
-            x, kps, weight, norm = batch_views(ds, ds.train, idx, table[s, idx])
+            x, kps, weight, _ = batch_views(ds, ds.train, idx, table[s, idx])
             target, _ = targets(kps, layout, ds.input_size)
             zs, _ = pose_rows(model(x))
             kw = {}
@@ -215,12 +216,12 @@ def train_pose(cfg: dict) -> dict[str, Any]:
                 if cache is not None:
                     mrows, mkeys = cache.gather(s, idx)
                 else:
-                    got = [m.rows_and_key(x, kps, weight, norm) for m in mentors]
+                    got = [m.rows_and_key(x, kps, weight) for m in mentors]
                     mrows = torch.stack([g[0] for g in got])
                     mkeys = torch.stack([g[1] for g in got])
                 if c["method"] == "classroom":
-                    kw = {"student_key": rows_pck(zs.detach(), layout, ds.input_size, kps,
-                                                  weight, norm), "mentor_keys": mkeys}
+                    kw = {"student_key": rank_key(zs.detach(), layout, ds.input_size, kps,
+                                                  weight), "mentor_keys": mkeys}
             loss, stats = pose_loss(c["method"], zs, mrows, target, weight, segs, **kw,
                                     **params)
             opt.zero_grad(set_to_none=True)
