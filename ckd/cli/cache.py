@@ -106,6 +106,12 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
     with torchrun. Example: ckd cache-logits --dataset cifar100 --mentors r110,r8 --out
     cache/cifar100
     """
+    from ckd.cli.pose import cache_pose, is_pose_dir
+
+    if is_pose_dir(prepared):  # a pose set: mentors are pose checkpoints, rows per joint
+        cache_pose(prepared, mentors.split(","), out, views, seed, batch_size, dtype,
+                   logits_spec, quiet)
+        return
     from ckd.cache import build_cache
     from ckd.cache.mentors import resolve_mentors
     from ckd.cache.sparse import logits_modes, storage_lines
@@ -206,6 +212,11 @@ def cache_verify(path: str, recompute: int, data_dir: str | None, prepared: str 
                  device: str, seed: int) -> None:
     """Check completeness (markers and chunk files), every checksum and digest (every
     chunk is read), finite values and the mentor statistics."""
+    from ckd.cli.pose import is_pose_dir, verify_pose
+
+    if is_pose_dir(path):
+        verify_pose(path, recompute, prepared)
+        return
     from ckd.cache.inspect import load_cache_dataset, verify
     from ckd.cache.layout import read_root_attrs
 

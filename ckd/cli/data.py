@@ -7,6 +7,7 @@ import click
 from ckd.cli import params
 
 IMAGE_FOLDERS = ("imagefolder", "imagenet")
+POSE_SETS = ("coco-keypoints", "synthetic-keypoints")
 
 
 @click.command()
@@ -30,13 +31,21 @@ IMAGE_FOLDERS = ("imagefolder", "imagenet")
               help="imagefolder/imagenet: continue an interrupted run (finished parts kept).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="imagefolder/imagenet: decoding processes (default: all cores).")
+@click.option("--input-size", default=None,
+              help="coco-keypoints/synthetic-keypoints: model input HEIGHTxWIDTH "
+                   "(default 64x48).")
 def prepare(dataset: str, out: str, data_dir: str | None, no_download: bool,
             n_train: int | None, n_test: int | None, num_classes: int | None,
             seed: int | None, max_side: int, quality: int, resume: bool,
-            workers: int | None) -> None:
-    """Load DATASET (cifar10, cifar100, digits, synthetic, imagefolder, imagenet) and write
-    it as .beton files. Example: ckd prepare imagenet --data-dir /data/imagenet --out
-    prepared/imagenet"""
+            workers: int | None, input_size: str | None) -> None:
+    """Load DATASET (cifar10, cifar100, digits, synthetic, imagefolder, imagenet,
+    coco-keypoints, synthetic-keypoints) and write it as .beton files. Example: ckd
+    prepare imagenet --data-dir /data/imagenet --out prepared/imagenet"""
+    if dataset.lower() in POSE_SETS:
+        from ckd.cli.pose import prepare_pose
+
+        prepare_pose(dataset.lower(), data_dir, out, seed, input_size)
+        return
     if dataset.lower() in IMAGE_FOLDERS:
         _prepare_images(dataset.lower(), data_dir, out, max_side, quality, resume, workers)
         return

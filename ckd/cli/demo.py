@@ -16,8 +16,19 @@ import click
               help="Cache the mentors' pooled features too and train fitnet, crd, tekap (F), "
               "tekap (F+L) and sdkd next to nokd, kd and classroom (paper) (in place of aver "
               "and classroom (official)).")
-def demo(out: str, seeds: int, progress: bool, more_students: bool, features: bool) -> None:
+@click.option("--pose", is_flag=True,
+              help="The 2D pose pipeline instead: a synthetic COCO-format keypoint set, 3 "
+              "SimCC mentors, their rows cached over keyed views, students with nokd, kd, "
+              "aver and classroom; a PCK/AP table and plot (out defaults to demo_pose).")
+def demo(out: str, seeds: int, progress: bool, more_students: bool, features: bool,
+         pose: bool) -> None:
     """Prepare digits, train 4 mentors, cache all views, train students, report."""
+    if pose:
+        from ckd.pose.demo import PoseDemoPlan, run_pose_demo  # noqa: PLC0415
+
+        run_pose_demo("demo_pose" if out == "demo_out" else out,
+                      PoseDemoPlan(seeds=tuple(range(seeds))), progress=progress)
+        return
     from ckd.demo import DemoPlan, run_demo  # noqa: PLC0415
 
     extra = ("mamba_tiny", "vit_tiny") if more_students else ()

@@ -13,7 +13,7 @@ from ckd.cli.errors import error_line
 from ckd.cli.params import finite_floats
 
 # Modules that define a module-level `commands` list of click commands/groups.
-STAGE_MODULES = ("data", "models", "methods", "cache", "train", "aid", "demo")
+STAGE_MODULES = ("data", "models", "methods", "cache", "train", "aid", "demo", "pose")
 
 
 class CkdGroup(click.Group):
