@@ -48,12 +48,12 @@ def _compare(zs, sm, y, kw):
     z64 = zs.detach().double().requires_grad_()
     truth = distill_loss(z64, sm, y, backend="reference", **kw)
     truth.loss.backward()
-    bound = EB.loss_bound(zs, sm, y, method, params, float(truth.loss))
+    bound = EB.loss_bound(zs, sm, y, method, params, float(truth.loss.detach()))
     gbound = EB.grad_bound(zs, sm, method, params)
     if zs.dtype != torch.float32:
         gbound += float(z64.grad.abs().max()) * torch.finfo(zs.dtype).eps / 2
     for (out, g), who in zip(outs, ("reference", "fused"), strict=True):
-        err = abs(float(out.loss) - float(truth.loss))
+        err = abs(float(out.loss.detach()) - float(truth.loss.detach()))
         assert err <= bound, f"{who} loss err {err:.2e} > bound {bound:.2e}"
         gerr = float((g.double() - z64.grad).abs().max())
         assert gerr <= gbound, f"{who} grad err {gerr:.2e} > bound {gbound:.2e}"
