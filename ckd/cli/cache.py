@@ -109,7 +109,10 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
     from ckd.cli.pose import cache_pose, is_pose_dir
 
     if is_pose_dir(prepared):  # a pose set: mentors are pose checkpoints, rows per joint
-        cache_pose(prepared, mentors.split(","), out, views, seed, batch_size, dtype,
+        if precision != "fp32" or deterministic or features:
+            raise ValueError("pose caches are built at --precision fp32, without --features "
+                             "or --deterministic: drop those options for a pose set")
+        cache_pose(prepared, mentors.split(","), out, views, seed, batch_size or 512, dtype,
                    logits_spec, quiet)
         return
     from ckd.cache import build_cache
