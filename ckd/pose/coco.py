@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckd.data.beton import META, ffcv_workers, import_ffcv, keep_torch_threads
+from ckd.data.beton import META, ffcv_epoch, ffcv_workers, import_ffcv, keep_torch_threads
 from ckd.data.datasets import histogram_stats
 from ckd.io import atomic_path, atomic_write_text
 
@@ -295,7 +295,7 @@ def read_pose_beton(path: Path) -> PoseSplit:
         loader = Loader(str(path), batch_size=512, num_workers=ffcv_workers(),
                         order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True)
         parts: list[list[np.ndarray]] = [[] for _ in FIELDS]
-        for batch in loader:
+        for batch in ffcv_epoch(loader):
             for j, col in enumerate(batch):
                 parts[j].append(np.asarray(col).copy())  # out of ffcv's reused buffers
     cols = [np.concatenate(p) for p in parts]
