@@ -1,0 +1,84 @@
+"""Nothing lost, nothing silently wrong on the newer surfaces: each test runs the command a
+user would type and checks the refusal (its message naming the fix) and that the store,
+file or folder it must not touch is unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckd.cli.main import main as cli
+from ckd.models import create_model, save_checkpoint
+
+SYN = ["--dataset", "synthetic", "-D", "n_train=32", "-D", "n_test=16", "-D",
+       "num_classes=10"]
+
+
+def run(*args: str, ok: bool = True):
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert res.exit_code == 0, res.output
+    else:
+        assert res.exit_code != 0, res.output
+        assert "Traceback" not in res.output
+    return res
+
+
+def digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path` (or of the file itself)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files}
+
+
+def checkpoint(path: Path, arch: str = "resnet8", seed: int = 0, **arch_kwargs) -> Path:
+    torch.manual_seed(seed)
+    model = create_model(arch, 10, **arch_kwargs)
+    return save_checkpoint(path, model, arch=arch, num_classes=10, dataset="synthetic",
+                           metrics={}, arch_kwargs=arch_kwargs)
+
+
+# ------------------------------------------------------------------ 1: mentor features
+@pytest.fixture(scope="module")
+def narrow_vit(tmp_path_factory) -> Path:
+    """A `ckd train --student vit_tiny --student-kwargs dim=48` run folder."""
+    out = tmp_path_factory.mktemp("runs") / "vit48"
+    run("train", *SYN, "--student", "vit_tiny", "--student-kwargs", "dim=48", "--method",
+        "nokd", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--no-progress",
+        "--out", out)
+    return out
+
+
+def test_features_of_a_mentor_built_with_kwargs_take_its_real_shapes(narrow_vit, tmp_path):
+    r8 = checkpoint(tmp_path / "r8.pt")
+    cache = tmp_path / "cache"
+    args = ["cache-logits", *SYN, "--views", "2", "--device", "cpu", "--quiet", "--out", cache]
+    run(*args, "--mentors", f"r8={r8}")
+    res = run(*args, "--mentors", f"r8={r8},v={narrow_vit}", "--features", "pool")
+    assert "v (vit_tiny) features pool 48" in res.output
+    from ckd.cache import LogitCache
+
+    assert LogitCache(cache, features=("pool",)).feature_shapes == {"pool": [(64,), (48,)]}
+    # the feature methods build their modules from the cached (real) widths
+    for method in ("crd", "fitnet"):
+        run("train", *SYN, "--cache", cache, "--mentors", "v,r8", "--method", method,
+            "--student", "resnet8", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+            "--backend", "reference", "--no-progress", "--out", tmp_path / method)
+
+
+def test_a_refused_addition_leaves_a_complete_cache_as_it_was(narrow_vit, tmp_path):
+    r8, other = checkpoint(tmp_path / "r8.pt"), checkpoint(tmp_path / "r8b.pt", seed=1)
+    cache = tmp_path / "cache"
+    args = ["cache-logits", *SYN, "--views", "2", "--device", "cpu", "--quiet", "--out", cache]
+    run(*args, "--mentors", f"r8={r8}")
+    before = digest(cache)
+    # a new mentor and features for r8, then r8's checkpoint found changed: nothing written
+    res = run(*args, "--mentors", f"v={narrow_vit},r8={other}", "--features", "pool", ok=False)
+    assert "pass --overwrite to recompute it" in res.output
+    assert digest(cache) == before
+    run(*args, "--mentors", f"r8={r8}")  # still complete: nothing to do, nothing changes
+    assert digest(cache) == before
