@@ -82,3 +82,38 @@ def test_a_refused_addition_leaves_a_complete_cache_as_it_was(narrow_vit, tmp_pa
     assert digest(cache) == before
     run(*args, "--mentors", f"r8={r8}")  # still complete: nothing to do, nothing changes
     assert digest(cache) == before
+
+
+# ------------------------------------------------------------------ 2, 6, 7: AID commands
+def adapt_args(src: Path, out: Path) -> list:
+    return ["adapt-mentor", "--checkpoint", src, "--student", "resnet8", "--out", out, *SYN,
+            "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--no-progress"]
+
+
+def test_adapt_mentor_never_replaces_a_file_silently(tmp_path):
+    src, other = checkpoint(tmp_path / "r8.pt"), checkpoint(tmp_path / "other.pt", seed=1)
+    before = digest(other)
+    res = run(*adapt_args(src, other), ok=False)
+    assert f"--out {other} already exists" in res.output and "--overwrite" in res.output
+    assert digest(other) == before
+    run(*adapt_args(src, other), "--margin", "100", "--overwrite")
+    assert digest(other) != before
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--lam", "nan"), ("--tau", "inf"),
+                                             ("--lr", "nan"), ("--margin", "nan"),
+                                             ("--student-lr", "-inf"), ("--anchor", "inf"),
+                                             ("--tau", "0"), ("--lr", "-1")])
+def test_adapt_mentor_refuses_a_value_that_trains_garbage(tmp_path, flag, value):
+    src, out = checkpoint(tmp_path / "r8.pt"), tmp_path / "aid.pt"
+    res = run(*adapt_args(src, out), "--margin", "100", flag, value, ok=False)
+    assert f"{flag} {value}" in res.output and "invalid" in res.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("tau", ["0", "-4", "nan", "inf"])
+def test_analyze_refuses_a_temperature_that_is_not_positive(tmp_path, tau):
+    res = run("analyze", "--cache", tmp_path / "cache", "--mentor", "r8", "--student",
+              tmp_path / "run", "--out", tmp_path / "an", "--tau", tau, ok=False)
+    assert f"--tau {float(tau):g} is invalid" in res.output and "positive" in res.output
+    assert not (tmp_path / "an").exists()
