@@ -117,3 +117,28 @@ def test_analyze_refuses_a_temperature_that_is_not_positive(tmp_path, tau):
               tmp_path / "run", "--out", tmp_path / "an", "--tau", tau, ok=False)
     assert f"--tau {float(tau):g} is invalid" in res.output and "positive" in res.output
     assert not (tmp_path / "an").exists()
+
+
+# ------------------------------------------------------------------ 10, 12: cache commands
+def test_a_mentor_given_two_storage_modes_is_refused(tmp_path):
+    r8 = checkpoint(tmp_path / "r8.pt")
+    res = run("cache-logits", *SYN, "--mentors", f"r8={r8}", "--out", tmp_path / "cache",
+              "--logits", "r8=topk:2,r8=dense", "--device", "cpu", ok=False)
+    assert "sets mentor(s) r8 more than once: give each mentor one mode" in res.output
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_is_never_copied_into_itself(tmp_path):
+    r8 = checkpoint(tmp_path / "r8.pt")
+    src = tmp_path / "cache"
+    build = ["cache-logits", *SYN, "--mentors", f"r8={r8}", "--out", src, "--views", "2",
+             "--device", "cpu", "--quiet"]
+    run(*build)
+    before = digest(src)
+    res = run("cache", "copy", src, src / "inner", ok=False)
+    assert "is inside" in res.output and "choose a DST outside SRC" in res.output
+    assert digest(src) == before
+    res = run("cache", "copy", src / "mentors", src, ok=False)  # nor SRC's folder into SRC
+    assert "is inside" in res.output and digest(src) == before
+    run(*build)  # the store is still taken as it was
+    assert digest(src) == before
