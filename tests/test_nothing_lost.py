@@ -142,3 +142,30 @@ def test_a_cache_is_never_copied_into_itself(tmp_path):
     assert "is inside" in res.output and digest(src) == before
     run(*build)  # the store is still taken as it was
     assert digest(src) == before
+
+
+# ------------------------------------------------------------------ 5, 11: run folders
+def train_args(out: Path, student: str, *extra: str) -> list:
+    return ["train", *SYN, "--student", student, "--method", "nokd", "--epochs", "1",
+            "--batch-size", "16", "--device", "cpu", "--backend", "reference",
+            "--no-progress", "--out", out, *extra]
+
+
+def test_one_student_and_several_never_share_a_run_folder(tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run(*train_args(single, "resnet8"))
+    run(*train_args(multi, "resnet8,resnet14"))
+    kept = {p: digest(p) for p in (single, multi)}
+    for extra in ((), ("--resume",)):  # several students into one student's run
+        res = run(*train_args(single, "resnet8,resnet14", *extra), ok=False)
+        assert f"{single} holds one student's run" in res.output and "new --out" in res.output
+        # one student into a folder of several students' runs
+        res = run(*train_args(multi, "resnet8", *extra), ok=False)
+        assert "holds the runs of several students (resnet14, resnet8)" in res.output
+        assert f"--student resnet14,resnet8 --out {multi} --resume" in res.output
+    assert {p: digest(p) for p in kept} == kept
+    run(*train_args(multi, "resnet8,resnet14", "--resume", "--epochs", "2",
+                    "--resume-allow", "epochs"))  # the folder's own shape resumes
+    run(*train_args(single, "resnet8,resnet14", "--overwrite"))  # replaced when asked
+    assert not (single / "checkpoint.pt").exists()
+    assert (single / "resnet14" / "student.pt").is_file()
