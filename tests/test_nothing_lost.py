@@ -169,3 +169,65 @@ def test_one_student_and_several_never_share_a_run_folder(tmp_path):
     run(*train_args(single, "resnet8,resnet14", "--overwrite"))  # replaced when asked
     assert not (single / "checkpoint.pt").exists()
     assert (single / "resnet14" / "student.pt").is_file()
+
+
+# ------------------------------------------------------------------ 4, 8, 9: image folders
+def prepare_args(data: Path, out: Path) -> list:
+    return ["prepare", "imagefolder", "--data-dir", data, "--out", out, "--max-side", "64",
+            "--workers", "1"]
+
+
+@pytest.fixture()
+def folder(image_folder, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(image_folder, tmp_path / "images", symlinks=True))
+
+
+def test_a_directory_link_loop_is_refused_by_name(folder, tmp_path):
+    (folder / "train" / "class0" / "loop").symlink_to("..")
+    res = run(*prepare_args(folder, tmp_path / "out"), ok=False)
+    assert "train/class0/loop" in res.output and "form a loop" in res.output
+    assert not (tmp_path / "out").exists()
+    (folder / "train" / "class0" / "loop").unlink()  # into another class: refused too
+    (folder / "train" / "class0" / "other").symlink_to(folder / "train" / "class1")
+    res = run(*prepare_args(folder, tmp_path / "out"), ok=False)
+    assert "train/class0/other" in res.output and "another class's images" in res.output
+
+
+def test_a_link_to_a_folder_outside_the_tree_is_followed(folder, tmp_path):
+    import shutil
+
+    from ckd.data.imagefolder import scan_folder
+
+    outside = tmp_path / "more"
+    shutil.copytree(folder / "train" / "class2", outside)
+    (folder / "train" / "class2" / "more").symlink_to(outside)
+    rows = scan_folder(folder).files["train"]
+    assert sum(1 for rel, label in rows if label == 2) == 12
+    assert ("train/class2/more/img0.jpg", 2) in rows
+
+
+def test_an_empty_or_unreadable_class_is_refused_by_name(folder, tmp_path):
+    (folder / "train" / "class3").mkdir()
+    res = run(*prepare_args(folder, tmp_path / "out"), ok=False)
+    assert "class folder(s) class3 hold no image files" in res.output
+    (folder / "train" / "class3" / "a.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "train" / "class3" / "b.png").write_bytes(b"not a png")
+    res = run(*prepare_args(folder, tmp_path / "out"), ok=False)
+    assert "class(es) class3: none of their training images could be read" in res.output
+    assert "train/class3/a.jpg" in (tmp_path / "out" / "skipped.txt").read_text()
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_resume_on_a_finished_folder_from_other_data_is_refused(folder, image_folder,
+                                                                 tmp_path):
+    out = tmp_path / "out"
+    run(*prepare_args(image_folder, out))
+    before = digest(out)
+    (folder / "train" / "class1" / "img0.jpg").unlink()  # other data, other folder
+    res = run(*prepare_args(folder, out), "--resume", ok=False)
+    assert f"--data-dir {image_folder.resolve()} (now {folder.resolve()})" in res.output
+    assert "wrote" not in res.output and digest(out) == before
+    res = run(*prepare_args(image_folder, out), "--resume")  # its own inputs: kept
+    assert digest(out) == before
