@@ -231,3 +231,24 @@ def test_resume_on_a_finished_folder_from_other_data_is_refused(folder, image_fo
     assert "wrote" not in res.output and digest(out) == before
     res = run(*prepare_args(image_folder, out), "--resume")  # its own inputs: kept
     assert digest(out) == before
+
+
+# ------------------------------------------------------------------ 3: verify sparse rows
+def test_verify_recomputes_the_rows_of_sparse_mentors(tmp_path, monkeypatch):
+    ck = {a: checkpoint(tmp_path / f"{a}.pt", seed=s) for s, a in enumerate(("d", "t", "s"))}
+    cache = tmp_path / "cache"
+    run("cache-logits", *SYN, "--mentors", ",".join(f"{a}={p}" for a, p in ck.items()),
+        "--logits", "t=topk:3,s=sample:4", "--out", cache, "--views", "2", "--device", "cpu",
+        "--quiet")
+    res = run("cache", "verify", cache, "--recompute", "8")
+    assert "rows recomputed: 24" in res.output and f"{cache}: OK" in res.output
+    # mentors that no longer give the stored rows (as a damaged build would) are named
+    import ckd.cache.mentors as mentors
+
+    real = mentors.load_mentor
+    monkeypatch.setattr(mentors, "load_mentor",
+                        lambda alias, path, *a: real(alias, ck["d"], *a))
+    res = run("cache", "verify", cache, "--recompute", "8", ok=False)
+    for name in ("t/topk_logits", "t/topk_rest", "t/stats", "s/sample_logits", "s/stats"):
+        assert f"PROBLEM {name}: " in res.output and "recomputed rows differ" in res.output
+    assert "PROBLEM d/" not in res.output and "cannot read" not in res.output
