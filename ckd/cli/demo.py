@@ -16,14 +16,19 @@ import click
               help="Cache the mentors' pooled features too and train fitnet, crd, tekap (F), "
               "tekap (F+L) and sdkd next to nokd, kd and classroom (paper) (in place of aver "
               "and classroom (official)).")
-def demo(out: str, seeds: int, progress: bool, more_students: bool, features: bool) -> None:
-    """Prepare digits, train 4 mentors, cache all views, train students, report."""
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch threads for every stage. The table's digits depend on it (and on "
+              "the CPU's instruction set): the README's table is what 1 thread printed.")
+def demo(out: str, seeds: int, progress: bool, more_students: bool, features: bool,
+         threads: int) -> None:
+    """Prepare digits, train 4 mentors, cache all views, train students, report. Rerun
+    into the same --out, it reuses what the earlier run finished."""
     from ckd.demo import DemoPlan, run_demo  # noqa: PLC0415
 
     extra = ("mamba_tiny", "vit_tiny") if more_students else ()
     seeds_ = tuple(range(seeds))
-    plan = (DemoPlan.with_features(seeds=seeds_, more_students=extra) if features
-            else DemoPlan(seeds=seeds_, more_students=extra))
+    plan = (DemoPlan.with_features(seeds=seeds_, more_students=extra, threads=threads)
+            if features else DemoPlan(seeds=seeds_, more_students=extra, threads=threads))
     run_demo(out, plan, progress=progress)
 
 
