@@ -189,10 +189,16 @@ def _run_demo(out: Path, plan: DemoPlan, progress: bool) -> dict[str, Any]:
     from ckd.train.report import write_report
 
     earlier = _earlier_times(out)
+    mark = out / "numerics.txt"  # what the runs in `out` were computed with
+    if mark.is_file() and mark.read_text().strip() != numerics():
+        raise FileExistsError(f"{out} holds a demo run made with {mark.read_text().strip()}, "
+                              f"this one would use {numerics()} (other digits): use another "
+                              f"--out, the same --threads, or delete {out}")
     if (out / "runs").is_dir():
         _say(f"{out} holds an earlier demo run: its finished stages are reused (delete "
              f"{out} to run everything again)")
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(mark, numerics() + "\n")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 

@@ -118,3 +118,21 @@ def test_make_demo_prints_the_readme_table(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     assert "finished stages are reused" in again.stdout
     assert printed_table(again.stdout) == printed_table(first.stdout)  # times too: reused
+
+
+@pytest.mark.slow
+def test_a_second_demo_into_the_same_folder_reuses_the_first(tmp_path):
+    """A rerun reuses finished mentors, cache and runs (same table, times included); a run
+    with another thread count is refused (it would label the first run's digits as its own)."""
+    plan = DemoPlan(teacher="r14", peers=("r8",), mentor_epochs=1, student_epochs=1,
+                    seeds=(0,), cache_views=2, methods=DEMO_METHODS[:2],
+                    extra={"backend": "reference"})
+    first = run_demo(tmp_path, plan)
+    table = (tmp_path / "results.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "mentors").rglob("*.pt")}
+    again = run_demo(tmp_path, plan)
+    assert (tmp_path / "results.md").read_text() == table
+    assert again["results"] == first["results"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # not retrained
+    with pytest.raises(FileExistsError, match="1 thread.*2 threads.*same --threads"):
+        run_demo(tmp_path, DemoPlan(**{**plan.__dict__, "threads": 2}))

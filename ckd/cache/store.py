@@ -261,8 +261,8 @@ def _mentor_plan(out: Path, alias: str, path: Path, sha: str, overwrite: bool,
                  mentor_extra: Callable[[str, str], dict[str, Any]] | None, mode: str
                  ) -> tuple[str, Path, str, dict[str, Any] | None, dict[str, Any]]:
     """(alias, path, arch, its stored state or None when it is (re)built, its extra
-    attributes);
-    refuses a stored mentor that differs from the request unless `overwrite`."""
+    attributes); refuses a stored mentor that differs from the request unless
+    `overwrite`."""
     state = _mentor_state(out, alias)
     arch = mentor_arch(alias, path)
     extra = mentor_extra(alias, arch) if mentor_extra else {}
