@@ -130,11 +130,12 @@ def plot_methods(runs_by_method: dict[str, list[str]], path: Path) -> Path:
     return path
 
 
-def numerics() -> str:
-    """What the demo's digits depend on: torch's version, thread count, CPU kernels."""
+def numerics(threads: int | None = None) -> str:
+    """What the demo's digits depend on: torch's version, thread count (default: the
+    current one), CPU kernels."""
     import torch  # noqa: PLC0415
 
-    n = torch.get_num_threads()
+    n = threads or torch.get_num_threads()
     return (f"torch {torch.__version__}, {n} thread{'s' if n > 1 else ''}, CPU "
             f"{torch.backends.cpu.get_cpu_capability()}")
 
