@@ -6,6 +6,11 @@ plots. Sizes are chosen so the run fits in about 10 minutes on 2 cores and the t
 saturated (see README, "The demo"). `DemoPlan.with_features()` (`ckd demo --features`)
 also caches the mentors' pooled features and trains the feature methods (fitnet, crd,
 tekap (F), tekap (F+L), sdkd) next to nokd, kd and classroom.
+
+Every stage is deterministic for a given torch build, torch thread count (`threads`, 1 by
+default, pinned for the whole demo) and CPU instruction set; the table's first line names
+the three. Rerunning the demo into the same folder reuses what the earlier run finished
+(mentors, cache, student runs: resumed, or kept when complete) and prints the same table.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class DemoPlan:
     cache_views: int | str = "all"  # the demo caches every view; tests may cache fewer
     features: tuple[str, ...] = ()  # mentor features cached beside the logits ("pool")
     method_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"crd.nce_k": 1024}
+    threads: int = 1  # torch threads: other counts sum in other orders (other last digits)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def rows(self) -> list[tuple[str, str, str, str | None]]:
@@ -124,18 +130,76 @@ def plot_methods(runs_by_method: dict[str, list[str]], path: Path) -> Path:
     return path
 
 
+def numerics(threads: int | None = None) -> str:
+    """What the demo's digits depend on: torch's version, thread count (default: the
+    current one), CPU kernels."""
+    import torch  # noqa: PLC0415
+
+    n = threads or torch.get_num_threads()
+    return (f"torch {torch.__version__}, {n} thread{'s' if n > 1 else ''}, CPU "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+
+
+def _mentor_reused(path: Path, epochs: int) -> float | None:
+    """The test top-1 of a mentor an earlier demo run wrote at `path`, or None if there is
+    none; a mentor trained with other epochs is refused (another plan's folder)."""
+    from ckd.models import read_checkpoint_meta  # noqa: PLC0415
+
+    if not path.is_file():
+        return None
+    metrics = read_checkpoint_meta(path).get("metrics") or {}
+    if metrics.get("epochs") != epochs or "test_acc" not in metrics:
+        raise FileExistsError(f"{path} holds a mentor from another demo plan "
+                              f"({metrics.get('epochs')} epochs, this one trains {epochs}): use "
+                              f"another --out, or delete {path.parent.parent.parent} to run "
+                              "the demo again")
+    return float(metrics["test_acc"])
+
+
+def _earlier_times(out: Path) -> dict[tuple[str, int], float]:
+    """(row label, seed) -> seconds of the run as the earlier demo run into `out` timed it."""
+    try:
+        results = json.loads((out / "results.json").read_text())["results"]
+        return {(label, int(r["seed"])): float(r["time_s"])
+                for label, rs in results.items() for r in rs}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
              progress: bool = False) -> dict[str, Any]:
-    """Run every stage into `out`; returns the results (also written to results.json/md)."""
+    """Run every stage into `out`; returns the results (also written to results.json/md).
+    Stages an earlier run into `out` finished are reused, interrupted ones resumed."""
+    import torch  # noqa: PLC0415
+
+    plan = plan or DemoPlan()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan.threads)
+    try:
+        return _run_demo(Path(out), plan, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, plan: DemoPlan, progress: bool) -> dict[str, Any]:
     from ckd.cache import build_cache  # noqa: PLC0415 - heavy imports on use
     from ckd.data.beton import write_betons
     from ckd.data.datasets import load_dataset
+    from ckd.models import resolve_arch
     from ckd.train import train, train_mentor
     from ckd.train.report import write_report
 
-    plan = plan or DemoPlan()
-    out = Path(out)
+    earlier = _earlier_times(out)
+    mark = out / "numerics.txt"  # what the runs in `out` were computed with
+    if mark.is_file() and mark.read_text().strip() != numerics():
+        raise FileExistsError(f"{out} holds a demo run made with {mark.read_text().strip()}, "
+                              f"this one would use {numerics()} (other digits): use another "
+                              f"--out, the same --threads, or delete {out}")
+    if (out / "runs").is_dir():
+        _say(f"{out} holds an earlier demo run: its finished stages are reused (delete "
+             f"{out} to run everything again)")
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(mark, numerics() + "\n")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -159,11 +223,15 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
     mentors: dict[str, Path] = {}
     mentor_acc: dict[str, float] = {}
     for alias in (plan.teacher, *plan.peers):
-        r = train_mentor(alias, None, out=out / "runs" / f"mentor-{alias}",
-                         mentor_dir=mentor_dir, epochs=plan.mentor_epochs, seed=0, **common)
-        mentors[alias] = Path(r["mentor_path"])
-        mentor_acc[alias] = r["last_acc"]
-        _say(f"mentor {alias}: test top-1 {r['last_acc']:.2f}%")
+        path = mentor_dir / ds.name / f"{resolve_arch(alias)}.pt"
+        acc = _mentor_reused(path, plan.mentor_epochs)
+        if acc is None:  # (a run killed before its mentor was written resumes)
+            r = train_mentor(alias, None, out=out / "runs" / f"mentor-{alias}",
+                             mentor_dir=mentor_dir, epochs=plan.mentor_epochs, seed=0,
+                             resume=True, **common)
+            path, acc = Path(r["mentor_path"]), r["last_acc"]
+        mentors[alias], mentor_acc[alias] = path, acc
+        _say(f"mentor {alias}: test top-1 {acc:.2f}%")
     stage_done("train mentors", t0)
 
     # 3. cache every view -------------------------------------------------------------
@@ -192,9 +260,13 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
                        mentors=None if method == "nokd" else [plan.teacher, *plan.peers],
                        tau=plan.tau if method in ("aver", "classroom") else None)
             t_run = time.perf_counter()
-            r = train(cfg)
+            done = (out / "runs" / name / "student.pt").is_file()
+            r = train(dict(cfg, resume=True))  # a finished run returns its results at once
+            took = time.perf_counter() - t_run
+            if done:  # the time of the run that trained it, when recorded
+                took = earlier.get((label, seed), took)
             results[label].append({"seed": seed, "best": r["best_acc"], "last": r["last_acc"],
-                                   "time_s": time.perf_counter() - t_run})
+                                   "time_s": took})
             runs_by_method[label].append(r["run_dir"])
             who = label if label.startswith(student) else f"{student} {label}"
             _say(f"student {who} seed {seed}: last {r['last_acc']:.2f}% "
@@ -206,7 +278,7 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
     lines = [f"Student {plan.student}{more} on digits {plan.image_size}x{plan.image_size}, "
              f"{plan.student_epochs} epochs, seeds {list(plan.seeds)}; mentors (test top-1): "
              + ", ".join(f"{a} {acc:.2f}%" for a, acc in mentor_acc.items())
-             + f" (teacher {plan.teacher})", "",
+             + f" (teacher {plan.teacher}); {numerics()}", "",
              "| method | last top-1 (mean +- std) | best top-1 (mean +- std) | s per run |",
              "|---|---|---|---|"]
     for label, rs in results.items():

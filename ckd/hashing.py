@@ -55,3 +55,38 @@ def hash32(seed: int, indices: torch.Tensor) -> torch.Tensor:
     k1, k2 = seed_keys(int(seed))
     h = mix32((idx & M32) ^ k1)  # bijective in the low 32 bits of the index
     return mix32(h ^ ((idx >> 32) & M32) ^ k2)
+
+
+FEISTEL_ROUNDS = 6
+_ROUND_KEYS = tuple((0x9E3779B9 * (r + 1)) & M32 for r in range(FEISTEL_ROUNDS))
+
+
+def _feistel(x: torch.Tensor, round_keys: list[torch.Tensor], half: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+    """A keyed bijection on [0, 4^half) per element: balanced Feistel rounds whose round
+    function is `mix32` of (right half ^ round key)."""
+    for rk in round_keys:
+        left, right = x >> half, x & mask
+        x = (right << half) | (left ^ (mix32(right ^ rk) & mask))
+    return x
+
+
+def permute_below(keys: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Position of `x` in a pseudo-random permutation of [0, m) keyed by `keys` (32-bit):
+    for x = 0, 1, ..., k - 1 the results are k distinct values of [0, m), a draw without
+    replacement that is a pure function of (key, x). `keys`, `m` broadcast against `x`
+    (int64, 0 <= x < m, 1 <= m <= 2^40). A Feistel network on the smallest power of 4
+    holding m, cycle-walked (applied again while the value is >= m) into [0, m)."""
+    powers = torch.ones(41, device=x.device, dtype=torch.int64) << torch.arange(
+        41, device=x.device)
+    bits = ((m - 1).unsqueeze(-1) >= powers).sum(-1)  # bit length of m - 1 (before expanding)
+    half = ((bits + 1) // 2).clamp_min(1)
+    round_keys = [mix32(keys ^ rk) for rk in _ROUND_KEYS]  # per key, before expanding
+    x, m, half, *round_keys = torch.broadcast_tensors(x, m, half, *round_keys)
+    mask = (torch.ones_like(half) << half) - 1
+    y = _feistel(x, round_keys, half, mask)
+    out = y >= m
+    while bool(out.any()):  # a few passes: m fills over a quarter of the domain
+        y[out] = _feistel(y[out], [rk[out] for rk in round_keys], half[out], mask[out])
+        out = y >= m
+    return y

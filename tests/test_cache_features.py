@@ -137,6 +137,7 @@ def test_size_is_printed_and_a_huge_map_suggests_fewer_views(mentors, capsys):
 
     class FakeDS:
         train = FakeSplit()
+        num_classes = 10
 
     from pathlib import Path
 

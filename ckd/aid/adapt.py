@@ -20,6 +20,7 @@ Two phases on the training set, with the training views (the view rule of `ckd t
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from pathlib import Path
@@ -48,11 +49,12 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
                  epochs: int = 10, warmup_epochs: int | None = None, lam: float = 1.0,
                  anchor: float = 1.0, T: float = 4.0, lr: float = 0.005,
                  student_lr: float = 0.05, batch_size: int = 64, seed: int = 0,
-                 margin: float = 1.0, device: str = "cpu", progress: bool = True
-                 ) -> dict[str, Any]:
+                 margin: float = 1.0, device: str = "cpu", progress: bool = True,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Write the adapted mentor to `out` (ckd checkpoint; metrics record the source
     checkpoint and its sha256, the student, the objective and its parameters, both test
-    accuracies). Returns that record plus `model`."""
+    accuracies). Returns that record plus `model`. An existing `out` is replaced only with
+    `overwrite`."""
     from ckd.aid.analyze import check_in_memory_data  # noqa: PLC0415
     from ckd.cache.layout import epoch_seed  # noqa: PLC0415
     from ckd.cache.writer import test_accuracy  # noqa: PLC0415
@@ -68,13 +70,16 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
     from ckd.train.config import load_config  # noqa: PLC0415
     from ckd.train.setup import load_data  # noqa: PLC0415
 
-    if epochs < 1 or lam < 0 or anchor < 0 or T <= 0 or margin < 0:
-        raise ValueError("adapt-mentor needs --epochs >= 1, --lam >= 0, --anchor >= 0, "
-                         "--tau > 0 and --margin >= 0")
+    check_adapt_values(epochs=epochs, lam=lam, anchor=anchor, tau=T, lr=lr,
+                       student_lr=student_lr, margin=margin)
     warmup_epochs = epochs if warmup_epochs is None else warmup_epochs
     checkpoint, out = Path(checkpoint), Path(out)
     if out.resolve() == checkpoint.resolve():
         raise ValueError(f"--out {out} would overwrite the source mentor: choose another path")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} already exists (another mentor's checkpoint, a "
+                              "cache may record its hash): pass --overwrite to replace it, "
+                              "or choose another --out")
     dev = torch.device(device)
     ds = check_in_memory_data(load_data(load_config(
         None, dataset=dataset, prepared=prepared, data_dir=data_dir,
@@ -161,6 +166,25 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
     if warning:
         print(warning, file=sys.stderr, flush=True)
     return {**record, "out": str(out), "model": mentor}
+
+
+def check_adapt_values(*, epochs: int, lam: float, anchor: float, tau: float, lr: float,
+                       student_lr: float, margin: float) -> None:
+    """Refuse, before any work, a value that would train a NaN mentor or judge it wrongly:
+    every float finite, the rates and the temperature positive, the weights non-negative."""
+    floats = {"--lam": lam, "--anchor": anchor, "--tau": tau, "--lr": lr,
+              "--student-lr": student_lr, "--margin": margin}
+    bad = [f"{k} {v}" for k, v in floats.items() if not math.isfinite(v)]
+    bad += [f"{k} {v}" for k, v in (("--tau", tau), ("--lr", lr), ("--student-lr", student_lr))
+            if math.isfinite(v) and v <= 0]
+    bad += [f"{k} {v}" for k, v in (("--lam", lam), ("--anchor", anchor), ("--margin", margin))
+            if math.isfinite(v) and v < 0]
+    if epochs < 1:
+        bad.append(f"--epochs {epochs}")
+    if bad:
+        raise ValueError(f"adapt-mentor: {', '.join(bad)} invalid: needs finite values with "
+                         "--epochs >= 1, --tau, --lr, --student-lr > 0 and --lam, --anchor, "
+                         "--margin >= 0")
 
 
 def accuracy_warning(acc_before: float, acc_after: float, margin: float,

@@ -17,6 +17,7 @@ scale of the KD loss.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,14 @@ def inter_class_kl(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch
     return (n[keep] * kl).sum() * T * T / labels.shape[0]
 
 
+def check_temperature(T: float, flag: str = "--tau") -> None:
+    """A KD temperature is a positive finite number (0 divides by zero, a negative one
+    reverses every ranking)."""
+    if not (math.isfinite(T) and T > 0):
+        raise ValueError(f"{flag} {T:g} is invalid: the KD temperature must be a positive "
+                         f"finite number (e.g. {flag} 4)")
+
+
 @dataclass
 class Decomposition:
     """Streaming sums over a whole split; `table()` gives the per-class rows."""
@@ -74,6 +83,7 @@ class Decomposition:
     T: float = 4.0
 
     def __post_init__(self) -> None:
+        check_temperature(self.T)
         k = self.num_classes
         self.n = torch.zeros(k, dtype=torch.float64)
         self.kl = torch.zeros(k, dtype=torch.float64)         # sum_i KL(p^t_i || p^s_i)

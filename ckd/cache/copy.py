@@ -80,6 +80,15 @@ def _order(files: dict[str, int]) -> list[str]:
     return sorted(files, key=key)
 
 
+def _inside(inner: Any, outer: Any) -> bool:
+    """`inner` lies under `outer` (folders resolved; object store URLs by prefix)."""
+    if isinstance(inner, Path) and isinstance(outer, Path):
+        return inner.resolve().is_relative_to(outer.resolve())
+    if isinstance(inner, Path) or isinstance(outer, Path):
+        return False
+    return str(inner).startswith(str(outer).rstrip("/") + "/")
+
+
 def copy_cache(src: str | Path, dst: str | Path, progress: bool = False) -> CopyReport:
     """Copy the cache store `src` to `dst` (see the module docstring)."""
     from tqdm import tqdm
@@ -90,6 +99,10 @@ def copy_cache(src: str | Path, dst: str | Path, progress: bool = False) -> Copy
     src_p, dst_p = cache_path(src), cache_path(dst)
     if str(src_p) == str(dst_p):
         raise ValueError(f"SRC and DST are the same store ({src_p})")
+    for outer, inner in ((src_p, dst_p), (dst_p, src_p)):
+        if _inside(inner, outer):  # the copy would become part of SRC, or SRC of it
+            raise ValueError(f"{inner} is inside {outer}: a cache cannot be copied into "
+                             "itself or into a folder it lies in; choose a DST outside SRC")
     read_root_attrs(str(src_p))  # a cache of this version, else a clear error
     root_meta = (src_p / "zarr.json").read_bytes()
     source_id = hashlib.sha256(root_meta).hexdigest()

@@ -1,5 +1,5 @@
 """Mentor features in the cache (`ckd cache-logits --features pool[,map]`): which arrays
-each mentor gets, their shapes from its architecture, and the size they will take."""
+each mentor gets, their shapes from the mentor itself, and the size they will take."""
 
 from __future__ import annotations
 
@@ -29,15 +29,20 @@ def parse_features(features: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(f for f in FEATURES if f in names)
 
 
-def mentor_feature_shapes(arch: str, image_size: int, names: Sequence[str]
+def mentor_feature_shapes(model: Any, image_size: int, names: Sequence[str]
                           ) -> dict[str, list[int]]:
-    """Per-row shape of each requested feature of an architecture ("pool": [D],
-    "map": [C, H, W]), from its `is_feat` outputs on the meta device."""
-    from ckd.models import feature_shapes
+    """Per-row shape of each requested feature of a loaded mentor ("pool": [D],
+    "map": [C, H, W]): its own `is_feat` outputs on two blank images, so a mentor built
+    with constructor kwargs (a `ckd train --student-kwargs` run) gets its real widths."""
+    import torch
 
-    shapes = feature_shapes(arch, image_size)
-    pick = {"pool": shapes[-1], "map": shapes[-2]}
-    return {n: list(pick[n]) for n in names}
+    param = next(model.parameters(), None)
+    x = torch.zeros(2, 3, image_size, image_size,
+                    device=param.device if param is not None else "cpu")
+    with torch.no_grad():
+        stages, _ = model.eval()(x, is_feat=True)
+    pick = {"pool": stages[-1], "map": stages[-2]}
+    return {n: [int(d) for d in pick[n].shape[1:]] for n in names}
 
 
 def feature_bytes(shapes: Mapping[str, Sequence[int]], num_slots: int, num_samples: int,
@@ -53,14 +58,18 @@ def plan_features(names: Sequence[str], paths: Mapping[str, Path], dataset: Any,
     will take (and a warning with a `--views K` suggestion when that is huge)."""
     if not names:
         return {}
-    from .mentors import mentor_arch
+    import torch
+
+    from .mentors import load_mentor, mentor_arch
 
     image_size = int(dataset.train.images.shape[1])
     n = len(dataset.train)
     out = {}
     for alias, path in paths.items():
         arch = mentor_arch(alias, path)
-        shapes = mentor_feature_shapes(arch, image_size, names)
+        model = load_mentor(alias, path, int(dataset.num_classes), torch.device("cpu"))
+        shapes = mentor_feature_shapes(model, image_size, names)
+        del model
         size = feature_bytes(shapes, num_slots, n, dtype)
         desc = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
         say(f"[cache-logits] {alias} ({arch}) features {desc}: {size / 1e9:.2f} GB for "

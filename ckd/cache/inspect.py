@@ -296,6 +296,12 @@ def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
             recomputed = {"logits": logits, **mentor_features(stages, features)}
         else:
             recomputed = {"logits": mentor_forward(model, x, precision)}
+        mode = m.get("logits_mode", "dense")
+        if mode != "dense":  # a sparse mentor: its stored entries and statistics
+            labels = torch.from_numpy(dataset.train.labels[idx])
+            dense = recomputed.pop("logits").cpu()
+            recomputed.update(sparse_reference(mode, lay.num_classes, dense, labels, root,
+                                               alias, slots, idx, lay.dtype))
         for name, ref in recomputed.items():
             try:
                 got = torch.from_numpy(stored_rows(root[f"mentors/{alias}/{name}"], slots, idx))
@@ -303,6 +309,34 @@ def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
                 rep.problems.append(f"{alias}/{name}: cannot read the recomputed rows ({err})")
                 continue
             compare_rows(rep, path, alias, name, ref.cpu(), got, lay.dtype, precision)
+
+
+def sparse_reference(mode_spec: str, num_classes: int, logits: torch.Tensor,
+                     labels: torch.Tensor, root: zarr.Group, alias: str, slots: np.ndarray,
+                     idx: np.ndarray, dtype: str) -> dict[str, torch.Tensor]:
+    """What a sparse mentor's arrays must hold for recomputed dense `logits` [n, C]: the
+    logits at its stored class ids, the row statistics, and (topk) the statistics of the
+    classes it left out. Draws (sample) and near-tie orders (topk) are not re-derived: the
+    stored ids are taken and their values checked."""
+    from ckd.kernels.sparse_mentors import parse_mode
+    from ckd.row_stats import mentor_row_stats
+
+    mode, _ = parse_mode(mode_spec, num_classes)
+    z = logits.to(getattr(torch, dtype)).float()  # the logits as a dense cache stores them
+    ids = torch.from_numpy(stored_rows(root[f"mentors/{alias}/{mode}_ids"], slots,
+                                       idx).astype(np.int64)).clamp(0, num_classes - 1)
+    vals = z.gather(-1, ids)
+    if mode == "sample":  # an empty slot (a class drawn no more) stores 0
+        counts = stored_rows(root[f"mentors/{alias}/sample_counts"], slots, idx)
+        vals = torch.where(torch.from_numpy(counts.astype(np.int64)) > 0, vals, 0.0)
+    out = {f"{mode}_logits": vals, "stats": mentor_row_stats(z, labels)}
+    if mode == "topk":
+        rest = z.scatter(-1, ids, float("-inf"))
+        k = ids.shape[-1]
+        if k < num_classes:
+            mean = (z.double().sum(-1) - z.gather(-1, ids).double().sum(-1)) / (num_classes - k)
+            out["topk_rest"] = torch.stack([torch.logsumexp(rest, -1), mean.float()], -1)
+    return out
 
 
 def stored_rows(arr: Any, slots: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -329,7 +363,7 @@ def compare_rows(rep: VerifyReport, path: Path, alias: str, name: str, ref: torc
                                                    2.0 ** -10 if dtype == "float16" else 1e-5)
     tol = 1e-4 + rel * ref.abs()
     n_rows = len(ref)
-    rep.rows_recomputed += n_rows if name == "logits" else 0
+    rep.rows_recomputed += n_rows if name.endswith("logits") else 0
     rep.max_abs_diff = max(rep.max_abs_diff, float(diff.max()))
     bad = int((diff > tol).reshape(n_rows, -1).any(dim=1).sum())
     if bad:

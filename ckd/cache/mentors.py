@@ -76,6 +76,13 @@ def _benefits_from_channels_last(model: torch.nn.Module) -> bool:
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 2
 
 
+def mentor_arch_kwargs(path: Path) -> dict:
+    """The constructor keywords a ckd checkpoint records (a run's `--student-kwargs`)."""
+    from ckd.models import read_checkpoint_meta
+
+    return dict(read_checkpoint_meta(path).get("arch_kwargs") or {})
+
+
 def load_mentor(alias: str, path: Path, num_classes: int, device: torch.device
                 ) -> torch.nn.Module:
     """Frozen eval-mode mentor on `device`; refuses a checkpoint with another class count.

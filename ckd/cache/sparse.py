@@ -161,7 +161,12 @@ def logits_modes(logits: str | Mapping[str, str], aliases: list[str], num_classe
             if bad:
                 raise ValueError(f"--logits {logits!r}: give one mode for every mentor "
                                  "(topk:10) or ALIAS=MODE pairs (r110=dense,r8=sample:16)")
-            logits = dict(p.split("=", 1) for p in parts)
+            pairs = [tuple(s.strip() for s in p.split("=", 1)) for p in parts]
+            twice = sorted({a for a, _ in pairs if [b for b, _ in pairs].count(a) > 1})
+            if twice:
+                raise ValueError(f"--logits {logits!r} sets mentor(s) {', '.join(twice)} "
+                                 "more than once: give each mentor one mode")
+            logits = dict(pairs)
     unknown = sorted(set(logits) - set(aliases))
     if unknown:
         raise ValueError(f"--logits names mentors {unknown} that are not in --mentors "

@@ -30,7 +30,7 @@ from .layout import (
     read_json_attrs,
 )
 from .location import ObjectPath, list_files, remove_tree, zarr_store
-from .mentors import mentor_arch, recorded_precision
+from .mentors import mentor_arch, mentor_arch_kwargs, recorded_precision
 
 
 def _clean_partials(out: Path | ObjectPath) -> None:
@@ -250,57 +250,74 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: tor
         vid = None if keyed_ids is None else keyed_ids.numpy()
         _init_root(out, attrs, dataset.train.labels, vid)
     layout = layout_from_attrs(read_json_attrs(out, out / "zarr.json"))
-    for alias, path in paths.items():
-        state = _mentor_state(out, alias)
-        extra = mentor_extra(alias, mentor_arch(alias, path)) if mentor_extra else {}
-        if state is not None and extra.get("resolution") != state.get("resolution"):
-            if not overwrite:
-                raise CacheMismatchError(
-                    f"mentor {alias!r} in {out} was cached at resolution "
-                    f"{state.get('resolution')}, {extra.get('resolution')} requested: use the "
-                    "same --resolution, another alias, or --overwrite")
-            state = None
-        mode = (modes or {}).get(alias, "dense")
-        extra = {**extra, "logits_mode": mode, "precision": precision,
-                 "deterministic": bool(deterministic)}
-        if state is not None and recorded_precision(state) != precision:
-            if not overwrite:
-                raise CacheMismatchError(
-                    f"mentor {alias!r} in {out} was cached at --precision "
-                    f"{recorded_precision(state)}, requested {precision}: pass --precision "
-                    f"{recorded_precision(state)} to resume or add to it, --overwrite to "
-                    "recompute it, or use another alias or --out")
-            state = None
-        # an unfinished mentor resumes with the setting its first units were computed with
-        # (a complete one is left as recorded: no forward pass runs for it)
-        if state is not None and not state.get("complete") and \
-                bool(state.get("deterministic")) != bool(deterministic):
-            if not overwrite:
-                had = bool(state.get("deterministic"))
-                raise CacheMismatchError(
-                    f"mentor {alias!r} in {out} was started {'with' if had else 'without'} "
-                    f"--deterministic: resume it {'with' if had else 'without'} "
-                    "--deterministic (as it was started), or pass --overwrite to recompute "
-                    "it, or use another alias or --out")
-            state = None
-        if state is not None and state.get("logits_mode", "dense") != mode:
-            if not overwrite:
-                raise CacheMismatchError(
-                    f"mentor {alias!r} in {out} is stored as --logits "
-                    f"{state.get('logits_mode', 'dense')}, requested {mode}: pass --overwrite "
-                    "to recompute it, or use another alias or --out")
-            state = None
-        if state is not None and state["checkpoint_sha256"] != shas[alias]:
-            if not overwrite:
-                raise CacheMismatchError(
-                    f"mentor {alias!r} in {out} was cached from a checkpoint with sha256 "
-                    f"{state['checkpoint_sha256'][:12]}..., {path} has {shas[alias][:12]}...: "
-                    "pass --overwrite to recompute it, or use another alias")
-            state = None
+    # every mentor is checked before any is written: a refused one leaves the store as it was
+    plans = [_mentor_plan(out, alias, path, shas[alias], overwrite, mentor_extra,
+                          (modes or {}).get(alias, "dense"), precision, deterministic)
+             for alias, path in paths.items()]
+    for alias, path, arch, state, extra in plans:
+        feats = (features or {}).get(alias) or {}
         if state is None:
-            arch = mentor_arch(alias, path)
             _init_mentor(out, alias, layout,
                          _mentor_attrs(alias, arch, path, shas[alias], layout.num_classes,
-                                       extra, features=(features or {}).get(alias)))
-        elif not add_features(out, alias, layout, state, (features or {}).get(alias) or {}):
+                                       extra, features=feats))
+        elif not add_features(out, alias, layout, {**state, **extra}, feats):
             _reopen_holes(out, alias, layout, state)
+
+
+def _mentor_plan(out: Path, alias: str, path: Path, sha: str, overwrite: bool,
+                 mentor_extra: Callable[[str, str], dict[str, Any]] | None, mode: str,
+                 precision: str, deterministic: bool
+                 ) -> tuple[str, Path, str, dict[str, Any] | None, dict[str, Any]]:
+    """(alias, path, arch, its stored state or None when it is (re)built, its extra
+    attributes); refuses a stored mentor that differs from the request unless
+    `overwrite`."""
+    state = _mentor_state(out, alias)
+    arch = mentor_arch(alias, path)
+    extra = mentor_extra(alias, arch) if mentor_extra else {}
+    if state is not None and extra.get("resolution") != state.get("resolution"):
+        if not overwrite:
+            raise CacheMismatchError(
+                f"mentor {alias!r} in {out} was cached at resolution "
+                f"{state.get('resolution')}, {extra.get('resolution')} requested: use the "
+                "same --resolution, another alias, or --overwrite")
+        state = None
+    extra = {**extra, "logits_mode": mode, "precision": precision,
+             "deterministic": bool(deterministic)}
+    if state is not None and recorded_precision(state) != precision:
+        if not overwrite:
+            raise CacheMismatchError(
+                f"mentor {alias!r} in {out} was cached at --precision "
+                f"{recorded_precision(state)}, requested {precision}: pass --precision "
+                f"{recorded_precision(state)} to resume or add to it, --overwrite to "
+                "recompute it, or use another alias or --out")
+        state = None
+    # an unfinished mentor resumes with the setting its first units were computed with
+    # (a complete one is left as recorded: no forward pass runs for it)
+    if state is not None and not state.get("complete") and \
+            bool(state.get("deterministic")) != bool(deterministic):
+        if not overwrite:
+            had = bool(state.get("deterministic"))
+            raise CacheMismatchError(
+                f"mentor {alias!r} in {out} was started {'with' if had else 'without'} "
+                f"--deterministic: resume it {'with' if had else 'without'} "
+                "--deterministic (as it was started), or pass --overwrite to recompute "
+                "it, or use another alias or --out")
+        state = None
+    kwargs = mentor_arch_kwargs(path)
+    if kwargs:  # the widths a `--student-kwargs` run was built with
+        extra["arch_kwargs"] = kwargs
+    if state is not None and state.get("logits_mode", "dense") != mode:
+        if not overwrite:
+            raise CacheMismatchError(
+                f"mentor {alias!r} in {out} is stored as --logits "
+                f"{state.get('logits_mode', 'dense')}, requested {mode}: pass --overwrite "
+                "to recompute it, or use another alias or --out")
+        state = None
+    if state is not None and state["checkpoint_sha256"] != sha:
+        if not overwrite:
+            raise CacheMismatchError(
+                f"mentor {alias!r} in {out} was cached from a checkpoint with sha256 "
+                f"{state['checkpoint_sha256'][:12]}..., {path} has {sha[:12]}...: "
+                "pass --overwrite to recompute it, or use another alias")
+        state = None
+    return alias, path, arch, state, extra

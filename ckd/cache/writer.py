@@ -440,7 +440,7 @@ def _finalize_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.M
         per_view = grp[CORRECT][:].sum(axis=1) / layout.num_samples * 100.0
         keep = ("alias", "arch", "num_classes", "checkpoint", "checkpoint_sha256", "arrays",
                 "stat_fields", "features", "resolution", "boxes", "logits_mode", "precision",
-                "deterministic")
+                "deterministic", "arch_kwargs")
         grp.attrs.put({**{k: attrs[k] for k in keep if k in attrs}, "test_acc": test_acc,
                        "train_acc": round(float(per_view.mean()), 4),
                        "train_acc_per_view": [round(float(v), 4) for v in per_view],

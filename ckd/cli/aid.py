@@ -49,6 +49,7 @@ def _data_options(f):
               help="Allowed test top-1 drop (points); a larger drop is reported loudly "
               "and the command exits with status 3 (the checkpoint is still written).")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def adapt_mentor(dataset_opt: tuple[str, ...], tau: float, no_progress: bool,
                  **kw: Any) -> None:
@@ -86,9 +87,10 @@ def analyze(cache: str, mentor: str, student: str, out: str, dataset: str | None
         student_checkpoint,
         write_analysis,
     )
-    from ckd.aid.decompose import markdown_table  # noqa: PLC0415
+    from ckd.aid.decompose import check_temperature, markdown_table  # noqa: PLC0415
     from ckd.models import load_checkpoint  # noqa: PLC0415
 
+    check_temperature(tau)  # before any data is loaded
     ckpt, run_dir = student_checkpoint(student)
     ds = load_run_data(run_dir, prepared, dataset, _kv(dataset_opt, "--dataset-opt"),
                        data_dir)

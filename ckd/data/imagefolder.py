@@ -104,15 +104,51 @@ def scan_folder(data_dir: str | Path, *, imagenet: bool = False) -> FolderScan:
                              "sort it into <wnid>/ folders (the usual valprep script) first")
         rows = []
         for c in found_classes:
-            for dirpath, _, names in sorted(os.walk(root / sub / c, followlinks=True)):
-                for name in sorted(names):
-                    if name.lower().endswith(IMG_EXTENSIONS):
-                        rel = os.path.relpath(os.path.join(dirpath, name), root)
-                        rows.append((rel, label_of[c]))
+            rows += [(rel, label_of[c]) for rel in _class_files(root, root / sub / c)]
         if not rows:
             raise FileNotFoundError(f"{root / sub}: no image files ({', '.join(IMG_EXTENSIONS)})")
+        have = {label for _, label in rows}
+        empty = [c for c in classes if label_of[c] not in have]
+        if split == "train" and empty:  # torchvision's ImageFolder refuses them too
+            raise FileNotFoundError(
+                f"{root / sub}: class folder(s) {', '.join(empty[:5])} hold no image files "
+                f"({', '.join(IMG_EXTENSIONS)}): add their images, or remove the folders")
         files[split] = rows
     return FolderScan(root, classes, files, split_dirs)
+
+
+def _class_files(root: Path, class_dir: Path) -> list[str]:
+    """The image files under one class folder (relative to `root`), in torchvision's
+    ImageFolder order (directories sorted by path, files by name). Directory links are
+    followed, except a loop, a second link to a folder already walked, or a link into
+    another part of the data tree (another class's images): those are refused by name."""
+    tree, base = root.resolve(), class_dir.resolve()
+    seen: set[Path] = set()
+    found, bad = [], []
+    stack = [str(class_dir)]
+    while stack:
+        d = stack.pop()
+        real = Path(d).resolve()
+        if real in seen or (d != str(class_dir) and real.is_relative_to(tree)
+                            and not real.is_relative_to(base)):
+            bad.append(f"{os.path.relpath(d, root)} -> {real}")
+            continue
+        seen.add(real)
+        names = []
+        with os.scandir(d) as entries:
+            for e in entries:
+                if e.is_dir():  # follows links, as ImageFolder does
+                    stack.append(os.path.join(d, e.name))
+                elif e.name.lower().endswith(IMG_EXTENSIONS):
+                    names.append(e.name)
+        found.append((d, sorted(names)))
+    if bad:
+        raise ValueError(f"{class_dir}: directory link(s) {'; '.join(bad[:3])} form a loop or "
+                         "lead to a folder walked already or to another class's images: "
+                         "remove those links (links to folders outside the data tree are "
+                         "followed)")
+    return [os.path.relpath(os.path.join(d, n), root) for d, names in sorted(found)
+            for n in names]
 
 
 def encode_image(data: bytes, max_side: int, quality: int) -> tuple[np.ndarray, tuple, tuple]:
@@ -268,7 +304,7 @@ def prepare_imagefolder(data_dir: str | Path, out: str | Path, *, imagenet: bool
     parts_dir = out / PARTS
     if (out / META).is_file() and not parts_dir.exists():
         if resume:
-            return json.loads((out / META).read_text())
+            return _finished(out, data_dir, imagenet, int(max_side), int(quality))
         raise FileExistsError(f"{out} is already a prepared dataset; choose another --out "
                               "(or --resume, which keeps it)")
     if parts_dir.exists() and not resume:
@@ -310,6 +346,38 @@ def prepare_imagefolder(data_dir: str | Path, out: str | Path, *, imagenet: bool
     return _assemble(out, scan, jobs, part_path, manifest, imagenet, progress)
 
 
+def _check_every_class_read(out: Path, scan: FolderScan, labels: np.ndarray,
+                            skipped: list) -> None:
+    """A class none of whose training images decoded is refused by name (it would be a
+    class with no samples); the skipped files are listed in skipped.txt first."""
+    count = np.bincount(labels, minlength=len(scan.classes))
+    empty = [scan.classes[i] for i in np.flatnonzero(count == 0)]
+    if empty:
+        atomic_write_text(out / "skipped.txt", "".join(f"{p}\t{e}\n" for p, e in skipped))
+        raise ValueError(f"class(es) {', '.join(empty[:5])}: none of their training images "
+                         f"could be read (see {out / 'skipped.txt'}): replace those files or "
+                         f"remove the class folders, then delete {out} and prepare again")
+
+
+def _finished(out: Path, data_dir: str | Path, imagenet: bool, max_side: int,
+              quality: int) -> dict:
+    """The meta of a finished `out` that --resume keeps, if it was made from the same
+    folder with the same options; refused otherwise (nothing is rewritten)."""
+    meta = json.loads((out / META).read_text())
+    extra = meta.get("extra") or {}
+    asked = {"--data-dir": str(Path(data_dir).resolve()), "--max-side": max_side,
+             "--quality": quality,
+             "dataset": "imagenet" if imagenet else "imagefolder"}
+    had = {"--data-dir": extra.get("source"), "--max-side": extra.get("max_side"),
+           "--quality": extra.get("quality"), "dataset": meta.get("name")}
+    diff = [f"{k} {had[k]} (now {asked[k]})" for k in asked if had[k] != asked[k]]
+    if diff:
+        raise FileExistsError(f"{out} is already prepared from other inputs: {', '.join(diff)}; "
+                              "--resume keeps a finished folder only for the same inputs: "
+                              "choose another --out, or delete it to prepare it again")
+    return meta
+
+
 def _drain(pending: dict, part_path: dict, bar, *, one: bool) -> None:
     from concurrent.futures import FIRST_COMPLETED, wait  # noqa: PLC0415
 
@@ -343,6 +411,8 @@ def _assemble(out: Path, scan: FolderScan, jobs: list, part_path: dict, manifest
         cat = {k: np.concatenate([a[k] for a in arrays])
                for k in ("labels", "orig", "stored", "digests", "paths")}
         per_split.append((cat["labels"], cat["orig"], cat["stored"], cat["digests"]))
+        if split == "train":
+            _check_every_class_read(out, scan, cat["labels"], skipped)
         with atomic_open(out / f"{split}_files.txt", "w") as f:
             f.writelines(f"{p}\t{lab}\n"
                          for p, lab in zip(cat["paths"], cat["labels"], strict=True))

@@ -12,7 +12,9 @@ Eager reference of RepDistiller's `crd/` (criterion.py, memory.py) as one module
 Differences to RepDistiller, by design:
 - negatives come from ckd's counter-based generator keyed by (seed, step, sample, k), so a
   resumed run draws the same ones, and are drawn on the device from the other classes
-  (RepDistiller's default `--mode exact`) without a per-sample Python list;
+  (RepDistiller's default `--mode exact`), without replacement when nce_k fits in them (a
+  keyed permutation instead of `np.random.choice(..., replace=False)`), without a
+  per-sample Python list;
 - under DDP the memory update sees every rank's batch (all-gather), so the memories stay
   identical on all ranks (RepDistiller runs on one process).
 
@@ -29,7 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ckd.hashing import M32, mix32
+from ckd.hashing import M32, mix32, permute_below
 from ckd.kernels.rng import stream_key, tekap_noise
 
 EPS = 1e-7  # RepDistiller's eps in ContrastLoss
@@ -60,19 +62,28 @@ def nce_loss(scores: Tensor, n_data: int) -> Tensor:
 
 def draw_negatives(seed: int, step: int, labels: Tensor, nce_k: int,
                    by_class: Tensor, class_start: Tensor, class_count: Tensor) -> Tensor:
-    """[B, nce_k] dataset indices of samples from another class than each label.
+    """[B, nce_k] dataset indices of samples from another class than each label, drawn as
+    RepDistiller draws them: without replacement when nce_k is at most the number of
+    other-class samples, else independently (with replacement).
 
     `by_class` lists the training set's indices sorted by label, class c occupying
-    `[class_start[c], class_start[c] + class_count[c])`; a uniform position among the
-    other classes' n - count[y] samples skips over class y's block.
+    `[class_start[c], class_start[c] + class_count[c])`; a position among the other
+    classes' n - count[y] samples skips over class y's block. Without replacement the
+    positions are the first nce_k of a permutation of them keyed by (seed, step, row)
+    (`ckd.hashing.permute_below`), so a resumed or a cached run draws the same.
     """
     n = by_class.numel()
     root = stream_key(STREAM_CRD, seed, step)
     b = torch.arange(labels.shape[0], device=labels.device, dtype=torch.int64).view(-1, 1)
     k = torch.arange(nce_k, device=labels.device, dtype=torch.int64).view(1, -1)
-    h = mix32(mix32((root ^ b) & M32) ^ k)
+    row_key = mix32((root ^ b) & M32)
     others = (n - class_count[labels]).view(-1, 1).clamp_min(1)
-    pos = h % others
+    distinct = others >= nce_k  # RepDistiller: replace = k > len(cls_negative[target])
+    if bool(distinct.all()):
+        pos = permute_below(row_key, k, others)
+    else:
+        pos = torch.where(distinct, permute_below(row_key, torch.where(distinct, k, 0), others),
+                          mix32(row_key ^ k) % others)
     start = class_start[labels].view(-1, 1)
     pos = torch.where(pos >= start, pos + class_count[labels].view(-1, 1), pos)
     return by_class[pos.clamp_max(n - 1)]

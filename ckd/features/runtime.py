@@ -217,7 +217,8 @@ def cached_mentor_shapes(cache: Any, image_size: int) -> list[tuple[tuple[int, .
     out = []
     for j, alias in enumerate(cache.mentors):
         arch = cache.mentor_meta[alias].get("arch")
-        shapes = feature_shapes(arch, image_size)
+        shapes = feature_shapes(arch, image_size,
+                                **(cache.mentor_meta[alias].get("arch_kwargs") or {}))
         expect = {"pool": tuple(shapes[-1]), "map": tuple(shapes[-2])}
         for name, per_mentor in cache.feature_shapes.items():
             if tuple(per_mentor[j]) != expect[name]:

@@ -232,12 +232,19 @@ def state_shapes(name_or_alias: str, num_classes: int = 100,
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-@lru_cache(maxsize=256)
-def feature_shapes(name_or_alias: str, image_size: int = 32,
-                   num_classes: int = 100) -> tuple[tuple[int, ...], ...]:
+def feature_shapes(name_or_alias: str, image_size: int = 32, num_classes: int = 100,
+                   **arch_kwargs: Any) -> tuple[tuple[int, ...], ...]:
     """Per-sample shapes of `forward(x, is_feat=True)[0]` for a square RGB input: the stage
-    features, ending with the pooled feature (the classifier's input), on the meta device."""
-    model = _meta_model(resolve_arch(name_or_alias), num_classes)
+    features, ending with the pooled feature (the classifier's input), on the meta device;
+    `arch_kwargs` the constructor's keywords (`--student-kwargs dim=48`)."""
+    return _feature_shapes(resolve_arch(name_or_alias), image_size, num_classes,
+                           _frozen(arch_kwargs))
+
+
+@lru_cache(maxsize=256)
+def _feature_shapes(arch: str, image_size: int, num_classes: int,
+                    kwargs: tuple) -> tuple[tuple[int, ...], ...]:
+    model = _meta_model(arch, num_classes, kwargs)
     x = torch.empty(2, 3, image_size, image_size, device="meta")
     with torch.no_grad():
         feats, _ = model.eval()(x, is_feat=True)

@@ -36,6 +36,35 @@ def run_folder_lock(run_dir: Path) -> Iterator[Path]:
         yield path
 
 
+def check_run_shape(run_dir: Path, students: list[str], cfg: TrainConfig) -> None:
+    """One student's run and several students' sub-runs never share a folder: --resume on
+    the other shape is refused (it would start a fresh run beside the old ones), a fresh
+    run is refused unless --overwrite, which removes the other shape's run files."""
+    if not run_dir.is_dir():
+        return
+    single = (run_dir / CHECKPOINT).is_file()
+    subruns = sorted(p.name for p in run_dir.iterdir() if (p / CHECKPOINT).is_file())
+    several = len(students) > 1
+    if several and single:
+        what, old = "one student's run", [run_dir]
+        fix = "resume it with one --student and this --out"
+    elif not several and subruns:
+        what, old = f"the runs of several students ({', '.join(subruns)})", \
+            [run_dir / name for name in subruns]
+        fix = (f"resume them with `--student {','.join(subruns)} --out {run_dir} --resume`, "
+               f"or one with `--student NAME --out {run_dir}/NAME --resume`")
+    else:
+        return
+    if cfg.resume or not cfg.overwrite:
+        asked = "--resume with " if cfg.resume else ""
+        raise FileExistsError(
+            f"{run_dir} holds {what}, not a run of {asked}--student {cfg.student}: {fix}; "
+            "pass a new --out" + ("" if cfg.resume else ", or --overwrite to replace it"))
+    for folder in old:  # --overwrite: the other shape's runs are replaced
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
+
+
 def changed_settings(old: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
     """(field, old, new) for every setting that differs from the checkpoint's."""
     new = cfg.to_dict()

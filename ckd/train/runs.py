@@ -22,7 +22,7 @@ from ckd.train.ddp import DistInfo, wrap
 from ckd.train.mentors import MentorSource, make_mentor_source
 from ckd.train.metrics import MetricsLogger
 from ckd.train.optim import make_optimizer
-from ckd.train.run_dir import resume_state, run_folder_lock
+from ckd.train.run_dir import check_run_shape, resume_state, run_folder_lock
 from ckd.train.schedules import make_schedule
 from ckd.train.setup import build_student, load_data, make_loaders
 
@@ -113,6 +113,8 @@ def setup_runs(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) ->
     (one stream, one cache gather per step); each has its own sub-folder <out>/<student>
     with its config, optimizer, schedule, metrics, checkpoints and --resume."""
     names = student_names(cfg.student)
+    if cfg.out and info.is_main:
+        check_run_shape(Path(cfg.out), names, cfg)
     if len(names) == 1:
         return [setup_run(cfg, info, stack)]
     shared = setup_shared(cfg, info)
