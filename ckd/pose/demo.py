@@ -79,8 +79,19 @@ def plot_pose(results: dict, path: Path) -> Path:
 
 def run_pose_demo(out: str | Path = "demo_pose", plan: PoseDemoPlan | None = None,
                   progress: bool = False) -> dict:
+    """Every stage on one torch thread (its digits depend on the count); the caller's
+    thread count is restored afterwards."""
     import torch  # noqa: PLC0415
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_pose_demo(out, plan, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_pose_demo(out: str | Path, plan: PoseDemoPlan | None, progress: bool) -> dict:
     from ckd.pose.cache import build_pose_cache  # noqa: PLC0415
     from ckd.pose.coco import load_pose_prepared, prepare_coco_keypoints  # noqa: PLC0415
     from ckd.pose.synthetic import make_synthetic_coco  # noqa: PLC0415
@@ -88,7 +99,6 @@ def run_pose_demo(out: str | Path = "demo_pose", plan: PoseDemoPlan | None = Non
 
     plan = plan or PoseDemoPlan()
     out = Path(out)
-    torch.set_num_threads(1)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     _say(f"1/4 synthetic keypoint set ({plan.train_images} + {plan.val_images} images)")
