@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,17 +28,17 @@ def ffcv_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-class _Rows:
-    """Indexable (image, label, index) rows for ffcv's DatasetWriter."""
+class BetonRows:
+    """Indexable rows for ffcv's DatasetWriter: `row(i)` is sample i's tuple of fields."""
 
-    def __init__(self, split: Split) -> None:
-        self.split = split
+    def __init__(self, n: int, row: Callable[[int], tuple]) -> None:
+        self.n, self.row = n, row
 
     def __len__(self) -> int:
-        return len(self.split)
+        return self.n
 
     def __getitem__(self, i: int) -> tuple:
-        return self.split.images[i], int(self.split.labels[i]), int(i)
+        return self.row(i)
 
 
 @contextmanager
@@ -94,7 +94,8 @@ def write_beton(split: Split, path: str | Path) -> Path:
     }
     with atomic_path(path) as tmp, keep_torch_threads():
         writer = DatasetWriter(str(tmp), fields, num_workers=ffcv_workers())
-        writer.from_indexed_dataset(_Rows(split), chunksize=1000)
+        writer.from_indexed_dataset(BetonRows(len(split), lambda i: (
+            split.images[i], int(split.labels[i]), int(i))), chunksize=1000)
     return path
 
 

@@ -33,7 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ckd.data.beton import META, ffcv_epoch, ffcv_workers, import_ffcv, keep_torch_threads
+from ckd.data.beton import (
+    META,
+    BetonRows,
+    ffcv_epoch,
+    ffcv_workers,
+    import_ffcv,
+    keep_torch_threads,
+)
 from ckd.data.datasets import histogram_stats
 from ckd.io import atomic_path, atomic_write_text
 
@@ -255,19 +262,6 @@ def build_split(json_path: Path, image_dir: Path, checked: tuple, store: tuple[i
 
 
 # ------------------------------------------------------------------------- betons
-class _Rows:
-    def __init__(self, split: PoseSplit) -> None:
-        self.s = split
-
-    def __len__(self) -> int:
-        return len(self.s)
-
-    def __getitem__(self, i: int) -> tuple:
-        s = self.s
-        return (s.images[i], s.keypoints[i], s.boxes[i], s.crops[i], float(s.areas[i]),
-                int(s.image_ids[i]), int(s.ann_ids[i]), int(i))
-
-
 def write_pose_beton(split: PoseSplit, path: Path) -> None:
     import_ffcv()
     from ffcv.fields import FloatField, IntField, NDArrayField  # noqa: PLC0415
@@ -281,7 +275,10 @@ def write_pose_beton(split: PoseSplit, path: Path) -> None:
               "image_id": IntField(), "ann_id": IntField(), "index": IntField()}
     with atomic_path(path) as tmp, keep_torch_threads():
         writer = DatasetWriter(str(tmp), fields, num_workers=ffcv_workers())
-        writer.from_indexed_dataset(_Rows(split), chunksize=500)
+        writer.from_indexed_dataset(BetonRows(len(split), lambda i: (
+            split.images[i], split.keypoints[i], split.boxes[i], split.crops[i],
+            float(split.areas[i]), int(split.image_ids[i]), int(split.ann_ids[i]), int(i))),
+            chunksize=500)
 
 
 def read_pose_beton(path: Path) -> PoseSplit:
