@@ -105,7 +105,7 @@ def copy_bandwidth(nbytes: int, device: torch.device) -> float:
 def make_loss(impl: str, method: str, zs, zm, y):
     name, kw = METHODS[method]
     if impl == "triton":  # the mentors' row statistics come from the cache in training
-        from ckd.kernels.fused import mentor_row_stats
+        from ckd.kernels.launch import mentor_row_stats
 
         stats = mentor_row_stats(zm, y)
         return lambda: distill_loss(zs, zm, y, method=name, backend="triton", validate=False,

@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckd.hashing import seed_keys
-from ckd.rows import padded_width
+from ckd.row_align import padded_width
 
 NO_LAUNCH = {"empty.memory_format", "empty_strided.default", "detach.default", "view.default",
              "select.int", "slice.Tensor", "alias.default", "expand.default",
@@ -94,7 +94,7 @@ def loss_counts(B=64, C=100, M=6) -> list[tuple[str, int, int]]:
     y = torch.randint(0, C, (B,), generator=g)
     kw = {}
     try:  # the cache's mentor statistics, where this version of the loss takes them
-        from ckd.kernels.fused import mentor_row_stats
+        from ckd.kernels.launch import mentor_row_stats
 
         kw["mentor_stats"] = mentor_row_stats(zm, y)
     except ImportError:

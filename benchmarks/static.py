@@ -6,7 +6,7 @@ bundled in triton, and read the result: registers, spills, 128-bit global loads/
     TRITON_INTERPRET= python benchmarks/static.py --arch 90 --C 100 1000
 
 Run it with TRITON_INTERPRET unset (the kernels must be JIT functions, not the
-interpreter's); nothing is launched: `fused.run` is replaced by a recorder. The mentor
+interpreter's); nothing is launched: `launch.run` is replaced by a recorder. The mentor
 logits come, by default, from the trainer's own path: a logit cache built here and read
 by `CachedMentors.gather` (zarr needed; `--mentor-source plain` needs none).
 """
@@ -76,8 +76,8 @@ def loss_launches(case: str, B: int, C: int, M: int, student=torch.float32,
     trainer's cache gather (`source="cache"`: rows padded to 16 bytes) or, for
     comparison, a contiguous [M, B, C] tensor (`"plain"`: what an outside caller might
     pass)."""
+    from ckd.mentor_stats import mentor_row_stats
     from ckd.methods import distill_loss
-    from ckd.row_stats import mentor_row_stats
 
     zs = torch.randn(B, C).to(student).requires_grad_()
     if source == "cache":

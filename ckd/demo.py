@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckd.io import atomic_write_text
+from ckd.atomic import atomic_write_text
 
 # (label, method, classroom variant): the rows of the results table.
 DEMO_METHODS: tuple[tuple[str, str, str | None], ...] = (

@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from ckd.cache import CacheMismatchError, LogitCache, build_cache, epoch_seed
-from ckd.cache.inspect import info, verify
+from ckd.cache.info import info, verify
 from ckd.cache.mentors import resolve_mentors
 from ckd.data import NUM_VIEWS, RECIPE, apply_views, load_dataset, view_ids
 from ckd.models import create_model, save_checkpoint

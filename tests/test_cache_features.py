@@ -105,7 +105,7 @@ def test_features_added_to_a_logits_store_compute_only_what_is_missing(mentors, 
 
 
 def test_info_and_verify_cover_the_feature_arrays(mentors, tmp_path):
-    from ckd.cache.inspect import info, verify
+    from ckd.cache.info import info, verify
 
     path = build_cache(_ds(), {"t": mentors["t"]}, tmp_path / "c", views=2, progress=False,
                        features="pool")
@@ -189,7 +189,7 @@ def test_verify_recompute_rederives_the_feature_arrays(mentors, tmp_path, monkey
     from click.testing import CliRunner
 
     import ckd.cache.writer as writer
-    from ckd.cache.inspect import verify
+    from ckd.cache.info import verify
     from ckd.cli.main import main
 
     real = writer.finish_unit

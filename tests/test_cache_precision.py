@@ -14,7 +14,7 @@ import zarr
 from click.testing import CliRunner
 
 from ckd.cache import CacheMismatchError, LogitCache, build_cache
-from ckd.cache.inspect import verify
+from ckd.cache.info import verify
 from ckd.cache.mentors import load_mentor, recorded_precision
 from ckd.cache.writer import record_mentor_digest
 from ckd.data import apply_views, load_dataset

@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from ckd.cache import LogitCache, build_cache
-from ckd.cache.inspect import info, verify
+from ckd.cache.info import info, verify
 from ckd.cache.sparse import logits_modes
 from ckd.data import load_dataset
 from ckd.kernels.sparse_mentors import sparsify_topk

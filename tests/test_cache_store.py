@@ -16,7 +16,7 @@ import zarr
 from click.testing import CliRunner
 
 from ckd.cache import LogitCache, build_cache
-from ckd.cache.inspect import info, verify
+from ckd.cache.info import info, verify
 from ckd.cache.layout import (
     MENTOR_ARRAYS,
     VERSION,
@@ -24,7 +24,7 @@ from ckd.cache.layout import (
     CacheMismatchError,
     CacheReadError,
 )
-from ckd.cache.stats import STAT_FIELDS, mentor_row_stats
+from ckd.cache.mentor_stats import STAT_FIELDS, mentor_row_stats
 from ckd.cli.main import main
 from ckd.data import load_dataset
 from ckd.models import create_model, save_checkpoint

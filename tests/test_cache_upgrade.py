@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from zarr.storage import LocalStore
 
 from ckd.cache import LogitCache, build_cache
-from ckd.cache.inspect import info, verify
+from ckd.cache.info import info, verify
 from ckd.cache.layout import CacheIncompleteError, CacheMismatchError
 from ckd.cli.main import main
 from ckd.data import load_dataset

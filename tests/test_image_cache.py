@@ -95,7 +95,7 @@ def test_pipelined_build_equals_sequential_byte_for_byte(built, tmp_path):
 
 
 def test_verify_recompute_rederives_boxes(built):
-    from ckd.cache.inspect import verify
+    from ckd.cache.info import verify
 
     rep = verify(built["out"], recompute=6, dataset=built["views"])
     assert rep.ok, rep.problems

@@ -12,10 +12,10 @@ from registry_cases import method_cases, table_of
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ckd.kernels import Ranking, TermTable
-from ckd.kernels import fused as F
+from ckd.kernels import launch as F
 from ckd.kernels.specialize import recorded_launches
 from ckd.methods import distill_loss, get_method
-from ckd.rows import aligned_rows
+from ckd.row_align import aligned_rows
 
 CASES = method_cases()
 
@@ -88,7 +88,7 @@ def _spec_keys(kernel_calls):
     except ImportError:
         pytest.skip("this triton has no create_function_from_signature")
 
-    from ckd.kernels import distill as D
+    from ckd.kernels import triton_kernels as D
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     keys = []
@@ -206,7 +206,7 @@ def test_kernel_and_view_tests_import_no_cache_or_loader_packages():
     tests = Path(__file__).parent
     code = (f"import sys; sys.path.insert(0, {str(tests)!r})\n"
             "import test_kernels_triton, test_kernels_budget, test_kernels_reference, "
-            "test_views_fused, ckd.kernels.fused, ckd.kernels.specialize, ckd.data.views\n"
+            "test_views_fused, ckd.kernels.launch, ckd.kernels.specialize, ckd.data.views\n"
             "bad = {'zarr', 'ffcv', 'numcodecs'} & set(sys.modules)\n"
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,11 +1,11 @@
-"""The kernels' mentor statistics (ckd.kernels.fused, free of cache imports) are the
-cache's (ckd.cache.stats, what `ckd cache-logits` stores) bit for bit, so a loss computed
+"""The kernels' mentor statistics (ckd.kernels.launch, free of cache imports) are the
+cache's (ckd.cache.mentor_stats, what `ckd cache-logits` stores) bit for bit, so a loss computed
 with stored statistics equals one computed with statistics of the same logits."""
 
 import torch
 
-from ckd.cache.stats import mentor_row_stats as cache_stats
-from ckd.kernels.fused import mentor_row_stats as kernel_stats
+from ckd.cache.mentor_stats import mentor_row_stats as cache_stats
+from ckd.kernels.launch import mentor_row_stats as kernel_stats
 
 
 def test_same_statistics_bit_for_bit():

@@ -97,7 +97,7 @@ def test_cache_gather_feeds_the_kernels_128_bit_rows_with_identical_results():
     pytest.importorskip("zarr")
     import torch
 
-    from ckd.kernels.fused import vec_width
+    from ckd.kernels.launch import vec_width
     from ckd.methods import distill_loss
 
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -14,8 +14,8 @@ from device import DEVICE, ON_GPU
 from registry_cases import method_cases
 
 from ckd.kernels import NonFiniteError, check_finite, resolve_backend
-from ckd.kernels import distill as D
 from ckd.kernels import reference as R
+from ckd.kernels import triton_kernels as D
 from ckd.methods import distill_loss
 
 CLASSROOM = [dict(method="classroom", variant=v, granularity=g)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ckd.atomic import atomic_save, safe_torch_load
 from ckd.cli.main import main
-from ckd.io import atomic_save, safe_torch_load
 from ckd.pose.coco import prepare_coco_keypoints
 from ckd.pose.synthetic import make_synthetic_coco
 from ckd.pose.train import train_pose

@@ -14,7 +14,7 @@ import pytest
 import torch
 from source_ast import package_trees
 
-from ckd.io import atomic_save, atomic_write_text
+from ckd.atomic import atomic_save, atomic_write_text
 
 
 class Payload:
@@ -174,11 +174,11 @@ def test_atomic_writes_leave_no_temp_file(tmp_path, monkeypatch):
 
 
 def test_one_atomic_write_in_the_package():
-    """os.replace / rename live only in ckd/io.py (one atomic write, one folder swap)."""
+    """os.replace / rename live only in ckd/atomic.py (one atomic write, one folder swap)."""
     root = Path(__file__).resolve().parents[1] / "ckd"
     hits = [str(p.relative_to(root)) for p in root.rglob("*.py")
             if "os.replace(" in p.read_text() or ".rename(" in p.read_text()]
-    assert hits == ["io.py"], hits
+    assert hits == ["atomic.py"], hits
 
 
 if __name__ == "__main__":  # pragma: no cover

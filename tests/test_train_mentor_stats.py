@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ckd.methods.loss
-from ckd.row_stats import mentor_row_stats
+from ckd.mentor_stats import mentor_row_stats
 from ckd.train import train
 
 TINY = dict(n_train=16, n_test=8, num_classes=10, seed=0)

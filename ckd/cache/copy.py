@@ -4,7 +4,7 @@
 - Every chunk file is checked against its own crc32c (the last codec of every array,
   `layout.data_codecs` / `logits_codecs`) as it is read from SRC: a damaged source chunk
   stops the copy, naming the file, before it reaches DST.
-- Files are written whole (local: `ckd.io`'s atomic write; object stores: atomic puts),
+- Files are written whole (local: `ckd.atomic`'s atomic write; object stores: atomic puts),
   chunks first and metadata last, the root `zarr.json` very last: until the copy has
   finished DST is not a readable cache.
 - A rerun skips the files DST already holds with SRC's size (a file is either absent or
@@ -66,7 +66,7 @@ def _write(dst: Path | ObjectPath, rel: str, data: bytes) -> None:
     if isinstance(target, ObjectPath):
         target.write_bytes(data)
         return
-    from ckd.io import atomic_write_bytes
+    from ckd.atomic import atomic_write_bytes
 
     atomic_write_bytes(target, data)
 

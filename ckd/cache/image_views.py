@@ -146,7 +146,7 @@ def recompute_rows(path: Path, attrs: dict[str, Any], lay: Any, root: Any,
     from ckd.data.views import normalize
     from ckd.models import file_sha256
 
-    from .inspect import compare_rows, stored_rows
+    from .info import compare_rows, stored_rows
     from .layout import check_compatible
     from .mentors import load_mentor, mentor_forward, recorded_precision
 

@@ -229,13 +229,13 @@ class ArraySpec:
 
 
 def _stats(u: UnitValues) -> np.ndarray:
-    from .stats import stored_row_stats
+    from .mentor_stats import stored_row_stats
 
     return stored_row_stats(u.logits, u.labels)
 
 
 def _num_stats(layout: Layout) -> tuple[int, ...]:
-    from .stats import STAT_FIELDS
+    from .mentor_stats import STAT_FIELDS
 
     return (len(STAT_FIELDS),)
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import zarr
 
-from ckd.rows import padded_width
+from ckd.row_align import padded_width
 
 from .integrity import (
     array_digest,
@@ -188,7 +188,7 @@ class _Plan:
         for alias, named in arrays.items():
             self.rows[alias], self.bufs[alias] = {}, {}
             for name, (shape, dtype) in named.items():
-                # dense logit rows padded to 16 bytes (ckd.rows): 128-bit loads downstream
+                # dense logit rows padded to 16 bytes (ckd.row_align): 128-bit loads downstream
                 pad = pad_logits and name == "logits"
                 width = padded_width(shape[-1], dtype) if pad else shape[-1]
                 full = np.zeros((len(slots), *shape[:-1], width), dtype=dtype)
@@ -317,7 +317,7 @@ class LogitCache:
         """Logits [M, B, C] (store dtype) of sample `indices[b]` in slot `slots[b]`; with
         `with_stats`, also the mentors' row statistics [M, B, K] (fp32, `stat_fields`).
         The logits are a view of a [M, B, padded_width(C)] buffer: every row starts on a
-        16-byte boundary (`ckd.rows`), so the loss kernels load them 128 bits at a time."""
+        16-byte boundary (`ckd.row_align`), so the loss kernels load them 128 bits at a time."""
         slots = torch.as_tensor(slots, dtype=torch.int64)
         indices = torch.as_tensor(indices, dtype=torch.int64)
         if slots.shape != indices.shape or slots.ndim != 1:
@@ -417,7 +417,7 @@ class LogitCache:
     def _load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         m, s, n, c = len(self.mentors), self.num_slots, self.num_samples, self.num_classes
         k = len(self.stat_fields)
-        cp = padded_width(c, self.dtype)  # rows padded to 16 bytes (ckd.rows)
+        cp = padded_width(c, self.dtype)  # rows padded to 16 bytes (ckd.row_align)
         nbytes = m * s * n * (cp * (2 if self.dtype == torch.float16 else 4) + 4 * k)
         on_gpu = self.device.type == "cuda" and \
             torch.cuda.mem_get_info(self.device)[0] > nbytes * 1.2 + (1 << 30)

@@ -133,7 +133,7 @@ def _init_root(out: Path, attrs: dict[str, Any], labels: np.ndarray,
 def _mentor_attrs(alias: str, arch: str, path: Path, sha: str, num_classes: int,
                   extra: dict[str, Any] | None = None,
                   features: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    from .stats import STAT_FIELDS
+    from .mentor_stats import STAT_FIELDS
 
     attrs = {"alias": alias, "arch": arch, "num_classes": int(num_classes),
              "checkpoint": str(path), "checkpoint_sha256": sha,

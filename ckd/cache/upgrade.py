@@ -1,7 +1,7 @@
 """`ckd cache upgrade PATH`: convert a version-1 store to the current version in place.
 
 Resumable and atomic per array: an array whose codecs change is written whole beside the
-old one (`<name>.upgrade-new`) and swapped in by `ckd.io.replace_dir` (a rerun finishes a
+old one (`<name>.upgrade-new`) and swapped in by `ckd.atomic.replace_dir` (a rerun finishes a
 swap that a kill interrupted); new per-unit arrays (stats, unit markers) are filled unit by unit,
 marker last, like a build. The root attributes get the new version and the digests last,
 so until then the store stays a version-1 store that a rerun continues to upgrade.
@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from ckd.io import finish_replace_dir, replace_dir
+from ckd.atomic import finish_replace_dir, replace_dir
 
 from .integrity import chunk_file, marker_columns, mentor_digest, root_data_digests, unit_marker
 from .layout import (
@@ -116,7 +116,7 @@ def _upgrade_mentor(store: Path, alias: str, attrs: dict[str, Any], lay: Layout,
         for s in added:
             grp[s.name][sr.start:sr.stop, sm.start:sm.stop] = named[s.name]
         grp[MARKER][a:a + 1, b:b + 1] = unit_marker(a, b, named, columns)
-    from .stats import STAT_FIELDS
+    from .mentor_stats import STAT_FIELDS
 
     new_attrs = {**{k: attrs[k] for k in _MENTOR_KEYS},
                  "arrays": [s.name for s in MENTOR_ARRAYS], "stat_fields": list(STAT_FIELDS),

@@ -151,7 +151,7 @@ def _print_info(path: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ckd.cache.inspect import info
+    from ckd.cache.info import info
 
     attrs, rows = info(path)
     ds = attrs["dataset"]
@@ -220,7 +220,7 @@ def cache_verify(path: str, recompute: int, data_dir: str | None, prepared: str 
     if is_pose_dir(path):
         verify_pose(path, recompute, prepared)
         return
-    from ckd.cache.inspect import load_cache_dataset, verify
+    from ckd.cache.info import load_cache_dataset, verify
     from ckd.cache.layout import read_root_attrs
 
     ds = None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckd.io import atomic_path, atomic_write_text
+from ckd.atomic import atomic_path, atomic_write_text
 
 from .datasets import Dataset, Split
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ckd.io import atomic_open
+from ckd.atomic import atomic_open
 from ckd.options import OptionError, Param
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckd.io import atomic_open, atomic_path, atomic_write_text
+from ckd.atomic import atomic_open, atomic_path, atomic_write_text
 
 from .beton import META, ffcv_workers
 from .datasets import histogram_stats

@@ -1,7 +1,7 @@
 """Fused multi-mentor distillation losses (docs/ARCHITECTURE.md, ckd.kernels): a leaf that
 knows tensors and numbers, never a method.
 
-`terms_loss(...)` runs a term table (`terms.py`) in the fused Triton kernels (`distill.py`,
+`terms_loss(...)` runs a term table (`terms.py`) in the fused Triton kernels (`triton_kernels.py`,
 imported lazily: CPU-only users never need triton); `reference` holds the eager definitions
 of the methods' losses (the contract, docs/METHODS.md). The methods, their parameters and
 their tables are declared in `ckd.methods`, whose `distill_loss` is the public entry.

@@ -93,9 +93,9 @@ def terms_loss(zs: Tensor, zm: Tensor | SparseMentors | None, y: Tensor,
     validate_inputs(zs, zm, y, _reads(table), validate, who)
     if zm is not None and zm.shape[0] == 0:
         zm = None
-    from ckd.kernels import fused  # imports triton only when the kernels are used
+    from ckd.kernels import launch  # imports triton only when the kernels are used
 
-    return fused.fused_loss(zs, zm, y, table, seed=seed, step=step, epoch=epoch,
+    return launch.fused_loss(zs, zm, y, table, seed=seed, step=step, epoch=epoch,
                             mentor_stats=_check_stats(mentor_stats, zm, y),
                             rank_logits=rank_logits)
 

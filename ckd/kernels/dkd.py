@@ -1,5 +1,5 @@
 """DKD's kernel (terms.Decoupled): alpha_ce CE + warm T^2 (w_target TCKD + w_nontarget
-NCKD) of the teacher, gradient in the forward as the term kernels (distill.py), whose
+NCKD) of the teacher, gradient in the forward as the term kernels (triton_kernels.py), whose
 loads, reduction and flags it shares."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ckd.kernels.distill import _finish, _load_student, _online, _pick, _reduce, _store_grad
+from ckd.kernels.triton_kernels import _finish, _load_student, _online, _pick, _reduce, _store_grad
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """What `distill_loss` returns, shared by the eager and the fused paths (kept apart from
-`api.py` so that `fused.py` can import it without an import cycle)."""
+`api.py` so that `launch.py` can import it without an import cycle)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ckd.kernels.distill import _finish, _load_student, _online, _pick, _reduce, select
+from ckd.kernels.triton_kernels import _finish, _load_student, _online, _pick, _reduce, select
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ckd.kernels import distill as D
+from ckd.kernels import triton_kernels as D
 from ckd.kernels.rng import STREAM_TEKAP, as_i32, dgkd_keep_mask, stream_key
 from ckd.kernels.sparse_mentors import SparseMentors
 from ckd.kernels.terms import RandomDrop, Ranking, TermTable
@@ -237,9 +237,9 @@ def sparse_distill(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, src, co
     blk = min(triton.next_power_of_2(C), max(16, MAX_BLOCK_ELEMS // block_k))
     if block_c is not None:
         blk = triton.next_power_of_2(block_c)
-    from ckd.kernels import fused  # every launch goes through fused.run (tests record them)
+    from ckd.kernels import launch  # every launch goes through launch.run (tests record them)
 
-    fused.run(_sparse_kernel, (B,), (
+    launch.run(_sparse_kernel, (B,), (
         zs, zs.stride(0), zs.stride(1), ids, vals, cnt, ids.stride(0), ids.stride(1),
         stats[0], stats[1], stats[2], stats.stride(1), stats.stride(2), is_sample, y,
         src, copy, w, w.stride(0), w.stride(1), t, t.stride(0), t.stride(1), wce,

@@ -1,6 +1,6 @@
 """Compile the loss kernels for a GPU without a GPU, specialized exactly as a launch would
 specialize them (ints equal to 1 become constants, ints and pointers divisible by 16 get
-alignment hints), with the ptxas bundled in triton. Nothing runs: `fused.run` is replaced
+alignment hints), with the ptxas bundled in triton. Nothing runs: `launch.run` is replaced
 by a recorder, and the inputs are empty tensors laid out as the trainer's (student rows
 contiguous, mentor rows padded to 16 bytes as the cache gathers them, mentor statistics
 passed). The interpreter the CPU tests use never specializes, so a kernel that does not
@@ -15,21 +15,21 @@ from contextlib import contextmanager
 
 import torch
 
-from ckd.rows import aligned_rows
+from ckd.row_align import aligned_rows
 
 
 @contextmanager
 def recorded_launches():
-    """Replace fused.run by a recorder: yields the list of (kernel, grid, args, kwargs)."""
-    from ckd.kernels import fused
+    """Replace launch.run by a recorder: yields the list of (kernel, grid, args, kwargs)."""
+    from ckd.kernels import launch
 
     calls: list = []
-    saved = fused.run
-    fused.run = lambda kernel, grid, args, kwargs: calls.append((kernel, grid, args, kwargs))
+    saved = launch.run
+    launch.run = lambda kernel, grid, args, kwargs: calls.append((kernel, grid, args, kwargs))
     try:
         yield calls
     finally:
-        fused.run = saved
+        launch.run = saved
 
 
 def training_inputs(B: int, C: int, M: int, student=torch.float32, mentor=torch.float16,

@@ -157,7 +157,7 @@ class LossPlan:
 
     @property
     def reads_mentor_stats(self) -> bool:
-        """The logit term ranks from the mentors' row statistics (`ckd.row_stats`)."""
+        """The logit term ranks from the mentors' row statistics (`ckd.mentor_stats`)."""
         return "stats" in self.logit_term.method.inputs
 
     def build_modules(self, student_shapes: Any, mentor_shapes: Any,

@@ -76,7 +76,7 @@ class Method:
     terms: Callable | None = None
     sparse: Callable | None = None
     logit: bool = True
-    # what it reads from the mentors; "stats": their row statistics (ckd.row_stats), which
+    # what it reads from the mentors; "stats": their row statistics (ckd.mentor_stats), which
     # the fused kernels rank from instead of a pass over the mentor logits
     inputs: tuple[str, ...] = ("logits",)
     temperature: str | None = None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckd.io import atomic_save, safe_torch_load
+from ckd.atomic import atomic_save, safe_torch_load
 
 from .registry import (
     ARCHS,
@@ -270,7 +270,7 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None,
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, num_classes: int,
                     dataset: Any, metrics: Mapping[str, Any] | None,
                     arch_kwargs: Mapping[str, Any] | None = None) -> Path:
-    """Write ckd's format atomically (`ckd.io.atomic_save`).
+    """Write ckd's format atomically (`ckd.atomic.atomic_save`).
     `arch` is a zoo name or a "module.path:ClassName"; `arch_kwargs` its constructor's
     keyword arguments (recorded, so `load_checkpoint` rebuilds the same model)."""
     path = Path(path)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ckd.io import atomic_path, atomic_write_text
+from ckd.atomic import atomic_path, atomic_write_text
 from ckd.pose.mentors import batch_views, load_pose_mentor
 from ckd.pose.views import RECIPE, view_params
 

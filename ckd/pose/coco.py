@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ckd.atomic import atomic_path, atomic_write_text
 from ckd.data.beton import (
     META,
     BetonRows,
@@ -42,7 +43,6 @@ from ckd.data.beton import (
     keep_torch_threads,
 )
 from ckd.data.datasets import histogram_stats
-from ckd.io import atomic_path, atomic_write_text
 
 PADDING = 1.25
 CONTEXT = 1.5

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckd.io import atomic_write_text
+from ckd.atomic import atomic_write_text
 
 METHOD_LABELS = {"nokd": "NOKD", "kd": "KD (teacher)", "aver": "AVER",
                  "classroom": "ClassroomKD"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ckd.io import atomic_save, safe_torch_load
+from ckd.atomic import atomic_save, safe_torch_load
 from ckd.pose.coco import PoseDataset, PoseSplit
 from ckd.pose.codec import joint_weights
 from ckd.pose.metrics import rank_key, view_box_side

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ckd.io import atomic_write_text
+from ckd.atomic import atomic_write_text
 
 JOINTS = ("nose", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
           "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee",

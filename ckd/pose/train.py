@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ckd.io import atomic_write_text
+from ckd.atomic import atomic_write_text
 from ckd.pose.cache import open_pose_cache, view_table
 from ckd.pose.coco import PoseDataset, flip_permutation, load_pose_prepared
 from ckd.pose.codec import decode, flip_rows, segments, targets

@@ -1,6 +1,6 @@
-"""Atomic training checkpoints (`ckd.io.atomic_save`) with every RNG state, so `--resume`
+"""Atomic training checkpoints (`ckd.atomic.atomic_save`) with every RNG state, so `--resume`
 continues to the same final weights as an uninterrupted run. Read back with
-`torch.load(weights_only=True)` (`ckd.io.safe_torch_load`): a crafted `checkpoint.pt` in a
+`torch.load(weights_only=True)` (`ckd.atomic.safe_torch_load`): a crafted `checkpoint.pt` in a
 run folder cannot run code. RNG states are therefore stored as tensors and plain lists."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckd.io import atomic_save, safe_torch_load
+from ckd.atomic import atomic_save, safe_torch_load
 
 CHECKPOINT = "checkpoint.pt"
 

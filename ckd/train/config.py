@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ckd.io import atomic_write_text
+from ckd.atomic import atomic_write_text
 from ckd.methods import LossPlan, make_plan
 from ckd.options import (
     OptionError,

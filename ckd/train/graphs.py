@@ -76,7 +76,7 @@ def _like(t: Tensor | None) -> Tensor | None:
     if t is None:
         return None
     if t.dim() == 3 and t.is_floating_point() and not t.is_contiguous():
-        from ckd.rows import aligned_rows  # noqa: PLC0415
+        from ckd.row_align import aligned_rows  # noqa: PLC0415
 
         return aligned_rows(tuple(t.shape), t.dtype, t.device).copy_(t)
     return t.clone()

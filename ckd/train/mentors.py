@@ -8,7 +8,7 @@
 
 All three answer `views(epoch, idx) -> (slots, view_ids)`, `gather(slots, idx, x, needs,
 labels)` and `start_epoch(epoch, order)`, so the loop never asks which one it has. Given
-`labels`, `gather` also returns the mentors' row statistics (`ckd.row_stats`): the cache's
+`labels`, `gather` also returns the mentors' row statistics (`ckd.mentor_stats`): the cache's
 stored ones, or the same function applied to the online mentors' logits, so cached and
 online training stay equal.
 """
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckd.mentor_stats import STAT_FIELDS, mentor_row_stats
 from ckd.methods import method_mentors, select_mentors
-from ckd.row_stats import STAT_FIELDS, mentor_row_stats
 from ckd.train.config import TrainConfig
 from ckd.train.setup import norm_name
 

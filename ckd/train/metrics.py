@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ckd.io import atomic_write_text
+from ckd.atomic import atomic_write_text
 
 METRICS = "metrics.jsonl"
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ckd.io import atomic_write_text
+from ckd.atomic import atomic_write_text
 from ckd.train.metrics import read_metrics
 
 

@@ -16,7 +16,7 @@ Memory traffic (the point of the design):
   memory once and the gradient written once. Above MAX_BLOCK_C a class-blocked path
   reads the rows once per pass (3 passes).
 - 128-bit loads: when a tensor's row strides are multiples of 16 bytes (the cache pads
-  its rows, `ckd.rows.aligned_rows`), the launcher passes VEC = 16 / itemsize and
+  its rows, `ckd.row_align.aligned_rows`), the launcher passes VEC = 16 / itemsize and
   the kernel declares the alignment (`tl.multiple_of`) and loads whole VEC groups (the
   pad lanes are masked out of the math).
 - The batch loss and the statistics are reduced without an extra launch: every program

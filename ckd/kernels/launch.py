@@ -1,4 +1,4 @@
-"""Fused loss of a term table (terms.py) on dense mentors: the launch plan for `distill.py`
+"""Fused loss of a term table (terms.py) on dense mentors: the launch plan for `triton_kernels.py`
 and the thin autograd.Function (gradient computed in the forward, backward scales it).
 
 Launches per loss forward+backward: the loss kernel (+ the batch-ranking kernel for
@@ -22,13 +22,13 @@ import torch
 import triton
 from torch import Tensor
 
-from ckd.kernels import distill as D
+from ckd.kernels import triton_kernels as D
 from ckd.kernels.dkd import _dkd_kernel
 from ckd.kernels.output import DistillOutput
 from ckd.kernels.rank import _rank_batch_kernel
 from ckd.kernels.rng import as_i32
 from ckd.kernels.terms import Decoupled, RandomDrop, Ranking, TermTable
-from ckd.row_stats import mentor_row_stats
+from ckd.mentor_stats import mentor_row_stats
 
 _CONST: dict[tuple, Tensor] = {}
 _TICKETS: dict[str, Tensor] = {}
@@ -260,7 +260,7 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Deco
     """The loss of a term table (terms.py) on dense mentors [M, B, C], fused: returns
     DistillOutput. `seed`, `step` key the random draws (RandomDrop, TeKAP copies), `epoch`
     the Decoupled warm-up; `step`, `epoch` may be 0-dim device tensors. `mentor_stats`
-    [M, B, 2] (`ckd.row_stats`) feed a Ranking; `rank_logits` rank instead of the student
+    [M, B, 2] (`ckd.mentor_stats`) feed a Ranking; `rank_logits` rank instead of the student
     logits (a testing hook)."""
     if isinstance(table, Decoupled):
         return _decoupled_loss(zs, zm, y, table, epoch, block_c)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ckd.row_stats import STAT_FIELDS, mentor_row_stats  # noqa: F401 - the fields stored
+from ckd.mentor_stats import STAT_FIELDS, mentor_row_stats  # noqa: F401 - the fields stored
 
 
 def stored_row_stats(stored: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -319,7 +319,7 @@ def sparse_reference(mode_spec: str, num_classes: int, logits: torch.Tensor,
     classes it left out. Draws (sample) and near-tie orders (topk) are not re-derived: the
     stored ids are taken and their values checked."""
     from ckd.kernels.sparse_mentors import parse_mode
-    from ckd.row_stats import mentor_row_stats
+    from ckd.mentor_stats import mentor_row_stats
 
     mode, _ = parse_mode(mode_spec, num_classes)
     z = logits.to(getattr(torch, dtype)).float()  # the logits as a dense cache stores them
