@@ -190,7 +190,7 @@ def test_missing_s3_cache_names_the_build_command(s3):
 
 
 def _read_in_worker(url: str) -> list:
-    return open_cache(url)._read_checked("r8", "logits", slice(0, 1), slice(0, 16)).tolist()
+    return open_cache(url).read_checked("r8", "logits", slice(0, 1), slice(0, 16)).tolist()
 
 
 def _forked_read(url: str) -> str:

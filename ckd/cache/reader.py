@@ -181,6 +181,7 @@ class CacheReader:
                 "the same `ckd cache-logits` command to finish")
         self.mentors = chosen
         self.mentor_meta = {m: found[m] for m in chosen}
+        self._step_arrays: dict[str, list[str]] = {}  # alias -> array names (step_arrays)
         self._root = root = open_root(self.path)
         self._root_pid = os.getpid()  # a forked child reopens the store (_group)
         self._markers = check_store(self.path, self.meta, root, self.mentor_meta)
@@ -308,8 +309,10 @@ class CacheReader:
     def step_arrays(self, alias: str) -> list[str]:
         """The arrays a training step reads of this mentor: `logits` (or its sparse arrays,
         ckd/cache/sparse.py) and `stats`; not its view boxes or features."""
-        attrs = {**self.mentor_meta[alias], "features": None, "boxes": False}
-        return [sp.name for sp in mentor_specs(attrs)]
+        if alias not in self._step_arrays:
+            attrs = {**self.mentor_meta[alias], "features": None, "boxes": False}
+            self._step_arrays[alias] = [sp.name for sp in mentor_specs(attrs)]
+        return self._step_arrays[alias]
 
     def read_checked(self, alias: str, name: str, slots: slice, samples: slice
                      ) -> np.ndarray:
