@@ -85,7 +85,7 @@ def plan_features(names: Sequence[str], paths: Mapping[str, Path], dataset: Any,
 
 
 def cached_feature_shapes(mentor_meta: Mapping[str, Mapping[str, Any]],
-                          features: Sequence[str], path: Any, image_folder: bool
+                          features: Sequence[str], path: object, image_folder: bool
                           ) -> dict[str, list[tuple[int, ...]]]:
     """Per-row shape of each requested feature, per mentor (in `mentor_meta`'s order), as
     the store recorded it; a mentor cached without one is refused with the command that adds

@@ -16,7 +16,6 @@ sources.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -51,8 +50,12 @@ class RowSource(Protocol):
     stat_fields: tuple[str, ...]
     logits_modes: dict[str, str]
     feature_shapes: dict[str, list[tuple[int, ...]]]
-    mentor_meta: dict[str, dict[str, Any]]
-    path: Path | Any
+    mentor_meta: dict[str, dict[str, Any]]  # each mentor's stored attributes (JSON)
+    path: object  # where the cache is: a Path or an object-store location
+
+    @property
+    def sparse(self) -> bool:
+        """Some mentor is stored sparse: `logits` come back as `SparseMentors`."""
 
     def check_compatible(self, dataset_name: str | None = None,
                          fingerprint: str | None = None,
