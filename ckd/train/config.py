@@ -15,7 +15,7 @@ import yaml
 
 from ckd.atomic import atomic_write_text
 from ckd.methods import LossPlan, make_plan
-from ckd.options import (  # noqa: F401 (flag: re-export)
+from ckd.options import (
     OptionError,
     check_device,
     check_existing_dir,
@@ -23,7 +23,6 @@ from ckd.options import (  # noqa: F401 (flag: re-export)
     check_triton_backend,
     check_writable_dir,
     default_device,
-    flag,
     option,
 )
 
