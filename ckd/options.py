@@ -111,6 +111,13 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def field_flag(f: dataclasses.Field) -> str:
+    """How the command line spells a declared field (its declared long flag, else
+    `flag(name)`): what an error about the field's value names."""
+    spelled = [s.split("/")[0] for s in f.metadata.get("flags") or () if s.startswith("--")]
+    return spelled[0] if spelled else flag(f.name)
+
+
 def declared_fields(cls: type) -> list[dataclasses.Field]:
     """The fields of a config dataclass declared with `option`, in declaration order."""
     return [f for f in dataclasses.fields(cls) if "option" in f.metadata]
@@ -120,7 +127,7 @@ def check_fields(config: Any) -> None:
     """Every declared field of `config` coerced and checked against its declaration;
     OptionError naming the field's flag, the value and the valid range."""
     for f in declared_fields(type(config)):
-        value = f.metadata["option"].check(getattr(config, f.name), label=flag(f.name))
+        value = f.metadata["option"].check(getattr(config, f.name), label=field_flag(f))
         setattr(config, f.name, value)
 
 

@@ -18,7 +18,7 @@ from ckd.cli.cache import cache_logits
 from ckd.cli.main import main as cli
 from ckd.cli.params import Declared, field_help
 from ckd.cli.train import train, train_mentor
-from ckd.options import OptionError, declared_fields, default_device, flag
+from ckd.options import OptionError, declared_fields, default_device, field_flag, flag
 from ckd.train.config import TrainConfig
 
 COMMANDS = [(TrainConfig, train), (CacheConfig, cache_logits)]
@@ -94,10 +94,10 @@ def test_a_value_out_of_range_is_refused_with_the_fields_message(config, command
     with pytest.raises(OptionError) as from_config:
         config(**{field.name: value}).validate()
     message = str(from_config.value)
-    assert message.startswith(f"{flag(field.name)}={value!r} is invalid: must be ")
+    assert message.startswith(f"{field_flag(field)}={value!r} is invalid: must be ")
     assert field.metadata["option"].help in message
     with pytest.raises(click.BadParameter) as from_cli:
-        command.make_context(command.name, [flag(field.name), str(value)],
+        command.make_context(command.name, [field_flag(field), str(value)],
                              resilient_parsing=False)
     assert from_cli.value.message == message
 
@@ -118,6 +118,11 @@ def test_values_from_the_command_line_and_a_config_file(tmp_path, monkeypatch):
     assert cfg.milestones == [2, 5] and cfg.method_params == {"T": 2}
     assert cfg.dataset_options == {"n_test": 4}  # a flag replaces the file's mapping
     assert cfg.seed == TrainConfig().seed and cfg.progress is True  # declared defaults
+
+
+def test_a_config_files_bad_mapping_is_named_by_its_flag():
+    with pytest.raises(OptionError, match=r"^--dataset-opt=3 is invalid: must be a mapping"):
+        TrainConfig(dataset_options=3).validate()
 
 
 def test_build_cache_options_are_the_commands():

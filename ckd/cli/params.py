@@ -13,8 +13,15 @@ from typing import Any
 import click
 import yaml
 
-from ckd.options import OptionError, Param, check_device, check_writable_dir, declared_fields
-from ckd.options import flag as field_flag
+from ckd.options import (
+    OptionError,
+    Param,
+    check_device,
+    check_writable_dir,
+    declared_fields,
+    field_flag,
+    flag,
+)
 
 
 def device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -146,7 +153,7 @@ def field_help(f: dataclasses.Field) -> str:
 def _bool_flags(f: dataclasses.Field) -> str:
     """A bool field's `--on/--off` pair (declared, else `--name/--no-name`)."""
     declared = [s for s in f.metadata.get("flags") or () if "/" in s]
-    return declared[0] if declared else f"{field_flag(f.name)}/--no-{f.name.replace('_', '-')}"
+    return declared[0] if declared else f"{flag(f.name)}/--no-{f.name.replace('_', '-')}"
 
 
 def field_option(f: dataclasses.Field, **extra: Any) -> Callable:
@@ -164,11 +171,11 @@ def field_option(f: dataclasses.Field, **extra: Any) -> Callable:
         kw.update(metavar=f.metadata.get("metavar") or "A,B,...")
     else:
         kind = DeclaredFloat if p.type is float else Declared
-        kw.update(type=kind(p, field_flag(f.name)))
+        kw.update(type=kind(p, field_flag(f)))
         if f.metadata.get("metavar"):
             kw["metavar"] = f.metadata["metavar"]
     kw.update(extra)
-    return click.option(*(names or [field_flag(f.name)]), f.name, **kw)
+    return click.option(*(names or [flag(f.name)]), f.name, **kw)
 
 
 def config_options(config: type, *, only: Iterable[str] | None = None,
@@ -198,8 +205,7 @@ def config_values(config: type, kw: dict[str, Any]) -> dict[str, Any]:
     values = dict(kw)
     for f in declared_fields(config):
         if f.metadata["option"].type is dict and f.name in values:
-            values[f.name] = key_values(values[f.name], f.metadata.get("flags") or
-                                        (field_flag(f.name),))
+            values[f.name] = key_values(values[f.name], (field_flag(f),))
     return values
 
 
