@@ -133,6 +133,8 @@ def test_build_cache_options_are_the_commands():
     assert (cfg.views, cfg.features, cfg.logits) == ("3", "pool", "a=topk:2")
     with pytest.raises(OptionError, match=r"--resolution r50='x' is invalid"):
         CacheConfig(resolutions={"r50": "x"}).validate()
+    with pytest.raises(TypeError, match=r"unknown cache option\(s\) \['view'\]; valid: views"):
+        CacheConfig().replace(view=3)
 
 
 def test_cuda_if_available_is_decided_in_one_place():

@@ -86,4 +86,9 @@ class CacheConfig:
         return self.device or default_device()
 
     def replace(self, **changes: Any) -> CacheConfig:
+        """A checked copy with `changes` (build_cache's keywords) applied."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown cache option(s) {unknown}; valid: "
+                            f"{', '.join(f.name for f in dataclasses.fields(self))}")
         return dataclasses.replace(self, **changes).validate()
