@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ckd.methods import distill_loss, get_method
+from ckd.options import default_device
 
 METHODS = {
     "classroom-paper": ("classroom", dict(variant="paper")),
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter is not a benchmark")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(default_device())
     torch.set_num_threads(args.threads)
     import torch._functorch.config as fconf
 

@@ -40,19 +40,21 @@ def check_in_memory_data(ds: Any, command: str) -> Any:
 
 def load_run_data(run_dir: Path | None, prepared: str | None, dataset: str | None,
                   dataset_options: dict[str, Any] | None, data_dir: str | None):
-    """The dataset: from --prepared/--dataset, else the run's config.yaml."""
-    from ckd.train.config import load_config  # noqa: PLC0415
-    from ckd.train.setup import load_data  # noqa: PLC0415
+    """The dataset: from --prepared/--dataset, else the one the run's config.yaml names."""
+    from ckd.train.setup import open_data  # noqa: PLC0415
 
     if prepared is None and dataset is None:
         if run_dir is None or not (run_dir / "config.yaml").is_file():
             raise ValueError("which data? pass --prepared DIR or --dataset NAME (a student "
                              "checkpoint file does not record where its images are)")
-        cfg = load_config(run_dir / "config.yaml")
-    else:
-        cfg = load_config(None, prepared=prepared, dataset=dataset, data_dir=data_dir,
-                          dataset_options=dataset_options or None)
-    return check_in_memory_data(load_data(cfg), "ckd analyze")
+        from ckd.train.config import load_config  # noqa: PLC0415
+
+        run = load_config(run_dir / "config.yaml")
+        prepared, dataset, data_dir = run.prepared, run.dataset, run.data_dir
+        dataset_options = run.dataset_options
+    ds = open_data(dataset=dataset, prepared=prepared, data_dir=data_dir,
+                   dataset_options=dataset_options)
+    return check_in_memory_data(ds, "ckd analyze")
 
 
 @torch.no_grad()
