@@ -152,10 +152,6 @@ def test_every_variant_compiles_slow(arch):
 
 
 @pytest.mark.slow
-# known failure since the term-table kernels: classroom-delta's _terms_kernel at C=100 with
-# contiguous (unpadded) fp16 mentors spills 4 values on sm_90; the training path (padded
-# rows) does not. To be fixed in the kernel, not by loosening the budget.
-@pytest.mark.xfail(strict=True, reason="_terms_kernel spills with plain fp16 mentors, C=100")
 def test_unaligned_rows_fit_the_register_budget_slow():
     """A bf16 student at C=100 (the trainer's amp path: 200-byte rows) and contiguous
     fp16 mentors (an outside caller's) load element by element: fewer rows a program

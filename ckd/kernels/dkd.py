@@ -146,7 +146,7 @@ def _dkd_kernel(
     if pid == 0:  # mentor_rank = (warm-up factor, 0, ...)
         jm = tl.arange(0, BLOCK_M)
         tl.store(out_ptr + jm, tl.where(jm == 0, warm, 0.0).to(tl.float32), mask=jm < M)
-    if _finish(part_ptr, cnt_ptr, pid, part.to(ACC), NV):
+    if _finish(part_ptr, cnt_ptr, pid, part.to(ACC), NV, tl.num_programs(0)):
         tot = _reduce(part_ptr, tl.num_programs(0), NV)
         tl.store(loss_ptr, (_pick(tot, 0, NV) * inv_B).to(loss_ptr.dtype.element_ty))
         flag = (tl.where(_pick(tot, 1, NV) > 0, 1, 0) + tl.where(_pick(tot, 2, NV) > 0, 2, 0)
