@@ -337,6 +337,7 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Deco
         (loss, 0, 0)
     tickets = _tickets(dev)
     tau, beta, delta, lam = plan.scalars
+    noise_a = float(table.noise_a)
 
     def launch():
         if plan.rank is not None:
@@ -354,15 +355,16 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Deco
                 plan.buffer("rows", (B * n_split, nr), loss_dtype, dev),
                 plan.buffer("row_tickets", (B,), torch.int32, dev, zeros=True), part,
                 tickets[TICKET_LOSS:], loss, flags, out if out is not None else loss, state,
-                B, C, plan.consts, as_i32(seed), step_val,
+                B, C, 1.0 / B, noise_a, plan.consts, as_i32(seed), step_val,
                 step_ptr if step_ptr is not None else y, tau), kw)
             return loss, flags, grad, state, in_place
         run(D._terms_kernel, grid, (
             zs_d, zs_d.stride(0), zs_d.stride(1), rank_zs, rank_zs.stride(0), rank_zs.stride(1),
             zm_arg, *zm_strides, y, y.stride(0), *st_arg, table_t, plan.src,
             grad if write_grad else loss, part, tickets[TICKET_LOSS:], loss, flags,
-            out if out is not None else loss, state, B, C, plan.consts, as_i32(seed), step_val,
-            step_ptr if step_ptr is not None else y, tau, beta, delta, lam), kw)
+            out if out is not None else loss, state, B, C, 1.0 / B, noise_a, plan.consts,
+            as_i32(seed), step_val, step_ptr if step_ptr is not None else y, tau, beta, delta,
+            lam), kw)
         return loss, flags, grad, state, in_place
 
     if plan.stats is None:

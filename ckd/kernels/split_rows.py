@@ -32,13 +32,14 @@ import triton.language as tl
 
 from ckd.kernels.triton_kernels import (
     UNSPECIALIZED,
+    _acc_scalars,
     _finish,
     _fixed_weights,
     _kl_grad,
     _load_student,
     _load_terms,
-    _pick,
     _reduce,
+    _store_batch,
     _term_setup,
 )
 
@@ -50,7 +51,7 @@ ROW_SCALARS = tl.constexpr(8)
 def _split_kernel(
     zs_ptr, s_sb, s_sc, zm_ptr, s_mm, s_mb, s_mc, y_ptr, s_y, tab_ptr, src_ptr, grad_ptr,
     row_ptr, rcnt_ptr, part_ptr, cnt_ptr, loss_ptr, flag_ptr, out_ptr, state_ptr,
-    B, C, scal_ptr, seed32, step_val, step_ptr, tau,
+    B, C, inv_B, noise_a, scal_ptr, seed32, step_val, step_ptr, tau,
     NT: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr, SRC_PREFIX: tl.constexpr,
     COPY_FROM_TABLE: tl.constexpr, NOISE: tl.constexpr, DROP_THRESHOLD: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -63,8 +64,7 @@ def _split_kernel(
     rows = row + tl.arange(0, 1)  # [1]: the kernels' row tiles with ROWS = 1
     rmask = rows < B
     jv = tl.arange(0, BLOCK_T)[:, None]  # [BLOCK_T, 1]
-    inv_B = tl.load(scal_ptr).to(ACC)
-    noise_a = tl.load(scal_ptr + 1).to(ACC)
+    inv_B, noise_a = _acc_scalars(inv_B, noise_a, scal_ptr, ACC)
     y = tl.load(y_ptr + rows.to(tl.int64) * s_y).to(tl.int64)
     kept, root, src, copy = _term_setup(src_ptr, jv, seed32, step_val, step_ptr, NT, BLOCK_T,
                                         MODE, NOISE, SRC_PREFIX, COPY_FROM_TABLE,
@@ -168,11 +168,7 @@ def _split_kernel(
         # ---- 4. the batch: the last row to finish reduces in the fixed tree order
         if _finish(part_ptr, cnt_ptr, row, part.to(ACC), NV, B):
             tot = _reduce(part_ptr, B, NV)
-            tl.store(loss_ptr, (_pick(tot, 0, NV) * inv_B).to(loss_ptr.dtype.element_ty))
-            flag = (tl.where(_pick(tot, 1, NV) > 0, 1, 0) + tl.where(_pick(tot, 2, NV) > 0, 2, 0)
-                    + tl.where(_pick(tot, 3, NV) > 0, 4, 0))
-            tl.store(flag_ptr, flag.to(tl.int32))
-            tl.store(state_ptr, tl.full([], 1.0, state_ptr.dtype.element_ty))  # no scale yet
+            _store_batch(tot, loss_ptr, flag_ptr, state_ptr, inv_B, NV)
             tl.atomic_xchg(cnt_ptr, 0)
 
 

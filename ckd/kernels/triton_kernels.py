@@ -220,6 +220,28 @@ def _reduce(part_ptr, nprog, NV: tl.constexpr):
 
 
 @triton.jit
+def _acc_scalars(inv_B, noise_a, scal_ptr, ACC: tl.constexpr):
+    """1 / B and TeKAP's a in ACC: the fp32 arguments, or in fp64 from `scal_ptr` (a float
+    argument is fp32: 1e-8 off in an fp64 loss). fp32 kernels keep the arguments, which
+    leave ptxas the register allocation it had (a load spilled 8 bytes at C = 1000)."""
+    if ACC == tl.float64:
+        inv_B = tl.load(scal_ptr)
+        noise_a = tl.load(scal_ptr + 1)
+    return inv_B, noise_a
+
+
+@triton.jit
+def _store_batch(tot, loss_ptr, flag_ptr, state_ptr, inv_B, NV: tl.constexpr):
+    """The batch outputs from the reduced partials [loss sum, bad student, bad mentor, bad
+    label, ...]: the mean loss, the flag bits (1, 2, 4) and the backward's scale state."""
+    tl.store(loss_ptr, (_pick(tot, 0, NV) * inv_B).to(loss_ptr.dtype.element_ty))
+    flag = (tl.where(_pick(tot, 1, NV) > 0, 1, 0) + tl.where(_pick(tot, 2, NV) > 0, 2, 0)
+            + tl.where(_pick(tot, 3, NV) > 0, 4, 0))
+    tl.store(flag_ptr, flag.to(tl.int32))
+    tl.store(state_ptr, tl.full([], 1.0, state_ptr.dtype.element_ty))  # no scale yet
+
+
+@triton.jit
 def _as_f32(n):
     """An int argument as fp32. A launch specializes an int equal to 1 into a Python
     constant (no `.to`): adding a tensor zero makes both forms a tensor."""
@@ -294,7 +316,7 @@ def _terms_kernel(
     zs_ptr, s_sb, s_sc, zr_ptr, s_rb, s_rc, zm_ptr, s_mm, s_mb, s_mc, y_ptr, s_y,
     st_ptr, s_stm, s_stb, tab_ptr, src_ptr, grad_ptr, part_ptr, cnt_ptr, loss_ptr, flag_ptr,
     out_ptr, state_ptr,
-    B, C, scal_ptr, seed32, step_val, step_ptr, tau, beta, delta, lam,
+    B, C, inv_B, noise_a, scal_ptr, seed32, step_val, step_ptr, tau, beta, delta, lam,
     NM: tl.constexpr, NT: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr,
     SRC_PREFIX: tl.constexpr, COPY_FROM_TABLE: tl.constexpr,
     NOISE: tl.constexpr, DELTA_TERM: tl.constexpr, OFFICIAL: tl.constexpr,
@@ -307,8 +329,7 @@ def _terms_kernel(
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
     jv = tl.arange(0, BLOCK_T)[:, None]  # [BLOCK_T, 1]
-    # TeKAP's a and (below) 1 / B in ACC (a float argument is fp32: 1e-8 off in fp64)
-    noise_a = tl.load(scal_ptr + 1).to(ACC)
+    inv_B, noise_a = _acc_scalars(inv_B, noise_a, scal_ptr, ACC)
     y = tl.load(y_ptr + rows.to(tl.int64) * s_y, mask=rmask, other=0).to(tl.int64)
     y_ok = (y >= 0) & (y < C)
     bad_y = tl.max(tl.where(rmask & ~y_ok, 1, 0), 0)
@@ -414,7 +435,6 @@ def _terms_kernel(
     ldm = tl.log(tl.where(dm > 0, dm, 1.0))
     on = w != 0
     wt = tl.where(on, w * t, 0.0)
-    inv_B = tl.load(scal_ptr).to(ACC)
     # ---- pass C: KL per term and the gradient row (written once)
     if ONE_BLOCK:
         kl = _kl_grad(x, xv, z, zv, y, m1, ld1, mz, inv_t, lds, ldm, on, wt, wce, rows, 0,
@@ -436,11 +456,7 @@ def _terms_kernel(
     part += tl.where(nv == 1, bad_s, 0) + tl.where(nv == 2, bad_m, 0) + tl.where(nv == 3, bad_y, 0)
     if _finish(part_ptr, cnt_ptr, pid, part, NV, tl.num_programs(0)):
         tot = _reduce(part_ptr, tl.num_programs(0), NV)
-        tl.store(loss_ptr, (_pick(tot, 0, NV) * inv_B).to(loss_ptr.dtype.element_ty))
-        flag = (tl.where(_pick(tot, 1, NV) > 0, 1, 0) + tl.where(_pick(tot, 2, NV) > 0, 2, 0)
-                + tl.where(_pick(tot, 3, NV) > 0, 4, 0))
-        tl.store(flag_ptr, flag.to(tl.int32))
-        tl.store(state_ptr, tl.full([], 1.0, state_ptr.dtype.element_ty))  # no scale yet
+        _store_batch(tot, loss_ptr, flag_ptr, state_ptr, inv_B, NV)
         if MODE == 2:
             n_out = _as_f32(B)
             for k in tl.static_range(NM):
