@@ -13,8 +13,9 @@ Memory traffic (the point of the design):
   [ROWS, C] and all term tiles [TERMS, ROWS, C] are loaded by one `tl.load` each (every
   mentor's load in flight together); the maxima, the multi-temperature softmax sums, the
   KL and the gradient are computed from those registers: every row is read from global
-  memory once and the gradient written once. Above MAX_BLOCK_C a class-blocked path
-  reads the rows once per pass (3 passes).
+  memory once and the gradient written once. Above MAX_BLOCK_C a row is split across
+  programs (`split_rows.py`: read once, merged in a fixed order); per-sample ranking, whose
+  temperatures need the row's CE first, keeps this kernel's class loop (3 passes).
 - 128-bit loads: when a tensor's row strides are multiples of 16 bytes (the cache pads
   its rows, `ckd.row_align.aligned_rows`), the launcher passes VEC = 16 / itemsize and
   the kernel declares the alignment (`tl.multiple_of`) and loads whole VEC groups (the
