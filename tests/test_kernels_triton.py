@@ -148,6 +148,7 @@ def test_large_vocabulary():
     zs, zm, y = inputs(B=2, C=33000, M=2)
     compare(zs, zm, y, dict(method="classroom", granularity="sample"))
     compare(zs, zm, y, dict(method="dkd"))
+    compare(zs, zm, y, dict(method="kd", T=4.0))  # rows split: 16 programs a row
 
 
 def test_edge_no_mentor_active_all_active_and_ties():
