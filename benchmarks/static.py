@@ -46,7 +46,7 @@ def cached_mentors(B: int, C: int, M: int, mentor=torch.float16) -> tuple:
     """(mentor logits [M, B, C], their stats, labels) exactly as the trainer gets them
     from a logit cache: `ckd.train.mentors.CachedMentors.gather` of a store built here
     (M random resnet8 mentors, B synthetic samples, one view) with `build_cache`."""
-    from ckd.cache import LogitCache, build_cache
+    from ckd.cache import build_cache, open_cache
     from ckd.data import load_dataset
     from ckd.models import create_model, save_checkpoint
     from ckd.train.mentors import CachedMentors
@@ -62,7 +62,7 @@ def cached_mentors(B: int, C: int, M: int, mentor=torch.float16) -> tuple:
                             num_classes=C, dataset="synthetic", metrics={})
         store = build_cache(ds, paths, Path(tmp) / "cache", views=1, dtype=dtype,
                             progress=False)
-        source = CachedMentors(LogitCache(store, mentors=list(paths)), seed=0)
+        source = CachedMentors(open_cache(store, mentors=list(paths)), seed=0)
         idx = torch.arange(B)
         slots, _ = source.views(0, idx)
         y = source.cache.labels[idx]  # the store's labels: the training split's

@@ -128,7 +128,7 @@ def test_stream_mode_gather_is_padded_too(tmp_path):
     pytest.importorskip("zarr")
     import torch
 
-    from ckd.cache import LogitCache, build_cache
+    from ckd.cache import build_cache, open_cache
     from ckd.data import load_dataset
     from ckd.models import create_model, save_checkpoint
 
@@ -138,7 +138,7 @@ def test_stream_mode_gather_is_padded_too(tmp_path):
     store = build_cache(ds, {"t": str(tmp_path / "t.pt")}, tmp_path / "c", views=2,
                         progress=False)
     idx = torch.arange(8)
-    with LogitCache(store) as mem, LogitCache(store, mode="stream") as stream:
+    with open_cache(store) as mem, open_cache(store, mode="stream") as stream:
         slots, _ = mem.epoch_views(1, idx, seed=0)
         stream.start_epoch(1, 0, idx)
         a, b = mem.gather(slots, idx), stream.gather(slots, idx)

@@ -62,10 +62,10 @@ def decompose_over_train(cache_dir: str | Path, mentor: str, student: torch.nn.M
     """Rows of `Decomposition.table()` for the cached mentor vs `student` on the training
     set, each sample on the view the cache pairs with it in `epoch` (mentor and student see
     the same image)."""
-    from ckd.cache import LogitCache  # noqa: PLC0415
+    from ckd.cache import open_cache  # noqa: PLC0415
     from ckd.data.views import apply_views  # noqa: PLC0415
 
-    cache = LogitCache(cache_dir, mentors=[mentor])
+    cache = open_cache(cache_dir, mentors=[mentor])
     if cache.sparse:  # the decomposition needs every class's logit
         cache.close()
         raise ValueError(f"ckd analyze reads dense mentor logits, but mentor {mentor!r} in "

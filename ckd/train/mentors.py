@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckd.cache.rows import RowSource
 from ckd.mentor_stats import STAT_FIELDS, mentor_row_stats
 from ckd.methods import method_mentors, select_mentors
 from ckd.train.config import TrainConfig
@@ -63,7 +64,7 @@ class NoMentors:
 class CachedMentors(NoMentors):
     kind = "cache"
 
-    def __init__(self, cache: Any, seed: int) -> None:
+    def __init__(self, cache: RowSource, seed: int) -> None:
         super().__init__(seed, cache)
         self.names = list(cache.mentors)  # opened with the chosen mentors, teacher first
 
@@ -72,11 +73,7 @@ class CachedMentors(NoMentors):
 
     def gather(self, slots, idx, x, needs=(), labels=None):
         with_stats = labels is not None and self.cache.stat_fields == STAT_FIELDS
-        if needs:
-            got = self.cache.gather_with_features(slots, idx, needs, with_stats=with_stats)
-            return got if with_stats else (got[0], None, got[1])
-        got = self.cache.gather(slots, idx, with_stats=with_stats)
-        return (*got, {}) if with_stats else (got, None, {})
+        return self.cache.gather_rows(slots, idx, with_stats=with_stats, features=needs)
 
     def start_epoch(self, epoch, order):
         self.cache.start_epoch(epoch, self.seed, order)  # stream mode: plan + prefetch
@@ -125,8 +122,6 @@ class OnlineMentors(NoMentors):
 
 MentorSource = NoMentors | CachedMentors | OnlineMentors
 
-
-BLOCK_WINDOW = 4  # units held by --cache-mode blocks (each: every mentor's rows)
 
 def parse_mentor_specs(specs: list[str] | None) -> list[tuple[str, str | None]]:
     """["r110", "peer=path.pt"] -> [("r110", None), ("peer", "path.pt")]."""
@@ -237,7 +232,7 @@ def _open_cache(cfg: TrainConfig, ds, device: torch.device,
                 specs: list[tuple[str, str | None]], need: bool):
     """(cache, its mentors' attributes, specs): the cache opened with the mentors the
     method reads (or the least needed for its view rule) and checked against the data."""
-    from ckd.cache import LogitCache, list_mentors  # noqa: PLC0415
+    from ckd.cache import list_mentors, open_cache  # noqa: PLC0415
 
     found = list_mentors(cfg.cache)
     if not found:
@@ -252,13 +247,8 @@ def _open_cache(cfg: TrainConfig, ds, device: torch.device,
     from ckd.features.runtime import feature_needs  # noqa: PLC0415
 
     needs = feature_needs(cfg.loss_plan().terms) if need and not cfg.mentors_online else ()
-    blocks = cfg.cache_mode == "blocks"  # a bounded window of units (ckd.cache.blocks)
-    cache = LogitCache(cfg.cache, mode="stream" if blocks else cfg.cache_mode,
-                       device=str(device), mentors=names, features=needs)
-    if blocks:
-        from ckd.cache.blocks import BlockReader  # noqa: PLC0415
-
-        cache = BlockReader(cache, window=BLOCK_WINDOW)
+    cache = open_cache(cfg.cache, mode=cfg.cache_mode, device=str(device), mentors=names,
+                       features=needs)
     cache.check_compatible(ds.name, ds.fingerprint, ds.num_classes)
     if need and not cfg.mentors_online and cache.sparse:  # refused now, not at the 1st step
         from ckd.methods.loss import check_sparse_method  # noqa: PLC0415
