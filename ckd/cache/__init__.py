@@ -2,9 +2,9 @@
 (`build_cache`), read back by `LogitCache` (memory or stream mode). Format:
 docs/CACHE_FORMAT.md."""
 
-from .layout import CacheIncompleteError, CacheMismatchError, CacheReadError, epoch_seed
+from .layout import CacheIncompleteError, CacheMismatchError, CacheReadError
 from .reader import LogitCache, list_mentors
 from .writer import build_cache
 
 __all__ = ["LogitCache", "build_cache", "CacheMismatchError", "CacheIncompleteError",
-           "CacheReadError", "epoch_seed", "list_mentors"]
+           "CacheReadError", "list_mentors"]

@@ -13,9 +13,11 @@ import numpy as np
 import torch
 import zarr
 
+from ckd.models.forward import mentor_forward
+
 from .layout import Layout
 from .location import zarr_store
-from .mentors import mentor_forward, recorded_precision
+from .mentors import recorded_precision
 
 CPU_BATCH = 512  # the CLI's default before auto sizing; CPU results depend on it
 MAX_CUDA_BATCH = 2048  # 1.5x the throughput of 512 on an H200 (README, cache-logits)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import zarr
 
+from ckd.data.protocol import recipe_for
 from ckd.row_align import padded_width
 
 from .integrity import (
@@ -46,12 +47,10 @@ from .integrity import (
 from .layout import (
     CORRECT,
     MARKER,
-    RRC_RECIPE_NAME,
     CacheIncompleteError,
     CacheMismatchError,
     CacheReadError,
     check_compatible,
-    epoch_seed,
     layout_from_attrs,
     read_error,
     read_json_attrs,
@@ -217,7 +216,7 @@ class LogitCache:
         self.num_samples = int(self.meta["num_samples"])
         self.num_slots = int(self.meta["views"]["num_slots"])
         self.keyed = self.meta["views"]["mode"] == "keyed"
-        self.rrc = self.meta["views"]["recipe"].get("name") == RRC_RECIPE_NAME
+        self.recipe = recipe_for(self.meta["views"]["recipe"])  # owns the epoch rule
         found = list_mentors(path)
         chosen = list(mentors) if mentors is not None else sorted(found)
         missing = [m for m in chosen if m not in found]
@@ -240,7 +239,7 @@ class LogitCache:
         self.stat_fields = tuple(self.mentor_meta[chosen[0]].get("stat_fields", ()))
         self.labels = torch.from_numpy(read_array(self.path, root, "labels"))
         self._vid_table = torch.from_numpy(read_array(self.path, root, "view_ids")).to(
-            torch.int64) if self.keyed and not self.rrc else None
+            torch.int64) if self.keyed and self.recipe.num_views is not None else None
         self.dtype = torch.float16 if self.layout.dtype == "float16" else torch.float32
         self._progress = progress
         self.features = tuple(features)
@@ -282,34 +281,26 @@ class LogitCache:
                          num_classes: int | None = None) -> None:
         """Raise CacheMismatchError naming every mismatch (and the view recipe of this
         ckd) when the training data is not the data the cache was built from."""
-        from ckd.data.views import RECIPE
-
-        if self.rrc:  # an image folder's random-resized crops
-            from ckd.data.rrc import RECIPE
         check_compatible(self.meta, dataset_name=dataset_name, fingerprint=fingerprint,
-                         num_classes=num_classes, recipe=RECIPE, path=str(self.path))
+                         num_classes=num_classes, recipe=self.recipe.record,
+                         path=str(self.path))
 
     def epoch_views(self, epoch: int, indices: torch.Tensor, seed: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, view_ids) for these samples in `epoch`: which cached row to gather and
-        which view to apply to the student image. The single source of truth. For
-        random-resized-crop caches both are the slot: sample i's view is `boxes[slot, i]`."""
+        which view to apply to the student image, by the cache's view recipe
+        (`ckd.data.protocol.ViewRecipe`). For continuous views (random-resized crops)
+        both are the slot: sample i's view is `boxes[slot, i]`."""
         indices = torch.as_tensor(indices, dtype=torch.int64)
-        if self.rrc:  # random-resized crops: slot hash(seed, epoch, i) mod K per sample
-            from ckd.data.rrc import epoch_slots
-
-            slots = epoch_slots(seed, epoch, indices, self.num_slots)
-            return slots, slots  # the view is (slot, sample): its box is in `boxes`
-        if self.keyed:
-            slot = int(epoch) % self.num_slots
-            if self._vid_table.device != indices.device:  # move once, not every step
-                self._vid_table = self._vid_table.to(indices.device)
-            vids = self._vid_table[slot][indices]
-            return torch.full_like(indices, slot), vids
-        from ckd.data.views import view_ids
-
-        vids = view_ids(epoch_seed(seed, epoch), indices)
-        return vids, vids
+        if not self.keyed:  # every view cached: the slot is the view
+            vids = self.recipe.epoch_view_ids(seed, epoch, indices)
+            return vids, vids
+        slots = self.recipe.epoch_slots(seed, epoch, indices, self.num_slots)
+        if self._vid_table is None:  # continuous views: (slot, sample), its box in `boxes`
+            return slots, slots
+        if self._vid_table.device != indices.device:  # move once, not every step
+            self._vid_table = self._vid_table.to(indices.device)
+        return slots, self._vid_table[slots, indices]
 
     def gather(self, slots: torch.Tensor, indices: torch.Tensor,
                mentors: Sequence[str] | None = None, with_stats: bool = False
@@ -374,7 +365,7 @@ class LogitCache:
         for m in self.mentors:
             have = self.mentor_meta[m].get("features") or {}
             lack = [f for f in features if f not in have]
-            if lack and self.rrc:  # `cache-logits --features` refuses image folders
+            if lack and self.recipe.num_views is None:  # `--features` refuses crops
                 raise CacheMismatchError(
                     f"this method reads mentor features ({','.join(lack)}), which a cache of "
                     f"an image folder ({self.path}) cannot hold yet: train with a logit "

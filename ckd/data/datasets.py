@@ -24,6 +24,8 @@ import numpy as np
 from ckd.atomic import atomic_open
 from ckd.options import OptionError, Param
 
+from .views import CIFAR_VIEWS
+
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -73,7 +75,10 @@ class Split:
 
 @dataclass
 class Dataset:
-    """A named dataset with train/test splits and its normalization constants."""
+    """A named dataset with train/test splits and its normalization constants, held in
+    memory (a `ckd.data.protocol.TrainingData` with the CIFAR recipe's discrete views)."""
+
+    recipe = CIFAR_VIEWS  # not a field: every in-memory dataset has the CIFAR views
 
     name: str
     train: Split
@@ -92,6 +97,11 @@ class Dataset:
             h.update(split.images.tobytes())
             h.update(split.labels.astype("<i8").tobytes())
         return h.hexdigest()[:16]
+
+    @property
+    def image_size(self) -> int:
+        """Side of the stored (square) images."""
+        return int(self.train.images.shape[1])
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -32,20 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ckd.hashing import splitmix64
+
 from .datasets import Split
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 KINDS = ("ffcv", "memory")
-_M63 = (1 << 63) - 1
-
-
-def _epoch_key(seed: int, epoch: int) -> int:
-    """SplitMix64-style mix of (seed, epoch) -> a 63-bit generator seed."""
-    x = ((int(seed) & 0xFFFFFFFFFFFFFFFF) * 0x9E3779B97F4A7C15 + int(epoch) + 1)
-    x &= 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) & _M63
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -53,7 +45,7 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> to
     if not shuffle:
         return torch.arange(n, dtype=torch.int64)
     g = torch.Generator(device="cpu")
-    g.manual_seed(_epoch_key(seed, epoch))
+    g.manual_seed(splitmix64(seed, epoch))
     return torch.randperm(n, generator=g, dtype=torch.int64)
 
 
@@ -63,7 +55,7 @@ def shard_block_permutation(n: int, block: int, seed: int, epoch: int) -> torch.
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     g = torch.Generator(device="cpu")
-    g.manual_seed(_epoch_key(seed, epoch))
+    g.manual_seed(splitmix64(seed, epoch))
     parts = []
     for b in torch.randperm(-(-n // block), generator=g).tolist():
         lo, hi = b * block, min(n, (b + 1) * block)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ckd.atomic import atomic_write_text
+from ckd.hashing import epoch_seed
 from ckd.pose.cache import open_pose_cache, view_table
 from ckd.pose.coco import PoseDataset, flip_permutation, load_pose_prepared
 from ckd.pose.codec import decode, flip_rows, segments, targets
@@ -111,8 +112,6 @@ def train_pose(cfg: dict) -> dict[str, Any]:
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     from ckd.data.rrc import epoch_slots  # noqa: PLC0415
-
-    from ckd.cache.layout import epoch_seed  # noqa: PLC0415 - isort: skip
 
     c = _config(cfg)
     ds = load_pose_prepared(c["data"])

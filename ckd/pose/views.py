@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ckd.hashing import hash32
+from ckd.hashing import epoch_seed, hash32
 
 SCALE = (0.75, 1.25)
 ROTATION = 30.0
@@ -44,8 +44,6 @@ def view_params(seed: int, indices: torch.Tensor, slot: int) -> torch.Tensor:
         out = torch.zeros(len(idx), 3, dtype=torch.float64)
         out[:, 0] = 1.0
         return out
-    from ckd.cache.layout import epoch_seed  # noqa: PLC0415 - one seed mix for all views
-
     u = hash32(epoch_seed(seed, slot), idx[:, None] * DRAWS + torch.arange(4))
     scale = SCALE[0] + (u[:, 0] / _TWO32) * (SCALE[1] - SCALE[0])
     rot = ((u[:, 1] / _TWO32) * 2.0 - 1.0) * ROTATION

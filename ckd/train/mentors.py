@@ -21,28 +21,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckd.cache import LogitCache, list_mentors
+from ckd.cache.blocks import BlockReader
+from ckd.cache.mentors import load_mentor, recorded_precision, resolve_mentors
+from ckd.data.protocol import TrainingData, ViewRecipe
+from ckd.data.views import CIFAR_VIEWS
 from ckd.mentor_stats import STAT_FIELDS, mentor_row_stats
 from ckd.methods import method_mentors, select_mentors
+from ckd.methods.loss import check_sparse_method
+from ckd.models import file_sha256, param_count, read_checkpoint_meta, resolve_arch
+from ckd.models.forward import mentor_features, mentor_forward
 from ckd.train.config import TrainConfig
+from ckd.train.features import feature_needs
 from ckd.train.setup import norm_name
 
 
 class NoMentors:
     kind = "none"
 
-    def __init__(self, seed: int, cache: Any = None) -> None:
+    def __init__(self, seed: int, cache: LogitCache | BlockReader | None = None, *,
+                 recipe: ViewRecipe = CIFAR_VIEWS) -> None:
         self.names: list[str] = []
-        self.seed, self.cache = seed, cache
+        self.seed, self.cache, self.recipe = seed, cache, recipe
 
     def views(self, epoch: int, idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Which cached slot (None online) and which view each sample gets in `epoch`: the
-        cache's rule when there is a cache, else the same rule computed here."""
+        cache's rule when there is a cache, else the data's view recipe (the same rule)."""
         if self.cache is not None:
             return self.cache.epoch_views(epoch, idx, self.seed)
-        from ckd.cache.layout import epoch_seed  # noqa: PLC0415 - one rule with the cache
-        from ckd.data.views import view_ids  # noqa: PLC0415
-
-        return None, view_ids(epoch_seed(self.seed, epoch), idx)
+        return None, self.recipe.epoch_view_ids(self.seed, epoch, idx)
 
     def logits(self, slots: torch.Tensor | None, idx: torch.Tensor,
                x: torch.Tensor) -> torch.Tensor | None:
@@ -63,7 +70,7 @@ class NoMentors:
 class CachedMentors(NoMentors):
     kind = "cache"
 
-    def __init__(self, cache: Any, seed: int) -> None:
+    def __init__(self, cache: LogitCache | BlockReader, seed: int) -> None:
         super().__init__(seed, cache)
         self.names = list(cache.mentors)  # opened with the chosen mentors, teacher first
 
@@ -85,11 +92,10 @@ class CachedMentors(NoMentors):
 class OnlineMentors(NoMentors):
     kind = "online"
 
-    def __init__(self, models: list[nn.Module], names: list[str], seed: int, cache: Any,
-                 precisions: str | list[str]) -> None:
-        from ckd.cache.mentors import mentor_forward  # noqa: PLC0415 - one forward for both
-
-        super().__init__(seed, cache)
+    def __init__(self, models: list[nn.Module], names: list[str], seed: int,
+                 cache: LogitCache | BlockReader | None, precisions: str | list[str], *,
+                 recipe: ViewRecipe = CIFAR_VIEWS) -> None:
+        super().__init__(seed, cache, recipe=recipe)
         self.models, self.names = models, names
         if isinstance(precisions, str):
             precisions = [precisions] * len(models)
@@ -109,8 +115,6 @@ class OnlineMentors(NoMentors):
         if not needs:
             logits, feats = self.logits(slots, idx, x), {}
         else:
-            from ckd.features.runtime import mentor_features  # noqa: PLC0415
-
             # one forward gives the logits and the features
             outs = [self.forward(m, x, p, features=True)
                     for m, p in zip(self.models, self.precisions, strict=True)]
@@ -140,8 +144,6 @@ def parse_mentor_specs(specs: list[str] | None) -> list[tuple[str, str | None]]:
 
 
 def _safe_arch(name: str) -> str | None:
-    from ckd.models import resolve_arch  # noqa: PLC0415
-
     try:
         return resolve_arch(name)
     except ValueError:
@@ -164,7 +166,6 @@ def _match(name: str, available: list[str]) -> str:
 def default_mentor_order(found: dict[str, dict]) -> list[str]:
     """Cached mentors, teacher first: mentor 0 is the largest model (docs/METHODS.md), so
     order by parameter count, then test accuracy (both descending), then alias."""
-    from ckd.models import param_count  # noqa: PLC0415
 
     def key(alias: str):
         a = found[alias]
@@ -187,8 +188,6 @@ def online_precisions(cfg: TrainConfig, device: torch.device, names: list[str],
     if cfg.mentor_precision is not None:
         _check_precisions(cfg, found, names, cfg.mentor_precision)
         return [cfg.mentor_precision] * len(names)
-    from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
-
     # --deterministic: as `ckd cache-logits` runs them by default (fp32)
     default = "bf16" if device.type == "cuda" and cfg.amp and not cfg.deterministic else "fp32"
     return [recorded_precision(found[n]) if n in found else default for n in names]
@@ -197,7 +196,6 @@ def online_precisions(cfg: TrainConfig, device: torch.device, names: list[str],
 def _check_precisions(cfg: TrainConfig, found: dict[str, dict], names: list[str],
                       precision: str) -> None:
     """Refuse a --mentor-precision other than the one a cached mentor was computed at."""
-    from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
 
     for n in names:
         if n in found and recorded_precision(found[n]) != precision:
@@ -209,7 +207,8 @@ def _check_precisions(cfg: TrainConfig, found: dict[str, dict], names: list[str]
                 f"{precision} --overwrite ...`")
 
 
-def make_mentor_source(cfg: TrainConfig, ds, device: torch.device) -> MentorSource:
+def make_mentor_source(cfg: TrainConfig, ds: TrainingData, device: torch.device
+                       ) -> MentorSource:
     """Open the cache (checked against the data) and/or load the online mentors."""
     specs = parse_mentor_specs(cfg.mentors)
     need = method_mentors(cfg.method) != "none"
@@ -217,13 +216,13 @@ def make_mentor_source(cfg: TrainConfig, ds, device: torch.device) -> MentorSour
     if cfg.cache is not None and not (cfg.mentors_online and not need):
         cache, found, specs = _open_cache(cfg, ds, device, specs, need)
     if not need:
-        return NoMentors(cfg.seed, cache)
+        return NoMentors(cfg.seed, cache, recipe=ds.recipe)
     if cfg.mentors_online:
         names = select_mentors(cfg.method, [n for n, _ in specs])
         precisions = online_precisions(cfg, device, names, found)
         models = [_load_online(n, p, cfg, ds, device, found.get(n))
                   for n, p in specs[:len(names)]]
-        return OnlineMentors(models, names, cfg.seed, cache, precisions)
+        return OnlineMentors(models, names, cfg.seed, cache, precisions, recipe=ds.recipe)
     if cache is None:
         raise ValueError(f"method {cfg.method!r} needs mentor logits: pass --cache DIR (built "
                          "with `ckd cache-logits`) or --mentors-online with --mentors, or use "
@@ -233,12 +232,10 @@ def make_mentor_source(cfg: TrainConfig, ds, device: torch.device) -> MentorSour
     return CachedMentors(cache, cfg.seed)
 
 
-def _open_cache(cfg: TrainConfig, ds, device: torch.device,
+def _open_cache(cfg: TrainConfig, ds: TrainingData, device: torch.device,
                 specs: list[tuple[str, str | None]], need: bool):
     """(cache, its mentors' attributes, specs): the cache opened with the mentors the
     method reads (or the least needed for its view rule) and checked against the data."""
-    from ckd.cache import LogitCache, list_mentors  # noqa: PLC0415
-
     found = list_mentors(cfg.cache)
     if not found:
         raise FileNotFoundError(f"no mentors in a logit cache at {cfg.cache}: build it "
@@ -249,20 +246,14 @@ def _open_cache(cfg: TrainConfig, ds, device: torch.device,
         names = select_mentors(cfg.method, names)
     else:
         names = avail[:1]  # only views/compatibility are needed: load the least
-    from ckd.features.runtime import feature_needs  # noqa: PLC0415
-
     needs = feature_needs(cfg.loss_plan().terms) if need and not cfg.mentors_online else ()
     blocks = cfg.cache_mode == "blocks"  # a bounded window of units (ckd.cache.blocks)
     cache = LogitCache(cfg.cache, mode="stream" if blocks else cfg.cache_mode,
                        device=str(device), mentors=names, features=needs)
     if blocks:
-        from ckd.cache.blocks import BlockReader  # noqa: PLC0415
-
         cache = BlockReader(cache, window=BLOCK_WINDOW)
     cache.check_compatible(ds.name, ds.fingerprint, ds.num_classes)
     if need and not cfg.mentors_online and cache.sparse:  # refused now, not at the 1st step
-        from ckd.methods.loss import check_sparse_method  # noqa: PLC0415
-
         check_sparse_method(cfg.loss_plan().logit_term.method)
     if cfg.mentors_online:
         # no NAME=PATH given: the checkpoint the cache was built from, if it is there
@@ -276,13 +267,11 @@ def _cached_checkpoint(attrs: dict | None) -> str | None:
     return path if path and Path(path).is_file() else None
 
 
-def mentor_path(name: str, path: str | None, cfg: TrainConfig, ds) -> Path:
+def mentor_path(name: str, path: str | None, cfg: TrainConfig, ds: TrainingData) -> Path:
     """NAME=PATH, else the cache CLI's rule: <mentor-dir>/<dataset>/<arch>.pt (or
     <alias>.pt), mentor-dir defaulting to ./mentors."""
     if path is not None:
         return Path(path)
-    from ckd.cache.mentors import resolve_mentors  # noqa: PLC0415 - one rule for both
-
     try:
         return resolve_mentors([name], ds.name, cfg.mentor_dir or "mentors")[name]
     except ValueError as err:
@@ -290,13 +279,11 @@ def mentor_path(name: str, path: str | None, cfg: TrainConfig, ds) -> Path:
                          f"checkpoint: pass --mentors {name}=PATH ({err})") from err
 
 
-def _load_online(name: str, path: str | None, cfg: TrainConfig, ds, device: torch.device,
+def _load_online(name: str, path: str | None, cfg: TrainConfig, ds: TrainingData,
+                 device: torch.device,
                  cached: dict | None) -> nn.Module:
     """A frozen mentor through the cache's own loader; when it is compared with a cache
     that recorded this mentor, the checkpoint must be the one the cache was built from."""
-    from ckd.cache.mentors import load_mentor  # noqa: PLC0415
-    from ckd.models import file_sha256, read_checkpoint_meta  # noqa: PLC0415
-
     p = mentor_path(name, path, cfg, ds)
     if not p.is_file():
         raise FileNotFoundError(f"mentor {name!r}: no checkpoint at {p}; train it with "

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckd.features.runtime import MODULES_KEY, FeatureRun, check_module_state, make_feature_run
 from ckd.methods import LossPlan
 from ckd.train.checkpoint import set_rng_state
 from ckd.train.config import TrainConfig, save_config
 from ckd.train.ddp import DistInfo, wrap
+from ckd.train.features import MODULES_KEY, FeatureRun, check_module_state, make_feature_run
 from ckd.train.mentors import MentorSource, make_mentor_source
 from ckd.train.metrics import MetricsLogger
 from ckd.train.optim import make_optimizer
