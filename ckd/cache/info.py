@@ -24,6 +24,7 @@ from .layout import (
     CORRECT,
     MARKER,
     CacheReadError,
+    Layout,
     UnitValues,
     layout_from_attrs,
     read_json_attrs,
@@ -98,7 +99,7 @@ def _mentor_attrs(path: Path, rep: VerifyReport) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _check_root_arrays(path: Path, attrs: dict[str, Any], root: zarr.Group, lay: Any,
+def _check_root_arrays(path: Path, attrs: dict[str, Any], root: zarr.Group, lay: Layout,
                        rep: VerifyReport) -> np.ndarray | None:
     digests = attrs.get("digests") or {}
     labels = None
@@ -148,9 +149,9 @@ def verify(path: str | Path, *, recompute: int = 0, dataset: TrainingData | None
     return rep
 
 
-def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group, alias: str,
+def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Layout, root: zarr.Group, alias: str,
                    m: dict[str, Any], labels: np.ndarray | None, rep: VerifyReport,
-                   bar: Any) -> None:
+                   bar: tqdm) -> None:
     specs = mentor_specs(m)
     columns = marker_columns(specs)
     if not m.get("complete"):

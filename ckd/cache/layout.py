@@ -24,6 +24,7 @@ shape, codec, how to compute it from the unit's values). Writer, reader, verify 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from ckd.data.protocol import recipe_for
 from ckd.hashing import SEED_MIX
 
 from .location import ObjectPath, cache_path
+from .mentor_stats import STAT_FIELDS, stored_row_stats
 
 FORMAT = "ckd-logit-cache"
 VERSION = 2
@@ -222,14 +224,10 @@ class ArraySpec:
 
 
 def _stats(u: UnitValues) -> np.ndarray:
-    from .mentor_stats import stored_row_stats
-
     return stored_row_stats(u.logits, u.labels)
 
 
 def _num_stats(layout: Layout) -> tuple[int, ...]:
-    from .mentor_stats import STAT_FIELDS
-
     return (len(STAT_FIELDS),)
 
 
@@ -354,8 +352,6 @@ def read_json_attrs(store: str | Path, file: Path, missing: str | None = None
                     ) -> dict[str, Any]:
     """The `attributes` of a zarr.json, reading it as JSON: a missing, truncated or
     invalid file is a CacheReadError naming it (or FileNotFoundError(`missing`))."""
-    import json
-
     if not file.is_file():
         if missing is not None:
             raise FileNotFoundError(missing)

@@ -82,8 +82,8 @@ def _slot_views(keyed_ids: torch.Tensor | None, slots: range, idx: torch.Tensor
 
 @torch.no_grad()
 def launch_unit(model: torch.nn.Module, images: torch.Tensor, layout: Layout, a: int, b: int,
-                keyed_ids: torch.Tensor | None, mean: Any, std: Any, batch_size: int,
-                progress: Any = None, features: Sequence[str] = (),
+                keyed_ids: torch.Tensor | None, mean: Sequence[float], std: Sequence[float],
+                batch_size: int, progress: tqdm | None = None, features: Sequence[str] = (),
                 precision: str = "fp32") -> dict[str, HostRows]:
     """Queue one work unit's forwards: its logits (and requested features) as float32
     host rows [slots_a * samples_b, ...] that `finish_unit` reads once their copies are
@@ -163,7 +163,8 @@ def _check_values(t: torch.Tensor, samples: range, what: str) -> None:
 
 @torch.no_grad()
 def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndarray,
-                  mean: Any, std: Any, batch_size: int, device: torch.device,
+                  mean: Sequence[float], std: Sequence[float], batch_size: int,
+                  device: torch.device,
                   precision: str = "fp32") -> float:
     """Top-1 % on the un-augmented images (IDENTITY_VIEW)."""
     imgs = torch.from_numpy(images_u8)
@@ -384,7 +385,7 @@ class UnitWriter:
 def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
                 layout: Layout, images: torch.Tensor | None, labels: torch.Tensor,
                 keyed_ids: torch.Tensor | None, dataset: TrainingData, batch_size: int,
-                dev: torch.device, todo: list[tuple[int, int]], bar: Any, seed: int = 0,
+                dev: torch.device, todo: list[tuple[int, int]], bar: tqdm, seed: int = 0,
                 writers: int | None = None) -> None:
     if not todo:
         return

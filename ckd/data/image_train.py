@@ -20,14 +20,14 @@ import torch
 
 from .image_views import ImageViews
 from .images import ImageLoader
-from .loaders import _Loader
+from .loaders import Loader
 
 SlotsOf = Callable[[int, torch.Tensor], torch.Tensor]  # (epoch, indices) -> slot per sample
 BoxesOf = Callable[[int, torch.Tensor], torch.Tensor]  # (slot, indices) -> boxes [B, 5]
 
 
-class ImageFolderLoader(_Loader):
-    """`_Loader` order and sharding over an image .beton; train batches replay the cached
+class ImageFolderLoader(Loader):
+    """`Loader` order and sharding over an image .beton; train batches replay the cached
     views (`slots_of(epoch, indices)` -> slot per sample, `boxes_of(slot, indices)` ->
     boxes), test batches are center crops."""
 

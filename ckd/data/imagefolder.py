@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ckd.atomic import atomic_open, atomic_path, atomic_write_text
 
-from .beton import META, ffcv_workers
+from .beton import META, ffcv_workers, import_ffcv
 from .datasets import histogram_stats
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -249,8 +250,6 @@ class _EncodedJpeg:
 
 
 def _write_split_beton(rows: _PartRows, path: Path, quality: int) -> None:
-    from .beton import import_ffcv  # noqa: PLC0415
-
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField  # noqa: PLC0415 - heavy import
     from ffcv.writer import DatasetWriter  # noqa: PLC0415
@@ -294,8 +293,6 @@ def prepare_imagefolder(data_dir: str | Path, out: str | Path, *, imagenet: bool
                         progress: bool = True) -> dict:
     """Write `out`/{train,test}.beton + meta.json from an image folder; returns the meta.
     See the module docstring for the layout and the resume rule."""
-    from tqdm import tqdm  # noqa: PLC0415
-
     if not 16 <= int(max_side) <= 65535:
         raise ValueError(f"--max-side must be in 16..65535, got {max_side}")
     if not 1 <= int(quality) <= 100:

@@ -34,6 +34,7 @@ import torch
 
 from ckd.hashing import splitmix64
 
+from .beton import ffcv_epoch, ffcv_workers, keep_torch_threads, read_beton
 from .datasets import Split
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -79,7 +80,10 @@ def shard_order(order: torch.Tensor, rank: int, world_size: int, batch_size: int
     return order
 
 
-class _Loader:
+class Loader:
+    """The epoch order and sharding every training loader shares (`order(epoch)`,
+    `set_epoch`, `len()`: batches per rank); subclasses iterate their batches."""
+
     def __init__(self, n: int, *, batch_size: int, seed: int, shuffle: bool, drop_last: bool,
                  device: str | torch.device, rank: int, world_size: int,
                  block: int | None = None) -> None:
@@ -121,7 +125,7 @@ class _Loader:
         return -(-self.num_samples // self.batch_size)
 
 
-class MemoryLoader(_Loader):
+class MemoryLoader(Loader):
     """Whole split held in memory on `device`; each batch is one gather by the permutation.
 
     On CPU the gather is numpy's `take` (torch's CPU index_select measured 10x slower and
@@ -159,7 +163,7 @@ def _permutation_order_cls():
         ffcv 1.0.2 calls `order(loader)` on a TraversalOrder *instance*, so the instance is
         callable and binds itself to the ffcv loader."""
 
-        def __init__(self, owner: _Loader) -> None:  # no super(): bound in __call__
+        def __init__(self, owner: Loader) -> None:  # no super(): bound in __call__
             self.owner = owner
 
         def __call__(self, loader) -> PermutationOrder:
@@ -173,13 +177,11 @@ def _permutation_order_cls():
     return PermutationOrder
 
 
-class FfcvLoader(_Loader):
+class FfcvLoader(Loader):
     """Reads a .beton with FFCV in the shared permutation order; batches are copied out of
     FFCV's reused buffers and moved to `device`."""
 
     def __init__(self, path: str | Path, **kw) -> None:
-        from .beton import ffcv_workers, keep_torch_threads  # noqa: PLC0415
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such .beton; create it with `ckd prepare`")
@@ -197,8 +199,6 @@ class FfcvLoader(_Loader):
     def __iter__(self) -> Iterator[Batch]:
         self._ffcv.next_epoch = self.epoch  # ffcv asks the order for `next_epoch`
         nb = self.device.type == "cuda"
-        from .beton import ffcv_epoch  # noqa: PLC0415
-
         with closing(ffcv_epoch(self._ffcv)) as batches:
             for img, lab, idx in batches:
                 # Copy out of ffcv's reused buffers. numpy's copy, not torch's clone: measured
@@ -224,8 +224,6 @@ def make_loader(kind: str, source: Split | str | Path, *, batch_size: int, seed:
               device=device, rank=rank, world_size=world_size, block=block)
     if kind == "memory":
         if not isinstance(source, Split):
-            from .beton import read_beton  # noqa: PLC0415
-
             source = read_beton(source)
         return MemoryLoader(source, **kw)
     if kind == "ffcv":

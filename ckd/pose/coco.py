@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ckd.atomic import atomic_path, atomic_write_text
 from ckd.data.beton import (
@@ -245,8 +246,6 @@ def build_split(json_path: Path, image_dir: Path, checked: tuple, store: tuple[i
         by_image.setdefault(int(a["image_id"]), []).append(a)
     k = len(names)
     rows = []
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     for i in tqdm(need, desc=f"crop {json_path.stem}", disable=not progress, leave=False):
         img = _read_rgb(image_dir / images[i]["file_name"])
         for a in sorted(by_image[i], key=lambda a: int(a["id"])):

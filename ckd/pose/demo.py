@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckd.atomic import atomic_write_text
+from ckd.pose.cache import build_pose_cache
+from ckd.pose.coco import load_pose_prepared, prepare_coco_keypoints
+from ckd.pose.synthetic import make_synthetic_coco
+from ckd.pose.train import train_pose
 
 METHOD_LABELS = {"nokd": "NOKD", "kd": "KD (teacher)", "aver": "AVER",
                  "classroom": "ClassroomKD"}
@@ -92,11 +96,6 @@ def run_pose_demo(out: str | Path = "demo_pose", plan: PoseDemoPlan | None = Non
 
 
 def _run_pose_demo(out: str | Path, plan: PoseDemoPlan | None, progress: bool) -> dict:
-    from ckd.pose.cache import build_pose_cache  # noqa: PLC0415
-    from ckd.pose.coco import load_pose_prepared, prepare_coco_keypoints  # noqa: PLC0415
-    from ckd.pose.synthetic import make_synthetic_coco  # noqa: PLC0415
-    from ckd.pose.train import train_pose  # noqa: PLC0415
-
     plan = plan or PoseDemoPlan()
     out = Path(out)
     t0 = time.perf_counter()

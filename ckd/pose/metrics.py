@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ckd.pose.codec import decode
+
 THRESHOLD = 0.2
 
 
@@ -114,8 +116,6 @@ def rank_key(rows: torch.Tensor, layout, input_size: Sequence[int], view_kps: to
     the input size (x / W, y / H), the accuracy mmpose's SimCC and heatmap heads report
     while training; NaN where the sample has no weighted joint. (PCK@0.2 of the box is
     near its ceiling for every trained model and would hardly rank them.)"""
-    from ckd.pose.codec import decode  # noqa: PLC0415
-
     h, w = (int(v) for v in input_size)
     xy, _ = decode(rows, layout, input_size)
     size = torch.tensor([w, h], dtype=torch.float64, device=xy.device)

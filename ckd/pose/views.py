@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ckd.hashing import epoch_seed, hash32
+from ckd.pose.coco import flip_permutation
 
 SCALE = (0.75, 1.25)
 ROTATION = 30.0
@@ -110,8 +111,6 @@ def apply_pose_views(images_u8: torch.Tensor, keypoints: torch.Tensor, params: t
                      meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored crops + keypoints + view params -> (normalized input [B, 3, H, W] float32,
     view keypoints [B, K, 3] float64), as `meta` (a prepared pose set's meta.json) says."""
-    from ckd.pose.coco import flip_permutation  # noqa: PLC0415
-
     mats = view_matrices(params, meta["store_size"], meta["input_size"], meta["context"])
     x = warp_images(images_u8, mats, meta["input_size"])
     mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1) * 255.0

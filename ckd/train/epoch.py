@@ -16,6 +16,7 @@ from ckd.kernels import NonFiniteError, check_finite
 from ckd.kernels.api import resolve_backend
 from ckd.train.ddp import broadcast_buffers
 from ckd.train.features import sync_module_grads
+from ckd.train.graphs import CapturedTraining
 from ckd.train.runs import Run
 
 
@@ -95,8 +96,6 @@ class _StudentEpoch:
             g["lr"] = self.lr
         if run.cfg.cuda_graphs:  # the lr and epoch the captured step reads on the device
             if run.captured is None:
-                from ckd.train.graphs import CapturedTraining  # noqa: PLC0415
-
                 run.captured = CapturedTraining(run)
             run.captured.start_epoch(epoch, self.lr)
         run.model.train()
@@ -106,7 +105,7 @@ class _StudentEpoch:
 
     def step(self, x: torch.Tensor, mentor: Any, mentor_stats: torch.Tensor | None,
              mentor_feats: Any, labels: torch.Tensor, idx: torch.Tensor, last: bool,
-             bar: Any) -> None:
+             bar: tqdm) -> None:
         run, cfg = self.run, self.run.cfg
         if run.captured is not None:  # --cuda-graphs: replayed (full batches) or eager
             got = dict(run.captured(x, mentor, mentor_stats, labels))  # the graph's own dict
@@ -162,7 +161,7 @@ class _IntervalLog:
     def __init__(self, run: Run, epoch: int, lr: float, t0: float) -> None:
         self.run, self.epoch, self.lr, self.t = run, epoch, lr, t0
 
-    def write(self, interval: DeviceSums, bar: Any) -> None:
+    def write(self, interval: DeviceSums, bar: tqdm) -> None:
         run = self.run
         vals = interval.read()
         if "nonfinite" in vals:

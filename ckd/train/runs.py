@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckd.data.loaders import Loader
+from ckd.data.protocol import TrainingData
 from ckd.methods import LossPlan
 from ckd.train.checkpoint import set_rng_state
 from ckd.train.config import TrainConfig, save_config
@@ -65,11 +67,11 @@ class Run:
 
     cfg: TrainConfig
     info: DistInfo
-    ds: Any
+    ds: TrainingData
     source: MentorSource
     loss_plan: LossPlan
-    train_loader: Any
-    test_loader: Any
+    train_loader: Loader
+    test_loader: Loader
     run_dir: Path
     student: torch.nn.Module
     model: torch.nn.Module  # DDP-wrapped (and compiled) student the step calls
@@ -92,11 +94,11 @@ class Run:
 class Shared:
     """What the students of one pass share: data, loaders, mentor source, loss plan."""
 
-    ds: Any
+    ds: TrainingData
     source: MentorSource
     loss_plan: LossPlan
-    train_loader: Any
-    test_loader: Any
+    train_loader: Loader
+    test_loader: Loader
     autocast: Any
 
 
