@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from ckd.atomic import atomic_write_text
 from ckd.cache import build_cache
 from ckd.data.beton import write_betons
@@ -111,9 +114,7 @@ def plot_methods(runs_by_method: dict[str, list[str]], path: Path) -> Path:
     import matplotlib  # noqa: PLC0415 - heavy import, plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - optional heavy dependency (matplotlib)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, dirs in runs_by_method.items():
@@ -138,8 +139,6 @@ def plot_methods(runs_by_method: dict[str, list[str]], path: Path) -> Path:
 def numerics(threads: int | None = None) -> str:
     """What the demo's digits depend on: torch's version, thread count (default: the
     current one), CPU kernels."""
-    import torch  # noqa: PLC0415
-
     n = threads or torch.get_num_threads()
     return (f"torch {torch.__version__}, {n} thread{'s' if n > 1 else ''}, CPU "
             f"{torch.backends.cpu.get_cpu_capability()}")
@@ -173,8 +172,6 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Run every stage into `out`; returns the results (also written to results.json/md).
     Stages an earlier run into `out` finished are reused, interrupted ones resumed."""
-    import torch  # noqa: PLC0415
-
     plan = plan or DemoPlan()
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.threads)

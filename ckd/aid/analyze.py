@@ -88,7 +88,7 @@ def write_analysis(rows: list[dict], out: str | Path, title: str) -> dict[str, P
     import matplotlib  # noqa: PLC0415 - plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - optional heavy dependency (matplotlib)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

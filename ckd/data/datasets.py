@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import tarfile
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -217,8 +218,6 @@ def _download_cifar(name: str, data_dir: Path, spec: dict) -> None:
         return
     except Exception:  # noqa: BLE001 - any torchvision failure: fall back to urllib
         pass
-    import urllib.request  # noqa: PLC0415
-
     dest = data_dir / spec["tarball"]
     with atomic_open(dest, "wb") as f:  # no partial tarball left behind on failure
         md5 = hashlib.md5()
@@ -266,7 +265,7 @@ def _load_digits(image_size: int) -> Dataset:
     Split: stratified 75/25, `train_test_split(random_state=0)`: 1347 train, 450 test."""
     scale = image_size // 8
     from sklearn.datasets import load_digits  # noqa: PLC0415 - heavy import
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - optional heavy dependency (scikit-learn)
 
     d = load_digits()
     grey = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]

@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,7 +156,7 @@ def encode_image(data: bytes, max_side: int, quality: int) -> tuple[np.ndarray, 
     """Decode (PIL, RGB), shrink to `max_side`, JPEG-encode: (jpeg uint8, orig (h, w),
     stored RGB array). Raises on corrupt or truncated data."""
     import cv2  # noqa: PLC0415 - heavy imports, worker side
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415 - optional heavy dependency (Pillow)
 
     with Image.open(io.BytesIO(data)) as im:
         rgb = np.asarray(im.convert("RGB"))  # convert() loads: truncation raises here
@@ -240,7 +240,7 @@ class _EncodedJpeg:
     class, so a subclass would not be readable by plain ffcv."""
 
     def __call__(self, destination: np.ndarray, value: tuple, malloc) -> None:
-        from ffcv.fields.rgb_image import IMAGE_MODES  # noqa: PLC0415
+        from ffcv.fields.rgb_image import IMAGE_MODES  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
         jpeg, height, width = value
         destination["mode"] = IMAGE_MODES["jpg"]
@@ -252,7 +252,7 @@ class _EncodedJpeg:
 def _write_split_beton(rows: _PartRows, path: Path, quality: int) -> None:
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField  # noqa: PLC0415 - heavy import
-    from ffcv.writer import DatasetWriter  # noqa: PLC0415
+    from ffcv.writer import DatasetWriter  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
     image = RGBImageField(write_mode="jpg", jpeg_quality=quality)
     image.encode = _EncodedJpeg()
@@ -376,8 +376,6 @@ def _finished(out: Path, data_dir: str | Path, imagenet: bool, max_side: int,
 
 
 def _drain(pending: dict, part_path: dict, bar, *, one: bool) -> None:
-    from concurrent.futures import FIRST_COMPLETED, wait  # noqa: PLC0415
-
     while pending:
         finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
         for fut in finished:

@@ -108,9 +108,9 @@ def beton_fingerprint(prepared_dir: str | Path) -> str:
 
 # ------------------------------------------------------------------ replaying decoder
 def _address_intrinsic():
-    from numba import types  # noqa: PLC0415
-    from numba.core import cgutils  # noqa: PLC0415
-    from numba.extending import intrinsic  # noqa: PLC0415
+    from numba import types  # noqa: PLC0415 - optional heavy dependency (numba (ffcv's))
+    from numba.core import cgutils  # noqa: PLC0415 - optional heavy dependency (numba (ffcv's))
+    from numba.extending import intrinsic  # noqa: PLC0415 - optional heavy dependency (numba (ffcv's))
 
     @intrinsic
     def address_as_void_pointer(typingctx, src):  # noqa: ARG001 - numba's signature
@@ -123,10 +123,10 @@ def _address_intrinsic():
 
 def _decoder_cls():
     import_ffcv()
-    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder  # noqa: PLC0415
-    from ffcv.libffcv import imdecode, resize_crop  # noqa: PLC0415
-    from ffcv.pipeline.compiler import Compiler  # noqa: PLC0415
-    from numba import carray  # noqa: PLC0415
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder  # noqa: PLC0415 - optional heavy dependency (ffcv)
+    from ffcv.libffcv import imdecode, resize_crop  # noqa: PLC0415 - optional heavy dependency (ffcv)
+    from ffcv.pipeline.compiler import Compiler  # noqa: PLC0415 - optional heavy dependency (ffcv)
+    from numba import carray  # noqa: PLC0415 - optional heavy dependency (numba (ffcv's))
 
     as_pointer = _address_intrinsic()
 
@@ -200,9 +200,9 @@ class ImageLoader:
     def __init__(self, path: str | Path, sizes: Sequence[int], *, batch_size: int = 256,
                  center_crop: bool = False) -> None:
         import_ffcv()
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder  # noqa: PLC0415
-        from ffcv.loader import Loader  # noqa: PLC0415
-        from ffcv.pipeline import PipelineSpec  # noqa: PLC0415
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder  # noqa: PLC0415 - optional heavy dependency (ffcv)
+        from ffcv.loader import Loader  # noqa: PLC0415 - optional heavy dependency (ffcv)
+        from ffcv.pipeline import PipelineSpec  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
 
         self.beton = ImageBeton(path)

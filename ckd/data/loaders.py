@@ -186,8 +186,8 @@ class FfcvLoader(Loader):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such .beton; create it with `ckd prepare`")
         with keep_torch_threads():
-            from ffcv.loader import Loader  # noqa: PLC0415
-            from ffcv.reader import Reader  # noqa: PLC0415
+            from ffcv.loader import Loader  # noqa: PLC0415 - optional heavy dependency (ffcv)
+            from ffcv.reader import Reader  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
             super().__init__(Reader(str(path)).num_samples, **kw)
             self.path = path

@@ -76,8 +76,8 @@ def coco_ap(pred_orig: np.ndarray, scores: np.ndarray, gt_kps_orig: np.ndarray,
             image_ids: np.ndarray, sigmas: Sequence[float]) -> dict[str, float]:
     """COCO keypoint AP / AP50 / AP75 / AR by pycocotools: person n's ground truth
     (keypoints [N, K, 2] + visibility [N, K], box, area) against detection n."""
-    from pycocotools.coco import COCO  # noqa: PLC0415
-    from pycocotools.cocoeval import COCOeval  # noqa: PLC0415
+    from pycocotools.coco import COCO  # noqa: PLC0415 - optional heavy dependency (pycocotools)
+    from pycocotools.cocoeval import COCOeval  # noqa: PLC0415 - optional heavy dependency (pycocotools)
 
     n, k = visibility.shape
     anns, dets = [], []
