@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import zarr
 
+from ckd.data.protocol import TrainingData
+
 from .integrity import mentor_specs, root_data_digests, unit_status
 from .layout import (
     FEATURES,
@@ -30,6 +32,7 @@ from .layout import (
     read_json_attrs,
 )
 from .location import ObjectPath, list_files, remove_tree, zarr_store
+from .mentor_stats import STAT_FIELDS
 from .mentors import mentor_arch, mentor_arch_kwargs, recorded_precision
 
 
@@ -133,8 +136,6 @@ def _init_root(out: Path, attrs: dict[str, Any], labels: np.ndarray,
 def _mentor_attrs(alias: str, arch: str, path: Path, sha: str, num_classes: int,
                   extra: dict[str, Any] | None = None,
                   features: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    from .mentor_stats import STAT_FIELDS
-
     attrs = {"alias": alias, "arch": arch, "num_classes": int(num_classes),
              "checkpoint": str(path), "checkpoint_sha256": sha,
              "arrays": [s.name for s in MENTOR_ARRAYS], "stat_fields": list(STAT_FIELDS),
@@ -216,7 +217,8 @@ def _reopen_holes(out: Path, alias: str, layout: Layout, state: dict[str, Any]) 
         grp.attrs.put({**state, "complete": False})
 
 
-def prepare_store(out: Path, attrs: dict[str, Any], dataset: Any, keyed_ids: torch.Tensor | None,
+def prepare_store(out: Path, attrs: dict[str, Any], dataset: TrainingData,
+                  keyed_ids: torch.Tensor | None,
                   layout: Layout, paths: Mapping[str, Path], shas: Mapping[str, str],
                   overwrite: bool, features: Mapping[str, Mapping[str, Any]] | None = None,
                   mentor_extra: Callable[[str, str], dict[str, Any]] | None = None,
