@@ -73,7 +73,12 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
     check_adapt_values(epochs=epochs, lam=lam, anchor=anchor, tau=T, lr=lr,
                        student_lr=student_lr, margin=margin)
     warmup_epochs = epochs if warmup_epochs is None else warmup_epochs
-    checkpoint, out = Path(checkpoint), Path(out)
+    from ckd.cache.mentors import parse_mentor_value  # noqa: PLC0415
+
+    # --checkpoint timm:MODEL:FILE, torchvision:ARCH:FILE or module.path:Class:FILE
+    spec_arch, checkpoint = parse_mentor_value(str(checkpoint))
+    arch = arch or spec_arch
+    out = Path(out)
     if out.resolve() == checkpoint.resolve():
         raise ValueError(f"--out {out} would overwrite the source mentor: choose another path")
     if out.exists() and not overwrite:

@@ -28,15 +28,6 @@ def is_image_folder(prepared: str | Path | None) -> bool:
     return meta.is_file() and json.loads(meta.read_text()).get("kind") == "images"
 
 
-def mentor_resolution(arch: str, override: Mapping[str, int] | None, alias: str) -> int:
-    """The resolution a mentor sees: `--resolution alias=S` if given, else its arch's."""
-    from ckd.models.registry import arch_spec
-
-    if override and alias in override:
-        return int(override[alias])
-    return int(arch_spec(arch).input_size)
-
-
 class ImageViews:
     """The train/test .betons of a prepared image folder, with cache-logits' interface:
     name, fingerprint, num_classes, mean, std, extra, len(train), len(test)."""
@@ -148,7 +139,7 @@ def recompute_rows(path: Path, attrs: dict[str, Any], lay: Any, root: Any,
 
     from .info import compare_rows, stored_rows
     from .layout import check_compatible
-    from .mentors import load_mentor, mentor_forward, recorded_precision
+    from .mentors import load_recorded_mentor, mentor_forward, recorded_precision
 
     check_compatible(attrs, fingerprint=views.fingerprint, num_classes=views.num_classes,
                      recipe=views.recipe, path=str(path))
@@ -172,7 +163,7 @@ def recompute_rows(path: Path, attrs: dict[str, Any], lay: Any, root: Any,
         if not ckpt.is_file() or file_sha256(ckpt) != m["checkpoint_sha256"]:
             rep.problems.append(f"{alias}: checkpoint {ckpt} missing or changed since caching")
             continue
-        model = load_mentor(alias, ckpt, lay.num_classes, dev)
+        model = load_recorded_mentor(alias, m, lay.num_classes, dev, (views.mean, views.std))
         loader = views.loader("train", int(m["resolution"]))
         ref = torch.empty((n_rows, lay.num_classes))
         with torch.no_grad():

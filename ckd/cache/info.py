@@ -258,7 +258,7 @@ def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
     from ckd.features.runtime import mentor_features
     from ckd.models import file_sha256
 
-    from .mentors import load_mentor, mentor_forward
+    from .mentors import load_recorded_mentor, mentor_forward
 
     if dataset is None:
         dataset = load_cache_dataset(attrs)
@@ -287,7 +287,7 @@ def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
         if file_sha256(ckpt) != m["checkpoint_sha256"]:
             rep.problems.append(f"{alias}: {ckpt} changed since caching (sha256 differs)")
             continue
-        model = load_mentor(alias, ckpt, lay.num_classes, dev)
+        model = load_recorded_mentor(alias, m, lay.num_classes, dev, (mean, std))
         features = tuple(m.get("features") or {})
         x = apply_views(images, torch.from_numpy(vids).to(dev), mean, std)
         precision = recorded_precision(m)  # the forward the build ran, at its precision

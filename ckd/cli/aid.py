@@ -28,7 +28,8 @@ def _data_options(f):
 @click.command("adapt-mentor")
 @click.option("--arch", help="Mentor architecture (default: what the checkpoint records).")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
-              help="The trained mentor to adapt (left untouched).")
+              help="The trained mentor to adapt (left untouched): a checkpoint, or "
+              "timm:MODEL:FILE, torchvision:ARCH:FILE, module.path:Class:FILE.")
 @click.option("--student", required=True, help="Student architecture it is adapted for.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Adapted mentor checkpoint, e.g. mentors/cifar100/resnet110-aid-r20.pt.")

@@ -279,10 +279,10 @@ def _cached_checkpoint(attrs: dict | None) -> str | None:
 def mentor_path(name: str, path: str | None, cfg: TrainConfig, ds) -> Path:
     """NAME=PATH, else the cache CLI's rule: <mentor-dir>/<dataset>/<arch>.pt (or
     <alias>.pt), mentor-dir defaulting to ./mentors."""
-    if path is not None:
-        return Path(path)
     from ckd.cache.mentors import resolve_mentors  # noqa: PLC0415 - one rule for both
 
+    if path is not None:  # a file, a run folder, or a builder spec (timm:MODEL:FILE, ...)
+        return resolve_mentors([f"{name}={path}"], ds.name)[name]
     try:
         return resolve_mentors([name], ds.name, cfg.mentor_dir or "mentors")[name]
     except ValueError as err:
@@ -294,8 +294,9 @@ def _load_online(name: str, path: str | None, cfg: TrainConfig, ds, device: torc
                  cached: dict | None) -> nn.Module:
     """A frozen mentor through the cache's own loader; when it is compared with a cache
     that recorded this mentor, the checkpoint must be the one the cache was built from."""
-    from ckd.cache.mentors import load_mentor  # noqa: PLC0415
+    from ckd.cache.mentors import load_mentor, name_mentor_arch, named_arch  # noqa: PLC0415
     from ckd.models import file_sha256, read_checkpoint_meta  # noqa: PLC0415
+    from ckd.models.registry import is_named_arch  # noqa: PLC0415
 
     p = mentor_path(name, path, cfg, ds)
     if not p.is_file():
@@ -310,8 +311,12 @@ def _load_online(name: str, path: str | None, cfg: TrainConfig, ds, device: torc
                          f"--mentors {name}=PATH, or rebuild the mentor's cache with "
                          f"`ckd cache-logits --out {cfg.cache} --mentors {name}=PATH "
                          "--overwrite`")
+    recorded = str((cached or {}).get("arch") or "")
+    if is_named_arch(recorded) and named_arch(p) is None:  # built as the cache built it
+        name_mentor_arch(p, recorded)
     meta = read_checkpoint_meta(p)
     if meta.get("dataset") and norm_name(str(meta["dataset"])) != norm_name(ds.name):
         raise ValueError(f"mentor {name!r} ({p}) was trained on {meta['dataset']!r}, not "
                          f"{ds.name!r}: pass the right --mentor-dir or NAME=PATH")
-    return load_mentor(name, p, ds.num_classes, device)  # the cache's model and layout
+    # the cache's model, layout and input normalisation
+    return load_mentor(name, p, ds.num_classes, device, norm=(ds.mean, ds.std))

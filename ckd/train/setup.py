@@ -57,9 +57,9 @@ def student_resolution(cfg: TrainConfig) -> int:
     """--resolution, else the student arch's input size (224 for the ImageNet zoo)."""
     if cfg.resolution is not None:
         return int(cfg.resolution)
-    from ckd.models.registry import arch_spec, is_import_path  # noqa: PLC0415
+    from ckd.models.registry import arch_spec, is_named_arch  # noqa: PLC0415
 
-    if is_import_path(cfg.student):
+    if is_named_arch(cfg.student):
         raise ValueError(f"--student {cfg.student} is not a zoo arch: pass --resolution PIXELS "
                          "(its input size on this image folder)")
     return int(arch_spec(cfg.student.split(",")[0]).input_size)

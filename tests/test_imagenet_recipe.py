@@ -1,0 +1,63 @@
+"""The ImageNet-style recipe on a small JPEG folder, through the CLI: mentors from the vision
+ecosystem (torchvision and timm state_dicts) cached at their own resolution and
+normalisation, `ckd eval` of a checkpoint, and online mentors equal to the cache."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import fake_timm
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from ckd.models import create_model
+
+# Slow: FFCV's replay decoder compiles per resolution.
+pytestmark = pytest.mark.slow
+
+
+def _ckd(*args: str):
+    from ckd.cli.main import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture()
+def vision_mentors(tmp_path, monkeypatch):
+    """A torchvision-layout resnet18 and a timm ViT (the stand-in timm), random weights,
+    saved as plain state_dicts."""
+    monkeypatch.setitem(sys.modules, "timm", fake_timm.module())
+    torch.manual_seed(0)
+    tv = tmp_path / "resnet18.pth"
+    torch.save(create_model("resnet18", 3).state_dict(), tv)
+    vit = tmp_path / "vit.pth"
+    torch.save(fake_timm.create("test_vit", num_classes=3).state_dict(), vit)
+    return {"tv": tv, "vit": vit}
+
+
+def test_cache_logits_with_vision_mentors(prepared_images, vision_mentors, tmp_path):
+    out = tmp_path / "cache"
+    res = _ckd("cache-logits", "--prepared", prepared_images, "--mentors",
+               f"tv=torchvision:resnet18:{vision_mentors['tv']},"
+               f"vit=timm:test_vit:{vision_mentors['vit']}",
+               "--resolution", "tv=64", "--views", "2", "--dtype", "fp32", "--batch-size", "8",
+               "--device", "cpu", "--quiet", "--out", out)
+    assert res.exit_code == 0, res.output
+    root = zarr.open_group(str(out), mode="r")
+    tv, vit = (root[f"mentors/{a}"].attrs.asdict() for a in ("tv", "vit"))
+    assert (tv["arch"], tv["resolution"]) == ("torchvision:resnet18", 64)  # the flag wins
+    assert tv["mean"] == [0.485, 0.456, 0.406]  # torchvision's convention
+    assert (vit["arch"], vit["resolution"], vit["mean"]) == ("timm:test_vit", 32,
+                                                             [0.5, 0.5, 0.5])  # its cfg
+    # the stored rows are what the recorded mentor computes on the re-derived boxes
+    res = _ckd("cache", "verify", out, "--recompute", "6", "--prepared", prepared_images)
+    assert res.exit_code == 0, res.output
+    # a resolution the ViT cannot take: one line naming the fix
+    res = _ckd("cache-logits", "--prepared", prepared_images, "--mentors",
+               f"vit=timm:test_vit:{vision_mentors['vit']}", "--resolution", "vit=48",
+               "--views", "1", "--device", "cpu", "--quiet", "--out", tmp_path / "c2")
+    assert res.exit_code == 1 and "cannot take 48 px" in res.output
+    assert "--resolution vit=PIXELS" in res.output
