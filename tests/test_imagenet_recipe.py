@@ -61,3 +61,37 @@ def test_cache_logits_with_vision_mentors(prepared_images, vision_mentors, tmp_p
                "--views", "1", "--device", "cpu", "--quiet", "--out", tmp_path / "c2")
     assert res.exit_code == 1 and "cannot take 48 px" in res.output
     assert "--resolution vit=PIXELS" in res.output
+
+
+def test_eval_on_an_image_folder(prepared_images, vision_mentors, tmp_path):
+    from ckd.cache.image_views import ImageViews
+    from ckd.data.images import ImageLoader
+    from ckd.data.views import normalize
+
+    out = tmp_path / "eval.jsonl"
+    spec = f"torchvision:resnet18:{vision_mentors['tv']}"
+    res = _ckd("eval", spec, "--prepared", prepared_images, "--resolution", "64",
+               "--device", "cpu", "--out", out)
+    assert res.exit_code == 0, res.output
+    rec = json.loads(out.read_text())
+    assert (rec["split"], rec["resolution"], rec["arch"]) == ("val", 64,
+                                                              "torchvision:resnet18")
+    # the center crops at 64 px, normalised with torchvision's statistics
+    views = ImageViews(prepared_images)
+    loader = ImageLoader(prepared_images / "test.beton", [64], batch_size=64,
+                         center_crop=True)
+    (imgs,), labels, _ = next(iter(loader.iterate(torch.arange(len(views.test)).numpy())))
+    model = create_model("resnet18", 3).eval()
+    model.load_state_dict(torch.load(vision_mentors["tv"], weights_only=True))
+    x = normalize(imgs, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        pred = model(x.contiguous()).argmax(1)
+    assert rec["images"] == len(labels)
+    assert abs(rec["top1"] - 100.0 * float((pred == labels).float().mean())) < 1e-3
+    # the timm ViT at its config's 32 px; a split the folder does not hold
+    res = _ckd("eval", f"timm:test_vit:{vision_mentors['vit']}", "--prepared",
+               prepared_images, "--device", "cpu", "--out", out)
+    assert res.exit_code == 0 and json.loads(out.read_text().splitlines()[-1])[
+        "resolution"] == 32
+    res = _ckd("eval", spec, "--prepared", prepared_images, "--split", "holdout")
+    assert res.exit_code == 1 and "--split 'holdout' is not in" in res.output

@@ -165,7 +165,8 @@ def _summary(result: dict[str, Any]) -> None:
 @click.option("--granularity", help="classroom: batch | sample.")
 @click.option("--backend", type=click.Choice(["auto", "triton", "reference"]))
 @click.option("--mentors", help="Comma list, teacher first: a subset of the cached mentors, "
-              "or with --mentors-online NAME or NAME=checkpoint.pt.")
+              "or with --mentors-online NAME, NAME=checkpoint.pt, NAME=timm:MODEL:FILE, "
+              "NAME=torchvision:ARCH:FILE or NAME=module.path:Class:FILE.")
 @click.option("--mentors-online/--no-mentors-online", default=None,
               help="Run the mentors' checkpoints live on the same views (no cache).")
 @click.option("--mentor-precision", type=click.Choice(["fp32", "bf16", "fp16"]),
@@ -237,4 +238,52 @@ def report(run_dirs: tuple[str, ...], out: str) -> None:
         click.echo(f"wrote {path}")
 
 
-commands = [train, train_mentor, report]
+@click.command("eval")
+@click.argument("checkpoint")
+@click.option("--prepared", type=click.Path(exists=True, file_okay=False),
+              help="A folder written by `ckd prepare` (image folder or CIFAR-style).")
+@click.option("--dataset", help="A bundled set instead: cifar10 | cifar100 | digits | "
+              "synthetic.")
+@click.option("--data-dir", help="Where the bundled set's archives live (default ./data).")
+@click.option("--split", default="val", show_default=True,
+              help="val (an image folder's val/ folder; CIFAR: its test set) or train.")
+@click.option("--resolution", type=click.IntRange(min=1),
+              help="Image folders: the input size (default: the model's own config, else "
+              "its zoo arch's); center crop of 224/256 of the short side, resized to it.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default=None, callback=params.device,
+              help="cpu | cuda | cuda:N (default cuda when available).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="Forward precision (autocast).")
+@click.option("--out", "out", default="eval.jsonl", show_default=True,
+              type=click.Path(dir_okay=False), help="JSON lines file the result is "
+              "appended to.")
+def evaluate(checkpoint: str, prepared: str | None, dataset: str | None,
+             data_dir: str | None, split: str, resolution: int | None, batch_size: int,
+             device: str | None, precision: str, out: str) -> None:
+    """Top-1/top-5 accuracy and loss of CHECKPOINT on a split.
+
+    CHECKPOINT is a ckd or RepDistiller checkpoint, a `ckd train` run folder, or a
+    state_dict with its builder: timm:MODEL:FILE, torchvision:ARCH:FILE,
+    module.path:Class:FILE."""
+    import json
+
+    import torch
+
+    from ckd.train.evaluate import append_jsonl, evaluate_checkpoint
+
+    if not prepared and not dataset:
+        raise click.UsageError("give --prepared DIR (or --dataset NAME)")
+    rec = evaluate_checkpoint(checkpoint, prepared=prepared, dataset=dataset,
+                              data_dir=data_dir, split=split, resolution=resolution,
+                              batch_size=batch_size, precision=precision,
+                              device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    top = next(k for k in rec if k.startswith("top") and k != "top1")
+    click.echo(f"{rec['arch']} on {rec['data']} {rec['split']} ({rec['images']} images, "
+               f"{rec['resolution']} px): top-1 {rec['top1']:.2f}%  {top} {rec[top]:.2f}%  "
+               f"loss {rec['loss']:.4f}")
+    click.echo(json.dumps(rec, sort_keys=True))
+    click.echo(f"appended to {append_jsonl(out, rec)}")
+
+
+commands = [train, train_mentor, report, evaluate]
