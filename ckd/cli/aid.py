@@ -52,6 +52,9 @@ def _data_options(f):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--tensorboard", type=click.Path(file_okay=False),
+              help="TensorBoard folder (default off): the adaptation's loss terms per epoch "
+              "and the test accuracy before and after, in <folder>/<--out name>.")
 def adapt_mentor(dataset_opt: tuple[str, ...], tau: float, no_progress: bool,
                  **kw: Any) -> None:
     """Fine-tune a mentor toward an intra-class distribution the student can fit (AID)."""

@@ -108,6 +108,10 @@ def _common(f):
         click.option("--log-every", type=int, help="Steps between metrics records (50)."),
         click.option("--max-steps-per-epoch", type=int, help="Truncate epochs (smoke tests)."),
         click.option("--no-progress", is_flag=True, default=None, help="No progress bars."),
+        click.option("--tensorboard", type=click.Path(file_okay=False),
+                     help="TensorBoard folder (default off): loss terms, accuracies, lr, "
+                     "mentor ranks and temperatures, step time and mentor histograms in "
+                     "<folder>/<run name>; metrics.jsonl is written as always."),
     ]
     for o in reversed(opts):
         f = o(f)

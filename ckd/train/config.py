@@ -116,6 +116,10 @@ class TrainConfig:
     max_steps_per_epoch: int | None = _opt(None, int, "truncate epochs (tests, benchmarks)",
                                            low=1, optional=True)
     progress: bool = _opt(True, bool, "progress bars")
+    tensorboard: str | None = _opt(None, str, "TensorBoard folder: each run's scalars (loss "
+                                   "terms, accuracies, lr, mentor ranks and temperatures, "
+                                   "step time) and mentor histograms in <folder>/<run name>, "
+                                   "beside metrics.jsonl", optional=True)
     eval_every: int = _opt(1, int, "epochs between test evaluations", low=1)
 
     def resolved_optimizer(self) -> str:
@@ -155,6 +159,11 @@ class TrainConfig:
         check_existing_dir(self.prepared, "--prepared", "write it with `ckd prepare`")
         check_existing_dir(self.cache, "--cache", "build it with `ckd cache-logits`")
         check_writable_dir(self.out, "--out")
+        if self.tensorboard is not None:
+            check_writable_dir(self.tensorboard, "--tensorboard")
+            from ckd.train.tensorboard import summary_writer_class  # noqa: PLC0415
+
+            summary_writer_class()  # a missing package: one line, before any work
         check_device(self.device)
         check_triton_backend(self.backend, self.device)
         if self.cuda_graphs:

@@ -175,8 +175,10 @@ class _IntervalLog:
                 raise NonFiniteError(self._where(err, interval)) from None
         now = time.perf_counter()
         run.imgs_per_s = interval.count * run.info.world_size / max(now - self.t, 1e-9)
+        step_s = (now - self.t) / max(interval.steps, 1)
         self.t = now
         rec = {"type": "step", "epoch": self.epoch, "step": run.step, "lr": self.lr,
+               "step_s": step_s,
                "loss": float(vals["loss"]) / interval.steps,
                "train_acc": 100.0 * float(vals["correct"]) / interval.count,
                "img_per_s": run.imgs_per_s}

@@ -180,6 +180,8 @@ def setup_student(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack,
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if cfg.tensorboard is not None:
+            run.logger.open_tensorboard(cfg.tensorboard, None if state is None else run.step)
         if state is None:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             run.logger.write({"type": "run", "method": cfg.method, "student": cfg.student,
