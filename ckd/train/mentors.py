@@ -29,6 +29,7 @@ from ckd.train.setup import norm_name
 
 class NoMentors:
     kind = "none"
+    sizes: tuple[int, ...] = ()  # image folders: the resolutions online mentors read
 
     def __init__(self, seed: int, cache: Any = None) -> None:
         self.names: list[str] = []
@@ -57,6 +58,10 @@ class NoMentors:
         return self.logits(slots, idx, x), None, {}
 
     def start_epoch(self, epoch: int, order: torch.Tensor | None) -> None:
+        return None
+
+    def attach(self, train_loader: Any) -> None:
+        """The training loader whose batches the mentors read (image folders online)."""
         return None
 
 
@@ -121,6 +126,40 @@ class OnlineMentors(NoMentors):
         # logits as the loss reads them: the same function of the same values
         stats = None if labels is None else mentor_row_stats(logits, labels)
         return logits, stats, feats
+
+
+class ImageOnlineMentors(OnlineMentors):
+    """Online mentors on an image folder: each runs on the batch's crop boxes decoded at its
+    own resolution (the training loader decodes every size in one pass: `current`),
+    normalised with the data's statistics as `ckd cache-logits` feeds them, so online
+    logits equal the cached ones."""
+
+    def __init__(self, models: list[nn.Module], names: list[str], seed: int, cache: Any,
+                 precisions: list[str], sizes: list[int], mean: tuple, std: tuple) -> None:
+        super().__init__(models, names, seed, cache, precisions)
+        self.sizes, self.mean, self.std = tuple(sizes), mean, std
+        self.loader: Any = None
+
+    def attach(self, train_loader):
+        self.loader = train_loader
+
+    @torch.no_grad()
+    def logits(self, slots, idx, x):
+        from ckd.data.views import normalize  # noqa: PLC0415
+
+        got, by_size = self.loader.current
+        if not torch.equal(got, idx):
+            raise RuntimeError("online image mentors read another batch than the student's")
+        return torch.stack([
+            self.forward(m, normalize(by_size[s], self.mean, self.std).permute(0, 3, 1, 2), p)
+            for m, p, s in zip(self.models, self.precisions, self.sizes, strict=True)])
+
+    def gather(self, slots, idx, x, needs=(), labels=None):
+        if needs:
+            raise ValueError("feature methods are not supported on image folders yet: use a "
+                             "logit method (`ckd methods`)")
+        logits = self.logits(slots, idx, x)
+        return logits, None if labels is None else mentor_row_stats(logits, labels), {}
 
 
 MentorSource = NoMentors | CachedMentors | OnlineMentors
@@ -223,6 +262,11 @@ def make_mentor_source(cfg: TrainConfig, ds, device: torch.device) -> MentorSour
         precisions = online_precisions(cfg, device, names, found)
         models = [_load_online(n, p, cfg, ds, device, found.get(n))
                   for n, p in specs[:len(names)]]
+        if getattr(ds, "recipe_name", None) == "rrc":  # an image folder: own resolutions
+            sizes = [_online_size(n, p, m, cfg, ds, device, found.get(n))
+                     for (n, p), m in zip(specs, models, strict=False)]
+            return ImageOnlineMentors(models, names, cfg.seed, cache, precisions, sizes,
+                                      ds.mean, ds.std)
         return OnlineMentors(models, names, cfg.seed, cache, precisions)
     if cache is None:
         raise ValueError(f"method {cfg.method!r} needs mentor logits: pass --cache DIR (built "
@@ -288,6 +332,20 @@ def mentor_path(name: str, path: str | None, cfg: TrainConfig, ds) -> Path:
     except ValueError as err:
         raise ValueError(f"online mentor {name!r} is not an architecture name, so it needs a "
                          f"checkpoint: pass --mentors {name}=PATH ({err})") from err
+
+
+def _online_size(name: str, path: str | None, model: nn.Module, cfg: TrainConfig, ds,
+                 device: torch.device, cached: dict | None) -> int:
+    """An online mentor's resolution on an image folder: the one its cache entry was
+    computed at, else its own config's (`mentor_input`); refused by name if it cannot
+    take it."""
+    from ckd.cache.mentors import check_resolution, mentor_arch, mentor_input  # noqa: PLC0415
+
+    arch = mentor_arch(name, mentor_path(name, path, cfg, ds))
+    size = (cached or {}).get("resolution") or mentor_input(name, arch, model, None)[
+        "resolution"]
+    check_resolution(model, name, arch, int(size), device)
+    return int(size)
 
 
 def _load_online(name: str, path: str | None, cfg: TrainConfig, ds, device: torch.device,

@@ -104,7 +104,9 @@ def setup_shared(cfg: TrainConfig, info: DistInfo) -> Shared:
     autocast = _autocast_factory(info.device, cfg.amp, cfg.cuda_graphs)
     ds = load_data(cfg)
     source = make_mentor_source(cfg, ds, info.device)
-    train_loader, test_loader = make_loaders(cfg, ds, info.device, info.rank, info.world_size)
+    train_loader, test_loader = make_loaders(cfg, ds, info.device, info.rank, info.world_size,
+                                             mentor_sizes=source.sizes)
+    source.attach(train_loader)
     return Shared(ds, source, cfg.loss_plan(), train_loader, test_loader, autocast)
 
 

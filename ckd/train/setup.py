@@ -65,29 +65,39 @@ def student_resolution(cfg: TrainConfig) -> int:
     return int(arch_spec(cfg.student.split(",")[0]).input_size)
 
 
-def image_loaders(cfg: TrainConfig, ds, device: torch.device, rank: int, world: int,
-                  block: int | None):
-    """Train loader replaying the cache's random-resized crops at the student's resolution,
-    test loader of center crops (ckd.data.image_train)."""
-    from ckd.cache.layout import RRC_RECIPE_NAME, read_root_attrs  # noqa: PLC0415
-    from ckd.data.image_train import ImageFolderLoader  # noqa: PLC0415
+def image_views_rule(cfg: TrainConfig, ds):
+    """(slots_of(epoch, idx), boxes_of(slot, idx)) of an image folder's training views:
+    with a --cache, the cached views it replays (slot `epoch_slots(seed, e, i)` of K, box
+    `rrc_views(cache seed, i, slot)`); without one, a fresh keyed view each epoch (slot =
+    the epoch, box `rrc_views(seed, i, epoch)`): a pure function of seed, epoch, sample."""
     from ckd.data.rrc import epoch_slots  # noqa: PLC0415
 
-    if cfg.cache is None or cfg.mentors_online:
-        raise ValueError(f"--prepared {cfg.prepared} is an image folder: train from its logit "
-                         "cache (--cache, built with `ckd cache-logits --prepared ... --views "
-                         "K`); online mentors are not supported on image folders")
+    if cfg.cache is None:
+        return (lambda e, idx: torch.full_like(torch.as_tensor(idx), int(e)),
+                lambda k, idx: ds.boxes(cfg.seed, k, idx))
+    from ckd.cache.layout import RRC_RECIPE_NAME, read_root_attrs  # noqa: PLC0415
+
     views = read_root_attrs(cfg.cache)["views"]
     if views.get("recipe", {}).get("name") != RRC_RECIPE_NAME:
         raise ValueError(f"--cache {cfg.cache} was not built from an image folder")
     cache_seed, num_slots = int(views["seed"]), int(views["num_slots"])
+    return (lambda e, idx: epoch_slots(cfg.seed, e, idx, num_slots),
+            lambda k, idx: ds.boxes(cache_seed, k, idx))
+
+
+def image_loaders(cfg: TrainConfig, ds, device: torch.device, rank: int, world: int,
+                  block: int | None, mentor_sizes: tuple[int, ...] = ()):
+    """Train loader of the random-resized crops at the student's resolution (and at each
+    online mentor's, `mentor_sizes`), test loader of center crops (ckd.data.image_train)."""
+    from ckd.data.image_train import ImageFolderLoader  # noqa: PLC0415
+
+    slots_of, boxes_of = image_views_rule(cfg, ds)
     size = student_resolution(cfg)
     kw = dict(batch_size=cfg.batch_size, seed=cfg.seed, drop_last=False, device=str(device),
               rank=rank, world_size=world)
-    train = ImageFolderLoader(
-        ds, "train", size, shuffle=True, block=block,
-        slots_of=lambda e, idx: epoch_slots(cfg.seed, e, idx, num_slots),
-        boxes_of=lambda k, idx: ds.boxes(cache_seed, k, idx), **kw)
+    train = ImageFolderLoader(ds, "train", size, shuffle=True, block=block,
+                              slots_of=slots_of, boxes_of=boxes_of,
+                              extra_sizes=tuple(mentor_sizes), **kw)
     test = ImageFolderLoader(ds, "test", size, shuffle=False, **kw)
     return train, test
 
@@ -96,7 +106,8 @@ def norm_name(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
-def make_loaders(cfg: TrainConfig, ds, device: torch.device, rank: int, world: int):
+def make_loaders(cfg: TrainConfig, ds, device: torch.device, rank: int, world: int,
+                 mentor_sizes: tuple[int, ...] = ()):
     from ckd.data.loaders import make_loader  # noqa: PLC0415
 
     if cfg.loader == "ffcv":
@@ -113,7 +124,7 @@ def make_loaders(cfg: TrainConfig, ds, device: torch.device, rank: int, world: i
 
         block = int(read_root_attrs(cfg.cache)["layout"]["samples_per_chunk"])
     if is_image_data(ds):
-        return image_loaders(cfg, ds, device, rank, world, block)
+        return image_loaders(cfg, ds, device, rank, world, block, mentor_sizes)
     train = make_loader(cfg.loader, src_train, batch_size=cfg.batch_size, seed=cfg.seed,
                         shuffle=True, drop_last=False, device=str(device), rank=rank,
                         world_size=world, block=block)

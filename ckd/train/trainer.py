@@ -142,13 +142,6 @@ def train_mentor(arch: str, dataset: str | None = None, *, out: str | Path | Non
     values = {**overrides, "student": arch, "method": "nokd", "dataset": dataset,
               "cache": None, "mentors": None, "mentors_online": False}
     cfg = as_config({k: v for k, v in values.items() if v is not None})
-    from ckd.cache.image_views import is_image_folder  # noqa: PLC0415
-
-    if is_image_folder(cfg.prepared):  # its crops are replayed from a logit cache
-        raise ValueError(f"--prepared {cfg.prepared} is an image folder, which `ckd "
-                         "train-mentor` cannot train on yet: train the mentor on CIFAR-style "
-                         "data, or bring a trained checkpoint and cache it with `ckd "
-                         "cache-logits --prepared DIR --mentors ALIAS=CHECKPOINT --views K`")
     name = _dataset_name(cfg)
     if out is None:
         out = Path("runs") / f"mentor-{name}-{arch}"
