@@ -80,10 +80,20 @@ def _common(f):
                      "with adamw)."),
         click.option("--momentum", type=float),
         click.option("--weight-decay", type=float),
-        click.option("--schedule", type=click.Choice(["step", "classroom-warmup", "constant"])),
+        click.option("--schedule", type=click.Choice(["step", "classroom-warmup", "constant",
+                                                      "cosine"]),
+                     help="cosine: linear warm-up over --warmup-epochs (default 0), then "
+                     "cosine to 0 (the ImageNet recipe)."),
+        click.option("--label-smoothing", type=float,
+                     help="Label smoothing of the cross-entropy, in [0, 1) (supervised: "
+                     "--method nokd, train-mentor; default 0)."),
+        click.option("--decay-norm-bias/--no-decay-norm-bias", default=None,
+                     help="Weight decay on biases and normalisation weights too (default "
+                     "on; off: the ImageNet recipe's exclusions)."),
         click.option("--milestones", help="Comma list, e.g. 150,180,210 (default: those "
                      "scaled to --epochs)."),
-        click.option("--warmup-epochs", type=int, help="classroom-warmup (default 120/240)."),
+        click.option("--warmup-epochs", type=int, help="classroom-warmup (default 120/240) "
+                     "or cosine (default 0)."),
         click.option("--seed", type=int),
         click.option("--out", type=click.Path(file_okay=False), help="Run folder."),
         click.option("--resume", is_flag=True, default=None,
@@ -205,6 +215,10 @@ def train(**kw: Any) -> None:
 
 @click.command("train-mentor")
 @click.option("--arch", required=True, help="Mentor architecture, e.g. r110, resnet56, vgg13.")
+@click.option("--resolution", type=click.IntRange(min=1),
+              help="Image folders: the input size in pixels (default: the arch's, 224 for "
+              "the ImageNet zoo); keyed random-resized crops + flips for training, the "
+              "center crop for evaluation.")
 @click.option("--mentor-dir", type=click.Path(file_okay=False), callback=params.writable_dir,
               help="Writes <mentor-dir>/<dataset>/<arch>.pt (default ./mentors).")
 @_common

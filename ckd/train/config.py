@@ -88,16 +88,22 @@ class TrainConfig:
                             optional=True)
     momentum: float = _opt(0.9, float, "SGD momentum", low=0, high=1, high_open=True)
     weight_decay: float = _opt(5e-4, float, "SGD weight decay", low=0)
-    schedule: str = _opt("step", str, "learning-rate schedule",
-                         choices=("step", "classroom-warmup", "constant"))
+    schedule: str = _opt("step", str, "learning-rate schedule (cosine: linear warm-up over "
+                         "--warmup-epochs, default 0, then cosine to 0)",
+                         choices=("step", "classroom-warmup", "constant", "cosine"))
     milestones: list[int] | None = None  # None: 150,180,210 scaled to `epochs`
     gamma: float = _opt(0.1, float, "learning-rate factor at each milestone", low=0,
                         low_open=True, high=1)
     # classroom-warmup; None: 120 scaled to `epochs`
-    warmup_epochs: int | None = _opt(None, int, "warm-up epochs of classroom-warmup", low=1,
-                                     optional=True)
+    warmup_epochs: int | None = _opt(None, int, "warm-up epochs of classroom-warmup or "
+                                     "cosine", low=1, optional=True)
     warmup_end_lr: float = _opt(0.01, float, "learning rate at the end of the warm-up",
                                 low=0, low_open=True)
+    # the ImageNet recipe's knobs (supervised mentors: `ckd train-mentor`)
+    label_smoothing: float = _opt(0.0, float, "label smoothing of the cross-entropy (--method "
+                                  "nokd, train-mentor)", low=0.0, high=1.0, high_open=True)
+    decay_norm_bias: bool = _opt(True, bool, "weight decay on biases and normalisation "
+                                 "weights too (off: only on weight matrices and kernels)")
     seed: int = _opt(0, int, "seed of the views, the order and the initial weights", low=0)
     # run
     out: str | None = None
@@ -181,6 +187,9 @@ class TrainConfig:
         import torch  # noqa: PLC0415 - only when graphs are asked for
 
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.label_smoothing:
+            raise OptionError("--cuda-graphs does not apply --label-smoothing: drop one of "
+                              "them")
         if not device.startswith("cuda"):
             raise OptionError(f"--cuda-graphs needs a CUDA device (this run is on {device}); "
                               "drop --cuda-graphs")
@@ -204,7 +213,11 @@ class TrainConfig:
                 # schedule, continued with --resume --resume-allow epochs
                 raise OptionError(f"--milestones={ms} is invalid: must be increasing integer "
                                   f"epochs in [1, {self.epochs}] (--epochs {self.epochs})")
-        if self.schedule == "classroom-warmup" and self.warmup_epochs is not None \
+        if self.label_smoothing and self.method != "nokd":
+            raise OptionError(f"--label-smoothing {self.label_smoothing} applies to supervised "
+                              "training (--method nokd, `ckd train-mentor`): drop it for "
+                              f"--method {self.method}")
+        if self.schedule in ("classroom-warmup", "cosine") and self.warmup_epochs is not None \
                 and self.warmup_epochs >= self.epochs:
             raise OptionError(f"--warmup-epochs={self.warmup_epochs} is invalid: the warm-up "
                               f"must end before training does (< --epochs {self.epochs})")

@@ -21,7 +21,7 @@ from ckd.train.config import TrainConfig, save_config
 from ckd.train.ddp import DistInfo, wrap
 from ckd.train.mentors import MentorSource, make_mentor_source
 from ckd.train.metrics import MetricsLogger
-from ckd.train.optim import make_optimizer
+from ckd.train.optim import make_optimizer, param_groups
 from ckd.train.run_dir import check_run_shape, resume_state, run_folder_lock
 from ckd.train.schedules import make_schedule
 from ckd.train.setup import build_student, load_data, make_loaders
@@ -157,7 +157,7 @@ def setup_student(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack,
     base_lr = cfg.resolved_lr()
     feat = make_feature_run(cfg, loss_plan, ds, source, student, device)
     opt = make_optimizer(cfg.resolved_optimizer(),
-                         [{"params": list(student.parameters())},
+                         [*param_groups(student, cfg.weight_decay, cfg.decay_norm_bias),
                           *feat.param_group(base_lr, cfg.momentum, cfg.weight_decay)],
                          base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = make_schedule(cfg.schedule, base_lr=base_lr, epochs=cfg.epochs,
