@@ -255,7 +255,7 @@ def test_verify_recomputes_the_rows_of_sparse_mentors(tmp_path, monkeypatch):
 
     real = mentors.load_mentor
     monkeypatch.setattr(mentors, "load_mentor",
-                        lambda alias, path, *a: real(alias, ck["d"], *a))
+                        lambda alias, path, *a, **k: real(alias, ck["d"], *a, **k))
     res = run("cache", "verify", cache, "--recompute", "8", ok=False)
     for name in ("t/topk_logits", "t/topk_rest", "t/stats", "s/sample_logits", "s/stats"):
         assert f"PROBLEM {name}: " in res.output and "recomputed rows differ" in res.output
