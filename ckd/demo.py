@@ -208,7 +208,8 @@ def _run_demo(out: Path, plan: DemoPlan, progress: bool) -> dict[str, Any]:
          f"{len(ds.test.labels)} test, fingerprint {ds.fingerprint} -> {prepared}")
     stage_done("prepare", t0)
     common = dict(prepared=str(prepared), batch_size=plan.batch_size, lr=plan.lr,
-                  device="cpu", progress=progress, log_every=10, **plan.extra)
+                  device="cpu", progress=progress, log_every=10,
+                  tensorboard=str(out / "tensorboard"), **plan.extra)
 
     # 2. mentors ----------------------------------------------------------------------
     t0 = time.perf_counter()

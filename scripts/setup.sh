@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-STAMP="$VENV/.ckd-setup-v6"
+STAMP="$VENV/.ckd-setup-v7"
 
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/setup.sh ]; then
   exit 0  # already set up for this pyproject.toml
@@ -50,7 +50,10 @@ $PIP install -q --upgrade pip wheel setuptools
 $PIP install -q "torch==2.13.0" "triton>=3.5" "numpy>=2,<3" numba llvmlite \
   opencv-python-headless pillow terminaltables pytorch_pfn_extras fastargs assertpy \
   psutil tqdm rich "zarr>=3" numcodecs crc32c click matplotlib scikit-learn pyyaml \
-  pycocotools pytest pytest-timeout pytest-xdist ruff import-linter obstore "moto[s3]" flask flask-cors
+  pycocotools pytest pytest-timeout pytest-xdist ruff import-linter obstore "moto[s3]" flask flask-cors \
+  tensorboard
+# timm (mentors named timm:MODEL:FILE) is left out: it imports torchvision, and the only
+# torchvision wheels here are CUDA builds that fail to import beside the CPU torch.
 # --no-deps: ffcv declares the non-headless opencv-python, which needs libGL.
 if ! "$VENV/bin/python" -c "import ffcv.libffcv" >/dev/null 2>&1; then
   echo "[setup] building ffcv"

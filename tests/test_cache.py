@@ -263,7 +263,8 @@ def test_build_reads_each_mentor_checkpoint_once_and_loads_it_once(setup, tmp_pa
 
     loads, reads = [], []
     real_load, real_read = writer.load_mentor, ckpt._torch_load
-    monkeypatch.setattr(writer, "load_mentor", lambda *a: loads.append(a[0]) or real_load(*a))
+    monkeypatch.setattr(writer, "load_mentor",
+                        lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     monkeypatch.setattr(ckpt, "_torch_load", lambda p: reads.append(p) or real_read(p))
     build_cache(setup["ds"], {"r8": setup["tmp"] / "r8.pt"}, tmp_path / "c", views=2,
                 dtype="fp32", batch_size=20, samples_per_chunk=16, progress=False)

@@ -214,7 +214,7 @@ def test_cache_logits_refuses_a_nondeterministic_op_by_name(tmp_path, monkeypatc
         def forward(self, x):
             return _put(self.inner(x))
 
-    monkeypatch.setattr(writer, "load_mentor", lambda *a: PutMentor(load(*a)))
+    monkeypatch.setattr(writer, "load_mentor", lambda *a, **k: PutMentor(load(*a, **k)))
     ckpt = mentor(tmp_path / "t.pt", 0, num_classes=10)
     res = _run(*CACHE, "--mentors", f"t={ckpt}", "--out", str(tmp_path / "c"),
                "--deterministic")

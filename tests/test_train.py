@@ -60,7 +60,7 @@ def test_classroom_warmup_schedule():
                                  1e-4, 1e-5])
     assert make_schedule("classroom-warmup", base_lr=0.05, epochs=24).warmup_epochs == 12
     with pytest.raises(ValueError, match="unknown schedule"):
-        make_schedule("cosine", base_lr=0.05, epochs=10)
+        make_schedule("linear", base_lr=0.05, epochs=10)
 
 
 # ---------------------------------------------------------------------------- methods

@@ -62,7 +62,7 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
                  anchor: float = 1.0, T: float = 4.0, lr: float = 0.005,
                  student_lr: float = 0.05, batch_size: int = 64, seed: int = 0,
                  margin: float = 1.0, device: str = "cpu", progress: bool = True,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, tensorboard: str | None = None) -> dict[str, Any]:
     """Write the adapted mentor to `out` (ckd checkpoint; metrics record the source
     checkpoint and its sha256, the student, the objective and its parameters, both test
     accuracies). Returns that record plus `model`. An existing `out` is replaced only with
@@ -70,7 +70,12 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
     check_adapt_values(epochs=epochs, lam=lam, anchor=anchor, tau=T, lr=lr,
                        student_lr=student_lr, margin=margin)
     warmup_epochs = epochs if warmup_epochs is None else warmup_epochs
-    checkpoint, out = Path(checkpoint), Path(out)
+    from ckd.cache.mentors import parse_mentor_value  # noqa: PLC0415
+
+    # --checkpoint timm:MODEL:FILE, torchvision:ARCH:FILE or module.path:Class:FILE
+    spec_arch, checkpoint = parse_mentor_value(str(checkpoint))
+    arch = arch or spec_arch
+    out = Path(out)
     if out.resolve() == checkpoint.resolve():
         raise ValueError(f"--out {out} would overwrite the source mentor: choose another path")
     if out.exists() and not overwrite:
@@ -99,6 +104,11 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
         a = test_accuracy(model, ds.test.images, ds.test.labels, ds.mean, ds.std, 256, dev)
         return a
 
+    board = None
+    if tensorboard is not None:  # per adaptation epoch: its loss terms; then the accuracy
+        from ckd.train.tensorboard import TensorBoardLog  # noqa: PLC0415
+
+        board = TensorBoardLog(tensorboard, out.stem)
     acc_before = acc(original)
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
@@ -139,11 +149,19 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
             rec = {"epoch": epoch, "ce": sums["ce"] / n, "intra": sums["intra"] / n,
                    "inter_drift": sums["inter"] / n}
             history.append(rec)
+            if board is not None:
+                board.record({"type": "step", "step": epoch, "lr": lr, "ce": rec["ce"],
+                              "intra": rec["intra"], "inter_drift": rec["inter_drift"],
+                              "step_s": (time.perf_counter() - t0) / (epoch + 1)})
             if progress:
                 tqdm.write(f"adapt epoch {epoch - warmup_epochs + 1}/{epochs}: ce "
                            f"{rec['ce']:.4f} intra {rec['intra']:.4f} "
                            f"inter drift {rec['inter_drift']:.4f}")
     acc_after = acc(mentor)
+    if board is not None:
+        board.record({"type": "epoch", "step": 0, "test_acc": acc_before})
+        board.record({"type": "epoch", "step": total, "test_acc": acc_after})
+        board.close()
     drop = acc_before - acc_after
     record = {
         "test_acc": acc_after, "source_test_acc": acc_before, "accuracy_drop": drop,

@@ -5,8 +5,6 @@ own resolution (recorded in its attributes), and its center-crop test accuracy."
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -14,18 +12,10 @@ from tqdm import tqdm
 from ckd.data.image_views import ImageViews
 from ckd.data.views import normalize
 from ckd.models.forward import mentor_forward
-from ckd.models.registry import arch_spec
 
 from .pipeline import HostRows
 
 BOX_FIELDS = ("top", "left", "height", "width", "flip")
-
-
-def mentor_resolution(arch: str, override: Mapping[str, int] | None, alias: str) -> int:
-    """The resolution a mentor sees: `--resolution alias=S` if given, else its arch's."""
-    if override and alias in override:
-        return int(override[alias])
-    return int(arch_spec(arch).input_size)
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from ckd.models import file_sha256
 from ckd.models.forward import mentor_features, mentor_forward
 
 from .layout import Layout, check_compatible
-from .mentors import load_mentor, recorded_precision
+from .mentors import load_recorded_mentor, recorded_precision
 
 
 @dataclass
@@ -79,7 +79,7 @@ def recompute_rows(path: Path, attrs: dict[str, Any], lay: Layout, root: zarr.Gr
         if file_sha256(ckpt) != m["checkpoint_sha256"]:
             rep.problems.append(f"{alias}: {ckpt} changed since caching (sha256 differs)")
             continue
-        model = load_mentor(alias, ckpt, lay.num_classes, dev)
+        model = load_recorded_mentor(alias, m, lay.num_classes, dev, (mean, std))
         features = tuple(m.get("features") or {})
         x = apply_views(images, torch.from_numpy(vids).to(dev), mean, std)
         precision = recorded_precision(m)  # the forward the build ran, at its precision
@@ -189,7 +189,7 @@ def _recompute_crops(path: Path, attrs: dict[str, Any], lay: Layout, root: zarr.
         if not ckpt.is_file() or file_sha256(ckpt) != m["checkpoint_sha256"]:
             rep.problems.append(f"{alias}: checkpoint {ckpt} missing or changed since caching")
             continue
-        model = load_mentor(alias, ckpt, lay.num_classes, dev)
+        model = load_recorded_mentor(alias, m, lay.num_classes, dev, (views.mean, views.std))
         loader = views.loader("train", int(m["resolution"]))
         ref = torch.empty((n_rows, lay.num_classes))
         with torch.no_grad():

@@ -37,7 +37,7 @@ from ckd.models.forward import check_precision, mentor_forward
 
 from .config import CacheConfig
 from .features import parse_features, plan_features
-from .image_units import image_test_accuracy, image_unit_logits, mentor_resolution, storage_estimate
+from .image_units import image_test_accuracy, image_unit_logits, storage_estimate
 from .integrity import marker_columns, mentor_digest, mentor_specs, unit_marker, unit_status
 from .layout import (
     CORRECT,
@@ -54,7 +54,9 @@ from .layout import (
 from .location import ObjectPath, cache_path, zarr_store
 from .lock import writer_lock
 from .mentors import (  # noqa: F401 (resolve_mentors: re-export)
+    check_resolution,
     load_mentor,
+    mentor_input,
     recorded_precision,
     resolve_mentors,
 )
@@ -276,7 +278,7 @@ def build_cache(dataset: TrainingData, mentors: Mapping[str, str | Path], out: s
         res = dict(resolutions or {})
 
         def mentor_extra(alias: str, arch: str) -> dict[str, Any]:
-            return {"resolution": mentor_resolution(arch, res, alias), "boxes": True}
+            return {**mentor_input(alias, arch, None, res.get(alias)), "boxes": True}
     shas = {alias: file_sha256(p) for alias, p in paths.items()}
     rank, world = dist_context()
     feature_names = parse_features(features)
@@ -310,7 +312,8 @@ def build_cache(dataset: TrainingData, mentors: Mapping[str, str | Path], out: s
 
         def model_of(alias: str) -> torch.nn.Module:  # each mentor loaded once, when needed
             if alias not in models:
-                models[alias] = load_mentor(alias, paths[alias], layout.num_classes, dev)
+                models[alias] = load_mentor(alias, paths[alias], layout.num_classes, dev,
+                                            norm=(dataset.mean, dataset.std))
             return models[alias]
 
         todo = {alias: _todo(out, alias, layout, rank, world) for alias in paths}
@@ -394,6 +397,9 @@ def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module
         return
     unit_writer = UnitWriter(out, alias, layout, labels.numpy())
     model = model_of(alias)
+    if images is None:  # image folder: a resolution the mentor cannot take, named first
+        arch = zarr.open_group(zarr_store(out), path=f"mentors/{alias}").attrs["arch"]
+        check_resolution(model, alias, arch, unit_writer.resolution, dev)
 
     def write(a: int, b: int, rows: dict[str, HostRows], extra: dict[str, Any]) -> None:
         vals, correct, outputs = finish_unit(rows, labels, layout, a, b)  # waits its copies
@@ -440,7 +446,8 @@ def _finalize_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.M
                                          precision)
         per_view = grp[CORRECT][:].sum(axis=1) / layout.num_samples * 100.0
         keep = ("alias", "arch", "num_classes", "checkpoint", "checkpoint_sha256", "arrays",
-                "stat_fields", "features", "resolution", "boxes", "logits_mode", "precision",
+                "stat_fields", "features", "resolution", "mean", "std", "boxes", "logits_mode",
+                "precision",
                 "deterministic", "arch_kwargs")
         grp.attrs.put({**{k: attrs[k] for k in keep if k in attrs}, "test_acc": test_acc,
                        "train_acc": round(float(per_view.mean()), 4),

@@ -16,7 +16,8 @@ MARGIN_EXCEEDED_EXIT = 3
 @click.command("adapt-mentor")
 @click.option("--arch", help="Mentor architecture (default: what the checkpoint records).")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
-              help="The trained mentor to adapt (left untouched).")
+              help="The trained mentor to adapt (left untouched): a checkpoint, or "
+              "timm:MODEL:FILE, torchvision:ARCH:FILE, module.path:Class:FILE.")
 @click.option("--student", required=True, help="Student architecture it is adapted for.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Adapted mentor checkpoint, e.g. mentors/cifar100/resnet110-aid-r20.pt.")
@@ -39,6 +40,9 @@ MARGIN_EXCEEDED_EXIT = 3
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--tensorboard", type=click.Path(file_okay=False),
+              help="TensorBoard folder (default off): the adaptation's loss terms per epoch "
+              "and the test accuracy before and after, in <folder>/<--out name>.")
 def adapt_mentor(dataset_options: tuple[str, ...], tau: float, no_progress: bool,
                  **kw: Any) -> None:
     """Fine-tune a mentor toward an intra-class distribution the student can fit (AID)."""

@@ -30,7 +30,10 @@ def _load(dataset: str | None, data_dir: str | None, prepared: str | None,
 @click.option("--mentors", required=True,
               help="Comma list of aliases (r110,r8: checkpoints from --mentor-dir) or "
                    "alias=path.pt (RepDistiller or ckd checkpoint), or alias=RUN_DIR "
-                   "(a trained student's `ckd train` folder).")
+                   "(a trained student's `ckd train` folder), or a state_dict with its "
+                   "builder: alias=timm:MODEL:FILE, alias=torchvision:ARCH:FILE, "
+                   "alias=module.path:Class:FILE (input size and normalisation from the "
+                   "model's own config when it has one).")
 @click.option("--mentor-dir", default="mentors", show_default=True, type=click.Path(),
               help="Aliases resolve to <mentor-dir>/<dataset>/<arch>.pt.")
 @click.option("--out", required=True, type=click.Path(), callback=params.writable_dir,

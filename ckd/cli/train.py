@@ -100,6 +100,10 @@ def train(**kw: Any) -> None:
 
 @click.command("train-mentor")
 @click.option("--arch", required=True, help="Mentor architecture, e.g. r110, resnet56, vgg13.")
+@click.option("--resolution", type=click.IntRange(min=1),
+              help="Image folders: the input size in pixels (default: the arch's, 224 for "
+              "the ImageNet zoo); keyed random-resized crops + flips for training, the "
+              "center crop for evaluation.")
 @click.option("--mentor-dir", type=click.Path(file_okay=False), callback=params.writable_dir,
               help="Writes <mentor-dir>/<dataset>/<arch>.pt (default ./mentors).")
 @config_file
@@ -138,4 +142,51 @@ def report(run_dirs: tuple[str, ...], out: str) -> None:
         click.echo(f"wrote {path}")
 
 
-commands = [train, train_mentor, report]
+@click.command("eval")
+@click.argument("checkpoint")
+@click.option("--prepared", type=click.Path(exists=True, file_okay=False),
+              help="A folder written by `ckd prepare` (image folder or CIFAR-style).")
+@click.option("--dataset", help="A bundled set instead: cifar10 | cifar100 | digits | "
+              "synthetic.")
+@click.option("--data-dir", help="Where the bundled set's archives live (default ./data).")
+@click.option("--split", default="val", show_default=True,
+              help="val (an image folder's val/ folder; CIFAR: its test set) or train.")
+@click.option("--resolution", type=click.IntRange(min=1),
+              help="Image folders: the input size (default: the model's own config, else "
+              "its zoo arch's); center crop of 224/256 of the short side, resized to it.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default=None, callback=params.device,
+              help="cpu | cuda | cuda:N (default cuda when available).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="Forward precision (autocast).")
+@click.option("--out", "out", default="eval.jsonl", show_default=True,
+              type=click.Path(dir_okay=False), help="JSON lines file the result is "
+              "appended to.")
+def evaluate(checkpoint: str, prepared: str | None, dataset: str | None,
+             data_dir: str | None, split: str, resolution: int | None, batch_size: int,
+             device: str | None, precision: str, out: str) -> None:
+    """Top-1/top-5 accuracy and loss of CHECKPOINT on a split.
+
+    CHECKPOINT is a ckd or RepDistiller checkpoint, a `ckd train` run folder, or a
+    state_dict with its builder: timm:MODEL:FILE, torchvision:ARCH:FILE,
+    module.path:Class:FILE."""
+    import json
+
+    from ckd.options import default_device
+    from ckd.train.evaluate import append_jsonl, evaluate_checkpoint
+
+    if not prepared and not dataset:
+        raise click.UsageError("give --prepared DIR (or --dataset NAME)")
+    rec = evaluate_checkpoint(checkpoint, prepared=prepared, dataset=dataset,
+                              data_dir=data_dir, split=split, resolution=resolution,
+                              batch_size=batch_size, precision=precision,
+                              device=device or default_device())
+    top = next(k for k in rec if k.startswith("top") and k != "top1")
+    click.echo(f"{rec['arch']} on {rec['data']} {rec['split']} ({rec['images']} images, "
+               f"{rec['resolution']} px): top-1 {rec['top1']:.2f}%  {top} {rec[top]:.2f}%  "
+               f"loss {rec['loss']:.4f}")
+    click.echo(json.dumps(rec, sort_keys=True))
+    click.echo(f"appended to {append_jsonl(out, rec)}")
+
+
+commands = [train, train_mentor, report, evaluate]

@@ -27,21 +27,25 @@ BoxesOf = Callable[[int, torch.Tensor], torch.Tensor]  # (slot, indices) -> boxe
 
 
 class ImageFolderLoader(Loader):
-    """`Loader` order and sharding over an image .beton; train batches replay the cached
-    views (`slots_of(epoch, indices)` -> slot per sample, `boxes_of(slot, indices)` ->
-    boxes), test batches are center crops."""
+    """`Loader` order and sharding over an image .beton; train batches replay the views
+    (`slots_of(epoch, indices)` -> slot per sample, `boxes_of(slot, indices)` -> boxes:
+    a cache's, or fresh keyed ones), test batches are center crops. `extra_sizes`: the
+    same boxes also decoded at these resolutions (online mentors), the current batch's in
+    `current` = (indices, {size: uint8 [B, s, s, 3] on the device})."""
 
     def __init__(self, views: ImageViews, split: str, size: int, *,
                  slots_of: SlotsOf | None = None, boxes_of: BoxesOf | None = None,
-                 **kw: Any) -> None:
+                 extra_sizes: tuple[int, ...] = (), **kw: Any) -> None:
         beton = views.train if split == "train" else views.test
         super().__init__(len(beton), **kw)
         self.size, self.split = int(size), split
         self.slots_of, self.boxes_of = slots_of, boxes_of
         if split == "train" and (slots_of is None or boxes_of is None):
-            raise ValueError("training on an image folder replays the cached views: open "
-                             "its logit cache (--cache)")
-        self._images = ImageLoader(views.dir / f"{split}.beton", [self.size],
+            raise ValueError("training on an image folder needs its views: slots_of and "
+                             "boxes_of")
+        self.sizes = [self.size, *(int(s) for s in extra_sizes)]
+        self.current: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+        self._images = ImageLoader(views.dir / f"{split}.beton", self.sizes,
                                    batch_size=self.batch_size, center_crop=split != "train")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -54,6 +58,10 @@ class ImageFolderLoader(Loader):
                 boxes[at] = self.boxes_of(int(k), order[at])
             self._images.set_boxes(order, boxes)
         nb = self.device.type == "cuda"
-        for (imgs,), labels, idx in self._images.iterate(order.numpy()):
-            yield (imgs.to(self.device, non_blocking=nb), labels.to(self.device),
-                   idx.to(self.device))
+        for imgs, labels, idx in self._images.iterate(order.numpy()):
+            on_dev = [im.to(self.device, non_blocking=nb) for im in imgs]
+            idx = idx.to(self.device)
+            if len(self.sizes) > 1:
+                self.current = (idx, dict(zip(self.sizes[1:], on_dev[1:], strict=True)))
+            yield on_dev[0], labels.to(self.device), idx
+

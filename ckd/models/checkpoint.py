@@ -23,7 +23,7 @@ from .registry import (
     arch_spec,
     canonical_arch,
     create_model,
-    is_import_path,
+    is_named_arch,
     state_shapes,
 )
 
@@ -125,7 +125,7 @@ def infer_arch(sd: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def _classes_in(sd: Mapping[str, torch.Tensor], arch: str) -> int | None:
-    if is_import_path(arch):  # an outside class: its classifier's name is unknown
+    if is_named_arch(arch):  # an outside class: its classifier's name is unknown
         return None
     w = sd.get(arch_spec(arch).classifier + ".weight")
     return int(w.shape[0]) if w is not None and w.dim() == 2 else None
@@ -174,7 +174,7 @@ def _wrong_arch(sd: Mapping[str, torch.Tensor], canon: str, fmt: str, path: Path
     """On an error path only: the error naming the arch the weights really are, when the
     zoo sweep finds another one (not with constructor kwargs: mamba_tiny with other widths
     may look like mamba_small)."""
-    if arch_kwargs or is_import_path(canon):
+    if arch_kwargs or (is_named_arch(canon) and not canon.startswith("torchvision:")):
         return None
     found = infer_arch(sd)
     if found is None or found == canon:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .external import build_external, is_external
 from .imagenet import mobilenet_v2, resnet18, resnet34, resnet50
 from .mamba import mamba_small, mamba_tiny
 from .mobilenetv2 import mobilenetv2_half
@@ -104,7 +105,13 @@ def arch_spec(name: str) -> ArchSpec:
 
 def is_import_path(name: str) -> bool:
     """"pkg.mod:ClassName" names an outside nn.Module rather than a zoo architecture."""
-    return isinstance(name, str) and ":" in name
+    return isinstance(name, str) and ":" in name and not is_external(name)
+
+
+def is_named_arch(name: str) -> bool:
+    """Not a zoo name: an import path, "timm:NAME" or "torchvision:ARCH" (recorded as given;
+    ckd knows no classifier name or input size of its own for them)."""
+    return is_import_path(name) or is_external(name)
 
 
 def import_model_class(path: str) -> type[nn.Module]:
@@ -129,13 +136,13 @@ def import_model_class(path: str) -> type[nn.Module]:
 
 
 def canonical_arch(name: str) -> str:
-    """A zoo name's canonical form, or an import path as given (stripped)."""
-    return name.strip() if is_import_path(name) else resolve_arch(name)
+    """A zoo name's canonical form, or an import path / timm / torchvision name as given."""
+    return name.strip() if is_named_arch(name) else resolve_arch(name)
 
 
 def default_optimizer(name: str) -> str:
     """The optimizer a student trains with unless told otherwise (import paths: sgd)."""
-    return "sgd" if is_import_path(name) else arch_spec(name).optimizer
+    return "sgd" if is_named_arch(name) else arch_spec(name).optimizer
 
 
 def _check_num_classes(num_classes: int) -> None:
@@ -150,6 +157,8 @@ def create_model(name_or_alias: str, num_classes: int = 100, **kwargs: Any) -> n
     constructor (zoo students beyond CNNs, or the outside class; num_classes is passed to an
     outside class when its constructor takes it)."""
     _check_num_classes(num_classes)
+    if is_external(name_or_alias):
+        return build_external(name_or_alias, num_classes, **kwargs)
     if is_import_path(name_or_alias):
         cls = import_model_class(name_or_alias)
         try:
@@ -214,6 +223,11 @@ def _meta_model(name: str, num_classes: int, kwargs: tuple = ()) -> nn.Module:
             return create_model(name, num_classes, **dict(kwargs))
     except (NotImplementedError, RuntimeError):  # an outside class that needs real tensors
         return create_model(name, num_classes, **dict(kwargs))
+
+
+def meta_model(name: str, num_classes: int = 1) -> nn.Module:
+    """The arch built on the meta device (shapes and config only), cached per process."""
+    return _meta_model(canonical_arch(name), num_classes)
 
 
 def _frozen(kwargs: dict[str, Any] | None) -> tuple:

@@ -123,17 +123,27 @@ class TrainConfig:
     momentum: float = option(0.9, float, "SGD momentum", low=0, high=1, high_open=True)
     weight_decay: float = option(5e-4, float, "SGD weight decay", low=0)
     schedule: str = option("step", str, "learning-rate schedule",
-                           choices=("step", "classroom-warmup", "constant"))
+                           choices=("step", "classroom-warmup", "constant", "cosine"),
+                           details="cosine: linear warm-up over --warmup-epochs (default 0), "
+                           "then cosine to 0 (the ImageNet recipe).")
     milestones: list[int] | None = option(
         None, list, "comma list of epochs where the learning rate drops, e.g. 150,180,210",
         details="Default: those scaled to --epochs.")
     gamma: float = option(0.1, float, "learning-rate factor at each milestone", low=0,
                           low_open=True, high=1)
-    warmup_epochs: int | None = option(None, int, "warm-up epochs of classroom-warmup",
-                                       low=1, optional=True,
-                                       details="Default: 120 scaled to --epochs.")
+    warmup_epochs: int | None = option(None, int, "warm-up epochs of classroom-warmup or "
+                                       "cosine", low=1, optional=True,
+                                       details="Default: 120 scaled to --epochs "
+                                       "(classroom-warmup), 0 (cosine).")
     warmup_end_lr: float = option(0.01, float, "learning rate at the end of the warm-up",
                                   low=0, low_open=True)
+    # the ImageNet recipe's knobs (supervised mentors: `ckd train-mentor`)
+    label_smoothing: float = option(0.0, float, "label smoothing of the cross-entropy "
+                                    "(--method nokd, train-mentor)", low=0.0, high=1.0,
+                                    high_open=True)
+    decay_norm_bias: bool = option(True, bool, "weight decay on biases and normalisation "
+                                   "weights too", details="Off: only on weight matrices and "
+                                   "kernels (the ImageNet recipe's exclusions).")
     seed: int = option(0, int, "seed of the views, the order and the initial weights", low=0)
     # run
     out: str | None = option(None, str, "run folder", metavar="DIR",
@@ -166,6 +176,11 @@ class TrainConfig:
     max_steps_per_epoch: int | None = option(None, int, "truncate epochs (tests, benchmarks)",
                                              low=1, optional=True)
     progress: bool = option(True, bool, "progress bars")
+    tensorboard: str | None = option(
+        None, str, "TensorBoard folder (default off)", metavar="DIR", optional=True,
+        details="Each run's scalars (loss terms, accuracies, lr, mentor ranks and "
+        "temperatures, step time) and mentor histograms in <folder>/<run name>, beside "
+        "metrics.jsonl.")
     eval_every: int = option(1, int, "epochs between test evaluations", low=1)
 
     def resolved_optimizer(self) -> str:
@@ -202,6 +217,11 @@ class TrainConfig:
         check_existing_dir(self.prepared, "--prepared", "write it with `ckd prepare`")
         check_existing_dir(self.cache, "--cache", "build it with `ckd cache-logits`")
         check_writable_dir(self.out, "--out")
+        if self.tensorboard is not None:
+            check_writable_dir(self.tensorboard, "--tensorboard")
+            from ckd.train.tensorboard import summary_writer_class  # noqa: PLC0415
+
+            summary_writer_class()  # a missing package: one line, before any work
         check_device(self.device)
         check_triton_backend(self.backend, self.device)
         if self.cuda_graphs:
@@ -215,6 +235,9 @@ class TrainConfig:
 
     def _check_cuda_graphs(self) -> None:
         device = self.device or default_device()
+        if self.label_smoothing:
+            raise OptionError("--cuda-graphs does not apply --label-smoothing: drop one of "
+                              "them")
         if not device.startswith("cuda"):
             raise OptionError(f"--cuda-graphs needs a CUDA device (this run is on {device}); "
                               "drop --cuda-graphs")
@@ -238,7 +261,11 @@ class TrainConfig:
                 # schedule, continued with --resume --resume-allow epochs
                 raise OptionError(f"--milestones={ms} is invalid: must be increasing integer "
                                   f"epochs in [1, {self.epochs}] (--epochs {self.epochs})")
-        if self.schedule == "classroom-warmup" and self.warmup_epochs is not None \
+        if self.label_smoothing and self.method != "nokd":
+            raise OptionError(f"--label-smoothing {self.label_smoothing} applies to supervised "
+                              "training (--method nokd, `ckd train-mentor`): drop it for "
+                              f"--method {self.method}")
+        if self.schedule in ("classroom-warmup", "cosine") and self.warmup_epochs is not None \
                 and self.warmup_epochs >= self.epochs:
             raise OptionError(f"--warmup-epochs={self.warmup_epochs} is invalid: the warm-up "
                               f"must end before training does (< --epochs {self.epochs})")

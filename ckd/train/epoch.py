@@ -148,11 +148,22 @@ class _StudentEpoch:
         out = run.loss_plan.loss(logits, mentor, labels, epoch=self.epoch, step=run.step,
                                  seed=cfg.seed, modules=feat.modules, mentor_stats=mentor_stats,
                                  **feat.extra(feats, mentor_feats, idx))
+        loss = out.loss
+        if cfg.label_smoothing:  # nokd's CE -> the label-smoothed CE
+            loss = loss + label_smoothing_term(logits, labels, cfg.label_smoothing)
         run.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         sync_module_grads(feat.modules)
         run.opt.step()
-        return out.loss, logits.detach(), out.stats
+        return loss, logits.detach(), out.stats
+
+
+def label_smoothing_term(logits: torch.Tensor, labels: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    """What turns CE into the label-smoothed CE, (1 - eps) CE + eps * CE(uniform):
+    eps * (CE(uniform) - CE)."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return eps * (-logp.mean(dim=1).mean() - F.nll_loss(logp, labels))
 
 
 class _IntervalLog:
@@ -171,8 +182,10 @@ class _IntervalLog:
                 raise NonFiniteError(self._where(err, interval)) from None
         now = time.perf_counter()
         run.imgs_per_s = interval.count * run.info.world_size / max(now - self.t, 1e-9)
+        step_s = (now - self.t) / max(interval.steps, 1)
         self.t = now
         rec = {"type": "step", "epoch": self.epoch, "step": run.step, "lr": self.lr,
+               "step_s": step_s,
                "loss": float(vals["loss"]) / interval.steps,
                "train_acc": 100.0 * float(vals["correct"]) / interval.count,
                "img_per_s": run.imgs_per_s}

@@ -22,21 +22,32 @@ import torch
 from torch import nn
 
 from ckd.cache import list_mentors, open_cache
-from ckd.cache.mentors import load_mentor, recorded_precision, resolve_mentors
+from ckd.cache.mentors import (
+    check_resolution,
+    load_mentor,
+    mentor_arch,
+    mentor_input,
+    name_mentor_arch,
+    named_arch,
+    recorded_precision,
+    resolve_mentors,
+)
 from ckd.cache.rows import RowSource
 from ckd.data.protocol import TrainingData, ViewRecipe
-from ckd.data.views import CIFAR_VIEWS
+from ckd.data.views import CIFAR_VIEWS, normalize
 from ckd.mentor_stats import STAT_FIELDS, mentor_row_stats
 from ckd.methods import LossPlan, method_mentors, select_mentors
 from ckd.methods.loss import check_sparse_method
 from ckd.models import file_sha256, param_count, read_checkpoint_meta, resolve_arch
 from ckd.models.forward import mentor_features, mentor_forward
+from ckd.models.registry import is_named_arch
 from ckd.train.features import feature_needs
 from ckd.train.setup import norm_name
 
 
 class NoMentors:
     kind = "none"
+    sizes: tuple[int, ...] = ()  # image folders: the resolutions online mentors read
 
     def __init__(self, seed: int, cache: RowSource | None = None, *,
                  recipe: ViewRecipe = CIFAR_VIEWS) -> None:
@@ -63,6 +74,10 @@ class NoMentors:
         return self.logits(slots, idx, x), None, {}
 
     def start_epoch(self, epoch: int, order: torch.Tensor | None) -> None:
+        return None
+
+    def attach(self, train_loader: Any) -> None:
+        """The training loader whose batches the mentors read (image folders online)."""
         return None
 
 
@@ -120,6 +135,39 @@ class OnlineMentors(NoMentors):
         # logits as the loss reads them: the same function of the same values
         stats = None if labels is None else mentor_row_stats(logits, labels)
         return logits, stats, feats
+
+
+class ImageOnlineMentors(OnlineMentors):
+    """Online mentors on an image folder: each runs on the batch's crop boxes decoded at its
+    own resolution (the training loader decodes every size in one pass: `current`),
+    normalised with the data's statistics as `ckd cache-logits` feeds them, so online
+    logits equal the cached ones."""
+
+    def __init__(self, models: list[nn.Module], names: list[str], seed: int, cache: Any,
+                 precisions: list[str], sizes: list[int], mean: tuple, std: tuple, *,
+                 recipe: ViewRecipe = CIFAR_VIEWS) -> None:
+        super().__init__(models, names, seed, cache, precisions, recipe=recipe)
+        self.sizes, self.mean, self.std = tuple(sizes), mean, std
+        self.loader: Any = None
+
+    def attach(self, train_loader):
+        self.loader = train_loader
+
+    @torch.no_grad()
+    def logits(self, slots, idx, x):
+        got, by_size = self.loader.current
+        if not torch.equal(got, idx):
+            raise RuntimeError("online image mentors read another batch than the student's")
+        return torch.stack([
+            self.forward(m, normalize(by_size[s], self.mean, self.std).permute(0, 3, 1, 2), p)
+            for m, p, s in zip(self.models, self.precisions, self.sizes, strict=True)])
+
+    def gather(self, slots, idx, x, needs=(), labels=None):
+        if needs:
+            raise ValueError("feature methods are not supported on image folders yet: use a "
+                             "logit method (`ckd methods`)")
+        logits = self.logits(slots, idx, x)
+        return logits, None if labels is None else mentor_row_stats(logits, labels), {}
 
 
 MentorSource = NoMentors | CachedMentors | OnlineMentors
@@ -223,6 +271,11 @@ def make_mentor_source(ds: TrainingData, device: torch.device, plan: LossPlan, *
         precisions = online_precisions(precision, fallback_precision, names, found, cache)
         models = [_load_online(n, p, mentor_dir, cache, ds, device, found.get(n))
                   for n, p in specs[:len(names)]]
+        if ds.recipe.num_views is None:  # an image folder's crops: each mentor at its own size
+            sizes = [_online_size(n, p, m, mentor_dir, ds, device, found.get(n))
+                     for (n, p), m in zip(specs, models, strict=False)]
+            return ImageOnlineMentors(models, names, seed, opened, precisions, sizes,
+                                      ds.mean, ds.std, recipe=ds.recipe)
         return OnlineMentors(models, names, seed, opened, precisions, recipe=ds.recipe)
     if opened is None:
         raise ValueError(f"method {plan.expr!r} needs mentor logits: pass --cache DIR (built "
@@ -268,8 +321,8 @@ def _cached_checkpoint(attrs: dict | None) -> str | None:
 def mentor_path(name: str, path: str | None, mentor_dir: str | None, dataset: str) -> Path:
     """NAME=PATH, else the cache CLI's rule: <mentor-dir>/<dataset>/<arch>.pt (or
     <alias>.pt), mentor-dir defaulting to ./mentors."""
-    if path is not None:
-        return Path(path)
+    if path is not None:  # a file, a run folder, or a builder spec (timm:MODEL:FILE, ...)
+        return resolve_mentors([f"{name}={path}"], dataset)[name]
     try:
         return resolve_mentors([name], dataset, mentor_dir or "mentors")[name]
     except ValueError as err:
@@ -277,8 +330,20 @@ def mentor_path(name: str, path: str | None, mentor_dir: str | None, dataset: st
                          f"checkpoint: pass --mentors {name}=PATH ({err})") from err
 
 
-def _load_online(name: str, path: str | None, mentor_dir: str | None, cache: str | None, ds,
-                 device: torch.device, cached: dict | None) -> nn.Module:
+def _online_size(name: str, path: str | None, model: nn.Module, mentor_dir: str | None,
+                 ds: TrainingData, device: torch.device, cached: dict | None) -> int:
+    """An online mentor's resolution on an image folder: the one its cache entry was
+    computed at, else its own config's (`mentor_input`); refused by name if it cannot
+    take it."""
+    arch = mentor_arch(name, mentor_path(name, path, mentor_dir, ds.name))
+    size = (cached or {}).get("resolution") or mentor_input(name, arch, model, None)[
+        "resolution"]
+    check_resolution(model, name, arch, int(size), device)
+    return int(size)
+
+
+def _load_online(name: str, path: str | None, mentor_dir: str | None, cache: str | None,
+                 ds: TrainingData, device: torch.device, cached: dict | None) -> nn.Module:
     """A frozen mentor through the cache's own loader; when it is compared with a cache
     that recorded this mentor, the checkpoint must be the one the cache was built from."""
     p = mentor_path(name, path, mentor_dir, ds.name)
@@ -294,8 +359,12 @@ def _load_online(name: str, path: str | None, mentor_dir: str | None, cache: str
                          f"--mentors {name}=PATH, or rebuild the mentor's cache with "
                          f"`ckd cache-logits --out {cache} --mentors {name}=PATH "
                          "--overwrite`")
+    recorded = str((cached or {}).get("arch") or "")
+    if is_named_arch(recorded) and named_arch(p) is None:  # built as the cache built it
+        name_mentor_arch(p, recorded)
     meta = read_checkpoint_meta(p)
     if meta.get("dataset") and norm_name(str(meta["dataset"])) != norm_name(ds.name):
         raise ValueError(f"mentor {name!r} ({p}) was trained on {meta['dataset']!r}, not "
                          f"{ds.name!r}: pass the right --mentor-dir or NAME=PATH")
-    return load_mentor(name, p, ds.num_classes, device)  # the cache's model and layout
+    # the cache's model, layout and input normalisation
+    return load_mentor(name, p, ds.num_classes, device, norm=(ds.mean, ds.std))

@@ -30,6 +30,16 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
         self.path = Path(run_dir) / METRICS
         self.enabled = enabled
+        self.tensorboard: Any = None
+
+    def open_tensorboard(self, log_dir: str | Path, purge_step: int | None = None) -> None:
+        """Also write every record to TensorBoard (`ckd.train.tensorboard`), in
+        log_dir/<run folder name>; a resumed run purges the events past its checkpoint."""
+        if not self.enabled:
+            return
+        from ckd.train.tensorboard import TensorBoardLog  # noqa: PLC0415 - optional
+
+        self.tensorboard = TensorBoardLog(log_dir, self.path.parent.name, purge_step)
 
     def truncate_after(self, epochs_done: int) -> None:
         if not self.enabled or not self.path.is_file():
@@ -41,8 +51,11 @@ class MetricsLogger:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        record = {k: to_jsonable(v) for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps({k: to_jsonable(v) for k, v in record.items()}) + "\n")
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.record(record)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -8,7 +8,19 @@ from collections.abc import Iterable
 import torch
 
 
-def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, *,
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 decay_norm_bias: bool = True) -> list[dict]:
+    """The parameters with their weight decay: all of them alike, or (`decay_norm_bias`
+    off, the ImageNet recipe) none on biases and normalisation weights (every parameter
+    with fewer than two dimensions)."""
+    params = list(model.parameters())
+    if decay_norm_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter] | list[dict], lr: float, *,
                    momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

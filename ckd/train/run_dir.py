@@ -22,7 +22,8 @@ from ckd.train.config import TrainConfig
 
 # settings that change how a run is executed or reported, not what it computes
 RESUME_NEUTRAL = frozenset({"out", "resume", "resume_allow", "overwrite", "progress",
-                            "log_every", "eval_every", "cache_mode", "loader", "device"})
+                            "log_every", "eval_every", "cache_mode", "loader", "device",
+                            "tensorboard"})
 RUN_FILES = (CHECKPOINT, "metrics.jsonl", "config.yaml", "student.pt")
 
 

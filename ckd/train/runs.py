@@ -23,7 +23,7 @@ from ckd.train.ddp import DistInfo, wrap
 from ckd.train.features import MODULES_KEY, FeatureRun, check_module_state, make_feature_run
 from ckd.train.mentors import MentorSource, default_precision, make_mentor_source
 from ckd.train.metrics import MetricsLogger
-from ckd.train.optim import make_optimizer
+from ckd.train.optim import make_optimizer, param_groups
 from ckd.train.run_dir import check_run_shape, resume_state, run_folder_lock
 from ckd.train.schedules import make_schedule
 from ckd.train.setup import build_student, load_data, make_loaders
@@ -111,7 +111,9 @@ def setup_shared(cfg: TrainConfig, info: DistInfo) -> Shared:
         mentors=cfg.mentors, online=cfg.mentors_online, precision=cfg.mentor_precision,
         fallback_precision=default_precision(info.device, cfg.amp, cfg.deterministic),
         mentor_dir=cfg.mentor_dir, seed=cfg.seed)
-    train_loader, test_loader = make_loaders(cfg, ds, info.device, info.rank, info.world_size)
+    train_loader, test_loader = make_loaders(cfg, ds, info.device, info.rank, info.world_size,
+                                             mentor_sizes=source.sizes)
+    source.attach(train_loader)
     return Shared(ds, source, plan, train_loader, test_loader, autocast)
 
 
@@ -162,7 +164,7 @@ def setup_student(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack,
     base_lr = cfg.resolved_lr()
     feat = make_feature_run(cfg, loss_plan, ds, source, student, device)
     opt = make_optimizer(cfg.resolved_optimizer(),
-                         [{"params": list(student.parameters())},
+                         [*param_groups(student, cfg.weight_decay, cfg.decay_norm_bias),
                           *feat.param_group(base_lr, cfg.momentum, cfg.weight_decay)],
                          base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = make_schedule(cfg.schedule, base_lr=base_lr, epochs=cfg.epochs,
@@ -187,6 +189,8 @@ def setup_student(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack,
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        if cfg.tensorboard is not None:
+            run.logger.open_tensorboard(cfg.tensorboard, None if state is None else run.step)
         if state is None:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             run.logger.write({"type": "run", "method": cfg.method, "student": cfg.student,

@@ -10,11 +10,11 @@ from torch import nn
 
 from ckd.cache.layout import read_root_attrs
 from ckd.data import load_dataset
-from ckd.data.image_train import ImageFolderLoader
+from ckd.data.image_train import BoxesOf, ImageFolderLoader, SlotsOf
 from ckd.data.image_views import ImageViews, open_prepared
 from ckd.data.loaders import make_loader
 from ckd.data.protocol import TrainingData, recipe_for
-from ckd.models.registry import arch_spec, check_logits_shape, create_model, is_import_path
+from ckd.models.registry import arch_spec, check_logits_shape, create_model, is_named_arch
 from ckd.train.config import TrainConfig
 
 
@@ -64,34 +64,43 @@ def student_resolution(cfg: TrainConfig) -> int:
     """--resolution, else the student arch's input size (224 for the ImageNet zoo)."""
     if cfg.resolution is not None:
         return int(cfg.resolution)
-    if is_import_path(cfg.student):
+    if is_named_arch(cfg.student):
         raise ValueError(f"--student {cfg.student} is not a zoo arch: pass --resolution PIXELS "
                          "(its input size on this image folder)")
     return int(arch_spec(cfg.student.split(",")[0]).input_size)
 
 
-def replay_loaders(cfg: TrainConfig, ds: ImageViews, device: torch.device, rank: int,
-                   world: int, block: int | None
-                   ) -> tuple[ImageFolderLoader, ImageFolderLoader]:
-    """Continuous views: the train loader replays the cache's random-resized crops at the
-    student's resolution, the test loader gives center crops (ckd.data.image_train)."""
-    if cfg.cache is None or cfg.mentors_online:
-        raise ValueError(f"--prepared {cfg.prepared} is an image folder: train from its logit "
-                         "cache (--cache, built with `ckd cache-logits --prepared ... --views "
-                         "K`); online mentors are not supported on image folders")
+def image_views_rule(cfg: TrainConfig, ds: ImageViews) -> tuple[SlotsOf, BoxesOf]:
+    """(slots_of(epoch, idx), boxes_of(slot, idx)) of an image folder's training views:
+    with a --cache, the cached views it replays (slot `epoch_slots(seed, e, i)` of K, box
+    `rrc_views(cache seed, i, slot)`); without one, a fresh keyed view each epoch (slot =
+    the epoch, box `rrc_views(seed, i, epoch)`): a pure function of seed, epoch, sample."""
+    if cfg.cache is None:
+        return (lambda e, idx: torch.full_like(torch.as_tensor(idx), int(e)),
+                lambda k, idx: ds.boxes(cfg.seed, k, idx))
     views = read_root_attrs(cfg.cache)["views"]
     if recipe_for(views.get("recipe", {})) is not ds.recipe:
         raise ValueError(f"--cache {cfg.cache} was not built from an image folder (its view "
                          f"recipe is {views.get('recipe')}): build one with `ckd cache-logits "
                          f"--prepared {cfg.prepared} --views K`")
     cache_seed, num_slots = int(views["seed"]), int(views["num_slots"])
+    return (lambda e, idx: ds.recipe.epoch_slots(cfg.seed, e, idx, num_slots),
+            lambda k, idx: ds.boxes(cache_seed, k, idx))
+
+
+def replay_loaders(cfg: TrainConfig, ds: ImageViews, device: torch.device, rank: int,
+                   world: int, block: int | None, mentor_sizes: tuple[int, ...] = ()
+                   ) -> tuple[ImageFolderLoader, ImageFolderLoader]:
+    """Continuous views: the train loader gives the random-resized crops (`image_views_rule`)
+    at the student's resolution (and at each online mentor's, `mentor_sizes`), the test
+    loader center crops (ckd.data.image_train)."""
+    slots_of, boxes_of = image_views_rule(cfg, ds)
     size = student_resolution(cfg)
     kw = dict(batch_size=cfg.batch_size, seed=cfg.seed, drop_last=False, device=str(device),
               rank=rank, world_size=world)
-    train = ImageFolderLoader(
-        ds, "train", size, shuffle=True, block=block,
-        slots_of=lambda e, idx: ds.recipe.epoch_slots(cfg.seed, e, idx, num_slots),
-        boxes_of=lambda k, idx: ds.boxes(cache_seed, k, idx), **kw)
+    train = ImageFolderLoader(ds, "train", size, shuffle=True, block=block,
+                              slots_of=slots_of, boxes_of=boxes_of,
+                              extra_sizes=tuple(mentor_sizes), **kw)
     test = ImageFolderLoader(ds, "test", size, shuffle=False, **kw)
     return train, test
 
@@ -101,7 +110,7 @@ def norm_name(name: str) -> str:
 
 
 def make_loaders(cfg: TrainConfig, ds: TrainingData, device: torch.device, rank: int,
-                 world: int):
+                 world: int, mentor_sizes: tuple[int, ...] = ()):
     """Train and test loaders: batches (uint8 images, labels, indices) in the epoch order
     of (cfg.seed, epoch), sharded over `world` ranks."""
     block = None
@@ -111,7 +120,7 @@ def make_loaders(cfg: TrainConfig, ds: TrainingData, device: torch.device, rank:
                              "chunks) whole: pass --cache, or use --order random")
         block = int(read_root_attrs(cfg.cache)["layout"]["samples_per_chunk"])
     if ds.recipe.num_views is None:  # continuous views: replayed from the cache's slots
-        return replay_loaders(cfg, ds, device, rank, world, block)
+        return replay_loaders(cfg, ds, device, rank, world, block, mentor_sizes)
     if cfg.loader == "ffcv":
         src_train = Path(cfg.prepared) / "train.beton"
         src_test = Path(cfg.prepared) / "test.beton"

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ckd.data.beton import read_meta
-from ckd.data.image_views import prepared_kind
 from ckd.data.protocol import TrainingData
 from ckd.data.views import IDENTITY_VIEW
 from ckd.determinism import deterministic
@@ -140,12 +139,6 @@ def train_mentor(arch: str, dataset: str | None = None, *, out: str | Path | Non
     values = {**overrides, "student": arch, "method": "nokd", "dataset": dataset,
               "cache": None, "mentors": None, "mentors_online": False}
     cfg = as_config({k: v for k, v in values.items() if v is not None})
-    if cfg.prepared is not None and prepared_kind(cfg.prepared) == "images":
-        # an image folder's crops are replayed from a logit cache, which a new mentor lacks
-        raise ValueError(f"--prepared {cfg.prepared} is an image folder, which `ckd "
-                         "train-mentor` cannot train on yet: train the mentor on CIFAR-style "
-                         "data, or bring a trained checkpoint and cache it with `ckd "
-                         "cache-logits --prepared DIR --mentors ALIAS=CHECKPOINT --views K`")
     name = _dataset_name(cfg)
     if out is None:
         out = Path("runs") / f"mentor-{name}-{arch}"
