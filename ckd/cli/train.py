@@ -51,7 +51,7 @@ class ParamHelpOption(click.Option):
 
 # what `ckd train-mentor` has no use for: a mentor is trained from scratch (nokd)
 DISTILL_ONLY = ("student", "student_kwargs", "method", "variant", "granularity", "backend",
-                "resolution", "cache", "cache_mode", "order", "mentors", "mentors_online",
+                "cache", "cache_mode", "order", "mentors", "mentors_online",
                 "mentor_precision", "mentor_dir", "tau", "beta", "delta", "lam",
                 "method_params", "preset", "cuda_graphs")
 TRAIN_EXTRA = {"method": {"type": MethodExpr()}, "method_params": {"cls": ParamHelpOption},
@@ -100,10 +100,6 @@ def train(**kw: Any) -> None:
 
 @click.command("train-mentor")
 @click.option("--arch", required=True, help="Mentor architecture, e.g. r110, resnet56, vgg13.")
-@click.option("--resolution", type=click.IntRange(min=1),
-              help="Image folders: the input size in pixels (default: the arch's, 224 for "
-              "the ImageNet zoo); keyed random-resized crops + flips for training, the "
-              "center crop for evaluation.")
 @click.option("--mentor-dir", type=click.Path(file_okay=False), callback=params.writable_dir,
               help="Writes <mentor-dir>/<dataset>/<arch>.pt (default ./mentors).")
 @config_file

@@ -69,9 +69,10 @@ class TrainConfig:
     loader: str = option("memory", str, "data loader", choices=("memory", "ffcv"),
                          details="ffcv reads --prepared beton files.")
     resolution: int | None = option(
-        None, int, "image folders: the student's input size in pixels", low=1,
-        optional=True, details="Default: its arch's, 224 for the ImageNet zoo. Crops replay "
-        "the cached views' boxes.")
+        None, int, "image folders: the trained model's input size in pixels", low=1,
+        optional=True, details="Default: its arch's, 224 for the ImageNet zoo. Training crops "
+        "are keyed random-resized crops + flips (a cache's replayed boxes), evaluation the "
+        "center crop.")
     # mentors
     cache: str | None = option(None, str, "logit cache (`ckd cache-logits`)", metavar="DIR")
     cache_mode: str = option(
