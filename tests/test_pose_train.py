@@ -60,45 +60,92 @@ def test_cached_equals_online(pose_env, method):
 
 
 def test_cache_contents_and_verify(pose_env):
+    """The pose cache is the project's Zarr store (kind "pose"): rows, PCK and view
+    parameters per mentor under the unit markers; verify re-derives the views and
+    recomputes rows and PCK bit for bit; a damaged chunk or an edited view is found."""
+    import zarr
+
+    from ckd.cache.layout import VERSION
+    from ckd.pose.cache import open_pose_cache
     from ckd.pose.views import view_params
 
     cache = pose_env["root"] / "cache"
-    meta = json.loads((cache / "meta.json").read_text())
-    assert meta["layout"] == {"kind": "simcc", "num_joints": 13, "dims": [48, 64]}
-    params = np.load(cache / "params.npy")
-    assert np.array_equal(params[1], view_params(0, torch.arange(meta["num_samples"]), 1))
-    pck = np.load(cache / "pck.npy")
-    assert pck.shape == (2, 2, meta["num_samples"]) and np.nanmax(pck) <= 1
-    rows = np.load(cache / "rows_0.npy")
-    assert rows.shape == (2, meta["num_samples"], 13, 112) and rows.dtype == np.float32
+    root = zarr.open_group(str(cache), mode="r")
+    attrs = root.attrs.asdict()
+    assert attrs["format"] == "ckd-logit-cache" and attrs["version"] == VERSION
+    assert attrs["kind"] == "pose" and attrs["pose"]["mentors"] == ["t", "p"]
+    assert attrs["pose"]["layout"] == {"kind": "simcc", "num_joints": 13, "dims": [48, 64]}
+    n = attrs["num_samples"]
+    t = root["mentors/t"]
+    assert t["logits"].shape == (2, n, 13, 112) and t["logits"].dtype == np.float32
+    assert np.array_equal(t["view_params"][1], view_params(0, torch.arange(n), 1).numpy())
+    assert t["pck"].shape == (2, n) and np.nanmax(t["pck"][:]) <= 1
+    opened = open_pose_cache(cache)
+    assert opened.aliases == ["t", "p"] and opened.pck.shape == (2, 2, n)
     run = CliRunner().invoke(main, ["cache", "verify", str(cache), "--recompute", "8",
                                     "--prepared", pose_env["data"]])
     assert run.exit_code == 0 and "OK" in run.output, run.output
-    # a view table that no longer matches the keyed views (checksums made consistent)
-    params[0, 3, 1] += 1.0
-    np.save(cache / "params.npy", params)
-    from ckd.pose.cache import _sha
-    meta["files"]["params.npy"] = _sha(cache / "params.npy")
-    (cache / "meta.json").write_text(json.dumps(meta))
-    run = CliRunner().invoke(main, ["cache", "verify", str(cache)])
-    assert run.exit_code == 0  # checksums alone pass
+    run = CliRunner().invoke(main, ["cache", "info", str(cache)])
+    assert run.exit_code == 0, run.output
+
+
+def test_verify_finds_damage_and_edited_views(pose_env, tmp_path):
+    import shutil
+
+    import zarr
+
+    from ckd.cache.writer import record_mentor_digest
+
+    cache = tmp_path / "cache"
+    shutil.copytree(pose_env["root"] / "cache", cache)
+    # a view whose stored parameters no longer match the keyed view function, written
+    # with a consistent marker and digest: only --recompute finds it
+    grp = zarr.open_group(str(cache / "mentors" / "p"), mode="r+")
+    vp = grp["view_params"][:]
+    vp[0, 3, 1] += 1.0
+    grp["view_params"][:] = vp
+    from ckd.cache.integrity import marker_columns, mentor_specs, unit_marker
+    specs = mentor_specs(grp.attrs.asdict())
+    named = {s.name: grp[s.name][0:1] for s in specs}
+    named["train_correct"] = grp["train_correct"][0:1, 0:1]
+    grp["unit_crc32c"][0:1, 0:1] = unit_marker(0, 0, named, marker_columns(specs))
+    attrs = json.loads((cache / "zarr.json").read_text())["attributes"]
+    attrs["digests"]["mentors"].pop("p")
+    zarr.open_group(str(cache), mode="r+").attrs.put(attrs)
+    record_mentor_digest(cache, "p")
+    assert CliRunner().invoke(main, ["cache", "verify", str(cache)]).exit_code == 0
     run = CliRunner().invoke(main, ["cache", "verify", str(cache), "--recompute", "4"])
-    assert run.exit_code == 1 and "1 views differ from the keyed view function" in run.output
-    params[0, 3, 1] -= 1.0
-    np.save(cache / "params.npy", params)
-    meta["files"]["params.npy"] = _sha(cache / "params.npy")
-    (cache / "meta.json").write_text(json.dumps(meta))
-    pck_file = cache / "pck.npy"
-    pck_file.write_bytes(pck_file.read_bytes()[:-4] + b"\0\0\0\0")
+    assert run.exit_code == 1 and "differ" in run.output, run.output
+    # a damaged chunk: its crc32c fails, named by file
+    chunk = cache / "mentors" / "t" / "pck" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-4] + b"\0\0\0\0")
     run = CliRunner().invoke(main, ["cache", "verify", str(cache)])
-    assert run.exit_code == 1 and "pck.npy: sha256 differs" in run.output
+    assert run.exit_code == 1 and "mentors/t/pck/c/1/0" in run.output, run.output
+
+
+def test_old_pose_store_is_refused_with_its_rebuild_command(pose_env, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "meta.json").write_text(json.dumps({
+        "version": 1, "task": "pose", "slots": 2, "seed": 0, "dtype": "fp16",
+        "storage": "dense", "mentors": [{"name": "resnet8-simcc", "checkpoint": "/m/t.pt"}]}))
+    with pytest.raises(ValueError, match=r"older \.npy layout.*ckd cache-logits --prepared "
+                                         r"PREPARED_POSE_DIR --mentors /m/t\.pt --views 2"):
+        train_pose(dict(SMALL, data=pose_env["data"], method="kd", cache=str(old)))
+    run = CliRunner().invoke(main, ["cache", "verify", str(old)])
+    assert run.exit_code == 1 and "ckd cache-logits --prepared" in run.output, run.output
 
 
 def test_topk_heatmap_cache_trains_heatmap_students(pose_env):
     h = pose_env["root"] / "hcache"
-    meta = json.loads((h / "meta.json").read_text())
-    assert meta["storage"] == "topk:16" and meta["layout"]["kind"] == "heatmap"
-    assert np.load(h / "topk_0_logits.npy").shape[-1] == 16
+    import zarr
+
+    root = zarr.open_group(str(h), mode="r")
+    (alias,) = root.attrs["pose"]["mentors"]
+    m = root[f"mentors/{alias}"]
+    assert m.attrs["logits_mode"] == "topk:16" and root.attrs["pose"]["layout"]["kind"] == \
+        "heatmap"
+    assert m["topk_logits"].shape[-1] == 16 and "logits" not in m
     res = train_pose(dict(SMALL, data=pose_env["data"], student="resnet8-heatmap",
                           method="classroom", cache=str(h)))
     assert np.isfinite(res["losses"]).all()

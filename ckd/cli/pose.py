@@ -115,8 +115,11 @@ def verify_pose(path: str, recompute: int, prepared: str | None) -> None:
     """`ckd cache verify PATH [--recompute N --prepared POSE_DIR]` on a pose cache."""
     from ckd.pose.cache import verify_pose_cache  # noqa: PLC0415
 
-    problems = verify_pose_cache(path, recompute=recompute > 0, data=prepared,
-                                 samples=max(1, recompute))
+    try:
+        problems = verify_pose_cache(path, recompute=recompute > 0, data=prepared,
+                                     samples=max(1, recompute))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
     for p in problems[:50]:
         click.echo(f"  PROBLEM {p}", err=True)
     if problems:
@@ -127,14 +130,20 @@ def verify_pose(path: str, recompute: int, prepared: str | None) -> None:
 
 
 def is_pose_dir(path: str | None) -> bool:
-    """A prepared pose set or a pose cache (their meta.json says task "pose")."""
+    """A prepared pose set, a pose cache (root attribute kind "pose") or a pose cache of the
+    older .npy layout (meta.json with task "pose": refused with its rebuild command)."""
     import json  # noqa: PLC0415
 
-    meta = Path(path or "") / "meta.json"
-    try:
-        return bool(path) and json.loads(meta.read_text()).get("task") == "pose"
-    except (OSError, ValueError):
-        return False
+    root = Path(path or "")
+    for name, key in (("meta.json", "task"), ("zarr.json", "kind")):
+        try:
+            meta = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            continue
+        attrs = meta.get("attributes", {}) if name == "zarr.json" else meta
+        if bool(path) and isinstance(attrs, dict) and attrs.get(key) == "pose":
+            return True
+    return False
 
 
 @pose_group.command("eval")

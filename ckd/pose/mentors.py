@@ -56,9 +56,10 @@ class PoseMentor:
 
     @torch.no_grad()
     def rows_and_key(self, x, view_kps, weight) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mentor's rows [B, K, D] on the views and its ranking key [B]."""
+        """The mentor's rows [B, K, D] on the views and its ranking key [B] (float32, as the
+        cache stores it)."""
         rows = mentor_rows(self.model, x)
-        return rows, rank_key(rows, self.layout, self.input_size, view_kps, weight)
+        return rows, rank_key(rows, self.layout, self.input_size, view_kps, weight).float()
 
 
 def save_pose_checkpoint(path: Path, model: nn.Module, arch: str, kwargs: dict,
