@@ -40,10 +40,14 @@ def pose_env(tmp_path_factory):
     return {"root": root, "data": data, "ck": ck}
 
 
-@pytest.mark.parametrize("method", ["classroom", pytest.param("kd", marks=pytest.mark.slow)])
-def test_cached_equals_online(pose_env, method):
+@pytest.mark.parametrize("method,backend", [
+    ("classroom", "reference"), ("classroom", "triton"),
+    pytest.param("kd", "reference", marks=pytest.mark.slow)])
+def test_cached_equals_online(pose_env, method, backend):
+    """fp32 cache of every view == the mentors run online, bit for bit (CPU), on the eager
+    reference and on the fused kernels (interpreted)."""
     base = dict(data=pose_env["data"], student="resnet8-simcc", method=method, epochs=2,
-                batch_size=16, progress=False, seed=7)
+                batch_size=16, progress=False, seed=7, backend=backend)
     ck = pose_env["ck"]
     cached = train_pose(dict(base, cache=str(pose_env["root"] / "cache")))
     online = train_pose(dict(base, mentors=[ck["t"], ck["p"]], slots=2, view_seed=0))
@@ -57,6 +61,18 @@ def test_cached_equals_online(pose_env, method):
         assert torch.equal(p, q), k
     assert cached["metrics"] == online["metrics"]
     assert a != train_pose(dict(base, method="nokd"))["losses"]  # the mentors do matter
+    assert cached["backend"] == backend
+
+
+def test_fused_training_follows_the_reference(pose_env):
+    """`ckd pose train --backend triton` (interpreted) against the eager reference on the
+    same cache: the first step's loss agrees to rounding, and training stays close."""
+    base = dict(SMALL, data=pose_env["data"], student="resnet8-simcc", method="classroom",
+                cache=str(pose_env["root"] / "cache"), seed=3)
+    ref = train_pose(dict(base, backend="reference"))["losses"]
+    fused = train_pose(dict(base, backend="triton"))["losses"]
+    assert fused[0] == pytest.approx(ref[0], rel=1e-5)
+    assert fused == pytest.approx(ref, rel=1e-3)
 
 
 def test_cache_contents_and_verify(pose_env):

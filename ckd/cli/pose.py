@@ -76,10 +76,14 @@ def pose_group() -> None:
 @click.option("--views", default=4, show_default=True, type=click.IntRange(min=1),
               help="Online runs: keyed views per sample (a cache fixes its own).")
 @click.option("--view-seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "triton", "reference"]),
+              help="Distillation loss: fused Triton kernels (triton; auto on a GPU or under "
+                   "TRITON_INTERPRET=1) or the eager reference.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def pose_train(data, student, student_kwargs, method, method_params, cache, mentors, epochs,
-               batch_size, lr, seed, views, view_seed, out, quiet) -> None:
+               batch_size, lr, seed, views, view_seed, backend, out, quiet) -> None:
     """Train a pose model (a mentor with --method nokd). Example: ckd pose train --data
     prepared/kp --student resnet8-simcc --method classroom --cache cache/kp --out runs/s"""
     from ckd.pose.train import train_pose  # noqa: PLC0415
@@ -89,7 +93,7 @@ def pose_train(data, student, student_kwargs, method, method_params, cache, ment
                           method=method, params=_kv(method_params, "--param"), cache=cache,
                           mentors=list(mentors), epochs=epochs, batch_size=batch_size, lr=lr,
                           seed=seed, slots=views, view_seed=view_seed, out=out,
-                          progress=not quiet))
+                          progress=not quiet, backend=backend))
     m = res["metrics"]
     click.echo(f"{student} {method}: PCK@0.2 {m['pck']:.2f}  AP {m['AP']:.2f}  AP50 "
                f"{m['AP50']:.2f}  AR {m['AR']:.2f}; wrote {res['checkpoint']}")

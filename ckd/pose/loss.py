@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ckd.kernels.reference import classroom_weights
+from ckd.kernels.reference import classroom_weights_from_scores
 
 POSE_METHODS = ("nokd", "kd", "aver", "classroom")
 POSE_DEFAULTS = {
@@ -106,10 +106,8 @@ def _stats(rank, active, temp, student_rank) -> dict[str, Tensor]:
             "student_rank": torch.as_tensor(student_rank, dtype=torch.float32).reshape(())}
 
 
-def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tensor,
-              weight: Tensor, segs: list[tuple[int, int]], *, student_key: Tensor | None = None,
-              mentor_keys: Tensor | None = None, **params) -> tuple[Tensor, dict[str, Tensor]]:
-    """(loss, stats) of `method` on one batch (module docstring)."""
+def method_params(method: str, params: dict) -> dict:
+    """A pose method's parameters over its defaults; unknown ones refused."""
     if method not in POSE_METHODS:
         raise ValueError(f"pose method must be one of {POSE_METHODS}, got {method!r}")
     p = {**POSE_DEFAULTS[method], **params}
@@ -117,6 +115,14 @@ def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tens
     if unknown:
         raise ValueError(f"pose method {method} takes {sorted(POSE_DEFAULTS[method])}, not "
                          f"{sorted(unknown)}")
+    return p
+
+
+def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tensor,
+              weight: Tensor, segs: list[tuple[int, int]], *, student_key: Tensor | None = None,
+              mentor_keys: Tensor | None = None, **params) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, stats) of `method` on one batch (module docstring)."""
+    p = method_params(method, params)
     task = task_rows(student, target, weight, segs)
     m = 0 if mentors is None else mentors.shape[0]  # dense rows or SparseMentors
     zeros, ones = student.new_zeros(m), student.new_ones(m)
@@ -139,20 +145,24 @@ def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tens
     return _classroom(student, mentors, task, segs, student_key, mentor_keys, p)
 
 
+def classroom_scores(student_key: Tensor, mentor_keys: Tensor, granularity: str) -> Tensor:
+    """The classroom's scores [1 + M, 1 or N] (float32) from the PCK keys (NaN: no joint to
+    score): batch granularity the mean over the samples with a key, 0 where none has one."""
+    keys = torch.cat([student_key[None].detach().double(), mentor_keys.detach().double()])
+    if granularity == "batch":
+        keys = batch_key(keys)
+    elif granularity != "sample":
+        raise ValueError(f"granularity must be 'batch' or 'sample', got {granularity!r}")
+    return torch.nan_to_num(keys, nan=0.0).float()
+
+
 def _classroom(student, mentors, task, segs, student_key, mentor_keys, p):
     if student_key is None or mentor_keys is None:
         raise ValueError("pose classroom needs ranking keys: the student's PCK on the step "
                          "and each mentor's (from the cache or computed online)")
-    keys = torch.cat([student_key[None].detach(), mentor_keys.detach()]).double()
-    if p["granularity"] == "batch":
-        keys = batch_key(keys)
-    elif p["granularity"] != "sample":
-        raise ValueError(f"granularity must be 'batch' or 'sample', got {p['granularity']!r}")
-    keys = torch.nan_to_num(keys, nan=0.0)
-    # score = exp(-ce) = PCK: the classification selection arithmetic, unchanged
-    cw = classroom_weights(-torch.log(keys.float()), tau=p["tau"], beta=p["beta"],
-                           delta=p["delta"], lam=p["lam"], variant="paper",
-                           granularity="sample")
+    keys = classroom_scores(student_key, mentor_keys, p["granularity"])
+    cw = classroom_weights_from_scores(keys, tau=p["tau"], beta=p["beta"], delta=p["delta"],
+                                       lam=p["lam"], variant="paper")
     n = student.shape[0]
     per = cw["w_ce"].expand(n) * task
     for k in range(mentors.shape[0]):
