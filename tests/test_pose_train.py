@@ -198,3 +198,32 @@ def test_bad_input(pose_env, tmp_path):
     run = CliRunner().invoke(main, ["pose", "train", "--data", data, "--method", "aver",
                                     "--out", str(tmp_path / "r")])
     assert run.exit_code == 1 and "--cache DIR" in run.output
+
+
+def test_pose_cache_resumes_and_refuses_a_changed_mentor(pose_env, tmp_path):
+    """A deleted chunk is rebuilt byte for byte by rerunning the command; a mentor whose
+    checkpoint changed is refused, naming --overwrite."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(pose_env["root"] / "cache", cache)
+    chunk = cache / "mentors" / "p" / "logits" / "c" / "1" / "0" / "0" / "0"
+    before = chunk.read_bytes()
+    chunk.unlink()
+    ck = pose_env["ck"]
+    args = ["cache-logits", "--prepared", pose_env["data"], "--mentors",
+            f"t={ck['t']},p={ck['p']}", "--out", str(cache), "--views", "2", "--dtype", "fp32",
+            "--quiet"]
+    from ckd.pose.cache import open_pose_cache
+    with pytest.raises(ValueError, match="missing chunk files"):
+        open_pose_cache(cache)
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 0, run.output
+    assert chunk.read_bytes() == before
+    assert CliRunner().invoke(main, ["cache", "verify", str(cache)]).exit_code == 0
+    state = safe_torch_load(ck["p"])
+    state["metrics"] = {"changed": 1.0}
+    atomic_save(state, tmp_path / "p2.pt")
+    run = CliRunner().invoke(main, [*args[:4], f"t={ck['t']},p={tmp_path / 'p2.pt'}",
+                                    *args[5:]])
+    assert run.exit_code == 1 and "--overwrite" in run.output, run.output
