@@ -117,7 +117,7 @@ def cache_pose(prepared: str, mentors: list[str], out: str, views: str, seed: in
 
 def verify_pose(path: str, recompute: int, prepared: str | None) -> None:
     """`ckd cache verify PATH [--recompute N --prepared POSE_DIR]` on a pose cache."""
-    from ckd.pose.cache import verify_pose_cache  # noqa: PLC0415
+    from ckd.pose.verify import verify_pose_cache  # noqa: PLC0415
 
     try:
         problems = verify_pose_cache(path, recompute=recompute > 0, data=prepared,

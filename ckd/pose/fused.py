@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ckd.kernels.terms import Ranking, TermTable, ranked_terms
-from ckd.pose.loss import _stats, method_params, task_rows
+from ckd.pose.loss import method_params, selection_stats, task_rows
 
 
 def pose_table(method: str, p: dict, m: int) -> tuple[TermTable, float]:
@@ -50,7 +50,7 @@ def fused_pose_loss(method: str, student: Tensor, mentors, target: Tensor, weigh
     task = task_rows(student, target, weight, segs)
     if method == "nokd":
         z = student.new_zeros(0 if mentors is None else mentors.shape[0])
-        return task.mean(), _stats(z, z, z + 1, 1.0)
+        return task.mean(), selection_stats(z, z, z + 1, 1.0)
     if mentors is None or not torch.is_tensor(mentors):
         raise ValueError("the fused pose losses read dense mentor rows; a top-k (sparse) pose "
                          "cache runs the eager reference: pass --backend reference or auto")

@@ -100,7 +100,8 @@ def batch_key(keys: Tensor) -> Tensor:
     return torch.where(n > 0, s / n.clamp_min(1), torch.zeros_like(s))
 
 
-def _stats(rank, active, temp, student_rank) -> dict[str, Tensor]:
+def selection_stats(rank, active, temp, student_rank) -> dict[str, Tensor]:
+    """The logged selection statistics (names as the classification losses')."""
     return {"mentor_rank": rank.float(), "mentor_active": active.float(),
             "mentor_temp": temp.float(),
             "student_rank": torch.as_tensor(student_rank, dtype=torch.float32).reshape(())}
@@ -127,7 +128,7 @@ def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tens
     m = 0 if mentors is None else mentors.shape[0]  # dense rows or SparseMentors
     zeros, ones = student.new_zeros(m), student.new_ones(m)
     if method == "nokd":
-        return task.mean(), _stats(zeros, zeros, ones, 1.0)
+        return task.mean(), selection_stats(zeros, zeros, ones, 1.0)
     if m == 0:
         raise ValueError(f"pose method {method} needs mentor rows (--mentors / a pose cache)")
     if method == "kd":
@@ -135,13 +136,13 @@ def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tens
                                                                      p["T"])
         one = zeros.clone()
         one[0] = 1.0
-        return loss.mean(), _stats(one * p["alpha_kd"], one, one * (p["T"] - 1) + 1,
+        return loss.mean(), selection_stats(one * p["alpha_kd"], one, one * (p["T"] - 1) + 1,
                                    p["alpha_ce"])
     if method == "aver":
         loss = task
         for k in range(m):
             loss = loss + mentor_distill(mentors, k, student, segs, p["tau"])
-        return loss.mean(), _stats(ones, ones, ones * p["tau"], 1.0)
+        return loss.mean(), selection_stats(ones, ones, ones * p["tau"], 1.0)
     return _classroom(student, mentors, task, segs, student_key, mentor_keys, p)
 
 
@@ -175,4 +176,4 @@ def _classroom(student, mentors, task, segs, student_key, mentor_keys, p):
     act = cw["active"].float()
     n_act = act.sum(1)
     temp = torch.where(n_act > 0, (cw["temp"] * act).sum(1) / n_act.clamp_min(1.0), 1.0)
-    return loss, _stats(cw["r_m"].mean(1), act.mean(1), temp, cw["r_s"].mean())
+    return loss, selection_stats(cw["r_m"].mean(1), act.mean(1), temp, cw["r_s"].mean())
