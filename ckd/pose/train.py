@@ -90,7 +90,7 @@ def _config(cfg: dict) -> dict:
                          "folder)")
     if c["method"] != "nokd" and not c["mentors"] and not c["cache"]:
         raise ValueError(f"--method {c['method']} distills from mentors: pass --cache DIR "
-                         "(a `ckd pose cache`) or --mentor CKPT (online)")
+                         "(`ckd cache-logits --prepared POSE_DIR ...`) or --mentor CKPT (online)")
     if c["mentors"] and c["cache"]:
         raise ValueError("pass either --cache or --mentor, not both")
     from ckd.kernels.api import resolve_backend  # noqa: PLC0415
