@@ -165,6 +165,10 @@ def test_topk_heatmap_cache_trains_heatmap_students(pose_env):
     res = train_pose(dict(SMALL, data=pose_env["data"], student="resnet8-heatmap",
                           method="classroom", cache=str(h)))
     assert np.isfinite(res["losses"]).all()
+    assert res["backend"] == "reference"  # auto: the fused losses read dense rows only
+    with pytest.raises(ValueError, match="do not run a top-k .* pass --backend reference"):
+        train_pose(dict(SMALL, data=pose_env["data"], student="resnet8-heatmap",
+                        method="classroom", cache=str(h), backend="triton"))
     run = CliRunner().invoke(main, ["cache-logits", "--prepared", pose_env["data"],
                                     "--mentors", pose_env["ck"]["t"], "--out",
                                     str(pose_env["root"] / "x"), "--views", "1", "--logits",

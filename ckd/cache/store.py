@@ -154,9 +154,8 @@ def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = Non
     arrays of a mentor (only those in `names` if given: `ckd cache upgrade` adds the ones
     a version-1 store lacks, --features the feature arrays an existing mentor lacks)."""
     store = zarr_store(out)
-    specs = mentor_specs({k: v for k, v in (attrs or {}).items()
-                          if k in ("features", "boxes", "logits_mode", "num_classes",
-                                                         "kind", "pose")})
+    keys = ("features", "boxes", "logits_mode", "num_classes", "kind", "pose")
+    specs = mentor_specs({k: v for k, v in (attrs or {}).items() if k in keys})
     for spec in specs:
         if names is None or spec.name in names:
             zarr.create_array(store, name=f"mentors/{alias}/{spec.name}",

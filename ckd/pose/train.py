@@ -133,17 +133,20 @@ def train_pose(cfg: dict) -> dict[str, Any]:
         cache = open_pose_cache(c["cache"], ds)
         _check_cache_layout(cache.layout, layout, c["student"])
         slots, table = cache.slots, torch.from_numpy(np.asarray(cache.params))
-        if cache.sparse and c["backend"] == "triton":  # top-k rows: the eager reference
-            if c["asked_backend"] == "triton":
-                raise ValueError(f"{c['cache']} holds top-k (sparse) heatmap rows, which the "
-                                 "fused pose losses do not read: pass --backend reference "
-                                 "or auto")
-            c["backend"] = "reference"
     else:
         mentors = [load_pose_mentor(p, ds) for p in c["mentors"]]
         for m in mentors:
             _check_cache_layout(m.layout, layout, c["student"])
         slots, table = int(c["slots"]), view_table(c["view_seed"], n, int(c["slots"]))
+    # what the fused pose losses do not run (top-k rows, per-sample ranking): the reference
+    # under --backend auto, refused by name under --backend triton
+    unfused = ("a top-k (sparse) heatmap cache" if cache is not None and cache.sparse else
+               "granularity=sample" if params.get("granularity") == "sample" else None)
+    if c["backend"] == "triton" and unfused:
+        if c["asked_backend"] == "triton":
+            raise ValueError(f"the fused pose losses do not run {unfused}: pass --backend "
+                             "reference or auto")
+        c["backend"] = "reference"
     if c["backend"] == "triton" and c["method"] != "nokd":
         from ckd.pose.fused import fused_pose_loss as loss_fn  # noqa: PLC0415
     out = Path(c["out"]) if c["out"] else None
