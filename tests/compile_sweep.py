@@ -9,6 +9,9 @@ its choice parameters (variant x granularity), plus the kernel features a numeri
 parameter switches on (classroom's delta term); every (student, mentor) dtype layout
 given; dense and sparse mentors.
 C = 1 is refused by distill_loss before any kernel (a distribution over one class).
+`--pose`: also the pose losses (kd, aver, classroom with external PCK keys) on B joint
+rows of SimCC segments x (C bins, at offset 0) and y (C + 1 bins, at offset C) of rows
+[B, 1, 2C + 1], as `ckd.pose.fused` launches them.
 Launches with equal compile keys are compiled once. Prints one JSON line: the number of
 launches, distinct compiles and the failures (kernel, case, error).
 """
@@ -49,6 +52,23 @@ def sparse_calls(table, B: int, C: int, M: int, student, mentor, counters) -> li
     return calls
 
 
+def pose_calls(method: str, B: int, C: int, M: int, student, mentor) -> list:
+    """Recorded launches of a fused pose loss forward + backward (ckd.pose.fused)."""
+    from ckd.kernels.specialize import recorded_launches
+    from ckd.pose.fused import fused_pose_loss
+
+    D = 2 * C + 1
+    zs = torch.empty(B, 1, D, dtype=student).requires_grad_()
+    zm = torch.empty(M, B, 1, D, dtype=mentor)
+    keys = {"student_key": torch.zeros(B), "mentor_keys": torch.zeros(M, B)} \
+        if method == "classroom" else {}
+    with recorded_launches() as calls:
+        loss, _ = fused_pose_loss(method, zs, zm, torch.zeros(B, 1, D), torch.zeros(B, 1),
+                                  [(0, C), (C, D)], **keys)
+        loss.backward()
+    return calls
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--B", type=int, nargs="+", default=[1, 2, 16, 17, 4096])
@@ -57,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--sparse", action="store_true", help="also sparse mentors")
+    ap.add_argument("--pose", action="store_true", help="also the fused pose losses")
     ap.add_argument("--arch", type=int, default=90)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -70,18 +91,24 @@ def main(argv=None) -> int:
 
     seen: dict[tuple, str | None] = {}
     launches, failures = 0, []
-    for (name, kw), B, C, layout in itertools.product(method_cases(args.methods).items(),
-                                                       args.B, args.C, args.layouts):
+    cases = list(method_cases(args.methods).items())
+    if args.pose:
+        cases += [(f"pose-{m}", {"pose": m}) for m in ("kd", "aver", "classroom")]
+    for (name, kw), B, C, layout in itertools.product(cases, args.B, args.C, args.layouts):
         student, mentor = LAYOUTS[layout]
-        spec = get_method(kw["method"])
-        table = table_of(kw, args.M)
-        counters = {k: COUNTERS[k] for k in spec.counters}
-        calls = [("dense", c) for c in loss_calls(table, B, C, args.M, student, mentor,
-                                                  **counters)]
-        if args.sparse and spec.sparse is not None and isinstance(table, TermTable) \
-                and C >= 3 and B <= 64:
-            calls += [("sparse", c) for c in sparse_calls(table, B, C, args.M, student,
-                                                          mentor, counters)]
+        if "pose" in kw:
+            calls = [("pose", c) for c in pose_calls(kw["pose"], B, C, args.M, student,
+                                                     mentor)]
+        else:
+            spec = get_method(kw["method"])
+            table = table_of(kw, args.M)
+            counters = {k: COUNTERS[k] for k in spec.counters}
+            calls = [("dense", c) for c in loss_calls(table, B, C, args.M, student, mentor,
+                                                      **counters)]
+            if args.sparse and spec.sparse is not None and isinstance(table, TermTable) \
+                    and C >= 3 and B <= 64:
+                calls += [("sparse", c) for c in sparse_calls(table, B, C, args.M, student,
+                                                              mentor, counters)]
         for path, call in calls:
             launches += 1
             key = spec_key(call, args.arch)

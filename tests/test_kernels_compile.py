@@ -46,8 +46,10 @@ def compile_sweep(*argv: str) -> dict:
 def test_every_method_compiles_for_one_sample_and_unaligned_shapes():
     """Every registered fused method and variant (dense and sparse mentors, training
     layout) compiles for sm_90 at B = 1 (Triton turns the int into a constant) and B = 16
-    (an alignment hint), C = 17: the shapes the interpreter cannot check."""
-    out = compile_sweep("--B", "1", "16", "--C", "17", "--layouts", "fp32/fp16", "--sparse")
+    (an alignment hint), C = 17: the shapes the interpreter cannot check; and the fused
+    pose losses (external-key ranking, strided SimCC segments)."""
+    out = compile_sweep("--B", "1", "16", "--C", "17", "--layouts", "fp32/fp16", "--sparse",
+                        "--pose")
     assert out["launches"] > 0 and not out["failures"], out["failures"]
 
 

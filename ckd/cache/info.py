@@ -113,7 +113,7 @@ def _check_root_arrays(path: Path, attrs: dict[str, Any], root: zarr.Group, lay:
         if array_digest(vals) != digests.get(name):
             rep.problems.append(f"{path / name}: values differ from the digest recorded at "
                                 "build time")
-        if name == "labels":
+        if name == "labels" and attrs.get("kind") != "pose":  # pose: annotation ids
             labels = vals
             if vals.shape != (lay.num_samples,) or vals.min() < 0 or \
                     vals.max() >= lay.num_classes:

@@ -39,6 +39,10 @@ def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpe
     (ckd/cache/sparse.py)."""
     attrs = mentor_attrs or {}
     names = attrs.get("arrays")
+    if attrs.get("kind") == "pose":  # rows of joint logits, PCK, view parameters
+        from .pose_arrays import pose_specs
+
+        return [s for s in pose_specs(attrs) if names is None or s.name in names]
     feats = attrs.get("features") or {}
     specs = list(MENTOR_ARRAYS)
     if attrs.get("logits_mode", "dense") != "dense":

@@ -254,6 +254,8 @@ def root_array_names(attrs: dict[str, Any]) -> tuple[str, ...]:
     """The root data arrays of a cache: labels, and view_ids for keyed discrete views
     (random-resized-crop caches hold their boxes per mentor instead)."""
     views = attrs["views"]
+    if attrs.get("kind") == "pose":  # each pose mentor holds its views' parameters
+        return ("labels",)
     if views["mode"] == "keyed" and recipe_for(views["recipe"]).num_views is not None:
         return ("labels", "view_ids")
     return ("labels",)

@@ -155,8 +155,8 @@ def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = Non
     arrays of a mentor (only those in `names` if given: `ckd cache upgrade` adds the ones
     a version-1 store lacks, --features the feature arrays an existing mentor lacks)."""
     store = zarr_store(out)
-    specs = mentor_specs({k: v for k, v in (attrs or {}).items()
-                          if k in ("features", "boxes", "logits_mode", "num_classes")})
+    keys = ("features", "boxes", "logits_mode", "num_classes", "kind", "pose")
+    specs = mentor_specs({k: v for k, v in (attrs or {}).items() if k in keys})
     for spec in specs:
         if names is None or spec.name in names:
             zarr.create_array(store, name=f"mentors/{alias}/{spec.name}",
@@ -223,12 +223,14 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: TrainingData,
                   overwrite: bool, features: Mapping[str, Mapping[str, Any]] | None = None,
                   mentor_extra: Callable[[str, str], dict[str, Any]] | None = None,
                   modes: Mapping[str, str] | None = None, precision: str = "fp32",
-                  deterministic: bool = False) -> None:
+                  deterministic: bool = False,
+                  arch_of: Callable[[str, Path], str] = mentor_arch) -> None:
     """Rank 0: create or check the store and every mentor group before anyone writes.
     `mentor_extra(alias, arch)`: attributes a mentor gets beyond the standard ones (image
     folders: its resolution and `boxes`); `modes`: alias -> logit storage mode;
     `precision`: the mentors' forward precision (a mentor cached at another is refused);
-    `deterministic`: --deterministic, recorded per mentor (a resume must match it)."""
+    `deterministic`: --deterministic, recorded per mentor (a resume must match it);
+    `arch_of(alias, path)`: a mentor's architecture (pose caches read their own checkpoints)."""
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
     have = _open_root(out)
@@ -254,7 +256,7 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: TrainingData,
     layout = layout_from_attrs(read_json_attrs(out, out / "zarr.json"))
     # every mentor is checked before any is written: a refused one leaves the store as it was
     plans = [_mentor_plan(out, alias, path, shas[alias], overwrite, mentor_extra,
-                          (modes or {}).get(alias, "dense"), precision, deterministic)
+                          (modes or {}).get(alias, "dense"), precision, deterministic, arch_of)
              for alias, path in paths.items()]
     for alias, path, arch, state, extra in plans:
         feats = (features or {}).get(alias) or {}
@@ -268,13 +270,14 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: TrainingData,
 
 def _mentor_plan(out: Path, alias: str, path: Path, sha: str, overwrite: bool,
                  mentor_extra: Callable[[str, str], dict[str, Any]] | None, mode: str,
-                 precision: str, deterministic: bool
+                 precision: str, deterministic: bool,
+                 arch_of: Callable[[str, Path], str] = mentor_arch,
                  ) -> tuple[str, Path, str, dict[str, Any] | None, dict[str, Any]]:
     """(alias, path, arch, its stored state or None when it is (re)built, its extra
     attributes); refuses a stored mentor that differs from the request unless
     `overwrite`."""
     state = _mentor_state(out, alias)
-    arch = mentor_arch(alias, path)
+    arch = arch_of(alias, path)
     extra = mentor_extra(alias, arch) if mentor_extra else {}
     if state is not None and extra.get("resolution") != state.get("resolution"):
         if not overwrite:

@@ -76,10 +76,14 @@ def pose_group() -> None:
 @click.option("--views", default=4, show_default=True, type=click.IntRange(min=1),
               help="Online runs: keyed views per sample (a cache fixes its own).")
 @click.option("--view-seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "triton", "reference"]),
+              help="Distillation loss: fused Triton kernels (triton; auto on a GPU or under "
+                   "TRITON_INTERPRET=1) or the eager reference.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def pose_train(data, student, student_kwargs, method, method_params, cache, mentors, epochs,
-               batch_size, lr, seed, views, view_seed, out, quiet) -> None:
+               batch_size, lr, seed, views, view_seed, backend, out, quiet) -> None:
     """Train a pose model (a mentor with --method nokd). Example: ckd pose train --data
     prepared/kp --student resnet8-simcc --method classroom --cache cache/kp --out runs/s"""
     from ckd.pose.train import train_pose  # noqa: PLC0415
@@ -89,7 +93,7 @@ def pose_train(data, student, student_kwargs, method, method_params, cache, ment
                           method=method, params=_kv(method_params, "--param"), cache=cache,
                           mentors=list(mentors), epochs=epochs, batch_size=batch_size, lr=lr,
                           seed=seed, slots=views, view_seed=view_seed, out=out,
-                          progress=not quiet))
+                          progress=not quiet, backend=backend))
     m = res["metrics"]
     click.echo(f"{student} {method}: PCK@0.2 {m['pck']:.2f}  AP {m['AP']:.2f}  AP50 "
                f"{m['AP50']:.2f}  AR {m['AR']:.2f}; wrote {res['checkpoint']}")
@@ -113,10 +117,13 @@ def cache_pose(prepared: str, mentors: list[str], out: str, views: str, seed: in
 
 def verify_pose(path: str, recompute: int, prepared: str | None) -> None:
     """`ckd cache verify PATH [--recompute N --prepared POSE_DIR]` on a pose cache."""
-    from ckd.pose.cache import verify_pose_cache  # noqa: PLC0415
+    from ckd.pose.verify import verify_pose_cache  # noqa: PLC0415
 
-    problems = verify_pose_cache(path, recompute=recompute > 0, data=prepared,
-                                 samples=max(1, recompute))
+    try:
+        problems = verify_pose_cache(path, recompute=recompute > 0, data=prepared,
+                                     samples=max(1, recompute))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
     for p in problems[:50]:
         click.echo(f"  PROBLEM {p}", err=True)
     if problems:
@@ -127,14 +134,20 @@ def verify_pose(path: str, recompute: int, prepared: str | None) -> None:
 
 
 def is_pose_dir(path: str | None) -> bool:
-    """A prepared pose set or a pose cache (their meta.json says task "pose")."""
+    """A prepared pose set, a pose cache (root attribute kind "pose") or a pose cache of the
+    older .npy layout (meta.json with task "pose": refused with its rebuild command)."""
     import json  # noqa: PLC0415
 
-    meta = Path(path or "") / "meta.json"
-    try:
-        return bool(path) and json.loads(meta.read_text()).get("task") == "pose"
-    except (OSError, ValueError):
-        return False
+    root = Path(path or "")
+    for name, key in (("meta.json", "task"), ("zarr.json", "kind")):
+        try:
+            meta = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            continue
+        attrs = meta.get("attributes", {}) if name == "zarr.json" else meta
+        if bool(path) and isinstance(attrs, dict) and attrs.get(key) == "pose":
+            return True
+    return False
 
 
 @pose_group.command("eval")

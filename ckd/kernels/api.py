@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ckd.kernels.output import DistillOutput, NonFiniteError, check_finite
 from ckd.kernels.sparse_mentors import SparseMentors, validate_sparse
-from ckd.kernels.terms import Decoupled, TermTable
+from ckd.kernels.terms import Decoupled, Ranking, TermTable
 
 BACKENDS = ("auto", "triton", "reference")
 STUDENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -79,10 +79,11 @@ def terms_loss(zs: Tensor, zm: Tensor | SparseMentors | None, y: Tensor,
                table: TermTable | Decoupled, *, seed: int = 0, step: int | Tensor = 0,
                epoch: int | Tensor | None = None, mentor_stats: Tensor | None = None,
                rank_logits: Tensor | None = None, validate: bool | str = "auto",
-               who: str = "this loss") -> DistillOutput:
+               who: str = "this loss", rank_keys: Tensor | None = None) -> DistillOutput:
     """The fused loss of a term table (terms.py) on dense or sparse mentors, inputs checked
     (`validate` as `ckd.methods.distill_loss`). The kernels' one entry point: a method
-    reaches it through its declaration's `terms`."""
+    reaches it through its declaration's `terms`. `rank_keys` [1 + M, B]: the scores of a
+    Ranking with `external_key` (terms.py)."""
     if isinstance(zm, SparseMentors):  # top-k / sampled mentors: docs/SPARSE.md
         validate_inputs(zs, None, y, False, validate)
         validate_sparse(zm, zs.shape[0], zs.shape[1], zs.device)
@@ -91,17 +92,35 @@ def terms_loss(zs: Tensor, zm: Tensor | SparseMentors | None, y: Tensor,
         return sparse_fused_loss(zs, zm, y, table, seed=seed, step=step,
                                  rank_logits=rank_logits)
     validate_inputs(zs, zm, y, _reads(table), validate, who)
+    _check_keys(table, rank_keys, zm, zs)
     if zm is not None and zm.shape[0] == 0:
         zm = None
     from ckd.kernels import launch  # imports triton only when the kernels are used
 
     return launch.fused_loss(zs, zm, y, table, seed=seed, step=step, epoch=epoch,
                             mentor_stats=_check_stats(mentor_stats, zm, y),
-                            rank_logits=rank_logits)
+                            rank_logits=rank_logits, rank_keys=rank_keys)
 
 
 def _reads(table: TermTable | Decoupled) -> bool:
     return isinstance(table, Decoupled) or bool(table.src)
+
+
+def _check_keys(table: TermTable | Decoupled, keys: Tensor | None, zm: Tensor | None,
+                zs: Tensor) -> None:
+    """An external-key Ranking needs float32 keys [1 + M, B] on the student's device."""
+    sel = getattr(table, "select", None)
+    if not isinstance(sel, Ranking) or not sel.external_key:
+        return
+    if sel.per_sample or sel.official:
+        raise ValueError("external ranking keys rank at batch granularity with the paper "
+                         "arithmetic (per_sample=False, official=False)")
+    want = (0 if zm is None else zm.shape[0]) + 1, zs.shape[0]
+    if keys is None or tuple(keys.shape) != want or keys.dtype != torch.float32 or \
+            keys.device != zs.device:
+        got = None if keys is None else (keys.dtype, list(keys.shape), str(keys.device))
+        raise ValueError(f"this ranking reads external keys: pass rank_keys float32 "
+                         f"{list(want)} on {zs.device} (row 0 the student), got {got}")
 
 
 def _check_stats(stats: Tensor | None, zm: Tensor | None, y: Tensor) -> Tensor | None:

@@ -268,10 +268,11 @@ def _plan(table: TermTable, B: int, C: int, M: int, zs: Tensor, zm: Tensor | Non
     rank = None
     if isinstance(sel, Ranking) and mode == D.MODE_TABLE:  # batch ranking first
         r_rows, r_bc, r_one, r_warps = _tiles(B, C, 1, block_c)
+        ext = sel.external_key  # [sums | counts] of the keyed rows (rank.py)
         rank = ((_cdiv(B, r_rows),), dict(
             NM=M, BLOCK_T=bt, OFFICIAL=official, DELTA_TERM=delta_term, ROWS=r_rows,
-            BLOCK_C=r_bc, ONE_BLOCK=r_one, VEC=vec_r, ACC=acc, NV=2 * bt,
-            num_warps=r_warps, **D.SELECTION_OPTIONS), _cdiv(B, r_rows))
+            BLOCK_C=r_bc, ONE_BLOCK=r_one, VEC=vec_r, ACC=acc, NV=(4 if ext else 2) * bt,
+            EXT_KEY=ext, num_warps=r_warps, **D.SELECTION_OPTIONS), _cdiv(B, r_rows))
     pad = bt - n_terms
     src = _const(tuple(table.src) + (0,) * pad + tuple(table.copies) + (-1,) * pad,
                  torch.int32, dev)
@@ -291,14 +292,16 @@ def _plan(table: TermTable, B: int, C: int, M: int, zs: Tensor, zm: Tensor | Non
 def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Decoupled, *,
                seed: int = 0, step: int | Tensor = 0, epoch: int | Tensor | None = None,
                mentor_stats: Tensor | None = None, rank_logits: Tensor | None = None,
-               block_c: int | None = None, split_chunk: int | None = None) -> DistillOutput:
+               block_c: int | None = None, split_chunk: int | None = None,
+               rank_keys: Tensor | None = None) -> DistillOutput:
     """The loss of a term table (terms.py) on dense mentors [M, B, C], fused: returns
     DistillOutput. `seed`, `step` key the random draws (RandomDrop, TeKAP copies), `epoch`
     the Decoupled warm-up; `step`, `epoch` may be 0-dim device tensors. `mentor_stats`
     [M, B, 2] (`ckd.mentor_stats`) feed a Ranking; `rank_logits` rank instead of the student
     logits (a testing hook). `block_c` forces class blocks of that size, `split_chunk`
     rows split across programs of that many classes (split_rows.py; tests lower it to
-    split small rows)."""
+    split small rows); `rank_keys` [1 + M, B] float32 are the scores of a Ranking with
+    `external_key` (row 0 the student, NaN where a row has no key)."""
     if isinstance(table, Decoupled):
         return _decoupled_loss(zs, zm, y, table, epoch, block_c)
     dev = zs.device
@@ -331,7 +334,9 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Deco
     zm_arg = zs_d if zm is None else zm
     zm_strides = (0, 0, 0) if zm is None else zm.stride()
     mstats = None
-    if ranking:
+    if ranking and table.select.external_key:
+        mstats = rank_keys
+    elif ranking:
         mstats = mentor_stats if mentor_stats is not None else mentor_row_stats(zm, y)
     st_arg = (mstats, mstats.stride(0), mstats.stride(1)) if mstats is not None else \
         (loss, 0, 0)
@@ -342,7 +347,7 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Deco
     def launch():
         if plan.rank is not None:
             grid, kw, r_nprog = plan.rank
-            r_part = plan.buffer("rank_part", (r_nprog, 2 * plan.bt), f32, dev)
+            r_part = plan.buffer("rank_part", (r_nprog, kw["NV"]), f32, dev)
             run(_rank_batch_kernel, grid, (
                 rank_zs, rank_zs.stride(0), rank_zs.stride(1), y, y.stride(0), *st_arg,
                 table_t, out, r_part, tickets[TICKET_RANK:], B, C, lam, tau, beta, delta), kw)

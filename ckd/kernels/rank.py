@@ -7,6 +7,12 @@ adds them in program order (deterministic), applies `distill.select` (the arithm
 `reference.classroom_weights`, in its order) and writes the loss kernel's term table
 [w_kl | temperature | w_ce] and the logged statistics. Sample granularity needs no batch
 reduction: the loss kernel selects per row itself.
+
+External keys (`Ranking.external_key`, EXT_KEY): each model's score per row comes from a
+key tensor [1 + M, B] (row 0 the student; e.g. a pose model's PCK on the view, repeated
+over the sample's joint rows) instead of the logits; the batch score is the mean over the
+rows whose key is not NaN (0 if none), and the table's CE weight is 0: the caller owns the
+task term and weights it by the logged student rank.
 """
 
 from __future__ import annotations
@@ -24,48 +30,73 @@ def _rank_batch_kernel(
     NM: tl.constexpr, BLOCK_T: tl.constexpr, OFFICIAL: tl.constexpr,
     DELTA_TERM: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     ONE_BLOCK: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr, NV: tl.constexpr,
+    EXT_KEY: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
-    y = tl.load(y_ptr + rows.to(tl.int64) * s_y, mask=rmask, other=0).to(tl.int64)
-    if ONE_BLOCK:
-        x, xv, bad = _load_student(zr_ptr, rows, rmask, s_rb, s_rc, 0, C, BLOCK_C, VEC, ACC)
-        m = tl.max(x, 1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        d = tl.sum(tl.exp(x - m[:, None]), 1)
-        zy = tl.sum(tl.where(tl.arange(0, BLOCK_C)[None, :] == y[:, None], x, 0.0), 1)
-    else:
-        m = tl.zeros([ROWS], ACC) + float("-inf")
-        d = tl.zeros([ROWS], ACC)
-        zy = tl.zeros([ROWS], ACC)
-        for c0 in range(0, C, BLOCK_C):
-            x, xv, bad = _load_student(zr_ptr, rows, rmask, s_rb, s_rc, c0, C, BLOCK_C, VEC,
-                                       ACC)
-            m, d = _online(m, d, x)
-            zy += tl.sum(tl.where((c0 + tl.arange(0, BLOCK_C))[None, :] == y[:, None], x, 0.0),
-                         1)
-        m = tl.where(m == float("-inf"), 0.0, m)
-    ce_s = ((m - zy) + tl.log(d)).to(tl.float32)
     jv = tl.arange(0, BLOCK_T)[:, None]
     m_ok = (jv < NM) & rmask[None, :]
-    logp = tl.load(st_ptr + jv * s_stm + rows.to(tl.int64)[None, :] * s_stb, mask=m_ok,
-                   other=0.0).to(tl.float32)
-    if OFFICIAL:  # mean CE over the batch
-        s_part = tl.sum(tl.where(rmask, ce_s, 0.0), 0)
-        m_part = tl.sum(tl.where(m_ok, -logp, 0.0), 1)
-    else:  # mean probability of the true class over the batch
-        s_part = tl.sum(tl.where(rmask, tl.exp(-ce_s), 0.0), 0)
-        m_part = tl.sum(tl.where(m_ok, tl.exp(logp), 0.0), 1)
+    if EXT_KEY:  # scores given per row (NaN: no key); partial sums and counts
+        r64 = rows.to(tl.int64)
+        ks = tl.load(st_ptr + r64 * s_stb, mask=rmask, other=0.0).to(tl.float32)
+        km = tl.load(st_ptr + (jv + 1) * s_stm + r64[None, :] * s_stb, mask=m_ok,
+                     other=0.0).to(tl.float32)
+        s_ok = rmask & (ks == ks)
+        k_ok = m_ok & (km == km)
+        s_part = tl.sum(tl.where(s_ok, ks, 0.0), 0)
+        m_part = tl.sum(tl.where(k_ok, km, 0.0), 1)
+        s_cnt = tl.sum(tl.where(s_ok, 1.0, 0.0), 0)
+        m_cnt = tl.sum(tl.where(k_ok, 1.0, 0.0), 1)
+    else:
+        y = tl.load(y_ptr + rows.to(tl.int64) * s_y, mask=rmask, other=0).to(tl.int64)
+        if ONE_BLOCK:
+            x, xv, bad = _load_student(zr_ptr, rows, rmask, s_rb, s_rc, 0, C, BLOCK_C, VEC,
+                                       ACC)
+            m = tl.max(x, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            d = tl.sum(tl.exp(x - m[:, None]), 1)
+            zy = tl.sum(tl.where(tl.arange(0, BLOCK_C)[None, :] == y[:, None], x, 0.0), 1)
+        else:
+            m = tl.zeros([ROWS], ACC) + float("-inf")
+            d = tl.zeros([ROWS], ACC)
+            zy = tl.zeros([ROWS], ACC)
+            for c0 in range(0, C, BLOCK_C):
+                x, xv, bad = _load_student(zr_ptr, rows, rmask, s_rb, s_rc, c0, C, BLOCK_C, VEC,
+                                           ACC)
+                m, d = _online(m, d, x)
+                cols = c0 + tl.arange(0, BLOCK_C)
+                zy += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), 1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+        ce_s = ((m - zy) + tl.log(d)).to(tl.float32)
+        logp = tl.load(st_ptr + jv * s_stm + rows.to(tl.int64)[None, :] * s_stb, mask=m_ok,
+                       other=0.0).to(tl.float32)
+        if OFFICIAL:  # mean CE over the batch
+            s_part = tl.sum(tl.where(rmask, ce_s, 0.0), 0)
+            m_part = tl.sum(tl.where(m_ok, -logp, 0.0), 1)
+        else:  # mean probability of the true class over the batch
+            s_part = tl.sum(tl.where(rmask, tl.exp(-ce_s), 0.0), 0)
+            m_part = tl.sum(tl.where(m_ok, tl.exp(logp), 0.0), 1)
     nv = tl.arange(0, NV)
     part = tl.where(nv == BLOCK_T, s_part, 0.0)
     j1 = tl.arange(0, BLOCK_T)
     for k in tl.static_range(BLOCK_T):
         part += tl.where(nv == k, tl.sum(tl.where(j1 == k, m_part, 0.0), 0), 0.0)
+    if EXT_KEY:  # the counts of keyed rows after the sums: [sums (2 BLOCK_T) | counts]
+        part += tl.where(nv == 3 * BLOCK_T, s_cnt, 0.0)
+        for k in tl.static_range(BLOCK_T):
+            part += tl.where(nv == 2 * BLOCK_T + k,
+                             tl.sum(tl.where(j1 == k, m_cnt, 0.0), 0), 0.0)
     if _finish(part_ptr, cnt_ptr, pid, part, NV, tl.num_programs(0)):
         tot = _reduce(part_ptr, tl.num_programs(0), NV)
-        mean = tot / B
-        score = tl.exp(-mean) if OFFICIAL else mean
+        if EXT_KEY:
+            cnt = tl.zeros([NV], tl.float32)
+            for k in tl.static_range(2 * BLOCK_T):
+                cnt += tl.where(nv == k, _pick(tot, 2 * BLOCK_T + k, NV), 0.0)
+            score = tl.where(cnt > 0, tot / tl.maximum(cnt, 1.0), 0.0)
+        else:
+            mean = tot / B
+            score = tl.exp(-mean) if OFFICIAL else mean
         s_score = _pick(score, BLOCK_T, NV) + tl.zeros([1], tl.float32)
         m_score = tl.zeros([BLOCK_T, 1], tl.float32)
         for k in tl.static_range(BLOCK_T):
@@ -79,6 +110,8 @@ def _rank_batch_kernel(
             t = tl.where(jv == NM, 1.0, t)
         tl.store(tab_ptr + jv, w)
         tl.store(tab_ptr + BLOCK_T + jv, t)
+        if EXT_KEY:  # the caller's task term takes the student rank
+            w_ce = w_ce * 0.0
         tl.store(tab_ptr + 2 * BLOCK_T + tl.zeros([1], tl.int32), w_ce)
         tl.store(out_ptr + jv, r_m, mask=jv < NM)  # mentor_rank
         tl.store(out_ptr + NM + jv, tl.where(active, 1.0, 0.0), mask=jv < NM)  # active

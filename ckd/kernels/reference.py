@@ -200,8 +200,6 @@ def classroom_weights(ce: Tensor, *, tau: float, beta: float, delta: float, lam:
               r_m = 0), w_kl = r_m, w_ce = raw student score; beta, delta not applied.
               Sample granularity [choice]: the same per sample with score = g_k[b].
     """
-    K, B = ce.shape
-    M = K - 1
     ce = ce.float()
     if variant == "paper":
         score = torch.exp(-ce)
@@ -211,6 +209,21 @@ def classroom_weights(ce: Tensor, *, tau: float, beta: float, delta: float, lam:
         score = torch.exp(-(ce.mean(1, keepdim=True) if granularity == "batch" else ce))
     else:
         raise ValueError(f"variant must be 'paper' or 'official', got {variant!r}")
+    return classroom_weights_from_scores(score, tau=tau, beta=beta, delta=delta, lam=lam,
+                                         variant=variant, B=ce.shape[1])
+
+
+@torch.no_grad()
+def classroom_weights_from_scores(score: Tensor, *, tau: float, beta: float, delta: float,
+                                  lam: float | None, variant: str = "paper",
+                                  B: int | None = None) -> dict[str, Tensor]:
+    """The selection of `classroom_weights` from the scores [K = 1 + M, B or 1] (row 0 the
+    student) themselves: the arithmetic after the score, in its order. External ranking
+    keys (a pose model's PCK, `Ranking.external_key`) enter here."""
+    score = score.float()
+    K = score.shape[0]
+    B = score.shape[1] if B is None else B
+    M = K - 1
     total = score[0]
     for k in range(1, K):  # fixed summation order: the fused path does the same
         total = total + score[k]

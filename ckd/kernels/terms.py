@@ -10,8 +10,9 @@ temperature `temp[j]`. The weights are constants, or computed on the device by a
 selection:
 
 - `Ranking`: the student and the mentors ranked by their true-class scores (ClassroomKD,
-  `reference.classroom_weights`): the terms are mentors 0..M-1 in order, plus, when
-  `delta_term`, the teacher at T = 1 with weight delta.
+  `reference.classroom_weights`), or by external keys per row (`external_key`:
+  `reference.classroom_weights_from_scores`): the terms are mentors 0..M-1 in order, plus,
+  when `delta_term`, the teacher at T = 1 with weight delta.
 - `RandomDrop`: each mentor dropped with probability p per step (keyed by seed and step),
   the kept ones averaged at temperature tau; terms are mentors 0..M-1.
 
@@ -37,6 +38,10 @@ class Ranking:
     official: bool = False
     per_sample: bool = False
     delta_term: bool = False  # one more term: the teacher at T = 1, weight delta
+    # scores from an external key per row (`rank_keys` [1 + M, B], NaN = no key; e.g. a
+    # pose model's PCK), batch granularity, paper arithmetic; the table then has no CE
+    # term (w_ce 0): the caller weights its own task term by the logged student rank
+    external_key: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,57 +1,61 @@
-"""The pose logit cache: each mentor's rows of joint logits on S keyed views of every
-training crop, the views' parameters and each mentor's per-view PCK (its ranking key).
+"""The pose logit cache: the project's Zarr cache (docs/CACHE_FORMAT.md, version 2) with
+root and mentor attribute `kind: "pose"`. Each mentor holds its rows of joint logits on S
+keyed views of every training crop, its per-view PCK (the ranking key) and the views'
+parameters (`ckd/cache/pose_arrays.py` declares the arrays).
 
-A directory (every file written atomically; sha256 of each in meta.json):
-
-    meta.json         task "pose", dataset fingerprint and joints, mentors (name, checkpoint,
-                      sha256), row layout (SimCC dims or heatmap size), seed, slots S,
-                      dtype, storage, view recipe, file checksums
-    params.npy        float64 [S, N, 3]  (scale, rotation, flip) of view s of sample i
-    pck.npy           float32 [M, S, N]  mentor m's ranking key on that view: PCK@0.05 of
-                      the input size (`ckd.pose.metrics.rank_key`; NaN: no joint to score)
-    rows_<m>.npy      fp16|fp32 [S, N, K, D]            dense storage (SimCC or heatmap)
-    topk_<m>_ids.npy, topk_<m>_logits.npy, topk_<m>_rest.npy   `topk:k` storage (heatmaps
-                      only): per joint row the k largest logits + cell ids and the rest's
-                      (logsumexp, mean logit), the K+1-bucket rows of docs/SPARSE.md
+Written by the cache package's machinery: `prepare_store` (compatibility, resume,
+--overwrite), the writer lock, `UnitWriter` (every chunk of a work unit, then its crc32c
+marker), the mentor digests; read after `check_store` (digests, holes, markers) with every
+unit checked against its marker; `ckd cache verify` runs the generic checks and, with
+`--recompute`, re-derives every view's parameters and recomputes rows and PCK.
 
 View s of sample i is `ckd.pose.views.view_params(seed, i, s)`; a run seeded r replays in
-epoch e the slot `ckd.data.rrc.epoch_slots(r, e, i, S)`, with or without this cache, so a
-student from an fp32 cache equals the same run with the mentors evaluated online.
+epoch e the slot `ckd.data.rrc.epoch_slots(r, e, i, S)`, with or without this cache.
+Mentors run at one batch shape (`ckd.pose.mentors.MENTOR_BATCH`), so a student from an
+fp32 cache equals the same run with the mentors evaluated online, bit for bit (CPU).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ckd.atomic import atomic_path, atomic_write_text
-from ckd.kernels.sparse_mentors import SparseMentors, id_dtype
-from ckd.pose.coco import load_pose_prepared
+from ckd.atomic import safe_torch_load
+from ckd.cache.integrity import check_unit, marker_columns, mentor_specs
+from ckd.cache.layout import (
+    DEFAULT_CODEC,
+    DTYPES,
+    MARKER,
+    CacheIncompleteError,
+    CacheMismatchError,
+    check_compatible,
+    layout_from_attrs,
+    make_layout,
+    read_json_attrs,
+    read_root_attrs,
+    root_attributes,
+)
+from ckd.cache.location import cache_path, zarr_store
+from ckd.cache.lock import writer_lock
+from ckd.cache.pose_arrays import POSE_KIND, id_dtype
+from ckd.cache.reader import check_store, list_mentors, open_root, read_array
+from ckd.cache.store import check_out_folder, prepare_store
+from ckd.cache.writer import UnitWriter, record_mentor_digest
+from ckd.hashing import epoch_seed
+from ckd.kernels.sparse_mentors import SparseMentors
+from ckd.models import file_sha256
 from ckd.pose.mentors import batch_views, load_pose_mentor
 from ckd.pose.models import Layout
 from ckd.pose.views import RECIPE, view_params
 
-VERSION = 1
 STORAGES = ("dense", "topk")
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _save(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, arr)
+RANK_KEY = "pck@0.05-input"
 
 
 def parse_storage(spec: str, kind: str) -> tuple[str, int]:
@@ -72,188 +76,275 @@ def view_table(seed: int, n: int, slots: int) -> torch.Tensor:
     return torch.stack([view_params(seed, idx, s) for s in range(slots)])
 
 
-def build_pose_cache(ds, mentor_paths: list[str], out: str | Path, *, seed: int = 0,
-                     slots: int = 4, dtype: str = "fp16", storage: str = "dense",
-                     batch_size: int = 256, progress: bool = True) -> Path:
-    """Run every mentor over S keyed views of the training crops; write the cache."""
+def mentor_aliases(paths: list[str]) -> dict[str, str]:
+    """alias -> checkpoint for `ALIAS=PATH` items or plain paths (alias: the folder of a
+    `student.pt`, else the file's stem), in the given order (the first is the teacher)."""
+    out: dict[str, str] = {}
+    for item in paths:
+        alias, sep, path = str(item).partition("=")
+        if not sep:
+            p = Path(item)
+            alias, path = (p.parent.name if p.stem == "student" else p.stem), item
+        if alias in out:
+            raise ValueError(f"two mentors named {alias!r}: name them, e.g. "
+                             f"--mentors teacher={path},peer=...")
+        out[alias] = path
+    return out
 
-    if dtype not in ("fp16", "fp32"):
+
+def _pose_arch(alias: str, path: Path) -> str:
+    return str(safe_torch_load(Path(path))["arch"])
+
+
+def topk_rows(rows: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Per joint row [.., D]: the k largest logits, their cells and the rest's (logsumexp,
+    mean logit): the K+1-bucket rows of docs/SPARSE.md."""
+    vals, ids = rows.topk(k, dim=-1, sorted=True)
+    if k < rows.shape[-1]:
+        rest_lse = torch.logsumexp(rows.scatter(-1, ids, float("-inf")), -1)
+    else:
+        rest_lse = torch.full(rows.shape[:-1], float("-inf"))
+    rest_mean = (rows.double().sum(-1) - vals.double().sum(-1)).float() / max(
+        1, rows.shape[-1] - k)
+    return {"topk_ids": ids, "topk_logits": vals, "topk_rest": torch.stack([rest_lse, rest_mean],
+                                                                           -1)}
+
+
+def _unit_outputs(mentor, x, kps, weight, params, mode: str, k: int, dtype: str):
+    """What one mentor's unit piece stores: (rows in the store dtype, arrays, hits)."""
+    rows, key = mentor.rows_and_key(x, kps, weight)
+    if not torch.isfinite(rows).all():
+        raise FloatingPointError(f"mentor {mentor.name} produced non-finite rows: the "
+                                 "checkpoint is broken or diverged; retrain or replace it")
+    if dtype == "float16" and float(rows.abs().max()) > 65504.0:
+        raise OverflowError("a mentor's logits exceed float16's range: rebuild this cache "
+                            "with --dtype fp32")
+    hits = int(torch.nan_to_num(key.double() * weight.sum(1).double()).round().sum())
+    out = {"pck": key.numpy().astype(np.float32), "view_params": params.numpy()}
+    if mode == "topk":
+        sp = topk_rows(rows, k)
+        out["topk_ids"] = sp["topk_ids"].numpy().astype(id_dtype(rows.shape[-1]))
+        out["topk_logits"] = sp["topk_logits"].numpy().astype(dtype)
+        out["topk_rest"] = sp["topk_rest"].numpy().astype(np.float32)
+    return rows.numpy().astype(dtype), out, hits
+
+
+def build_pose_cache(ds, mentor_paths, out: str | Path, *, seed: int = 0, slots: int = 4,
+                     dtype: str = "fp16", storage: str = "dense", batch_size: int = 256,
+                     progress: bool = True, overwrite: bool = False,
+                     codec: str | None = None) -> Path:
+    """Run every mentor over S keyed views of the training crops into a Zarr pose cache
+    (`mentor_paths`: checkpoints or ALIAS=PATH, the first the teacher). Rerunning resumes;
+    mentors are added to an existing cache of the same data, views and dtype."""
+
+    if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use fp16 or fp32")
     if slots < 1:
         raise ValueError(f"--views {slots}: need at least one view per sample")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    mentors = [load_pose_mentor(p, ds) for p in mentor_paths]
-    layouts = {m.layout for m in mentors}
+    paths = {a: Path(p) for a, p in (mentor_aliases(list(mentor_paths)).items()
+                                     if not isinstance(mentor_paths, dict)
+                                     else mentor_paths.items())}
+    mentors = {a: load_pose_mentor(p, ds) for a, p in paths.items()}
+    layouts = {m.layout for m in mentors.values()}
     if len(layouts) != 1:
         raise ValueError(f"mentors disagree on their rows ({sorted(str(x) for x in layouts)}); "
                          "cache mentors of one head type and size together")
-    layout = mentors[0].layout
+    layout = next(iter(layouts))
     mode, k = parse_storage(storage, layout.kind)
-    n = len(ds.train)
-    table = view_table(seed, n, slots)
-    np_dtype = np.float16 if dtype == "fp16" else np.float32
-    rows = [np.zeros((slots, n, layout.num_joints, layout.row_size if mode == "dense" else k),
-                     dtype=np_dtype) for _ in mentors]
-    extra: list[dict[str, np.ndarray]] = [{} for _ in mentors]
-    if mode == "topk":
-        ids_np = str(id_dtype(layout.row_size)).replace("torch.", "")
-        for e in extra:
-            e["ids"] = np.zeros((slots, n, layout.num_joints, k), dtype=ids_np)
-            e["rest"] = np.zeros((slots, n, layout.num_joints, 2), dtype=np.float32)
-    pck = np.zeros((len(mentors), slots, n), dtype=np.float32)
-    steps = [(s, a) for s in range(slots) for a in range(0, n, batch_size)]
-    for s, a in tqdm(steps, desc="cache pose views", disable=not progress, leave=False):
-        idx = torch.arange(a, min(n, a + batch_size))
-        x, view_kps, weight, _ = batch_views(ds, ds.train, idx, table[s, idx])
-        for mi, m in enumerate(mentors):
-            r, key = m.rows_and_key(x, view_kps, weight)
-            pck[mi, s, idx] = key.float().numpy()
-            if mode == "dense":
-                rows[mi][s, idx] = r.numpy().astype(np_dtype)
-            else:
-                vals, ids = r.topk(k, dim=-1, sorted=True)
-                rest = r.scatter(-1, ids, float("-inf"))
-                rest_lse = torch.logsumexp(rest, -1) if k < r.shape[-1] else \
-                    torch.full(r.shape[:2], float("-inf"))
-                rest_mean = (r.double().sum(-1) - vals.double().sum(-1)).float() / max(
-                    1, r.shape[-1] - k)
-                rows[mi][s, idx] = vals.numpy().astype(np_dtype)
-                extra[mi]["ids"][s, idx] = ids.numpy()
-                extra[mi]["rest"][s, idx] = torch.stack([rest_lse, rest_mean], -1).numpy()
-    files = {"params.npy": table.numpy(), "pck.npy": pck}
-    for mi in range(len(mentors)):
-        if mode == "dense":
-            files[f"rows_{mi}.npy"] = rows[mi]
-        else:
-            files[f"topk_{mi}_logits.npy"] = rows[mi]
-            files[f"topk_{mi}_ids.npy"] = extra[mi]["ids"]
-            files[f"topk_{mi}_rest.npy"] = extra[mi]["rest"]
-    for name, arr in files.items():
-        _save(out / name, arr)
-    meta = {"version": VERSION, "task": "pose", "dataset": ds.name,
-            "fingerprint": ds.meta["fingerprint"], "num_joints": ds.num_joints,
-            "input_size": list(ds.input_size),
-            "mentors": [{"name": m.name, "checkpoint": str(Path(p).resolve()),
-                         "sha256": _sha(Path(p))} for m, p in zip(mentors, mentor_paths,
-                                                                  strict=True)],
-            "layout": layout.to_dict(), "seed": int(seed), "slots": int(slots),
-            "num_samples": n, "dtype": dtype, "storage": storage if mode == "topk" else "dense",
-            "views": RECIPE, "rank_key": "pck@0.05-input",
-            "files": {name: _sha(out / name) for name in files}}
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    n, store_dtype = len(ds.train), DTYPES[dtype]
+    lay = make_layout(slots, n, layout.num_joints * layout.row_size, keyed=True,
+                      dtype=store_dtype, codec=codec or DEFAULT_CODEC)
+    attrs = root_attributes(
+        dataset_name=ds.name, fingerprint=ds.meta["fingerprint"], num_samples=n,
+        num_test=len(ds.test), num_classes=lay.num_classes, recipe=RECIPE, keyed=True,
+        num_slots=slots, seeds=[epoch_seed(seed, s) for s in range(slots)],
+        mean=ds.meta["mean"], std=ds.meta["std"], layout=lay)
+    attrs["views"]["seed"] = int(seed)
+    pose = {"num_joints": layout.num_joints, "row_size": layout.row_size,
+            "layout": layout.to_dict(), "input_size": list(ds.input_size),
+            "joints": list(ds.meta["joints"]), "rank_key": RANK_KEY}
+    attrs.update(kind=POSE_KIND, pose={**pose, "mentors": list(paths)})
+    out = cache_path(out)
+    check_out_folder(out)
+    shas = {a: file_sha256(p) for a, p in paths.items()}
+    labels = ds.train.ann_ids.astype(np.int64)
+    with writer_lock(out, "ckd cache-logits"):
+        prepare_store(out, attrs, SimpleNamespace(train=SimpleNamespace(labels=labels)), None,
+                      lay, paths, shas, overwrite, None,
+                      lambda alias, arch: {"kind": POSE_KIND, "pose": pose},
+                      {a: storage if mode == "topk" else "dense" for a in paths},
+                      arch_of=_pose_arch)
+        _record_order(out, list(paths))
+        lay = layout_from_attrs(read_json_attrs(out, out / "zarr.json"))  # the store's wins
+        writers = {a: UnitWriter(out, a, lay, labels) for a in paths}
+        todo = {a: [] if w.complete else _undone(w, lay) for a, w in writers.items()}
+        units = sorted({u for us in todo.values() for u in us}, key=lay.units().index)
+        for a, b in tqdm(units, desc="cache pose views", disable=not progress, leave=False):
+            idx = torch.arange(lay.sample_range(b).start, lay.sample_range(b).stop)
+            params = view_params(seed, idx, a)  # one slot per chunk (keyed layout)
+            parts = {alias: [] for alias in paths if (a, b) in todo[alias]}
+            for s in range(0, len(idx), batch_size):
+                x, kps, w, _ = batch_views(ds, ds.train, idx[s:s + batch_size],
+                                           params[s:s + batch_size])
+                for alias in parts:
+                    parts[alias].append(_unit_outputs(mentors[alias], x, kps, w,
+                                                      params[s:s + batch_size], mode, k,
+                                                      store_dtype))
+            for alias, got in parts.items():
+                rows = np.concatenate([g[0] for g in got])[None]
+                arrays = {name: np.concatenate([g[1][name] for g in got])[None]
+                          for name in got[0][1]}
+                writers[alias].write(a, b, rows, np.array([sum(g[2] for g in got)]), arrays)
+        for alias, w in writers.items():
+            if not w.complete:
+                _finish_mentor(out, alias, lay)
+            record_mentor_digest(out, alias, only_if_missing=w.complete)
     return out
+
+
+def _undone(writer, lay) -> list[tuple[int, int]]:
+    marker = writer.marker[:]
+    return [(a, b) for a, b in lay.units() if (marker[a, b] < 0).any()]
+
+
+def _record_order(out: Path, aliases: list[str]) -> None:
+    """The root's `pose.mentors`: the cache's mentors in order (new ones appended)."""
+    import zarr  # noqa: PLC0415
+
+    attrs = read_json_attrs(out, out / "zarr.json")
+    have = list(attrs["pose"].get("mentors") or [])
+    order = have + [a for a in aliases if a not in have]
+    if order != have:
+        zarr.open_group(zarr_store(out), mode="r+").attrs.put(
+            {**attrs, "pose": {**attrs["pose"], "mentors": order}})
+
+
+def _finish_mentor(out: Path, alias: str, lay) -> None:
+    """Mark a mentor complete with its train PCK per view (mean ranking key, %)."""
+    import zarr  # noqa: PLC0415
+
+    grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
+    marker = grp[MARKER][:]
+    if (marker < 0).any():
+        raise RuntimeError(f"mentor {alias!r}: units still missing; rerun the same command")
+    per_view = [float(np.nanmean(grp["pck"][s])) * 100.0 for s in range(lay.num_slots)]
+    grp.attrs.put({**grp.attrs.asdict(), "train_pck_per_view": [round(v, 4) for v in per_view],
+                   "train_acc": round(float(np.mean(per_view)), 4), "complete": True})
 
 
 @dataclass
 class PoseCache:
     path: Path
-    meta: dict
+    attrs: dict
+    aliases: list[str]
     params: np.ndarray  # [S, N, 3]
     pck: np.ndarray  # [M, S, N]
-    arrays: list[dict[str, np.ndarray]]  # per mentor, memory-mapped
+    arrays: list[dict[str, np.ndarray]]  # per mentor: logits or topk_* [S, N, K, .]
 
     @property
     def layout(self):
-        lay = self.meta["layout"]
+
+        lay = self.attrs["pose"]["layout"]
         return Layout(lay["kind"], int(lay["num_joints"]), tuple(lay["dims"]))
 
     @property
     def slots(self) -> int:
-        return int(self.meta["slots"])
+        return int(self.attrs["views"]["num_slots"])
+
+    @property
+    def sparse(self) -> bool:
+        return "logits" not in self.arrays[0]
 
     def gather(self, slots: torch.Tensor, idx: torch.Tensor):
         """Mentor rows of (slot, sample) pairs: float32 [M, B, K, D], or `SparseMentors`
-        over the B*K joint rows (topk storage); and the keys [M, B] (float64)."""
+        over the B*K joint rows (topk storage); and the keys [M, B] (float32, as stored)."""
         s, i = slots.numpy(), idx.numpy()
-        keys = torch.from_numpy(self.pck[:, s, i].astype(np.float64))
-        if self.meta["storage"] == "dense":
-            rows = torch.from_numpy(np.stack([a["rows"][s, i] for a in self.arrays]))
+        keys = torch.from_numpy(self.pck[:, s, i])
+        if not self.sparse:
+            rows = torch.from_numpy(np.stack([a["logits"][s, i] for a in self.arrays]))
             return rows.float(), keys
-        m, b, k = len(self.arrays), len(i), self.layout.num_joints
-        vals = torch.from_numpy(np.stack([a["logits"][s, i] for a in self.arrays]))
-        ids = torch.from_numpy(np.stack([a["ids"][s, i] for a in self.arrays]).astype(np.int32))
-        rest = torch.from_numpy(np.stack([a["rest"][s, i] for a in self.arrays]))
-        vals = vals.reshape(m, b * k, -1)
-        rest = rest.reshape(m, b * k, 2)
+        m, b = len(self.arrays), len(i)
+        bk = b * self.layout.num_joints
+        vals = torch.from_numpy(np.stack([a["topk_logits"][s, i] for a in self.arrays]))
+        ids = torch.from_numpy(np.stack([a["topk_ids"][s, i] for a in self.arrays])
+                               .astype(np.int32)).reshape(m, bk, -1)
+        rest = torch.from_numpy(np.stack([a["topk_rest"][s, i] for a in self.arrays]))
+        vals, rest = vals.reshape(m, bk, -1), rest.reshape(m, bk, 2)
         lse = torch.logaddexp(torch.logsumexp(vals.float(), -1), rest[..., 0])
-        zero = torch.zeros(m, b * k)
-        sm = SparseMentors(ids.reshape(m, b * k, -1), vals, torch.ones_like(ids.reshape(
-            m, b * k, -1)), lse, zero, rest[..., 0], rest[..., 1], ("topk",) * m,
-            self.layout.row_size)
+        sm = SparseMentors(ids, vals, torch.ones_like(ids), lse, torch.zeros(m, bk),
+                           rest[..., 0], rest[..., 1], ("topk",) * m, self.layout.row_size)
         return sm, keys
 
 
+def old_pose_store(p: Path) -> dict | None:
+    meta = p / "meta.json"
+    try:
+        old = json.loads(meta.read_text()) if meta.is_file() else None
+    except ValueError:
+        return None
+    return old if isinstance(old, dict) and old.get("task") == "pose" and "mentors" in old \
+        else None
+
+
+def rebuild_command(old: dict, out: str | Path) -> str:
+    mentors = ",".join(m["checkpoint"] for m in old["mentors"])
+    return (f"ckd cache-logits --prepared PREPARED_POSE_DIR --mentors {mentors} --views "
+            f"{old.get('slots')} --seed {old.get('seed')} --dtype {old.get('dtype')} "
+            f"--logits {old.get('storage', 'dense')} --out {out}")
+
+
 def open_pose_cache(path: str | Path, ds=None) -> PoseCache:
-    """Open a pose cache (memory-mapped); with `ds`, check it was built from that dataset."""
-    p = Path(path)
-    if not (p / "meta.json").is_file():
-        raise FileNotFoundError(f"{p}: no pose cache here (meta.json missing); build one with "
-                                "`ckd pose cache --data DIR --mentor CKPT ... --out DIR`")
-    meta = json.loads((p / "meta.json").read_text())
-    if meta.get("task") != "pose":
-        raise ValueError(f"{p} is a classification logit cache; pose students need a pose "
-                         "cache (`ckd pose cache`)")
+    """Open a pose cache, every unit checked against its marker; with `ds`, check that it
+    was built from that dataset."""
+    p = cache_path(path)
+    old = old_pose_store(p)
+    if old is not None:
+        raise CacheMismatchError(
+            f"{p} is a pose cache of the older .npy layout, which this ckd no longer reads: "
+            f"rebuild it as a Zarr cache with `{rebuild_command(old, str(p) + '-zarr')}`")
+    attrs = read_root_attrs(str(p))
+    if attrs.get("kind") != POSE_KIND:
+        raise CacheMismatchError(f"{p} is a classification logit cache; pose students need a "
+                                 "pose cache (`ckd cache-logits --prepared POSE_DIR ...`)")
     if ds is not None:
-        if meta["fingerprint"] != ds.meta["fingerprint"]:
-            raise ValueError(f"{p} was built from dataset {meta['dataset']} (fingerprint "
-                             f"{meta['fingerprint']}), not {ds.name} ({ds.meta['fingerprint']})"
-                             ": rebuild the cache on this dataset")
-        if meta["num_joints"] != ds.num_joints:
-            raise ValueError(f"{p} holds {meta['num_joints']} joints, the dataset "
-                             f"{ds.num_joints}: rebuild the cache on this dataset")
+        check_compatible(attrs, dataset_name=ds.name, fingerprint=ds.meta["fingerprint"],
+                         recipe=RECIPE, path=str(p))
+        if attrs["pose"]["num_joints"] != ds.num_joints:
+            raise CacheMismatchError(f"{p} holds {attrs['pose']['num_joints']} joints, the "
+                                     f"dataset {ds.num_joints}: rebuild the cache on this "
+                                     "dataset")
+    found = list_mentors(p)
+    aliases = [a for a in attrs["pose"]["mentors"] if a in found]
+    unfinished = [a for a in aliases if not found[a].get("complete")]
+    if unfinished or not aliases:
+        raise CacheIncompleteError(f"{p}: mentor(s) {unfinished or 'none'} not complete; rerun "
+                                   "the `ckd cache-logits --out ...` command that built it")
+    root = open_root(p)
+    mentors = {a: found[a] for a in aliases}
+    markers = check_store(p, attrs, root, mentors)
+    lay = layout_from_attrs(attrs)
     arrays = []
-    for mi in range(len(meta["mentors"])):
-        if meta["storage"] == "dense":
-            arrays.append({"rows": np.load(p / f"rows_{mi}.npy", mmap_mode="r")})
-        else:
-            arrays.append({k: np.load(p / f"topk_{mi}_{k}.npy", mmap_mode="r")
-                           for k in ("logits", "ids", "rest")})
-    return PoseCache(p, meta, np.load(p / "params.npy"), np.load(p / "pck.npy"), arrays)
-
-
-def verify_pose_cache(path: str | Path, *, recompute: bool = False, data: str | None = None,
-                      samples: int = 32) -> list[str]:
-    """Problems found (empty: the cache is sound). Always: every file's sha256. With
-    `recompute`: the view parameters re-derived from (seed, slot), and for `samples`
-    samples per slot the mentors' rows and PCK recomputed from their checkpoints."""
-    p = Path(path)
-    cache = open_pose_cache(p)
-    meta = cache.meta
-    problems = [f"{name}: sha256 differs from meta.json (file changed or damaged)"
-                for name, sha in meta["files"].items() if _sha(p / name) != sha]
-    if not recompute:
-        return problems
-    table = view_table(meta["seed"], meta["num_samples"], meta["slots"]).numpy()
-    if not np.array_equal(table, cache.params):
-        bad = int((table != cache.params).any(-1).sum())
-        problems.append(f"params.npy: {bad} views differ from the keyed view function")
-    if data is None:
-        return problems
-    ds = load_pose_prepared(data)
-    open_pose_cache(p, ds)
-    for m in meta["mentors"]:
-        if _sha(Path(m["checkpoint"])) != m["sha256"]:
-            problems.append(f"mentor {m['name']}: checkpoint {m['checkpoint']} changed since "
-                            "caching")
-    if problems:
-        return problems
-    mentors = [load_pose_mentor(m["checkpoint"], ds) for m in meta["mentors"]]
-    gen = torch.Generator().manual_seed(0)
-    n = meta["num_samples"]
-    for s in range(meta["slots"]):
-        idx = torch.randperm(n, generator=gen)[:samples].sort().values
-        x, kps, w, _ = batch_views(ds, ds.train, idx, torch.from_numpy(table[s, idx]))
-        slot = torch.full_like(idx, s)
-        rows, keys = cache.gather(slot, idx)
-        for mi, mentor in enumerate(mentors):
-            r, key = mentor.rows_and_key(x, kps, w)
-            if not torch.allclose(key, keys[mi], equal_nan=True):
-                problems.append(f"pck.npy: mentor {mi} slot {s}: recomputed PCK differs")
-            if meta["storage"] == "dense":
-                want = r.half().float() if meta["dtype"] == "fp16" else r
-                if not torch.allclose(rows[mi], want, rtol=1e-3, atol=1e-3):
-                    err = float((rows[mi] - want).abs().max())
-                    problems.append(f"rows_{mi}.npy: slot {s}: recomputed rows differ (max "
-                                    f"{err:.3g})")
-    return problems
+    for alias, m in mentors.items():
+        specs = mentor_specs(m)
+        columns = marker_columns(specs)
+        held = {}
+        for spec in specs:
+            full = np.empty((lay.num_slots, lay.num_samples, *spec.suffix(lay)),
+                            dtype=spec.dtype_for(lay))
+            for a, b in lay.units():
+                sr, sm = lay.slot_range(a), lay.sample_range(b)
+                region = (slice(sr.start, sr.stop), slice(sm.start, sm.stop))
+                vals = read_array(p, root, f"mentors/{alias}/{spec.name}", region,
+                                  (a, b, *[0] * len(spec.suffix(lay))))
+                check_unit(p, alias, lay, a, b, spec.name, vals, markers[alias], columns,
+                           len(spec.suffix(lay)))
+                full[region] = vals
+            held[spec.name] = full
+        arrays.append(held)
+    params = arrays[0].pop("view_params")
+    for held in arrays[1:]:
+        if not np.array_equal(held.pop("view_params"), params):
+            raise CacheMismatchError(f"{p}: mentors disagree on the view parameters; run "
+                                     f"`ckd cache verify {p} --recompute 1`")
+    pck = np.stack([held.pop("pck") for held in arrays])
+    return PoseCache(p, attrs, aliases, params, pck, arrays)

@@ -28,12 +28,12 @@ METHOD_LABELS = {"nokd": "NOKD", "kd": "KD (teacher)", "aver": "AVER",
 
 @dataclass
 class PoseDemoPlan:
-    train_images: int = 700
+    train_images: int = 500
     val_images: int = 150
     input_size: tuple[int, int] = (64, 48)
     # (name, architecture, epochs, seed): the first is the teacher
     mentors: tuple[tuple[str, str, int, int], ...] = (
-        ("teacher", "resnet20-simcc", 6, 11), ("peer-r14", "resnet14-simcc", 3, 12),
+        ("teacher", "resnet20-simcc", 5, 11), ("peer-r14", "resnet14-simcc", 3, 12),
         ("peer-r8", "resnet8-simcc", 2, 13))
     student: str = "resnet8-simcc"
     methods: tuple[str, ...] = ("nokd", "kd", "aver", "classroom")

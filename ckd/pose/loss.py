@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ckd.kernels.reference import classroom_weights
+from ckd.kernels.reference import classroom_weights_from_scores
 from ckd.kernels.sparse_reference import sparse_kl_rows
 
 POSE_METHODS = ("nokd", "kd", "aver", "classroom")
@@ -99,16 +99,15 @@ def batch_key(keys: Tensor) -> Tensor:
     return torch.where(n > 0, s / n.clamp_min(1), torch.zeros_like(s))
 
 
-def _stats(rank, active, temp, student_rank) -> dict[str, Tensor]:
+def selection_stats(rank, active, temp, student_rank) -> dict[str, Tensor]:
+    """The logged selection statistics (names as the classification losses')."""
     return {"mentor_rank": rank.float(), "mentor_active": active.float(),
             "mentor_temp": temp.float(),
             "student_rank": torch.as_tensor(student_rank, dtype=torch.float32).reshape(())}
 
 
-def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tensor,
-              weight: Tensor, segs: list[tuple[int, int]], *, student_key: Tensor | None = None,
-              mentor_keys: Tensor | None = None, **params) -> tuple[Tensor, dict[str, Tensor]]:
-    """(loss, stats) of `method` on one batch (module docstring)."""
+def method_params(method: str, params: dict) -> dict:
+    """A pose method's parameters over its defaults; unknown ones refused."""
     if method not in POSE_METHODS:
         raise ValueError(f"pose method must be one of {POSE_METHODS}, got {method!r}")
     p = {**POSE_DEFAULTS[method], **params}
@@ -116,11 +115,19 @@ def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tens
     if unknown:
         raise ValueError(f"pose method {method} takes {sorted(POSE_DEFAULTS[method])}, not "
                          f"{sorted(unknown)}")
+    return p
+
+
+def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tensor,
+              weight: Tensor, segs: list[tuple[int, int]], *, student_key: Tensor | None = None,
+              mentor_keys: Tensor | None = None, **params) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, stats) of `method` on one batch (module docstring)."""
+    p = method_params(method, params)
     task = task_rows(student, target, weight, segs)
     m = 0 if mentors is None else mentors.shape[0]  # dense rows or SparseMentors
     zeros, ones = student.new_zeros(m), student.new_ones(m)
     if method == "nokd":
-        return task.mean(), _stats(zeros, zeros, ones, 1.0)
+        return task.mean(), selection_stats(zeros, zeros, ones, 1.0)
     if m == 0:
         raise ValueError(f"pose method {method} needs mentor rows (--mentors / a pose cache)")
     if method == "kd":
@@ -128,30 +135,34 @@ def pose_loss(method: str, student: Tensor, mentors: Tensor | None, target: Tens
                                                                      p["T"])
         one = zeros.clone()
         one[0] = 1.0
-        return loss.mean(), _stats(one * p["alpha_kd"], one, one * (p["T"] - 1) + 1,
+        return loss.mean(), selection_stats(one * p["alpha_kd"], one, one * (p["T"] - 1) + 1,
                                    p["alpha_ce"])
     if method == "aver":
         loss = task
         for k in range(m):
             loss = loss + mentor_distill(mentors, k, student, segs, p["tau"])
-        return loss.mean(), _stats(ones, ones, ones * p["tau"], 1.0)
+        return loss.mean(), selection_stats(ones, ones, ones * p["tau"], 1.0)
     return _classroom(student, mentors, task, segs, student_key, mentor_keys, p)
+
+
+def classroom_scores(student_key: Tensor, mentor_keys: Tensor, granularity: str) -> Tensor:
+    """The classroom's scores [1 + M, 1 or N] (float32) from the PCK keys (NaN: no joint to
+    score): batch granularity the mean over the samples with a key, 0 where none has one."""
+    keys = torch.cat([student_key[None].detach().double(), mentor_keys.detach().double()])
+    if granularity == "batch":
+        keys = batch_key(keys)
+    elif granularity != "sample":
+        raise ValueError(f"granularity must be 'batch' or 'sample', got {granularity!r}")
+    return torch.nan_to_num(keys, nan=0.0).float()
 
 
 def _classroom(student, mentors, task, segs, student_key, mentor_keys, p):
     if student_key is None or mentor_keys is None:
         raise ValueError("pose classroom needs ranking keys: the student's PCK on the step "
                          "and each mentor's (from the cache or computed online)")
-    keys = torch.cat([student_key[None].detach(), mentor_keys.detach()]).double()
-    if p["granularity"] == "batch":
-        keys = batch_key(keys)
-    elif p["granularity"] != "sample":
-        raise ValueError(f"granularity must be 'batch' or 'sample', got {p['granularity']!r}")
-    keys = torch.nan_to_num(keys, nan=0.0)
-    # score = exp(-ce) = PCK: the classification selection arithmetic, unchanged
-    cw = classroom_weights(-torch.log(keys.float()), tau=p["tau"], beta=p["beta"],
-                           delta=p["delta"], lam=p["lam"], variant="paper",
-                           granularity="sample")
+    keys = classroom_scores(student_key, mentor_keys, p["granularity"])
+    cw = classroom_weights_from_scores(keys, tau=p["tau"], beta=p["beta"], delta=p["delta"],
+                                       lam=p["lam"], variant="paper")
     n = student.shape[0]
     per = cw["w_ce"].expand(n) * task
     for k in range(mentors.shape[0]):
@@ -164,4 +175,4 @@ def _classroom(student, mentors, task, segs, student_key, mentor_keys, p):
     act = cw["active"].float()
     n_act = act.sum(1)
     temp = torch.where(n_act > 0, (cw["temp"] * act).sum(1) / n_act.clamp_min(1.0), 1.0)
-    return loss, _stats(cw["r_m"].mean(1), act.mean(1), temp, cw["r_s"].mean())
+    return loss, selection_stats(cw["r_m"].mean(1), act.mean(1), temp, cw["r_s"].mean())

@@ -27,6 +27,26 @@ def batch_views(ds: PoseDataset, split: PoseSplit, idx: torch.Tensor, params: to
     return x, kps, joint_weights(kps, ds.input_size), norm
 
 
+# Every mentor forward runs on exactly MENTOR_BATCH inputs (the last piece zero-padded): CPU
+# convolutions pick their algorithm by batch size, so rows computed in batches of other
+# sizes differ in their last bits; at one fixed shape a row does not depend on its batch
+# (position or neighbours), so cached rows equal online rows bit for bit.
+MENTOR_BATCH = 16
+
+
+def mentor_rows(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """float32 rows [B, K, D] of a frozen pose model, computed MENTOR_BATCH inputs at a time."""
+    out = []
+    for a in range(0, len(x), MENTOR_BATCH):
+        part = x[a:a + MENTOR_BATCH]
+        n = len(part)
+        if n < MENTOR_BATCH:
+            part = torch.cat([part, part.new_zeros(MENTOR_BATCH - n, *part.shape[1:])])
+        rows, _ = pose_rows(model(part))
+        out.append(rows[:n].float())
+    return torch.cat(out)
+
+
 @dataclass
 class PoseMentor:
     name: str
@@ -36,10 +56,10 @@ class PoseMentor:
 
     @torch.no_grad()
     def rows_and_key(self, x, view_kps, weight) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mentor's rows [B, K, D] on the views and its ranking key [B]."""
-        rows, _ = pose_rows(self.model(x))
-        rows = rows.float()
-        return rows, rank_key(rows, self.layout, self.input_size, view_kps, weight)
+        """The mentor's rows [B, K, D] on the views and its ranking key [B] (float32, as the
+        cache stores it)."""
+        rows = mentor_rows(self.model, x)
+        return rows, rank_key(rows, self.layout, self.input_size, view_kps, weight).float()
 
 
 def save_pose_checkpoint(path: Path, model: nn.Module, arch: str, kwargs: dict,

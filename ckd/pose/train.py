@@ -44,7 +44,7 @@ from ckd.pose.views import view_params
 DEFAULTS: dict[str, Any] = dict(
     data=None, student="resnet8-simcc", student_kwargs={}, method="nokd", params={},
     mentors=[], cache=None, epochs=10, batch_size=64, lr=2e-3, weight_decay=1e-4, seed=0,
-    view_seed=0, slots=4, out=None, progress=True, eval_every=0)
+    view_seed=0, slots=4, out=None, progress=True, eval_every=0, backend="auto")
 _MASK63 = (1 << 63) - 1
 
 
@@ -93,9 +93,13 @@ def _config(cfg: dict) -> dict:
                          "folder)")
     if c["method"] != "nokd" and not c["mentors"] and not c["cache"]:
         raise ValueError(f"--method {c['method']} distills from mentors: pass --cache DIR "
-                         "(a `ckd pose cache`) or --mentor CKPT (online)")
+                         "(`ckd cache-logits --prepared POSE_DIR ...`) or --mentor CKPT (online)")
     if c["mentors"] and c["cache"]:
         raise ValueError("pass either --cache or --mentor, not both")
+    from ckd.kernels.api import resolve_backend  # noqa: PLC0415
+
+    c["asked_backend"] = c["backend"]
+    c["backend"] = resolve_backend(c["backend"], torch.device("cpu"))
     return c
 
 
@@ -120,6 +124,7 @@ def train_pose(cfg: dict) -> dict[str, Any]:
     check_bins(layout, ds.input_size, f"student {c['student']!r}")
     segs = segments(layout)
     params = {**POSE_DEFAULTS[c["method"]], **c["params"]}
+    loss_fn = pose_loss
     cache = mentors = None
     n = len(ds.train)
     if c["cache"]:
@@ -131,6 +136,17 @@ def train_pose(cfg: dict) -> dict[str, Any]:
         for m in mentors:
             _check_cache_layout(m.layout, layout, c["student"])
         slots, table = int(c["slots"]), view_table(c["view_seed"], n, int(c["slots"]))
+    # what the fused pose losses do not run (top-k rows, per-sample ranking): the reference
+    # under --backend auto, refused by name under --backend triton
+    unfused = ("a top-k (sparse) heatmap cache" if cache is not None and cache.sparse else
+               "granularity=sample" if params.get("granularity") == "sample" else None)
+    if c["backend"] == "triton" and unfused:
+        if c["asked_backend"] == "triton":
+            raise ValueError(f"the fused pose losses do not run {unfused}: pass --backend "
+                             "reference or auto")
+        c["backend"] = "reference"
+    if c["backend"] == "triton" and c["method"] != "nokd":
+        from ckd.pose.fused import fused_pose_loss as loss_fn  # noqa: PLC0415
     out = Path(c["out"]) if c["out"] else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -166,8 +182,8 @@ def train_pose(cfg: dict) -> dict[str, Any]:
                 if c["method"] == "classroom":
                     kw = {"student_key": rank_key(zs.detach(), layout, ds.input_size, kps,
                                                   weight), "mentor_keys": mkeys}
-            loss, stats = pose_loss(c["method"], zs, mrows, target, weight, segs, **kw,
-                                    **params)
+            loss, stats = loss_fn(c["method"], zs, mrows, target, weight, segs, **kw,
+                                  **params)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -191,13 +207,15 @@ def train_pose(cfg: dict) -> dict[str, Any]:
     final = history[-1]
     metrics = {k: final[k] for k in ("pck", "AP", "AP50", "AP75", "AR")}
     result = {"metrics": metrics, "history": history, "losses": losses, "model": model,
+              "backend": c["backend"],
               "layout": layout, "method": c["method"], "student": c["student"]}
     if out:
         save_pose_checkpoint(out / "student.pt", model, c["student"], c["student_kwargs"], ds,
                              layout, metrics)
         atomic_write_text(out / "metrics.json", json.dumps(
             {**metrics, "method": c["method"], "student": c["student"], "seed": c["seed"],
-             "mentors": c["mentors"], "cache": c["cache"], "epochs": c["epochs"]},
+             "mentors": c["mentors"], "cache": c["cache"], "epochs": c["epochs"],
+             "backend": c["backend"]},
             indent=2) + "\n")
         result["checkpoint"] = str(out / "student.pt")
     return result
