@@ -43,7 +43,7 @@ from .layout import (
     read_json_attrs,
     root_attributes,
 )
-from .location import ObjectPath, cache_path, zarr_store
+from .location import CacheLocation, CacheRef, cache_location, zarr_store
 from .lock import writer_lock
 from .mentors import (  # noqa: F401 (resolve_mentors: re-export)
     check_precision,
@@ -183,7 +183,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                 progress: bool = True, features: str | Sequence[str] | None = None,
                 resolutions: Mapping[str, int] | None = None,
                 logits: str | Mapping[str, str] = "dense", deterministic: bool = False,
-                writers: int | None = None) -> Path:
+                writers: int | None = None) -> Path | str:
     """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset, or
     `ImageViews` of a prepared image folder: K rrc views per image, each mentor at its
     resolution, `resolutions` overriding the arch's input size per alias) in
@@ -212,9 +212,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     from .sparse import logits_modes
 
     images_mode = isinstance(dataset, ImageViews)  # a prepared image folder: rrc views
-    out = cache_path(out)
-    if isinstance(out, ObjectPath):
-        out.check_bucket()  # a wrong bucket, credentials or endpoint: say so first
+    out = cache_location(out)
+    out.check_reachable()  # a wrong bucket, credentials or endpoint: say so first
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     check_precision(precision)
@@ -339,10 +338,10 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                                      deterministic)
                     models.pop(alias, None)
         barrier()
-    return out
+    return out.local if out.local is not None else out.url  # a folder, or the URL
 
 
-def _todo(out: Path, alias: str, layout: Layout, rank: int, world: int
+def _todo(out: CacheLocation, alias: str, layout: Layout, rank: int, world: int
           ) -> list[tuple[int, int]]:
     """This rank's units of `alias` still to compute (unit u -> rank u % world)."""
     grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r")
@@ -385,7 +384,7 @@ class UnitWriter:
         self.marker[a:a + 1, b:b + 1] = unit_marker(a, b, named, self.columns)
 
 
-def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
+def _run_mentor(out: CacheLocation, alias: str, model_of: Callable[[str], torch.nn.Module],
                 layout: Layout, images: torch.Tensor | None, labels: torch.Tensor,
                 keyed_ids: torch.Tensor | None, dataset: Any, batch_size: int,
                 dev: torch.device, todo: list[tuple[int, int]], bar: Any, seed: int = 0,
@@ -417,7 +416,7 @@ def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module
                 pool.submit(write, a, b, rows, {})
 
 
-def _finalize_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
+def _finalize_mentor(out: CacheLocation, alias: str, model_of: Callable[[str], torch.nn.Module],
                      layout: Layout, dataset: Any, batch_size: int, dev: torch.device,
                      strict: bool = False) -> None:
     grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
@@ -450,11 +449,11 @@ def _finalize_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.M
         record_mentor_digest(out, alias, only_if_missing=True)  # digest that differs
 
 
-def record_mentor_digest(out: Path, alias: str, only_if_missing: bool = False) -> None:
+def record_mentor_digest(out: CacheRef, alias: str, only_if_missing: bool = False) -> None:
     """Root attributes `digests.mentors[alias]` := the mentor's current digest (last step
     of a build or upgrade, rank 0 only)."""
     root = zarr.open_group(zarr_store(out), mode="r+")
-    attrs = read_json_attrs(out, out / "zarr.json")
+    attrs = read_json_attrs(out, "zarr.json")
     digests = dict(attrs.get("digests") or {})
     mentors = dict(digests.get("mentors") or {})
     if only_if_missing and alias in mentors:
