@@ -70,6 +70,10 @@ def _array_of(rel: str, arrays: Iterable[str]) -> str | None:
     return next((a for a in arrays if rel.startswith(a + "/")), None)
 
 
+def _write(dst: CacheLocation, rel: str, data: bytes) -> None:
+    dst.set(rel, data)  # whole: tmp + rename locally, one atomic put on an object store
+
+
 def _order(files: dict[str, int]) -> list[str]:
     """Chunks first, then array/group metadata (deepest first), the root zarr.json last."""
     def key(rel: str) -> tuple[int, int, str]:
@@ -121,7 +125,7 @@ def copy_cache(src: CacheRef, dst: CacheRef, progress: bool = False) -> CopyRepo
         elif recorded is not None and recorded.decode() != source_id:
             raise FileExistsError(f"{dst_p} is a partial copy of another cache (not "
                                   f"{src_p}): delete it, or rerun the copy from its source")
-        dst_p.set(SOURCE_FILE, source_id.encode())
+        _write(dst_p, SOURCE_FILE, source_id.encode())
         rep = CopyReport(files=len(files))
         crc_arrays = _crc_arrays(src_p, files)
         todo = [k for k in _order(files) if have.get(k) != files[k] or k == "zarr.json"]
@@ -138,7 +142,7 @@ def copy_cache(src: CacheRef, dst: CacheRef, progress: bool = False) -> CopyRepo
                         f"{bad}: fails its crc32c (a damaged chunk of the source; "
                         f"nothing of it was copied): {repair_hint(src_p, bad)}; then "
                         "rerun the copy (it resumes)")
-                dst_p.set(rel, data)
+                _write(dst_p, rel, data)
                 rep.copied += 1
                 rep.bytes_copied += len(data)
                 bar.update(len(data))
