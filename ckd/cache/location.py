@@ -18,7 +18,10 @@ refused with the fix (spawn the workers) instead of hanging. Failures are raised
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +111,24 @@ def _check_not_forked(url: str) -> None:
         _RUNTIME_PID.append(os.getpid())
 
 
+def _drain_requests(timeout_s: float = 10.0) -> None:
+    """At exit, wait (bounded) until zarr's event loop has no object-store request in
+    flight. A request that completes while the interpreter finalizes makes obstore's
+    runtime thread take the GIL then, and Python aborts the process ("PyGILState_Release
+    ... finalizing"); daemon threads (a stream reader's prefetch) can leave one running."""
+    from zarr.core import sync as zarr_sync
+
+    loop = zarr_sync.loop[0]
+    deadline = time.monotonic() + timeout_s
+    while loop is not None and not loop.is_closed() and time.monotonic() < deadline:
+        try:
+            if not any(not t.done() for t in asyncio.all_tasks(loop)):
+                return
+        except RuntimeError:  # the set of tasks changed while it was read: look again
+            pass
+        time.sleep(0.01)
+
+
 def s3_client(bucket: str, prefix: str = "") -> Any:
     """The obstore S3Store of `bucket` (keys under `prefix`) for this process, configured
     from the AWS_* environment variables (a changed endpoint or credential gets a new
@@ -116,6 +137,8 @@ def s3_client(bucket: str, prefix: str = "") -> Any:
     key = (os.getpid(), bucket, prefix, env)
     _check_not_forked(f"s3://{bucket}/{prefix}".rstrip("/"))
     if key not in _CLIENTS:
+        if not _CLIENTS:
+            atexit.register(_drain_requests)  # runs before zarr's own exit hook (LIFO)
         try:
             from obstore.store import S3Store
         except ImportError as err:

@@ -59,6 +59,11 @@ class NoMentors:
     def start_epoch(self, epoch: int, order: torch.Tensor | None) -> None:
         return None
 
+    def close(self) -> None:
+        """Stop the cache's reader (a stream cache's prefetch thread), if there is one."""
+        if self.cache is not None:
+            self.cache.close()
+
 
 class CachedMentors(NoMentors):
     kind = "cache"
