@@ -29,18 +29,11 @@ from typing import Any
 
 from zarr.abc.store import Store
 
-SCHEMES = ("s3://",)
 _WRITE = object()  # CacheLocation._run: a write (no default for a missing folder)
 
 
 class ObjectStoreError(OSError):
     """An object store could not be reached or used (names the URL and the fix)."""
-
-
-def is_object_url(path: Any) -> bool:
-    if isinstance(path, CacheLocation):
-        return path.local is None
-    return isinstance(path, str) and path.startswith(SCHEMES)
 
 
 def cache_location(path: str | os.PathLike | CacheLocation) -> CacheLocation:
@@ -111,21 +104,23 @@ def _check_not_forked(url: str) -> None:
         _RUNTIME_PID.append(os.getpid())
 
 
-def _drain_requests(timeout_s: float = 10.0) -> None:
-    """At exit, wait (bounded) until zarr's event loop has no object-store request in
-    flight. A request that completes while the interpreter finalizes makes obstore's
-    runtime thread take the GIL then, and Python aborts the process ("PyGILState_Release
-    ... finalizing"); daemon threads (a stream reader's prefetch) can leave one running."""
+def _drain_requests(timeout_s: float = 5.0) -> None:
+    """At exit, wait (bounded) for the object-store requests in flight on zarr's event loop
+    to finish before zarr's own exit hook stops the loop: a request that completes while the
+    interpreter finalizes makes obstore's runtime thread take the GIL then, which can abort
+    the process ("PyGILState_Release ... finalizing"). Readers should be closed before exit
+    (their threads stop issuing requests); this covers the requests they left behind."""
     from zarr.core import sync as zarr_sync
 
     loop = zarr_sync.loop[0]
+    if loop is None or loop.is_closed():
+        return
+    try:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    except RuntimeError:  # the set of tasks changed while it was read
+        return
     deadline = time.monotonic() + timeout_s
-    while loop is not None and not loop.is_closed() and time.monotonic() < deadline:
-        try:
-            if not any(not t.done() for t in asyncio.all_tasks(loop)):
-                return
-        except RuntimeError:  # the set of tasks changed while it was read: look again
-            pass
+    while any(not t.done() for t in pending) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
