@@ -153,15 +153,17 @@ def s3_client(bucket: str, prefix: str = "") -> Any:
 
 @dataclass(frozen=True)
 class CacheLocation:
-    """Where a cache store lives: its zarr `Store` (`store`), the name users gave it
-    (`url`: a folder path or `s3://bucket/prefix`) and its local folder (`local`, None on
-    an object store: only the fcntl writer lock, the free-space check and the cleanup of
-    killed writes' temp files need a filesystem).
+    """Where a cache store lives: the name users gave it (`url`: a folder path or
+    `s3://bucket/prefix`) and its local folder (`local`, None on an object store: only the
+    fcntl writer lock, the free-space check and the cleanup of killed writes' temp files
+    need a filesystem). `zarr_store(location)` is its zarr `Store`, made per process
+    (obstore clients do not survive fork).
 
-    The few synchronous calls the cache code makes on the store (`get`, `set`, `exists`,
-    `keys`, `sizes`, `size`, `delete`, `delete_dir`) go through zarr's own `Store` API and
-    its event loop, the same for a `LocalStore` and an obstore-backed `ObjectStore`;
-    object-store failures are raised as `ObjectStoreError` naming the URL and the fix."""
+    The few synchronous calls the cache code makes on the store (`get`, `set`,
+    `set_if_not_exists`, `exists`, `keys`, `children`, `folders`, `sizes`, `size`,
+    `delete`, `delete_dir`) are that `Store`'s own API run on zarr's event loop, the same
+    for a `LocalStore` and an obstore-backed `ObjectStore`; object-store failures are
+    raised as `ObjectStoreError` naming the URL and the fix."""
 
     url: str
     local: Path | None = None
@@ -177,11 +179,6 @@ class CacheLocation:
         if self.local is not None:
             return str(self.local / key) if key else str(self.local)
         return f"{self.url}/{key}" if key else self.url
-
-    @property
-    def store(self) -> Store:
-        """This process's zarr store of the location (obstore clients are per process)."""
-        return zarr_store(self)
 
     # ------------------------------------------------------------ sync calls on the Store
     def _run(self, call: Callable[[Store], Awaitable[Any]], *, read: Any = _WRITE) -> Any:
