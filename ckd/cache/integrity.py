@@ -28,7 +28,7 @@ from .layout import (
     read_error,
     repair_hint,
 )
-from .location import CacheLocation, cache_location, zarr_store
+from .location import CacheLocation, CacheRef, cache_location, zarr_store
 
 
 def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpec]:
@@ -57,7 +57,7 @@ def chunk_key(array: zarr.Array, coords: Sequence[int]) -> str:
     return f"{array.path}/{array.metadata.encode_chunk_key(tuple(int(c) for c in coords))}"
 
 
-def open_array(store: Any, name: str) -> zarr.Array:
+def open_array(store: CacheRef, name: str) -> zarr.Array:
     """The array `name` of a cache store, read-only; damaged metadata names its file."""
     loc = cache_location(store)
     try:
@@ -72,7 +72,7 @@ def unit_keys(arrays: Mapping[str, zarr.Array], a: int, b: int) -> list[str]:
     return [chunk_key(arr, (a, b, *[0] * (arr.ndim - 2))) for arr in arrays.values()]
 
 
-def unit_status(store: Any, alias: str, layout: Layout, marker: np.ndarray,
+def unit_status(store: CacheRef, alias: str, layout: Layout, marker: np.ndarray,
                 specs: Sequence[ArraySpec]) -> tuple[list[tuple[int, int]],
                                                      dict[tuple[int, int], list[str]]]:
     """(undone units, {marked unit: its missing chunk files}) from the marker values and
@@ -115,7 +115,7 @@ def unit_marker(a: int, b: int, named_values: Mapping[str, np.ndarray],
                     dtype=np.int64).reshape(1, 1, -1)
 
 
-def check_unit(store: Any, alias: str, layout: Layout, a: int, b: int, name: str,
+def check_unit(store: CacheRef, alias: str, layout: Layout, a: int, b: int, name: str,
                values: np.ndarray, marker: np.ndarray, columns: Sequence[str],
                suffix_dims: int = 1) -> None:
     """Raise CacheReadError when unit (a, b)'s values of array `name` do not match the
@@ -140,7 +140,7 @@ def _canonical_json(loc: CacheLocation, key: str) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
-def mentor_digest(store: Any, alias: str, marker: np.ndarray) -> str:
+def mentor_digest(store: CacheRef, alias: str, marker: np.ndarray) -> str:
     """sha256 of a mentor's metadata (its group and array zarr.json files, parsed and
     re-serialized canonically) and of its unit markers (which checksum every chunk)."""
     loc = cache_location(store)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
-from .location import cache_location
+from .location import CacheRef, cache_location
 
 FORMAT = "ckd-logit-cache"
 VERSION = 2
@@ -74,7 +74,7 @@ class CacheReadError(ValueError):
     """A file of the store is missing, unreadable or fails its checksum/digest."""
 
 
-def repair_hint(store: Any, file: str | None = None) -> str:
+def repair_hint(store: CacheRef, file: str | None = None) -> str:
     """What to do about a damaged `file` (as `CacheLocation.file` names it) of the cache at
     `store`."""
     loc = cache_location(store)
@@ -91,7 +91,7 @@ def repair_hint(store: Any, file: str | None = None) -> str:
             f"files are damaged, delete {loc} and rebuild it with `ckd cache-logits`")
 
 
-def read_error(store: Any, file: str, err: BaseException) -> CacheReadError:
+def read_error(store: CacheRef, file: str, err: BaseException) -> CacheReadError:
     why = f"{type(err).__name__}: {err}".strip()
     return CacheReadError(f"cannot read {file} ({why[:300]}): {repair_hint(store, file)}")
 
@@ -330,7 +330,7 @@ def layout_from_attrs(attrs: dict[str, Any]) -> Layout:
                   lay["codec"])
 
 
-def read_root_attrs(path: Any) -> dict[str, Any]:
+def read_root_attrs(path: CacheRef) -> dict[str, Any]:
     """Root attributes of a cache, with a clear error when `path` is not one."""
     loc = cache_location(path)
     loc.check_reachable()  # name a bad bucket, credentials or endpoint first
@@ -358,7 +358,7 @@ def check_version(attrs: dict[str, Any], path: str | Path) -> None:
         "update ckd, or rebuild the cache with this version into a new --out")
 
 
-def read_json_attrs(store: Any, key: str, missing: str | None = None) -> dict[str, Any]:
+def read_json_attrs(store: CacheRef, key: str, missing: str | None = None) -> dict[str, Any]:
     """The `attributes` of the zarr.json at `key`, reading it as JSON: a missing, truncated
     or invalid file is a CacheReadError naming it (or FileNotFoundError(`missing`))."""
     import json

@@ -24,10 +24,16 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from zarr.abc.store import Store
+from zarr.core import sync as zarr_sync
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.common import concurrent_map
+from zarr.core.config import config
+from zarr.storage import LocalStore, ObjectStore
 
 _WRITE = object()  # CacheLocation._run: a write (no default for a missing folder)
 
@@ -110,8 +116,6 @@ def _drain_requests(timeout_s: float = 5.0) -> None:
     interpreter finalizes makes obstore's runtime thread take the GIL then, which can abort
     the process ("PyGILState_Release ... finalizing"). Readers should be closed before exit
     (their threads stop issuing requests); this covers the requests they left behind."""
-    from zarr.core import sync as zarr_sync
-
     loop = zarr_sync.loop[0]
     if loop is None or loop.is_closed():
         return
@@ -139,8 +143,6 @@ def s3_client(bucket: str, prefix: str = "") -> Any:
         except ImportError as err:
             raise ImportError("s3:// caches need obstore: pip install 'ckd[s3]' (or rerun "
                               "`make setup`)") from err
-        from datetime import timedelta
-
         # Fail within seconds on an unreachable endpoint instead of obstore's 3 minutes.
         retry = {"max_retries": int(os.environ.get("CKD_S3_MAX_RETRIES", 3)),
                  "retry_timeout": timedelta(seconds=30)}
@@ -184,22 +186,18 @@ class CacheLocation:
     def _run(self, call: Callable[[Store], Awaitable[Any]], *, read: Any = _WRITE) -> Any:
         """`call(store)` on zarr's event loop. Reads (`read`: what a missing local folder
         gives) use a read-only store, which never creates the folder."""
-        from zarr.core.sync import sync
-
         if read is not _WRITE and self.local is not None and not self.local.is_dir():
             return read
         store = zarr_store(self, read_only=read is not _WRITE)
         if self.local is not None:
-            return sync(call(store))
+            return zarr_sync.sync(call(store))
         try:
-            return sync(call(store))
+            return zarr_sync.sync(call(store))
         except Exception as err:  # noqa: BLE001 - obstore's errors, named by URL
             raise explain(self.url, err) from err
 
     def get(self, key: str) -> bytes | None:
         """The bytes stored at `key`, None when there are none."""
-        from zarr.core.buffer import default_buffer_prototype
-
         async def get(store: Store) -> bytes | None:
             buf = await store.get(key, default_buffer_prototype())
             return None if buf is None else buf.to_bytes()
@@ -251,9 +249,6 @@ class CacheLocation:
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """{key relative to `prefix`: size} of every key under `prefix`."""
-        from zarr.core.common import concurrent_map
-        from zarr.core.config import config
-
         keys = self.keys(prefix)
         cut = len(f"{prefix.strip('/')}/".lstrip("/"))
 
@@ -285,8 +280,6 @@ CacheRef = str | os.PathLike | CacheLocation  # what a cache location may be giv
 
 
 def _buffer(data: bytes) -> Any:
-    from zarr.core.buffer import default_buffer_prototype
-
     return default_buffer_prototype().buffer.from_bytes(data)
 
 
@@ -294,9 +287,5 @@ def zarr_store(where: str | os.PathLike | CacheLocation, read_only: bool = False
     """The zarr store of a cache location (LocalStore, or ObjectStore over obstore)."""
     loc = cache_location(where)
     if loc.local is None:
-        from zarr.storage import ObjectStore
-
         return ObjectStore(s3_client(loc.bucket, loc.prefix), read_only=read_only)
-    from zarr.storage import LocalStore
-
     return LocalStore(loc.local, read_only=read_only)

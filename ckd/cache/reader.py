@@ -58,12 +58,12 @@ from .layout import (
     read_root_attrs,
     repair_hint,
 )
-from .location import CacheLocation, cache_location, zarr_store
+from .location import CacheLocation, CacheRef, cache_location, zarr_store
 
 READ_BYTES = 64 << 20  # raw bytes per zarr read call (zarr decodes its chunks in parallel)
 
 
-def list_mentors(path: Any) -> dict[str, dict[str, Any]]:
+def list_mentors(path: CacheRef) -> dict[str, dict[str, Any]]:
     """alias -> mentor attributes, sorted by alias (only initialized mentor groups)."""
     loc = cache_location(path)
     out = {}
@@ -77,7 +77,7 @@ def list_mentors(path: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def read_array(store: Any, root: zarr.Group, name: str, region: Any = slice(None),
+def read_array(store: CacheRef, root: zarr.Group, name: str, region: Any = slice(None),
                coords: tuple[int, ...] | None = None) -> np.ndarray:
     """root[name][region] with any open/decode/checksum failure named by file: the chunk at
     `coords` when given, else the first chunk of the array that fails to read."""
@@ -111,7 +111,7 @@ def _bad_file(loc: CacheLocation, root: zarr.Group, name: str,
     return loc.file(name)
 
 
-def open_root(store: Any) -> zarr.Group:
+def open_root(store: CacheRef) -> zarr.Group:
     loc = cache_location(store)
     try:
         return zarr.open_group(zarr_store(loc, read_only=True), mode="r")
@@ -119,7 +119,7 @@ def open_root(store: Any) -> zarr.Group:
         raise read_error(loc, loc.file("zarr.json"), err) from err
 
 
-def check_store(path: Any, meta: dict[str, Any], root: zarr.Group,
+def check_store(path: CacheRef, meta: dict[str, Any], root: zarr.Group,
                 mentors: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
     """Digests and completeness of the store for `mentors` (a CacheReadError or
     CacheIncompleteError naming the file and the repair); returns each mentor's marker."""
