@@ -27,7 +27,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache.layout import epoch_seed, make_layout, root_attributes
 from ckd.data import NUM_VIEWS, RECIPE, apply_views, load_dataset, view_ids
 from ckd.models import create_model, save_checkpoint
@@ -220,7 +220,7 @@ def gather_bench(path: Path, n: int, mentors: int, batch: int) -> None:
     say(f"\n## Gather ({mentors} mentors x 162 views x {n} samples x 100 classes fp16, "
         f"batch {batch}; a row = one mentor's logits of one sample)\n")
     t = time.perf_counter()
-    mem = LogitCache(path, mode="memory")
+    mem = open_cache(path, mode="memory")
     say(f"- memory mode: load (decompress) {time.perf_counter() - t:.1f} s for "
         f"{mem._buf.numel() * 2 / 2**20:.0f} MiB")
     gen = torch.Generator().manual_seed(0)
@@ -238,7 +238,7 @@ def gather_bench(path: Path, n: int, mentors: int, batch: int) -> None:
     rows = sum(len(idx) for _, idx in views) * mentors
     say(f"- memory mode gather: {rows / dt / 1e6:.2f} M rows/s "
         f"({dt / len(views) * 1e3:.3f} ms per batch, torch threads {torch.get_num_threads()})")
-    with LogitCache(path, mode="stream") as st:
+    with open_cache(path, mode="stream") as st:
         t = time.perf_counter()
         for e in range(2):
             st.start_epoch(e, seed=0)

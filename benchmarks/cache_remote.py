@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from zarr.storage import WrapperStore
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache import reader as cache_reader
-from ckd.cache.blocks import BlockReader
 from ckd.cache.copy import copy_cache
 from ckd.data import load_dataset
 from ckd.data.loaders import epoch_permutation, shard_block_permutation
@@ -91,11 +90,11 @@ def remote_bench(say: Callable[[str], None], quick: bool) -> None:
             f"{rep.files} objects, {dt:.1f} s ({rep.bytes_copied / 2**20 / dt:.1f} MiB/s)")
         rows_all = mentors * views * n
         for where, path in (("local", local), ("S3", url)):
-            c, dt, gets = _timed(lambda p=path: LogitCache(p, mode="memory"))
+            c, dt, gets = _timed(lambda p=path: open_cache(p, mode="memory"))
             say(f"- memory mode, {where}: open + checks + load {dt:.2f} s, "
                 f"{rows_all / dt / 1e3:.0f} k rows/s, {gets} chunk requests")
         for where, path in (("local", local), ("S3", url)):
-            cache = LogitCache(path, mode="stream")
+            cache = open_cache(path, mode="stream")
             order = epoch_permutation(n, 0, 1)
             slots, _ = cache.epoch_views(1, order, 0)
 
@@ -109,15 +108,14 @@ def remote_bench(say: Callable[[str], None], quick: bool) -> None:
                 f"{dt:.2f} s, {mentors * n / dt / 1e3:.0f} k rows/s, {gets} chunk requests "
                 "counted during the epoch")
             cache.close()
-        say(f"\n### Requests per epoch: BlockReader (window of 4 units), batch {batch}\n")
+        say(f"\n### Requests per epoch: --cache-mode blocks (window of 4 units), batch {batch}\n")
         say("| store | order | chunk requests | units read | rows/s |")
         say("|---|---|---|---|---|")
         for where, path in (("local", local), ("S3", url)):
             for name, order in (("random", epoch_permutation(n, 0, 1)),
                                 ("shard-blocks", shard_block_permutation(n, spc, 0, 1))):
-                cache = LogitCache(path, mode="stream")
-                reader = BlockReader(cache, window=4)
-                slots, _ = cache.epoch_views(1, order, 0)
+                reader = open_cache(path, mode="blocks", window=4)
+                slots, _ = reader.epoch_views(1, order, 0)
 
                 def run(reader=reader, order=order, slots=slots) -> None:
                     for s in range(0, n, batch):
@@ -126,4 +124,4 @@ def remote_bench(say: Callable[[str], None], quick: bool) -> None:
                 _, dt, gets = _timed(run)
                 say(f"| {where} | {name} | {gets} | {reader.reads} | "
                     f"{mentors * n / dt / 1e3:.0f} k |")
-                cache.close()
+                reader.close()

@@ -30,12 +30,23 @@ from pathlib import Path
 import torch
 
 from ckd.methods import distill_loss, get_method
+from ckd.options import default_device
 
 METHODS = {
     "classroom-paper": ("classroom", dict(variant="paper")),
     "classroom-official": ("classroom", dict(variant="official")),
     "aver": ("aver", {}),
+    "kd": ("kd", {}),
 }
+DEFAULT_METHODS = "classroom-paper,classroom-official,aver"
+# --gpu-check: the fused loss's GPU targets side by side in one run, (method, B, C, M):
+# B=256, C=100, M=6 (>= 10x eager, >= 3x torch.compile), B=4096, C=1000, M=6, and the
+# large vocabularies (kd at B=4096, C=32000: >= 70 % of copy bandwidth; classroom at
+# B=1024, C=32000, M=3: >= 2x torch.compile; the class-blocked path, rows split across
+# programs)
+GPU_CHECK = [("classroom-paper", 256, 100, 6), ("aver", 256, 100, 6),
+             ("classroom-paper", 4096, 1000, 6), ("aver", 4096, 1000, 6),
+             ("kd", 4096, 32000, 1), ("classroom-paper", 1024, 32000, 3)]
 OUT = Path(__file__).parent / "out"
 
 
@@ -173,10 +184,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small grid (for CPU)")
     ap.add_argument("--gpu-check", action="store_true",
-                    help="the target shapes only (B=256, C=100 and B=4096, C=1000; M=6; "
-                         "classroom and aver): scripts/gpu_check.sh")
+                    help="the target cases only, side by side (classroom and aver at "
+                         "B=256, C=100 and B=4096, C=1000, M=6; kd at B=4096, C=32000; "
+                         "classroom at B=1024, C=32000, M=3): scripts/gpu_check.sh")
     ap.add_argument("--impls", default="eager,compile,triton")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated, of {', '.join(METHODS)} (default: "
+                         f"{DEFAULT_METHODS}; with --gpu-check every target case)")
     ap.add_argument("--student-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--mentor-dtype", default="float16",
                     choices=["float16", "bfloat16", "float32"])
@@ -186,7 +200,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter is not a benchmark")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(default_device())
     torch.set_num_threads(args.threads)
     import torch._functorch.config as fconf
 
@@ -201,14 +215,18 @@ def main(argv=None) -> int:
     else:
         name = torch.cuda.get_device_name()
     grid = ([(64, 100, 6), (256, 100, 6), (256, 1000, 6), (256, 100, 1)] if args.quick else
-            [(256, 100, 6), (4096, 1000, 6)] if args.gpu_check else
             [(B, C, M) for B in (64, 256, 1024, 4096) for C in (100, 1000) for M in (1, 3, 6)])
-    if args.gpu_check and args.methods == ",".join(METHODS):
-        args.methods = "classroom-paper,aver"
+    methods = (args.methods or (",".join(METHODS) if args.gpu_check else DEFAULT_METHODS)
+               ).split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        sys.exit(f"unknown --methods {unknown}: choose from {', '.join(METHODS)}")
+    cases = ([(m, B, C, M) for m, B, C, M in GPU_CHECK if m in methods] if args.gpu_check
+             else [(m, *s) for s in grid for m in methods])
     sd, md = getattr(torch, args.student_dtype), getattr(torch, args.mentor_dtype)
     from tqdm import tqdm
 
-    jobs = [(i, m, *s) for s in grid for m in args.methods.split(",") for i in impls]
+    jobs = [(i, *case) for case in cases for i in impls]
     rows = [run_one(i, m, B, C, M, device, sd, md) for i, m, B, C, M in tqdm(jobs)]
     by_bytes = {}
     for r in rows:

@@ -231,7 +231,7 @@ def read(args) -> None:
     and gathered in random batches, the background reads included)."""
     import tempfile
 
-    from ckd.cache import LogitCache, build_cache
+    from ckd.cache import build_cache, open_cache
     from ckd.models import create_model, save_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -259,7 +259,7 @@ def read(args) -> None:
             store = build_cache(ds, paths, Path(tmp) / spec.replace(":", ""),
                                 views=args.views, logits=spec, progress=False)
             t = time.perf_counter()
-            cache = LogitCache(store)
+            cache = open_cache(store)
             load = time.perf_counter() - t
             g = torch.Generator().manual_seed(0)
             idx = [torch.randint(0, args.n, (args.batch,), generator=g) for _ in range(50)]
@@ -272,7 +272,7 @@ def read(args) -> None:
             print(f"| {spec} | memory | {load:.2f} | {50 * args.batch * 2 / dt / 1e6:.2f} M |",
                   flush=True)
             t = time.perf_counter()
-            with LogitCache(store, mode="stream") as st:
+            with open_cache(store, mode="stream") as st:
                 load = time.perf_counter() - t
                 t = time.perf_counter()
                 st.start_epoch(0, seed=0)

@@ -1,7 +1,8 @@
 """Static GPU evidence without a GPU: compile the loss kernels exactly as a launch would
 (the same arguments, hence the same specialization) for an NVIDIA target with the ptxas
 bundled in triton, and read the result: registers, spills, 128-bit global loads/stores
-(PTX `ld.global.v4` / SASS `LDG.E.128`) and the launches per loss call.
+(PTX `ld.global.v4` / SASS `LDG.E.128`), the launches per loss call (`grid`: programs per
+launch) and the bytes a row moves (`row_traffic`: to and from HBM, and re-read from L2).
 
     TRITON_INTERPRET= python benchmarks/static.py --arch 90 --C 100 1000
 
@@ -45,7 +46,7 @@ def cached_mentors(B: int, C: int, M: int, mentor=torch.float16) -> tuple:
     """(mentor logits [M, B, C], their stats, labels) exactly as the trainer gets them
     from a logit cache: `ckd.train.mentors.CachedMentors.gather` of a store built here
     (M random resnet8 mentors, B synthetic samples, one view) with `build_cache`."""
-    from ckd.cache import LogitCache, build_cache
+    from ckd.cache import build_cache, open_cache
     from ckd.data import load_dataset
     from ckd.models import create_model, save_checkpoint
     from ckd.train.mentors import CachedMentors
@@ -61,7 +62,7 @@ def cached_mentors(B: int, C: int, M: int, mentor=torch.float16) -> tuple:
                             num_classes=C, dataset="synthetic", metrics={})
         store = build_cache(ds, paths, Path(tmp) / "cache", views=1, dtype=dtype,
                             progress=False)
-        source = CachedMentors(LogitCache(store, mentors=list(paths)), seed=0)
+        source = CachedMentors(open_cache(store, mentors=list(paths)), seed=0)
         idx = torch.arange(B)
         slots, _ = source.views(0, idx)
         y = source.cache.labels[idx]  # the store's labels: the training split's
@@ -133,6 +134,32 @@ def inspect(compiled) -> dict:
     )
 
 
+def row_traffic(kernel: str, kw: dict, C: int, student, mentor) -> tuple[int, int]:
+    """(bytes a row moves to or from HBM, bytes it re-reads while they are in L2) of one
+    loss launch, counted from its launch arguments (a model of the kernel's loads and
+    stores: logit rows padded to 16 bytes as the cache stores them, the int64 label, the
+    fp32 mentor statistics, the gradient written once; per-program partials included)."""
+    s = torch.empty((), dtype=student).element_size()
+    m = torch.empty((), dtype=mentor).element_size()
+    g = 4 if student == torch.float16 else s
+    padded = -(-C * m // 16) * 16  # one mentor row as the cache stores it
+    if kernel == "_rank_batch_kernel":
+        return C * s + 8 + 8 * kw["NM"], 0
+    if kernel not in ("_terms_kernel", "_split_kernel", "_dkd_kernel"):
+        return 0, 0  # _scale_kernel: in place, no traffic for an upstream gradient of 1
+    nt = kw.get("NT", 1)
+    prefix = kw.get("SRC_PREFIX", 1)
+    mentors = (max(prefix, 1) if prefix >= 0 else nt) if nt else 0  # distinct rows read
+    row = C * s + mentors * padded
+    grad = C * g if kw["WRITE_GRAD"] else 0
+    if kernel == "_split_kernel":  # once from HBM; the row's last program walks it again
+        acc = 8 if str(kw["ACC"]) == "fp64" else 4
+        return row + grad + 8 + 2 * kw["SPLIT"] * kw["NR"] * acc, row
+    stats = 8 * kw["NM"] if kw.get("MODE") == 2 else 0
+    passes = 1 if kw["ONE_BLOCK"] else 3
+    return passes * row + grad + 8 + stats, 0
+
+
 def report(cases, Cs, M: int, B: int, arch: int, student, mentor, source: str = "cache"
            ) -> list[dict]:
     rows = []
@@ -143,8 +170,11 @@ def report(cases, Cs, M: int, B: int, arch: int, student, mentor, source: str = 
                 info = inspect(compile_launch((kernel, grid, args, kwargs), arch))
                 keep = ("ROWS", "BLOCK_C", "BLOCK_T", "VEC_S", "VEC_M", "VEC_G", "VEC",
                         "num_warps")
-                rows.append(dict(case=case, C=C, M=M, kernel=kernel.__name__, grid=grid[0],
-                                 **{k: kwargs[k] for k in keep if k in kwargs}, **info))
+                hbm, l2 = row_traffic(kernel.__name__, kwargs, C, student, mentor)
+                rows.append(dict(case=case, B=B, C=C, M=M, kernel=kernel.__name__,
+                                 grid=grid[0], **{k: kwargs[k] for k in keep if k in kwargs},
+                                 **({"SPLIT": kwargs["SPLIT"]} if "SPLIT" in kwargs else {}),
+                                 hbm_bytes_row=hbm, l2_bytes_row=l2, **info))
     return rows
 
 
@@ -169,10 +199,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    cols = ["case", "C", "kernel", "grid", "ROWS", "BLOCK_C", "num_warps", "VEC_S", "VEC_M",
-            "VEC_G", "VEC", "regs", "stack",
-            "spill_stores", "spill_loads", "ptx_ld_v4", "ptx_ld_scalar", "sass_ldg128",
-            "sass_stg128"]
+    cols = ["case", "B", "C", "kernel", "grid", "ROWS", "SPLIT", "BLOCK_C", "num_warps",
+            "VEC_S", "VEC_M", "VEC_G", "VEC", "regs", "stack", "spill_stores", "spill_loads",
+            "ptx_ld_v4", "ptx_ld_scalar", "sass_ldg128", "sass_stg128", "hbm_bytes_row",
+            "l2_bytes_row"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")

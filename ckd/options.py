@@ -4,6 +4,7 @@ work starts; each error names the option, the value and what would be valid."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -45,7 +46,8 @@ class Param:
         if self.high is not None:
             parts.append(f"{'<' if self.high_open else '<='} {_num(self.high)}")
         kind = {int: "an integer", float: "a number", str: "a string",
-                bool: "true or false"}.get(self.type, self.type.__name__)
+                bool: "true or false", list: "a list",
+                dict: "a mapping"}.get(self.type, self.type.__name__)
         text = kind + (" " + " and ".join(parts) if parts else "")
         return text + (" (or null)" if self.optional else "")
 
@@ -62,8 +64,8 @@ class Param:
             if not isinstance(value, str) or (self.choices and value not in self.choices):
                 raise bad
             return value
-        if self.type is bool:
-            if not isinstance(value, bool):
+        if self.type in (bool, list, dict):
+            if not isinstance(value, self.type):
                 raise bad
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -89,6 +91,54 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
+def option(default: Any, type_: type, help_: str, *, details: str = "",
+           flags: tuple[str, ...] = (), metavar: str | None = None, **limits: Any) -> Any:
+    """A config dataclass field declared once: its type, valid range and help (a `Param`,
+    checked by `check_fields`), plus how the CLI spells it, from which `ckd.cli.params`
+    generates the click option. `details`: more help for `--help` only (errors quote
+    `help_`); `flags`: spellings other than `--field-name` (a bool's `--x/--no-x` pair, a
+    short alias); `metavar`: the value's placeholder in `--help`. A list or dict default
+    becomes a fresh copy per instance."""
+    meta = {"option": Param("", default, type_, help_, **limits), "details": details,
+            "flags": flags, "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a config field."""
+    return "--" + name.replace("_", "-")
+
+
+def field_flag(f: dataclasses.Field) -> str:
+    """How the command line spells a declared field (its declared long flag, else
+    `flag(name)`): what an error about the field's value names."""
+    spelled = [s.split("/")[0] for s in f.metadata.get("flags") or () if s.startswith("--")]
+    return spelled[0] if spelled else flag(f.name)
+
+
+def declared_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config dataclass declared with `option`, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if "option" in f.metadata]
+
+
+def check_fields(config: Any) -> None:
+    """Every declared field of `config` coerced and checked against its declaration;
+    OptionError naming the field's flag, the value and the valid range."""
+    for f in declared_fields(type(config)):
+        value = f.metadata["option"].check(getattr(config, f.name), label=field_flag(f))
+        setattr(config, f.name, value)
+
+
+def default_device() -> str:
+    """The device a command runs on when none is given: cuda when a GPU is visible, else
+    cpu (the one place this is decided)."""
+    import torch  # noqa: PLC0415 - the options stay importable without torch loaded
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_device(device: str | None, flag: str = "--device") -> None:
     """cpu, cuda or cuda:N, and only a CUDA device that is present (None: automatic)."""
     if device is None or device == "cpu":
@@ -111,11 +161,7 @@ def check_triton_backend(backend: str, device: str | None, flag: str = "--backen
     """The Triton kernels need a CUDA device, or TRITON_INTERPRET=1 (CPU, slow)."""
     if backend != "triton" or os.environ.get("TRITON_INTERPRET") == "1":
         return
-    if device is not None and device.startswith("cuda"):
-        return
-    import torch  # noqa: PLC0415
-
-    if device is None and torch.cuda.is_available():
+    if (device or default_device()).startswith("cuda"):
         return
     raise OptionError(f"{flag} triton needs a CUDA device (device here: {device or 'cpu'}): "
                      "use --backend auto or reference, or set TRITON_INTERPRET=1 to run the "

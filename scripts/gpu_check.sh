@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command on a CUDA machine (make gpu-check): the kernel, view, graph, exactness and
 # determinism tests on the GPU (compiled kernels, CKD_TEST_DEVICE=cuda, in parallel with
-# pytest-xdist where installed), the loss microbenchmark (eager, torch.compile, Triton) and
+# pytest-xdist where installed), the loss microbenchmark (eager, torch.compile, Triton, at
+# every target case side by side: C=100 and 1000, and C=32000 for kd and classroom) and
 # the trainer benchmark (each case eager / --cuda-graphs, each with and without
 # --deterministic), all written to ONE results file. Every step has its own time limit and
 # the whole check stops within 10 minutes (CKD_GPU_CHECK_BUDGET seconds, default 570).
@@ -56,11 +57,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # GPU (their device from tests/device.py, or CUDA when present); CPU-only files (the eager
 # reference, the cache's statistics) run in the ordinary suite. The graph and exactness
 # tests compare runs bit for bit, with --deterministic on the GPU.
-GPU_TESTS=(tests/test_kernels_triton.py tests/test_kernels_budget.py
+GPU_TESTS=(tests/test_kernels_triton.py tests/test_kernels_budget.py tests/test_kernels_split.py
     tests/test_sparse_triton.py tests/test_views.py tests/test_views_fused.py
     tests/test_train_graphs.py tests/test_train_exactness.py tests/test_determinism.py)
 PYTEST_ARGS=(-q -p no:cacheprovider --durations=10)
-STEP_LIMITS=(240 150 170)
+STEP_LIMITS=(240 210 170)  # the loss benchmark: C=32000 cases too
 STEP_TITLES=("Tests on the GPU (CKD_TEST_DEVICE=cuda)"
     "Loss microbenchmark (benchmarks/kernels.py --gpu-check)"
     "Trainer benchmark (benchmarks/train.py --device cuda --cuda-graphs --deterministic)")

@@ -365,8 +365,12 @@ def layout_entries(readme: str) -> set[str]:
 
 
 def package_tree(root: Path) -> set[str]:
-    """ckd's packages (folders with __init__.py) under ckd/, as `ckd/name`."""
-    return {f"{PACKAGE}/{p.parent.name}" for p in (root / PACKAGE).glob("*/__init__.py")}
+    """ckd's packages (folders with __init__.py) and modules directly under ckd/, as
+    `ckd/name` and `ckd/name.py`: what the README's Layout section must list."""
+    packages = {f"{PACKAGE}/{p.parent.name}" for p in (root / PACKAGE).glob("*/__init__.py")}
+    modules = {f"{PACKAGE}/{p.name}" for p in (root / PACKAGE).glob("*.py")
+               if p.name != "__init__.py"}
+    return packages | modules
 
 
 def readme(root: Path) -> dict:

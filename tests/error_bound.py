@@ -119,11 +119,12 @@ def terms_bound(zs, spreads, y, w_ce: float, terms, loss: float) -> float:
     rows = w_ce * ce_part
     s_spread = _spread(zs64)
     noise = 0.0
+    u = unit(zs.dtype)
     for m, w, T, extra in terms:
         rows = rows + w * (T * (spreads[m] + extra + s_spread) + 2 * T * T * logc)
-        # TeKAP's eta is fp32 Box-Muller on both sides (log, cos within 2 ulps each)
-        noise += w * T * 2 * U32 * extra
-    u = unit(zs.dtype)
+        # TeKAP's eta is Box-Muller in the accumulation precision on both sides (log, cos
+        # within 2 ulps each)
+        noise += w * T * 2 * u * extra
     return float(gamma(C) * u * rows.mean() + (math.ceil(math.log2(B)) + 1) * u * abs(loss)
                  + noise)
 

@@ -99,9 +99,9 @@ def test_adapt_mentor_then_cache_and_analyze(tmp_path):
         "cache-logits", *data, "--mentors", f"r8={src},r8aid={out}", "--views", "2",
         "--out", str(tmp_path / "cache"), "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    from ckd.cache import LogitCache
+    from ckd.cache import open_cache
 
-    c = LogitCache(tmp_path / "cache", mentors=["r8", "r8aid"])
+    c = open_cache(tmp_path / "cache", mentors=["r8", "r8aid"])
     idx = torch.arange(8)
     logits = c.gather(torch.zeros_like(idx), idx)
     assert not torch.equal(logits[0], logits[1])

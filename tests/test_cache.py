@@ -11,7 +11,7 @@ import pytest
 import torch
 import zarr
 
-from ckd.cache import CacheMismatchError, LogitCache, build_cache, epoch_seed
+from ckd.cache import CacheMismatchError, build_cache, epoch_seed, open_cache
 from ckd.cache.info import info, verify
 from ckd.cache.mentors import resolve_mentors
 from ckd.data import NUM_VIEWS, RECIPE, apply_views, load_dataset, view_ids
@@ -76,7 +76,7 @@ def test_store_layout_is_plain_zarr(setup):
 
 
 def test_keyed_logits_bit_exact_vs_mentor(setup):
-    cache = LogitCache(setup["keyed"])
+    cache = open_cache(setup["keyed"])
     assert cache.mentors == ["r8", "r8b"]
     idx = torch.arange(N_TRAIN)
     for epoch in range(4):
@@ -93,7 +93,7 @@ def test_keyed_logits_bit_exact_vs_mentor(setup):
 
 def test_all_views_slot_is_view_and_bit_exact(setup):
     small = setup["small"]
-    cache = LogitCache(setup["all"])
+    cache = open_cache(setup["all"])
     assert cache.num_slots == NUM_VIEWS and not cache.keyed
     idx = torch.arange(6)
     for v in (0, 1, 80, 161):
@@ -115,7 +115,7 @@ def test_keyed_epochs_match_all_views_epochs(setup, tmp_path):
     small = setup["small"]
     keyed = build_cache(small, {"r8": setup["tmp"] / "r8.pt"}, tmp_path / "k2", views=2,
                         seed=3, dtype="fp32", progress=False)
-    kc, ac = LogitCache(keyed), LogitCache(setup["all"])
+    kc, ac = open_cache(keyed), open_cache(setup["all"])
     idx = torch.arange(6)
     for epoch in range(2):
         ks, kv = kc.epoch_views(epoch, idx, seed=3)
@@ -127,9 +127,9 @@ def test_keyed_epochs_match_all_views_epochs(setup, tmp_path):
 @pytest.mark.parametrize("which", ["keyed", "all"])
 def test_stream_equals_memory(setup, which):
     path = setup[which]
-    mem = LogitCache(path, mode="memory")
+    mem = open_cache(path, mode="memory")
     n = mem.num_samples
-    with LogitCache(path, mode="stream") as st:
+    with open_cache(path, mode="stream") as st:
         for epoch in range(3):
             st.start_epoch(epoch, seed=11)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
@@ -145,8 +145,8 @@ def test_stream_equals_memory(setup, which):
 
 
 def test_stream_subset_plan_and_explicit_plan(setup):
-    mem = LogitCache(setup["keyed"])
-    with LogitCache(setup["keyed"], mode="stream", mentors=["r8b"]) as st:
+    mem = open_cache(setup["keyed"])
+    with open_cache(setup["keyed"], mode="stream", mentors=["r8b"]) as st:
         mine = torch.arange(0, N_TRAIN, 2)  # e.g. this rank's half
         st.start_epoch(4, seed=0, indices=mine)
         slots, _ = st.epoch_views(4, mine, seed=0)
@@ -159,14 +159,14 @@ def test_stream_subset_plan_and_explicit_plan(setup):
 
 def test_reader_errors(setup, tmp_path):
     with pytest.raises(KeyError, match="not in"):
-        LogitCache(setup["keyed"], mentors=["r110"])
+        open_cache(setup["keyed"], mentors=["r110"])
     with pytest.raises(FileNotFoundError, match="cache-logits"):
-        LogitCache(tmp_path / "nope")
-    st = LogitCache(setup["keyed"], mode="stream")
+        open_cache(tmp_path / "nope")
+    st = open_cache(setup["keyed"], mode="stream")
     with pytest.raises(RuntimeError, match="start_epoch"):
         st.gather(torch.tensor([0]), torch.tensor([0]))
     st.close()
-    cache = LogitCache(setup["keyed"])
+    cache = open_cache(setup["keyed"])
     ds = setup["ds"]
     cache.check_compatible("synthetic", ds.fingerprint, C)  # matches: no error
     with pytest.raises(CacheMismatchError, match="fingerprint.*class count"):

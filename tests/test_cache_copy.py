@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache import copy as cache_copy
 from ckd.cache.layout import CacheReadError
 from ckd.data import load_dataset
@@ -42,8 +42,8 @@ def test_copy_to_s3_and_back_is_identical(s3, small_cache, tmp_path):
     assert local_tree(back) == local_tree(small_cache)
     idx = torch.arange(64)
     slots = torch.ones(64, dtype=torch.int64)
-    assert torch.equal(LogitCache(back).gather(slots, idx),
-                       LogitCache(small_cache).gather(slots, idx))
+    assert torch.equal(open_cache(back).gather(slots, idx),
+                       open_cache(small_cache).gather(slots, idx))
     again = cache_copy.copy_cache(url, back)  # nothing left to do but the root metadata
     assert again.copied == 1
 
@@ -63,7 +63,7 @@ def test_interrupted_copy_resumes_to_an_identical_store(small_cache, tmp_path, m
         cache_copy.copy_cache(small_cache, dst)
     assert not (dst / "zarr.json").exists()  # not a readable cache until the copy finished
     with pytest.raises(FileNotFoundError, match="no logit cache"):
-        LogitCache(dst)
+        open_cache(dst)
     monkeypatch.setattr(cache_copy, "_write", real_write)
     done = {rel: (dst / rel).stat().st_mtime_ns for rel in calls[1:]}  # [0]: the source id
     rep = cache_copy.copy_cache(small_cache, dst)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache.features import parse_features, plan_features
 from ckd.data import load_dataset
 from ckd.data.views import apply_views
@@ -39,7 +39,7 @@ def test_cached_features_equal_the_live_forward(mentors, tmp_path):
     ds = _ds()
     path = build_cache(ds, mentors, tmp_path / "c", views=3, dtype="fp32", progress=False,
                        features="pool,map")
-    cache = LogitCache(path, mentors=["t", "w"], features=("pool", "map"))
+    cache = open_cache(path, mentors=["t", "w"], features=("pool", "map"))
     assert cache.feature_shapes == {"pool": [(64,), (64,)], "map": [(64, 8, 8), (64, 8, 8)]}
     idx = torch.tensor([3, 0, 17, 9, 22])
     for epoch in (0, 1):
@@ -61,7 +61,7 @@ def test_features_added_to_a_logits_store_compute_only_what_is_missing(mentors, 
 
     ds = _ds()
     path = build_cache(ds, mentors, tmp_path / "c", views=2, progress=False)
-    logits_before = {a: LogitCache(path, mentors=[a]).gather(torch.zeros(24, dtype=torch.long),
+    logits_before = {a: open_cache(path, mentors=[a]).gather(torch.zeros(24, dtype=torch.long),
                                                            torch.arange(24)) for a in mentors}
     calls = []
     real = writer.launch_unit
@@ -86,7 +86,7 @@ def test_features_added_to_a_logits_store_compute_only_what_is_missing(mentors, 
         build_cache(ds, {"t": mentors["t"]}, path, views=2, progress=False, features="pool",
                     samples_per_chunk=8)
     with pytest.raises(Exception, match="incomplete|--features|cache-logits"):
-        LogitCache(path, mentors=["t"], features=("pool",))
+        open_cache(path, mentors=["t"], features=("pool",))
     monkeypatch.setattr(writer.UnitWriter, "write", real_write)
     n_before = len(calls)
     build_cache(ds, {"t": mentors["t"]}, path, views=2, progress=False, features="pool")
@@ -94,8 +94,8 @@ def test_features_added_to_a_logits_store_compute_only_what_is_missing(mentors, 
     assert resumed and all(f == ("pool",) for f in resumed)
     # mentor w was never asked for features: untouched, and refused for a feature method
     with pytest.raises(Exception, match=r"--features pool"):
-        LogitCache(path, mentors=["w"], features=("pool",))
-    c = LogitCache(path, mentors=["t"], features=("pool",))
+        open_cache(path, mentors=["w"], features=("pool",))
+    c = open_cache(path, mentors=["t"], features=("pool",))
     assert torch.equal(c.gather(torch.zeros(24, dtype=torch.long), torch.arange(24)),
                        logits_before["t"])  # the logits were redone identically
     # asking again computes nothing
@@ -166,8 +166,8 @@ def test_stream_mode_serves_the_same_features_as_memory_mode(mentors, tmp_path):
     path = build_cache(_ds(), mentors, tmp_path / "c", views=3, dtype="fp16", progress=False,
                        features="pool,map")
     names = ("pool", "map")
-    memory = LogitCache(path, mentors=["t", "w"], features=names)
-    with LogitCache(path, mode="stream", mentors=["t", "w"], features=names) as stream:
+    memory = open_cache(path, mentors=["t", "w"], features=names)
+    with open_cache(path, mode="stream", mentors=["t", "w"], features=names) as stream:
         assert stream.feature_shapes == memory.feature_shapes
         for epoch in (0, 1, 2):
             stream.start_epoch(epoch, seed=4)
@@ -229,7 +229,7 @@ def test_cached_feature_shape_that_the_architecture_does_not_give_is_refused(
 
     path = build_cache(_ds(), {"t": mentors["t"]}, tmp_path / "c", views=1, progress=False,
                        features="pool,map")
-    cache = LogitCache(path, mentors=["t"], features=(name,))
+    cache = open_cache(path, mentors=["t"], features=(name,))
     assert cached_mentor_shapes(cache, 32)[0][-1] == (64,)  # resnet14 at 32x32: consistent
     real = ckd.models.feature_shapes
 

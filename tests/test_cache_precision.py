@@ -13,7 +13,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from ckd.cache import CacheMismatchError, LogitCache, build_cache
+from ckd.cache import CacheMismatchError, build_cache, open_cache
 from ckd.cache.info import verify
 from ckd.cache.mentors import load_mentor, recorded_precision
 from ckd.cache.writer import record_mentor_digest
@@ -43,7 +43,7 @@ def bf16(tmp_path_factory) -> dict:
 
 def test_bf16_cache_equals_bf16_online_mentors_bit_for_bit(bf16):
     ds, paths = bf16["ds"], bf16["paths"]
-    cache = LogitCache(bf16["cache"], mentors=["teacher", "peer"])
+    cache = open_cache(bf16["cache"], mentors=["teacher", "peer"])
     models = [load_mentor(a, paths[a], ds.num_classes, torch.device("cpu"))
               for a in ("teacher", "peer")]
     online = OnlineMentors(models, ["teacher", "peer"], 0, None, "bf16")

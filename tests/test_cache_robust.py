@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckd.cache import CacheMismatchError, LogitCache, build_cache
+from ckd.cache import CacheMismatchError, build_cache, open_cache
 from ckd.data import load_dataset
 from ckd.models import create_model, save_checkpoint
 
@@ -112,7 +112,7 @@ def test_add_mentor_computes_only_it(ckpts, tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     both = build_cache(ds, {"r8": ckpts["r8"], "r8b": ckpts["r8b"]}, tmp_path / "both", **kw)
     assert_same_tree(out, both)
-    assert LogitCache(out).mentors == ["r8", "r8b"]
+    assert open_cache(out).mentors == ["r8", "r8b"]
 
 
 def test_changed_checkpoint_refused_unless_overwrite(ckpts, tmp_path):
@@ -141,7 +141,7 @@ def test_other_data_or_options_refused(ckpts, tmp_path):
     with pytest.raises(ValueError, match="10"):
         build_cache(ds, {"r8": ten}, tmp_path / "c10", views=1, **kw)
     build_cache(other, {"r8": ckpts["r8"]}, out, views=1, overwrite=True, **kw)
-    LogitCache(out).check_compatible("synthetic", other.fingerprint, 5)
+    open_cache(out).check_compatible("synthetic", other.fingerprint, 5)
     (tmp_path / "notacache").mkdir()
     (tmp_path / "notacache" / "thesis.tex").write_text("x")
     with pytest.raises(FileExistsError, match="not a logit cache"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache.location import ObjectStoreError, cache_location
 from ckd.data import load_dataset
 
@@ -47,7 +47,7 @@ def test_s3_cache_equals_local_and_serves_the_same_rows(s3, s3_mentors, tmp_path
     assert remote == local_tree(local)  # the same objects, byte for byte
     idx = torch.arange(64)
     for mode in ("memory", "stream"):
-        with LogitCache(url, mode=mode) as c, LogitCache(local, mode=mode) as ref:
+        with open_cache(url, mode=mode) as c, open_cache(local, mode=mode) as ref:
             c.start_epoch(1, 0)
             ref.start_epoch(1, 0)
             slots, _ = c.epoch_views(1, idx, 0)
@@ -84,7 +84,7 @@ def test_s3_sigkill_then_resume(s3, s3_mentors, tmp_path):
     clean = build_cache(ds, {"r8": s3_mentors["r8"], "r8b": s3_mentors["r8b"]}, tmp_path / "clean",
                         views=2, samples_per_chunk=16, batch_size=16, progress=False)
     assert object_tree(url) == local_tree(clean)
-    assert LogitCache(url).mentors == ["r8", "r8b"]
+    assert open_cache(url).mentors == ["r8", "r8b"]
 
 
 @pytest.mark.slow  # torchrun with two processes importing torch
@@ -127,7 +127,7 @@ def test_s3_lease_of_another_host_is_refused_until_stale(s3, s3_mentors, monkeyp
     monkeypatch.setenv("CKD_S3_LOCK_TTL_S", "5")  # its heartbeat is now too old: taken over
     root.set(lock, json.dumps({**lease, "heartbeat": time.time() - 60}).encode())
     build_cache(ds, {"r8": s3_mentors["r8"]}, url, views=1, progress=False)
-    assert not root.exists(lock) and LogitCache(url).mentors == ["r8"]
+    assert not root.exists(lock) and open_cache(url).mentors == ["r8"]
 
 
 TRAIN_WORKER = """
@@ -177,7 +177,7 @@ def test_s3_errors_name_the_url_and_the_fix(s3, monkeypatch, case):
         monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
         want = "cannot reach endpoint http://127.0.0.1:9.*AWS_ENDPOINT_URL"
     with pytest.raises(ObjectStoreError, match=want) as err:
-        LogitCache(url)
+        open_cache(url)
     assert url in str(err.value)
     ds = load_dataset("synthetic", n_train=16, n_test=8, num_classes=5)
     with pytest.raises(ObjectStoreError, match=want):
@@ -186,11 +186,11 @@ def test_s3_errors_name_the_url_and_the_fix(s3, monkeypatch, case):
 
 def test_missing_s3_cache_names_the_build_command(s3):
     with pytest.raises(FileNotFoundError, match=f"no logit cache at {s3}/none.*cache-logits"):
-        LogitCache(f"{s3}/none")
+        open_cache(f"{s3}/none")
 
 
 def _read_in_worker(url: str) -> list:
-    return LogitCache(url)._read_checked("r8", "logits", slice(0, 1), slice(0, 16)).tolist()
+    return open_cache(url).read_checked("r8", "logits", slice(0, 1), slice(0, 16)).tolist()
 
 
 def _forked_read(url: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache.info import info, verify
 from ckd.cache.sparse import logits_modes
 from ckd.data import load_dataset
@@ -45,8 +45,8 @@ def caches(tmp_path_factory):
 
 
 def test_sparse_rows_equal_sparsified_dense_rows(caches):
-    dense = LogitCache(caches["dense"])
-    mixed = LogitCache(caches["mixed"])
+    dense = open_cache(caches["dense"])
+    mixed = open_cache(caches["mixed"])
     assert mixed.logits_modes == {"r8": "dense", "r8b": "topk:4", "r8c": "sample:6"}
     idx = torch.arange(N_TRAIN)
     slots = torch.tensor([0, 1]).repeat(N_TRAIN // 2)
@@ -144,9 +144,9 @@ def _same_sparse(a, b) -> None:
 
 @pytest.mark.parametrize("which", ["topk", "sample", "mixed"])
 def test_sparse_stream_equals_memory(caches, which):
-    mem = LogitCache(caches[which])
+    mem = open_cache(caches[which])
     n = mem.num_samples
-    with LogitCache(caches[which], mode="stream") as st:
+    with open_cache(caches[which], mode="stream") as st:
         assert st.sparse and st.logits_modes == mem.logits_modes
         for epoch in range(3):  # keyed views: epoch 2 reuses slot 0 (a fresh plan)
             st.start_epoch(epoch, seed=5)

@@ -15,7 +15,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache.info import info, verify
 from ckd.cache.layout import (
     MENTOR_ARRAYS,
@@ -63,8 +63,8 @@ def copy(built, tmp_path):
 
 def _open_both(store: Path) -> None:
     """Open for training in both modes (stream reads happen at the first gather)."""
-    LogitCache(store, mode="memory")
-    with LogitCache(store, mode="stream") as st:
+    open_cache(store, mode="memory")
+    with open_cache(store, mode="stream") as st:
         idx = torch.arange(N)
         st.start_epoch(0, seed=0)
         st.gather(st.epoch_views(0, idx, seed=0)[0], idx)
@@ -97,14 +97,14 @@ def test_stats_are_the_stored_logits_stats(built):
     assert torch.equal(torch.from_numpy(root["mentors/r8/stats"][:]), expect)
     lse = torch.logsumexp(logits.double(), -1)
     assert torch.allclose(expect[..., STAT_FIELDS.index("logsumexp")].double(), lse)
-    mem = LogitCache(built["store"])
+    mem = open_cache(built["store"])
     idx = torch.tensor([0, 5, 17, 40])
     slots, _ = mem.epoch_views(2, idx, seed=1)
     lg, st = mem.gather(slots, idx, with_stats=True)
     assert st.dtype == torch.float32 and st.shape == (2, 4, len(STAT_FIELDS))
     assert torch.equal(st[0], expect[slots, idx])
     assert torch.equal(mentor_row_stats(lg, labels[idx]), st)  # online == cached
-    with LogitCache(built["store"], mode="stream") as stream:
+    with open_cache(built["store"], mode="stream") as stream:
         stream.start_epoch(2, seed=1)
         lg2, st2 = stream.gather(slots, idx, mentors=["r8b"], with_stats=True)
     assert torch.equal(lg2, lg[1:]) and torch.equal(st2, st[1:])
@@ -119,7 +119,7 @@ def test_deleted_logits_chunk_is_a_hole_not_zeros(built, copy):
     assert rows[0]["done_chunks"] == 8 and rows[0]["missing_files"] == 1
     for mode in ("memory", "stream"):
         with pytest.raises(CacheIncompleteError) as err:
-            LogitCache(copy, mode=mode)
+            open_cache(copy, mode=mode)
         msg = str(err.value)
         assert "'r8'" in msg and str(chunk) in msg and "ckd cache-logits --out" in msg
     res = _cli("cache", "info", copy)
@@ -134,7 +134,7 @@ def test_deleted_marker_or_stats_chunk_is_rebuilt(built, copy):
     (copy / "mentors" / "r8" / "unit_crc32c" / "c" / "2" / "2" / "0").unlink()
     assert not verify(copy).ok
     with pytest.raises(CacheIncompleteError):
-        LogitCache(copy)
+        open_cache(copy)
     build_cache(built["ds"], built["mentors"], copy, **KW)
     assert tree(copy) == tree(built["store"]) and verify(copy).ok
 
@@ -162,7 +162,7 @@ def test_swapped_chunks_are_caught(copy):
     assert not rep.ok and any("unit checksum" in p for p in rep.problems)
     for mode in ("memory", "stream"):
         with pytest.raises(CacheReadError, match="unit checksum"):
-            _open_both(copy) if mode == "stream" else LogitCache(copy)
+            _open_both(copy) if mode == "stream" else open_cache(copy)
 
 
 def test_edited_mentor_attribute_is_caught(built, copy):
@@ -172,10 +172,10 @@ def test_edited_mentor_attribute_is_caught(built, copy):
     meta_file.write_text(json.dumps(meta))
     assert any("digest" in p for p in verify(copy).problems)
     with pytest.raises(CacheReadError, match="digest.*ckd cache verify"):
-        LogitCache(copy)
+        open_cache(copy)
     build_cache(built["ds"], built["mentors"], copy, **KW)  # a rerun does not re-bless it
     with pytest.raises(CacheReadError, match="digest"):
-        LogitCache(copy)
+        open_cache(copy)
 
 
 @pytest.mark.parametrize("file", ["zarr.json", "mentors/r8/zarr.json",
@@ -189,7 +189,7 @@ def test_truncated_metadata_named_in_every_command(copy, file):
         assert str(meta) in res.output or "damaged" in res.output, res.output
     for mode in ("memory", "stream"):
         with pytest.raises((CacheReadError, CacheMismatchError)) as err:
-            LogitCache(copy, mode=mode)
+            open_cache(copy, mode=mode)
         assert str(meta) in str(err.value)
 
 

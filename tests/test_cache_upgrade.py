@@ -15,7 +15,7 @@ import zarr
 from click.testing import CliRunner
 from zarr.storage import LocalStore
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache.info import info, verify
 from ckd.cache.layout import CacheIncompleteError, CacheMismatchError
 from ckd.cli.main import main
@@ -89,7 +89,7 @@ def test_v1_refused_everywhere_naming_upgrade(built, tmp_path):
     hint = f"ckd cache upgrade {v1}"
     for mode in ("memory", "stream"):
         with pytest.raises(CacheMismatchError, match=hint):
-            LogitCache(v1, mode=mode)
+            open_cache(v1, mode=mode)
     for fn in (info, verify):
         with pytest.raises(CacheMismatchError, match=hint):
             fn(v1)
@@ -106,10 +106,10 @@ def test_upgrade_gives_the_v2_store_byte_for_byte(built, tmp_path):
     assert res.exit_code == 0, res.output
     assert tree(v1) == tree(built["v2"])
     assert verify(v1).ok
-    cache = LogitCache(v1)
+    cache = open_cache(v1)
     idx = torch.arange(N)
     logits, stats = cache.gather(torch.full((N,), 2), idx, with_stats=True)
-    ref, ref_stats = LogitCache(built["v2"]).gather(torch.full((N,), 2), idx, with_stats=True)
+    ref, ref_stats = open_cache(built["v2"]).gather(torch.full((N,), 2), idx, with_stats=True)
     assert torch.equal(logits, ref) and torch.equal(stats, ref_stats)
     res = _cli("cache", "upgrade", v1)
     assert res.exit_code == 0 and "already" in res.output
@@ -131,7 +131,7 @@ def test_interrupted_upgrade_resumes(built, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         up.upgrade(v1)
     with pytest.raises(CacheMismatchError, match="ckd cache upgrade"):
-        LogitCache(v1)  # still version 1 until the root attributes are written last
+        open_cache(v1)  # still version 1 until the root attributes are written last
     monkeypatch.setattr(up, "unit_marker", real)
     up.upgrade(v1)
     assert tree(v1) == tree(built["v2"])
@@ -145,7 +145,7 @@ def test_upgrade_of_a_v1_store_with_a_hole(built, tmp_path):
     res = _cli("cache", "upgrade", v1, "--quiet")
     assert res.exit_code == 0 and "unit (1, 0)" in res.output and "cache-logits" in res.output
     with pytest.raises(CacheIncompleteError, match="r8b"):
-        LogitCache(v1)
+        open_cache(v1)
     assert not verify(v1).ok
     build_cache(built["ds"], built["mentors"], v1, **KW)
     assert tree(v1) == tree(built["v2"])

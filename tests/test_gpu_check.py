@@ -58,6 +58,20 @@ def test_dry_run_lists_tests_and_benchmarks_that_exist():
             assert flag in helptext, (script, flag)
 
 
+def test_loss_benchmark_runs_every_target_case_side_by_side():
+    """The loss step runs benchmarks/kernels.py --gpu-check: the issue's target cases,
+    large vocabularies included (kd at B=4096, C=32000; classroom at B=1024, C=32000,
+    M=3), in one run."""
+    step = _steps(_dry_run())[1]
+    assert "benchmarks/kernels.py" in step and "--gpu-check" in step
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kernels import GPU_CHECK, METHODS
+
+    assert {("kd", 4096, 32000, 1), ("classroom-paper", 1024, 32000, 3),
+            ("classroom-paper", 256, 100, 6), ("classroom-paper", 4096, 1000, 6)} <= set(GPU_CHECK)
+    assert {m for m, *_ in GPU_CHECK} <= set(METHODS)
+
+
 def test_results_go_to_one_file_in_out(tmp_path):
     out = _dry_run({"OUT": str(tmp_path)})
     assert f"results file: {tmp_path}/gpu_check.md" in out

@@ -10,7 +10,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache.image_views import ImageViews
 from ckd.cache.mentors import load_mentor
 from ckd.data.rrc import epoch_slots, rrc_views
@@ -56,7 +56,7 @@ def test_boxes_and_resolutions_are_stored(built):
 
 def test_cached_equals_online_for_the_replayed_slots(built):
     views, n = built["views"], len(built["views"].train)
-    cache = LogitCache(str(built["out"]), mode="memory")
+    cache = open_cache(str(built["out"]), mode="memory")
     hw = torch.from_numpy(views.train.orig_hw)
     idx = torch.from_numpy(np.random.default_rng(1).permutation(n))  # another order
     for epoch in (0, 3):

@@ -148,6 +148,7 @@ def test_large_vocabulary():
     zs, zm, y = inputs(B=2, C=33000, M=2)
     compare(zs, zm, y, dict(method="classroom", granularity="sample"))
     compare(zs, zm, y, dict(method="dkd"))
+    compare(zs, zm, y, dict(method="kd", T=4.0))  # rows split: 16 programs a row
 
 
 def test_edge_no_mentor_active_all_active_and_ties():
@@ -211,6 +212,25 @@ def test_gradcheck_fused_float64(kw):
     def f(z):
         return distill_loss(z, zm, y, backend="triton", tau=3.0, **kw).loss
     assert torch.autograd.gradcheck(f, (zs.clone().requires_grad_(),), fast_mode=True)
+
+
+@pytest.mark.parametrize("kw", [OTHERS[1], OTHERS[3], dict(method="tekap", seed=1, step=2,
+                                                            n_copies=2, T=2.0)], ids=_id)
+def test_float64_fixed_tables_within_the_float64_bound(kw):
+    """A float64 loss keeps every constant in fp64: the term table's weights (kd's 0.5,
+    TeKAP's 0.8), 1/B, TeKAP's a and its noise (fp32 ones are ~1e-8 off, a million times
+    the bound). Selections (ClassroomKD) rank in fp32 on both backends' contract."""
+    zs, zm, y = inputs(B=12, C=40, M=3, sdtype=torch.float64, mdtype=torch.float64)
+    method, params = resolved(kw)
+    outs = []
+    for backend in ("reference", "triton"):
+        z = zs.clone().requires_grad_()
+        out = distill_loss(z, zm, y, backend=backend, **kw)
+        out.loss.backward()
+        outs.append((float(out.loss.detach()), z.grad))
+    (rl, rg), (fl, fg) = outs
+    assert abs(fl - rl) <= 2 * EB.loss_bound(zs, zm, y, method, params, rl)
+    assert float((fg - rg).abs().max()) <= 2 * EB.grad_bound(zs, zm, method, params)
 
 
 def test_backward_scales_and_no_grad_mode():

@@ -60,9 +60,9 @@ def test_features_of_a_mentor_built_with_kwargs_take_its_real_shapes(narrow_vit,
     run(*args, "--mentors", f"r8={r8}")
     res = run(*args, "--mentors", f"r8={r8},v={narrow_vit}", "--features", "pool")
     assert "v (vit_tiny) features pool 48" in res.output
-    from ckd.cache import LogitCache
+    from ckd.cache import open_cache
 
-    assert LogitCache(cache, features=("pool",)).feature_shapes == {"pool": [(64,), (48,)]}
+    assert open_cache(cache, features=("pool",)).feature_shapes == {"pool": [(64,), (48,)]}
     # the feature methods build their modules from the cached (real) widths
     for method in ("crd", "fitnet"):
         run("train", *SYN, "--cache", cache, "--mentors", "v,r8", "--method", method,

@@ -8,9 +8,8 @@ import pytest
 import torch
 from zarr.storage import WrapperStore
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache import reader as cache_reader
-from ckd.cache.blocks import BlockReader
 from ckd.data import load_dataset
 from ckd.data.loaders import _Loader, epoch_permutation, shard_block_permutation
 
@@ -78,22 +77,21 @@ def test_shard_blocks_read_each_shard_once_per_epoch(block_cache, monkeypatch):
     real = cache_reader.zarr_store
     monkeypatch.setattr(cache_reader, "zarr_store",
                         lambda *a, **k: CountingStore(real(*a, **k)))
-    ref = LogitCache(path)
+    ref = open_cache(path)
     blocks = -(-N // BLOCK)
 
     def epoch_requests(order_block: int | None, epoch: int = 3) -> int:
-        cache = LogitCache(path, mode="stream")
-        reader = BlockReader(cache, window=2)
+        reader = open_cache(path, mode="blocks", window=2)
         loader = _Loader(N, batch_size=16, seed=0, shuffle=True, drop_last=False,
                          device="cpu", rank=0, world_size=1, block=order_block)
         CountingStore.chunk_gets = 0
         order = loader.order(epoch)
-        slots, _ = cache.epoch_views(epoch, order, 0)
+        slots, _ = reader.epoch_views(epoch, order, 0)
         for s in range(0, N, 16):
             got = reader.gather(slots[s:s + 16], order[s:s + 16], with_stats=True)
             want = ref.gather(slots[s:s + 16], order[s:s + 16], with_stats=True)
             assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-        cache.close()
+        reader.close()
         return CountingStore.chunk_gets
 
     shard = epoch_requests(BLOCK)
@@ -104,7 +102,7 @@ def test_shard_blocks_read_each_shard_once_per_epoch(block_cache, monkeypatch):
 
 def test_stream_mode_reads_blocks_in_the_epoch_order(tmp_path):
     from ckd.cache.layout import make_layout
-    from ckd.cache.reader import need_order
+    from ckd.cache.stream import need_order
 
     lay = make_layout(2, N, 5, keyed=True, samples_per_chunk=BLOCK)
     order = shard_block_permutation(N, BLOCK, 0, 1)

@@ -205,7 +205,7 @@ def test_bad_outside_students_refused_before_training(tmp_path, outside_pkg):
 def test_trained_students_are_mentors(tmp_path):
     """Progressive distillation's link: a trained student (its run folder, here a vision
     Mamba with kwargs) is a mentor for cache-logits; the cached logits are its logits."""
-    from ckd.cache import LogitCache
+    from ckd.cache import open_cache
     from ckd.data import load_dataset
     from ckd.data.views import apply_views
 
@@ -217,7 +217,7 @@ def test_trained_students_are_mentors(tmp_path):
                                    "--views", "1", "--out", str(tmp_path / "c"),
                                    "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    cache = LogitCache(tmp_path / "c", mentors=["m"])
+    cache = open_cache(tmp_path / "c", mentors=["m"])
     ds = load_dataset("synthetic", **TINY)
     idx = torch.arange(8)
     slots, vids = cache.epoch_views(0, idx, 0)
@@ -230,7 +230,7 @@ def test_trained_students_are_mentors(tmp_path):
                                    f"m2={run / 'student.pt'}", "--views", "1", "--out",
                                    str(tmp_path / "c"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    both = LogitCache(tmp_path / "c", mentors=["m", "m2"]).gather(slots, idx)
+    both = open_cache(tmp_path / "c", mentors=["m", "m2"]).gather(slots, idx)
     assert torch.equal(both[0], both[1])
     res = CliRunner().invoke(cli, ["cache-logits", *data, "--mentors", f"x={tmp_path}",
                                    "--out", str(tmp_path / "c2"), "--device", "cpu"])

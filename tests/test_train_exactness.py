@@ -82,9 +82,9 @@ def test_cached_equals_online(classroom_cache, method):
 def test_cache_gives_different_views_each_epoch(classroom_cache):
     """Guard against a degenerate pass: the cached run's loss changes between epochs and
     the mentors' logits differ (a cache of identical mentors would hide bugs)."""
-    from ckd.cache import LogitCache
+    from ckd.cache import open_cache
 
-    c = LogitCache(classroom_cache["cache"], mentors=["teacher", "peer"])
+    c = open_cache(classroom_cache["cache"], mentors=["teacher", "peer"])
     idx = torch.arange(8)
     s0, v0 = c.epoch_views(0, idx, 5)
     s1, v1 = c.epoch_views(1, idx, 5)

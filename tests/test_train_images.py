@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from ckd.cache import LogitCache, build_cache
+from ckd.cache import build_cache, open_cache
 from ckd.cache.image_views import ImageViews
 from ckd.models import create_model, save_checkpoint
 
@@ -43,7 +43,7 @@ def test_student_batches_replay_the_cached_boxes(image_cache):
                       student="resnet8", resolution=STUDENT_PX, batch_size=8, seed=3)
     ds = load_data(cfg)
     train, test = make_loaders(cfg, ds, torch.device("cpu"), 0, 1)
-    cache = LogitCache(str(image_cache["out"]))
+    cache = open_cache(str(image_cache["out"]))
     stored = zarr.open_group(str(image_cache["out"]), mode="r")["mentors/r8/boxes"][:]
     ref = ImageLoader(image_cache["prepared"] / "train.beton", [STUDENT_PX], batch_size=8)
     epoch, seen = 1, 0

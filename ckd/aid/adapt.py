@@ -67,8 +67,7 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
         read_checkpoint_meta,
         save_checkpoint,
     )
-    from ckd.train.config import load_config  # noqa: PLC0415
-    from ckd.train.setup import load_data  # noqa: PLC0415
+    from ckd.train.setup import open_data  # noqa: PLC0415
 
     check_adapt_values(epochs=epochs, lam=lam, anchor=anchor, tau=T, lr=lr,
                        student_lr=student_lr, margin=margin)
@@ -81,9 +80,9 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
                               "cache may record its hash): pass --overwrite to replace it, "
                               "or choose another --out")
     dev = torch.device(device)
-    ds = check_in_memory_data(load_data(load_config(
-        None, dataset=dataset, prepared=prepared, data_dir=data_dir,
-        dataset_options=dataset_options or None)), "ckd adapt-mentor")
+    ds = check_in_memory_data(open_data(dataset=dataset, prepared=prepared,
+                                        data_dir=data_dir, dataset_options=dataset_options),
+                              "ckd adapt-mentor")
     meta = read_checkpoint_meta(checkpoint)
     arch = arch or meta.get("arch")
     if arch is None:

@@ -40,19 +40,21 @@ def check_in_memory_data(ds: Any, command: str) -> Any:
 
 def load_run_data(run_dir: Path | None, prepared: str | None, dataset: str | None,
                   dataset_options: dict[str, Any] | None, data_dir: str | None):
-    """The dataset: from --prepared/--dataset, else the run's config.yaml."""
-    from ckd.train.config import load_config  # noqa: PLC0415
-    from ckd.train.setup import load_data  # noqa: PLC0415
+    """The dataset: from --prepared/--dataset, else the one the run's config.yaml names."""
+    from ckd.train.setup import open_data  # noqa: PLC0415
 
     if prepared is None and dataset is None:
         if run_dir is None or not (run_dir / "config.yaml").is_file():
             raise ValueError("which data? pass --prepared DIR or --dataset NAME (a student "
                              "checkpoint file does not record where its images are)")
-        cfg = load_config(run_dir / "config.yaml")
-    else:
-        cfg = load_config(None, prepared=prepared, dataset=dataset, data_dir=data_dir,
-                          dataset_options=dataset_options or None)
-    return check_in_memory_data(load_data(cfg), "ckd analyze")
+        from ckd.train.config import load_config  # noqa: PLC0415
+
+        run = load_config(run_dir / "config.yaml")
+        prepared, dataset, data_dir = run.prepared, run.dataset, run.data_dir
+        dataset_options = run.dataset_options
+    ds = open_data(dataset=dataset, prepared=prepared, data_dir=data_dir,
+                   dataset_options=dataset_options)
+    return check_in_memory_data(ds, "ckd analyze")
 
 
 @torch.no_grad()
@@ -62,10 +64,10 @@ def decompose_over_train(cache_dir: str | Path, mentor: str, student: torch.nn.M
     """Rows of `Decomposition.table()` for the cached mentor vs `student` on the training
     set, each sample on the view the cache pairs with it in `epoch` (mentor and student see
     the same image)."""
-    from ckd.cache import LogitCache  # noqa: PLC0415
+    from ckd.cache import open_cache  # noqa: PLC0415
     from ckd.data.views import apply_views  # noqa: PLC0415
 
-    cache = LogitCache(cache_dir, mentors=[mentor])
+    cache = open_cache(cache_dir, mentors=[mentor])
     if cache.sparse:  # the decomposition needs every class's logit
         cache.close()
         raise ValueError(f"ckd analyze reads dense mentor logits, but mentor {mentor!r} in "

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .layout import FEATURES
+from .layout import FEATURES, CacheMismatchError
 
 HUGE_BYTES = 10 << 30  # above this per mentor, say so and suggest fewer views
 
@@ -82,3 +82,35 @@ def plan_features(names: Sequence[str], paths: Mapping[str, Path], dataset: Any,
                 "--features pool")
         out[alias] = shapes
     return out
+
+
+def cached_feature_shapes(mentor_meta: Mapping[str, Mapping[str, Any]],
+                          features: Sequence[str], path: object, image_folder: bool
+                          ) -> dict[str, list[tuple[int, ...]]]:
+    """Per-row shape of each requested feature, per mentor (in `mentor_meta`'s order), as
+    the store recorded it; a mentor cached without one is refused with the command that adds
+    it (an image folder's cache cannot hold features yet)."""
+    if not features:
+        return {}
+    bad = [f for f in features if f not in FEATURES]
+    if bad:
+        raise ValueError(f"unknown features {bad}; cacheable: {', '.join(FEATURES)}")
+    shapes: dict[str, list[tuple[int, ...]]] = {f: [] for f in features}
+    for m, attrs in mentor_meta.items():
+        have = attrs.get("features") or {}
+        lack = [f for f in features if f not in have]
+        if lack and image_folder:  # `cache-logits --features` refuses image folders
+            raise CacheMismatchError(
+                f"this method reads mentor features ({','.join(lack)}), which a cache of "
+                f"an image folder ({path}) cannot hold yet: train with a logit "
+                "method here (`ckd methods` lists them)")
+        if lack:
+            raise CacheMismatchError(
+                f"mentor {m!r} in {path} was cached without the {','.join(lack)} "
+                f"feature(s) this method reads: add them with `ckd cache-logits --out "
+                f"{path} --mentors {m}=CHECKPOINT --features "
+                f"{','.join(features)} ...` (the same options as the cache was built "
+                "with; only the missing features are computed)")
+        for f in features:
+            shapes[f].append(tuple(int(d) for d in have[f]))
+    return shapes

@@ -29,6 +29,7 @@ import zarr
 from ckd import determinism
 from ckd.dist import barrier, dist_context, process_group
 
+from .config import CacheConfig
 from .integrity import marker_columns, mentor_digest, mentor_specs, unit_marker, unit_status
 from .layout import (
     CORRECT,
@@ -175,15 +176,8 @@ def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndar
 
 
 # ------------------------------------------------------------------ entry point
-def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path, *,
-                views: str | int = "all", seed: int = 0, batch_size: int | None = None,
-                device: str = "cpu", dtype: str = "fp16", precision: str = "fp32",
-                overwrite: bool = False,
-                codec: str | None = None, samples_per_chunk: int | None = None,
-                progress: bool = True, features: str | Sequence[str] | None = None,
-                resolutions: Mapping[str, int] | None = None,
-                logits: str | Mapping[str, str] = "dense", deterministic: bool = False,
-                writers: int | None = None) -> Path | str:
+def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path,
+                config: CacheConfig | None = None, **options: Any) -> Path | str:
     """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset, or
     `ImageViews` of a prepared image folder: K rrc views per image, each mentor at its
     resolution, `resolutions` overriding the arch's input size per alias) in
@@ -200,8 +194,17 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     `batch_size`: images per forward (None: 512 on CPU, on CUDA the most that fits, up to
     2048; `plan.auto_batch_size`). `writers`: writer threads (default
     `pipeline.default_writers()`; 0: every unit written in this thread before the next is
-    computed, the sequential reference).
+    computed, the sequential reference). The options come as a `CacheConfig` (what `ckd
+    cache-logits` passes), as keywords of its fields, or both (keywords win); `device`
+    None: `ckd.options.default_device()`, as on the command line.
     """
+    cfg = (config or CacheConfig()).replace(**options)
+    views, seed, batch_size, dtype, precision = (cfg.views, cfg.seed, cfg.batch_size,
+                                                 cfg.dtype, cfg.precision)
+    codec, samples_per_chunk, overwrite, progress = (cfg.codec, cfg.samples_per_chunk,
+                                                     cfg.overwrite, cfg.progress)
+    features, resolutions, logits = cfg.features, cfg.resolutions, cfg.logits
+    deterministic, writers, device = cfg.deterministic, cfg.writers, cfg.resolved_device
     from tqdm import tqdm
 
     from ckd.data.views import NUM_VIEWS, RECIPE, view_ids

@@ -6,23 +6,11 @@ from typing import Any
 
 import click
 
-from ckd.cli.train import _kv
+from ckd.cli.params import key_values
+from ckd.cli.train import data_options
 
 # exit status of adapt-mentor when the adapted mentor lost more than --margin points
 MARGIN_EXCEEDED_EXIT = 3
-
-
-def _data_options(f):
-    for o in reversed([
-        click.option("--dataset", help="cifar10 | cifar100 | digits | synthetic."),
-        click.option("--prepared", type=click.Path(file_okay=False),
-                     help="Beton folder written by `ckd prepare` (instead of --dataset)."),
-        click.option("--data-dir", help="Where CIFAR archives live (default ./data)."),
-        click.option("-D", "--dataset-opt", "dataset_opt", multiple=True,
-                     help="Dataset option KEY=VALUE (digits: image_size=16, ...)."),
-    ]):
-        f = o(f)
-    return f
 
 
 @click.command("adapt-mentor")
@@ -32,7 +20,7 @@ def _data_options(f):
 @click.option("--student", required=True, help="Student architecture it is adapted for.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Adapted mentor checkpoint, e.g. mentors/cifar100/resnet110-aid-r20.pt.")
-@_data_options
+@data_options
 @click.option("--epochs", type=int, default=10, show_default=True, help="Adaptation epochs.")
 @click.option("--warmup-epochs", type=int, help="Proxy-student KD epochs before adapting "
               "(default: --epochs).")
@@ -51,13 +39,13 @@ def _data_options(f):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def adapt_mentor(dataset_opt: tuple[str, ...], tau: float, no_progress: bool,
+def adapt_mentor(dataset_options: tuple[str, ...], tau: float, no_progress: bool,
                  **kw: Any) -> None:
     """Fine-tune a mentor toward an intra-class distribution the student can fit (AID)."""
     from ckd.aid.adapt import adapt_mentor as run  # noqa: PLC0415
 
     res = run(kw.pop("arch"), kw.pop("checkpoint"), kw.pop("student"), kw.pop("out"),
-              dataset_options=_kv(dataset_opt, "--dataset-opt"), T=tau,
+              dataset_options=key_values(dataset_options, ("--dataset-opt",)), T=tau,
               progress=not no_progress, **kw)
     click.echo(f"adapted mentor {res['out']}: test top-1 {res['source_test_acc']:.2f}% -> "
                f"{res['test_acc']:.2f}% ({-res['accuracy_drop']:+.2f}; margin "
@@ -72,12 +60,12 @@ def adapt_mentor(dataset_opt: tuple[str, ...], tau: float, no_progress: bool,
 @click.option("--student", required=True, type=click.Path(),
               help="A trained student: run folder (its student.pt) or checkpoint file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@_data_options
+@data_options
 @click.option("--tau", type=float, default=4.0, show_default=True, help="KD temperature T.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Run seed whose epoch-0 views are used.")
 def analyze(cache: str, mentor: str, student: str, out: str, dataset: str | None,
-            prepared: str | None, data_dir: str | None, dataset_opt: tuple[str, ...],
+            prepared: str | None, data_dir: str | None, dataset_options: tuple[str, ...],
             tau: float, seed: int) -> None:
     """Split the KD loss (mentor vs student, training set) into inter-class and intra-class
     parts, per class and overall: analysis.md/.csv/.png in --out."""
@@ -92,7 +80,7 @@ def analyze(cache: str, mentor: str, student: str, out: str, dataset: str | None
 
     check_temperature(tau)  # before any data is loaded
     ckpt, run_dir = student_checkpoint(student)
-    ds = load_run_data(run_dir, prepared, dataset, _kv(dataset_opt, "--dataset-opt"),
+    ds = load_run_data(run_dir, prepared, dataset, key_values(dataset_options, ("--dataset-opt",)),
                        data_dir)
     model = load_checkpoint(ckpt, num_classes=ds.num_classes)
     rows = decompose_over_train(cache, mentor, model, ds, T=tau, seed=seed)

@@ -6,22 +6,14 @@ from typing import Any
 
 import click
 
-from ckd.cache.layout import CODECS, DEFAULT_CODEC
+from ckd.cache.config import CacheConfig
 from ckd.cli import params
-
-
-def _dataset_kw(pairs: tuple[str, ...]) -> dict[str, Any]:
-    kw: dict[str, Any] = {}
-    for p in pairs:
-        key, sep, val = p.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="-D")
-        kw[key.strip()] = int(val) if val.strip().lstrip("-").isdigit() else val.strip()
-    return kw
+from ckd.cli.train import DATA_FIELDS
+from ckd.train.config import TrainConfig
 
 
 def _load(dataset: str | None, data_dir: str | None, prepared: str | None,
-          opts: tuple[str, ...], batch_size: int = 64) -> Any:
+          options: dict[str, Any] | None, batch_size: int = 64) -> Any:
     from ckd.cache.image_views import ImageViews, is_image_folder
     from ckd.data import load_dataset
 
@@ -33,22 +25,12 @@ def _load(dataset: str | None, data_dir: str | None, prepared: str | None,
         return load_prepared(prepared)
     if not dataset:
         raise click.UsageError("give --dataset NAME (or --prepared DIR)")
-    return load_dataset(dataset, data_dir, **_dataset_kw(opts))
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return load_dataset(dataset, data_dir, **(options or {}))
 
 
 @click.command("cache-logits")
-@click.option("--dataset", help="cifar10|cifar100|digits|synthetic (or use --prepared).")
-@click.option("--data-dir", type=click.Path(), help="Where the raw dataset lives.")
-@click.option("--prepared", type=click.Path(exists=True, file_okay=False),
-              help="A folder written by `ckd prepare` (betons + meta.json).")
-@click.option("-D", "--dataset-opt", "dataset_opts", multiple=True, metavar="KEY=VALUE",
-              help="Dataset option, e.g. -D n_train=512 for synthetic (repeatable).")
+@params.config_options(TrainConfig, only=DATA_FIELDS, extra={
+    "prepared": {"type": click.Path(exists=True, file_okay=False)}})
 @click.option("--mentors", required=True,
               help="Comma list of aliases (r110,r8: checkpoints from --mentor-dir) or "
                    "alias=path.pt (RepDistiller or ckd checkpoint), or alias=RUN_DIR "
@@ -57,49 +39,11 @@ def _default_device() -> str:
               help="Aliases resolve to <mentor-dir>/<dataset>/<arch>.pt.")
 @click.option("--out", required=True, type=click.Path(), callback=params.writable_dir,
               help="Cache store (a folder).")
-@click.option("--views", default="all", show_default=True, type=params.Views(),
-              help="'all' (every distinct view: 162 for CIFAR) or K keyed views per sample.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Augmentation seed (--views K).")
-@click.option("--batch-size", default=None, type=click.IntRange(min=1),
-              help="Images per mentor forward pass (default: 512 on CPU; on CUDA the most "
-                   "that fits in half the device's memory, up to 2048; printed at the start).")
-@click.option("--device", default=None, callback=params.device,
-              help="cpu|cuda|cuda:N (default: cuda when available).")
-@click.option("--dtype", type=click.Choice(["fp16", "fp32"]), default="fp16",
-              show_default=True, help="Storage precision of the logits.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-              show_default=True,
-              help="Mentor forward precision (autocast; recorded per mentor: online training "
-                   "and `cache verify --recompute` run the mentors at it). fp32 is exact.")
-@click.option("--codec", type=click.Choice(list(CODECS)), default=DEFAULT_CODEC,
-              show_default=True, help="Compression (new stores only).")
-@click.option("--samples-per-chunk", type=click.IntRange(min=1), default=None,
-              help="Chunk height (default: ~8 MiB raw chunks; new stores only).")
-@click.option("--overwrite", is_flag=True,
-              help="Recompute mentors whose checkpoint changed; rebuild a store made for "
-                   "other data.")
-@click.option("--features", default=None, metavar="pool[,map]",
-              help="Also store each mentor's pooled feature (pool) and/or last stage map "
-                   "(map) per cached view, for feature methods (crd, fitnet, sdkd, ...). "
-                   "Added to an existing cache, only what is missing is computed.")
-@click.option("--resolution", "resolutions", multiple=True, metavar="ALIAS=PIXELS",
-              help="Image folders: the input size of a mentor (default: its arch's, 224 for "
-                   "the ImageNet zoo); repeatable.")
-@click.option("--logits", "logits_spec", default="dense", show_default=True,
-              help="Storage per mentor: dense | topk:K | sample:S for all, or per alias, "
-                   "e.g. r110=dense,r8=sample:16 (docs/SPARSE.md).")
-@click.option("--deterministic", is_flag=True,
-              help="Strict deterministic algorithms (cuDNN, cuBLAS): an op without a "
-                   "deterministic kernel is refused by name instead of warned about; "
-                   "recorded per mentor, a resume must match (docs/ARCHITECTURE.md).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@params.config_options(CacheConfig, extra={"views": {"type": params.Views()},
+                                           "device": {"callback": params.device}})
 def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None,
-                 dataset_opts: tuple[str, ...], mentors: str, mentor_dir: str, out: str,
-                 views: str, seed: int, batch_size: int | None, device: str | None, dtype: str,
-                 precision: str, codec: str, samples_per_chunk: int | None, overwrite: bool,
-                 features: str | None, resolutions: tuple[str, ...], logits_spec: str,
-                 deterministic: bool, quiet: bool) -> None:
+                 dataset_options: tuple[str, ...], mentors: str, mentor_dir: str, out: str,
+                 **options: Any) -> None:
     """Run each frozen mentor once per view over the training set into a Zarr cache.
 
     Resumable (rerun the same command after an interruption), and sharded when launched
@@ -108,42 +52,34 @@ def cache_logits(dataset: str | None, data_dir: str | None, prepared: str | None
     """
     from ckd.cli.pose import cache_pose, is_pose_dir
 
+    values = params.config_values(CacheConfig, options)
+    cfg = CacheConfig(**{k: v for k, v in values.items() if v is not None}).validate()
     if is_pose_dir(prepared):  # a pose set: mentors are pose checkpoints, rows per joint
-        if precision != "fp32" or deterministic or features:
+        if cfg.precision != "fp32" or cfg.deterministic or cfg.features:
             raise ValueError("pose caches are built at --precision fp32, without --features "
                              "or --deterministic: drop those options for a pose set")
-        cache_pose(prepared, mentors.split(","), out, views, seed, batch_size or 512, dtype,
-                   logits_spec, quiet)
+        cache_pose(prepared, mentors.split(","), out, cfg.views, cfg.seed,
+                   cfg.batch_size or 512, cfg.dtype, cfg.logits, not cfg.progress)
         return
     from ckd.cache import build_cache
     from ckd.cache.mentors import resolve_mentors
     from ckd.cache.sparse import logits_modes, storage_lines
     from ckd.data.views import NUM_VIEWS
 
-    res = {}
-    for item in resolutions:
-        alias, sep, px = item.partition("=")
-        if not sep or not px.strip().isdigit() or int(px) < 1:
-            raise click.BadParameter(f"expected ALIAS=PIXELS (e.g. r50=224), got {item!r}",
-                                     param_hint="--resolution")
-        res[alias.strip()] = int(px)
-    ds = _load(dataset, data_dir, prepared, dataset_opts, batch_size or 512)
+    ds = _load(dataset, data_dir, prepared, params.key_values(dataset_options, ("-D",)),
+               cfg.batch_size or 512)
     paths = resolve_mentors(mentors, ds.name, mentor_dir)
-    unknown = sorted(set(res) - set(paths))
+    unknown = sorted(set(cfg.resolutions) - set(paths))
     if unknown:
         raise ValueError(f"--resolution names {unknown}, not among the mentors "
                          f"{sorted(paths)}")
-    modes = logits_modes(logits_spec, list(paths), ds.num_classes)
+    modes = logits_modes(cfg.logits, list(paths), ds.num_classes)
+    views = cfg.views
     slots = NUM_VIEWS if views == "all" else int(views) if views.isdigit() else 0
     for line in storage_lines(modes, ds.num_classes, slots * len(ds.train),
-                              2 if dtype == "fp16" else 4):
+                              2 if cfg.dtype == "fp16" else 4):
         click.echo(line)
-    build_cache(ds, paths, out, views=views, seed=seed, batch_size=batch_size,
-                device=device or _default_device(), dtype=dtype, precision=precision,
-                overwrite=overwrite,
-                codec=codec, samples_per_chunk=samples_per_chunk, progress=not quiet,
-                features=features, resolutions=res or None, logits=modes,
-                deterministic=deterministic)
+    build_cache(ds, paths, out, cfg)
     _print_info(out)
 
 

@@ -1,6 +1,8 @@
 """`ckd train`, `ckd train-mentor`, `ckd report`: thin wrappers over ckd.train.
 
-Every option defaults to None so that only flags actually given override `--config`."""
+The options of `train` and `train-mentor` are generated from `TrainConfig`'s declarations
+(`ckd.cli.params.config_options`); each defaults to None so that only flags actually given
+override `--config`."""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from ckd.cli import params
+from ckd.train.config import TrainConfig
 
 
 class MethodExpr(click.ParamType):
@@ -47,83 +49,27 @@ class ParamHelpOption(click.Option):
         return record[0], f"{record[1]} Parameters by method: {per}."
 
 
-def _kv(pairs: tuple[str, ...], flag: str) -> dict[str, Any] | None:
-    if not pairs:
-        return None
-    out = {}
-    for p in pairs:
-        key, sep, val = p.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{p!r}: expected KEY=VALUE", param_hint=flag)
-        out[key.strip()] = yaml.safe_load(val)
-    return out
+# what `ckd train-mentor` has no use for: a mentor is trained from scratch (nokd)
+DISTILL_ONLY = ("student", "student_kwargs", "method", "variant", "granularity", "backend",
+                "resolution", "cache", "cache_mode", "order", "mentors", "mentors_online",
+                "mentor_precision", "mentor_dir", "tau", "beta", "delta", "lam",
+                "method_params", "preset", "cuda_graphs")
+TRAIN_EXTRA = {"method": {"type": MethodExpr()}, "method_params": {"cls": ParamHelpOption},
+               "device": {"callback": params.device}}
 
+# where the images come from: the same options for every command that reads a dataset
+DATA_FIELDS = ("dataset", "data_dir", "dataset_options", "prepared")
+data_options = params.config_options(TrainConfig, only=DATA_FIELDS)
 
-def _common(f):
-    """Options shared by train and train-mentor (data, optimisation, run)."""
-    opts = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                     help="Experiment YAML; flags given on the command line override it."),
-        click.option("--dataset", help="cifar10 | cifar100 | digits | synthetic."),
-        click.option("--data-dir", help="Where CIFAR archives live (default ./data)."),
-        click.option("-D", "--dataset-opt", "dataset_opt", multiple=True,
-                     help="Dataset option KEY=VALUE (synthetic: n_train, n_test, ...)."),
-        click.option("--prepared", type=click.Path(file_okay=False),
-                     help="Beton folder written by `ckd prepare` (instead of --dataset)."),
-        click.option("--loader", type=click.Choice(["memory", "ffcv"])),
-        click.option("--epochs", type=int, help="Default 240."),
-        click.option("--batch-size", type=int, help="Default 64."),
-        click.option("--optimizer", type=click.Choice(["sgd", "adamw"]),
-                     help="Default: sgd, adamw for the ViT/Mamba students."),
-        click.option("--lr", type=float,
-                     help="Default 0.05 (0.01 for MobileNetV2/ShuffleNet students; 1e-3 "
-                     "with adamw)."),
-        click.option("--momentum", type=float),
-        click.option("--weight-decay", type=float),
-        click.option("--schedule", type=click.Choice(["step", "classroom-warmup", "constant"])),
-        click.option("--milestones", help="Comma list, e.g. 150,180,210 (default: those "
-                     "scaled to --epochs)."),
-        click.option("--warmup-epochs", type=int, help="classroom-warmup (default 120/240)."),
-        click.option("--seed", type=int),
-        click.option("--out", type=click.Path(file_okay=False), help="Run folder."),
-        click.option("--resume", is_flag=True, default=None,
-                     help="Continue the run in --out from its last checkpoint (same "
-                     "settings only)."),
-        click.option("--resume-allow", help="With --resume: settings that may differ from "
-                     "the checkpoint's, comma list (e.g. epochs,lr); recorded in "
-                     "metrics.jsonl."),
-        click.option("--overwrite", is_flag=True, default=None,
-                     help="Start over in an --out that holds a run (its checkpoint, metrics "
-                     "and weights are replaced; mentors: replace the mentor checkpoint)."),
-        click.option("--device", help="cpu | cuda | cuda:N (default cuda if available)."),
-        click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA (default on)."),
-        click.option("--deterministic/--no-deterministic", default=None,
-                     help="Deterministic algorithms (cuDNN, cuBLAS; an op without a "
-                     "deterministic kernel is refused by name): bit-for-bit GPU runs "
-                     "(docs/ARCHITECTURE.md). Default off; recorded, a --resume must match."),
-        click.option("--channels-last/--no-channels-last", default=None,
-                     help="channels_last memory format (default on)."),
-        click.option("--compile", "compile_", is_flag=True, default=None,
-                     help="torch.compile the student."),
-        click.option("--log-every", type=int, help="Steps between metrics records (50)."),
-        click.option("--max-steps-per-epoch", type=int, help="Truncate epochs (smoke tests)."),
-        click.option("--no-progress", is_flag=True, default=None, help="No progress bars."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+config_file = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False),
+    help="Experiment YAML (keys: the options' names, e.g. batch_size: 128); flags given on "
+    "the command line override it.")
 
 
 def _overrides(kw: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
     path = kw.pop("config_path", None)
-    kw["dataset_options"] = _kv(kw.pop("dataset_opt", ()), "--dataset-opt")
-    if "student_kwarg" in kw:
-        kw["student_kwargs"] = _kv(kw.pop("student_kwarg", ()), "--student-kwargs")
-    if "param" in kw:
-        kw["method_params"] = _kv(kw.pop("param", ()), "--param")
-    kw["compile"] = kw.pop("compile_", None)
-    kw["progress"] = False if kw.pop("no_progress", None) else None
-    return path, kw
+    return path, params.config_values(TrainConfig, kw)
 
 
 def _summary(result: dict[str, Any]) -> None:
@@ -139,54 +85,8 @@ def _summary(result: dict[str, Any]) -> None:
 
 
 @click.command()
-@_common
-@click.option("--cache", type=click.Path(file_okay=False), help="Logit cache (ckd cache-logits).")
-@click.option("--cache-mode", type=click.Choice(["memory", "stream", "blocks"]),
-              help="memory (default: the whole cache decompressed once), stream (one "
-              "epoch's rows, read ahead), blocks (a window of whole chunks read when a step "
-              "needs them: use with --order shard-blocks).")
-@click.option("--resolution", type=click.IntRange(min=1),
-              help="Image folders: the student's input size in pixels (default: its "
-              "arch's, 224 for the ImageNet zoo); crops replay the cached views' boxes.")
-@click.option("--order", type=click.Choice(["random", "shard-blocks"]),
-              help="Epoch order: random (default) or shard-blocks (whole cache shards in a "
-              "random order: each shard read once per epoch; a pure function of seed and "
-              "epoch, the same for any number of ranks).")
-@click.option("--student", help="Student: a zoo name (`ckd models`, default resnet20) or "
-              "module.path:ClassName of any nn.Module mapping images to logits [B, C]; "
-              "several, comma-separated (r8,r14,wrn_16_1), train side by side from one pass "
-              "over the data and cache, each in <out>/<student>.")
-@click.option("--student-kwargs", "student_kwarg", multiple=True,
-              help="Student constructor keyword KEY=VALUE (repeatable), e.g. depth=6.")
-@click.option("--method", type=MethodExpr(),
-              help="A method or a weighted sum (kd+0.5*OTHER); `ckd methods` lists them "
-              "with their parameters. Default classroom.")
-@click.option("--variant", help="classroom: paper | official.")
-@click.option("--granularity", help="classroom: batch | sample.")
-@click.option("--backend", type=click.Choice(["auto", "triton", "reference"]))
-@click.option("--mentors", help="Comma list, teacher first: a subset of the cached mentors, "
-              "or with --mentors-online NAME or NAME=checkpoint.pt.")
-@click.option("--mentors-online/--no-mentors-online", default=None,
-              help="Run the mentors' checkpoints live on the same views (no cache).")
-@click.option("--mentor-precision", type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="Online mentors' forward precision, as `ckd cache-logits --precision` "
-              "(default: the --cache's recorded one, else bf16 with --amp on CUDA, else "
-              "fp32); must match a --cache's.")
-@click.option("--mentor-dir", type=click.Path(file_okay=False),
-              help="Online mentors: NAME is <mentor-dir>/<dataset>/<arch>.pt (default "
-              "./mentors), as in `ckd cache-logits`.")
-@click.option("--tau", type=float, help="The method's temperature parameter (tau or T).")
-@click.option("--beta", type=float, help="classroom: weight of the mentoring terms.")
-@click.option("--delta", type=float, help="classroom: weight of the extra CE + teacher KL.")
-@click.option("--lam", type=float, help="classroom: rank scale lambda.")
-@click.option("--param", multiple=True, metavar="KEY=VALUE", cls=ParamHelpOption,
-              help="A method parameter (METHOD.KEY=VALUE in a sum).")
-@click.option("--preset", help="A named parameter set of the method, e.g. repdistiller for "
-              "kd (0.1 CE + 0.9 KD); `ckd methods` lists them.")
-@click.option("--cuda-graphs", is_flag=True, default=None,
-              help="Replay each full batch's training step (forward, fused loss, backward, "
-              "SGD) from a CUDA graph captured after warm-up; the last partial batch and "
-              "evaluation run eagerly. CUDA, SGD, logit methods, one process.")
+@config_file
+@params.config_options(TrainConfig, extra=TRAIN_EXTRA)
 def train(**kw: Any) -> None:
     """Train a student from cached (or live) mentor logits."""
     from ckd.train import load_config
@@ -202,7 +102,8 @@ def train(**kw: Any) -> None:
 @click.option("--arch", required=True, help="Mentor architecture, e.g. r110, resnet56, vgg13.")
 @click.option("--mentor-dir", type=click.Path(file_okay=False), callback=params.writable_dir,
               help="Writes <mentor-dir>/<dataset>/<arch>.pt (default ./mentors).")
-@_common
+@config_file
+@params.config_options(TrainConfig, exclude=DISTILL_ONLY, extra=TRAIN_EXTRA)
 def train_mentor(arch: str, mentor_dir: str | None, **kw: Any) -> None:
     """Train a mentor from scratch (nokd) and save ./mentors/<dataset>/<ARCH>.pt."""
     from ckd.train import load_config

@@ -3,7 +3,7 @@ the student sees exactly the random-resized crop its cached mentors saw, at its 
 resolution.
 
 Epoch `e` of a run seeded `s` replays slot `epoch_slots(s, e, i)` of image `i`
-(`LogitCache.epoch_views`, the one source of truth), whose box is `rrc_views(cache seed,
+(the cache's `epoch_views`, the one source of truth), whose box is `rrc_views(cache seed,
 i, slot)` in the image's original pixels (the function `cache-logits` drew it from, and
 `cache verify --recompute` checks); `ImageLoader`'s replay decoder crops that box from
 the stored JPEG and resizes it to the student's resolution. The test split is the usual

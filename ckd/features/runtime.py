@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ckd.cache.rows import RowSource
+
 FEATURE_INPUTS = ("pool", "map")  # what a method may read from the mentors besides logits
 MODULES_KEY = "method_modules"  # training-checkpoint entry of the methods' modules
 
@@ -209,7 +211,7 @@ def make_feature_run(cfg: Any, plan: Any, ds: Any, source: Any, student: nn.Modu
     return FeatureRun(plan, student, cfg.student, mentor_shapes, context, image_size, device)
 
 
-def cached_mentor_shapes(cache: Any, image_size: int) -> list[tuple[tuple[int, ...], ...]]:
+def cached_mentor_shapes(cache: RowSource, image_size: int) -> list[tuple[tuple[int, ...], ...]]:
     """Each cached mentor's feature shapes (its architecture's `is_feat` shapes, with the
     cached pool/map shapes checked against them: a mismatch is refused by name)."""
     from ckd.models import feature_shapes  # noqa: PLC0415

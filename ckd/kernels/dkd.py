@@ -7,7 +7,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ckd.kernels.triton_kernels import _finish, _load_student, _online, _pick, _reduce, _store_grad
+from ckd.kernels.triton_kernels import (
+    _finish,
+    _load_student,
+    _online,
+    _reduce,
+    _store_batch,
+    _store_grad,
+)
 
 
 @triton.jit
@@ -146,11 +153,7 @@ def _dkd_kernel(
     if pid == 0:  # mentor_rank = (warm-up factor, 0, ...)
         jm = tl.arange(0, BLOCK_M)
         tl.store(out_ptr + jm, tl.where(jm == 0, warm, 0.0).to(tl.float32), mask=jm < M)
-    if _finish(part_ptr, cnt_ptr, pid, part.to(ACC), NV):
+    if _finish(part_ptr, cnt_ptr, pid, part.to(ACC), NV, tl.num_programs(0)):
         tot = _reduce(part_ptr, tl.num_programs(0), NV)
-        tl.store(loss_ptr, (_pick(tot, 0, NV) * inv_B).to(loss_ptr.dtype.element_ty))
-        flag = (tl.where(_pick(tot, 1, NV) > 0, 1, 0) + tl.where(_pick(tot, 2, NV) > 0, 2, 0)
-                + tl.where(_pick(tot, 3, NV) > 0, 4, 0))
-        tl.store(flag_ptr, flag.to(tl.int32))
-        tl.store(state_ptr, tl.full([], 1.0, state_ptr.dtype.element_ty))  # no scale yet
+        _store_batch(tot, loss_ptr, flag_ptr, state_ptr, inv_B, NV)
         tl.atomic_xchg(cnt_ptr, 0)

@@ -27,12 +27,16 @@ from ckd.kernels.dkd import _dkd_kernel
 from ckd.kernels.output import DistillOutput
 from ckd.kernels.rank import _rank_batch_kernel
 from ckd.kernels.rng import as_i32
+from ckd.kernels.split_rows import ROW_SCALARS, _split_kernel, block_s, split_plan
 from ckd.kernels.terms import Decoupled, RandomDrop, Ranking, TermTable
 from ckd.mentor_stats import mentor_row_stats
 
 _CONST: dict[tuple, Tensor] = {}
 _TICKETS: dict[str, Tensor] = {}
 TICKET_RANK, TICKET_LOSS, TICKET_SCALE = 0, 1, 2
+# class-blocked rows (C > MAX_BLOCK_C) are split across programs until a launch has this
+# many (H200: 132 SMs; a few resident programs each, several waves): split_rows.py
+SPLIT_TARGET_PROGRAMS = 4096
 
 
 def _const(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -81,24 +85,33 @@ def vec_width(t: Tensor, C: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _tiles(B: int, C: int, n_terms: int, block_c: int | None, extra_term: bool = False):
+def _tiles(B: int, C: int, n_terms: int, block_c: int | None, extra_term: bool = False,
+           row_div: int = 1):
     """(ROWS, BLOCK_C, ONE_BLOCK, num_warps): whole rows in registers up to MAX_BLOCK_C
-    (several rows per program for small C), else class blocks of 1024."""
+    (several rows per program for small C, `row_div` times fewer for rows loaded element
+    by element), else class blocks of 1024."""
     bt = triton.next_power_of_2(max(n_terms, 1))
     if block_c is None and C <= D.MAX_BLOCK_C:
         bc = max(16, triton.next_power_of_2(C))
-        rows = max(1, min(D.ROW_TILE // bc, triton.next_power_of_2(B)))
-        one = True
+        full = max(1, min(D.ROW_TILE // bc, triton.next_power_of_2(B)))
+        rows, one = max(1, full // row_div), True
     else:
         bc = triton.next_power_of_2(block_c or min(D.MAX_BLOCK_C, 1024))
-        rows, one = 1, False
+        full, rows, one = 1, 1, False
     # <= 8 elements of a row tile per thread (4 warps per 1024), and <= 32 term elements
-    # (sm_90 ptxas: <= 128 registers, no spills at C = 100 and 1000; tests compile them)
-    tile = rows * bc
-    warps = max(tile // 256, (bt * tile) // (512 if bt <= 4 else 1024), 1)
+    # (sm_90 ptxas: <= 128 registers, no spills at C = 100 and 1000; tests compile them),
+    # counted on the full tile: element-by-element loads keep more per element. An extra
+    # term (ClassroomKD's delta) doubles the warps of the final tile: doubling the full
+    # tile's gave a quarter of the rows 16 warps, where ptxas kept 64 registers a thread
+    # and spilled.
+    warps = _warps(full * bc, bt)
     if extra_term:
-        warps *= 2
+        warps = max(warps, 2 * _warps(rows * bc, bt))
     return rows, bc, one, min(16, triton.next_power_of_2(warps))
+
+
+def _warps(tile: int, bt: int) -> int:
+    return max(tile // 256, (bt * tile) // (512 if bt <= 4 else 1024), 1)
 
 
 def _acc(dtype: torch.dtype):
@@ -157,21 +170,26 @@ class _Plan:
 
     terms: tuple  # (grid, constexpr kwargs) of the loss kernel
     rank: tuple | None  # (grid, constexpr kwargs, partial width) of the batch ranking
-    scalars: tuple  # (tau, beta, delta, lam, noise_a) arguments
+    scalars: tuple  # (tau, beta, delta, lam) arguments (the selection's, fp32)
+    consts: Tensor  # (1 / B, noise_a) in the accumulation dtype
     nprog: int
     nv: int
     bt: int
     src: Tensor  # the table's source mentors and noise copies, int32 [2 * BLOCK_T]
     weights: Tensor | None  # [w | T | w_ce] of a table without selection
     stats: dict[str, Tensor] | None  # logged stats of a table without selection
+    split: tuple | None = None  # (SPLIT, row partial width) of the split-rows kernel
     # scratch buffers written and read within one forward (partial sums, the ranking's
     # table): allocated once per plan; launches on one stream run in order
     scratch: dict[str, Tensor] = field(default_factory=dict)
 
-    def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device) -> Tensor:
+    def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device,
+               zeros: bool = False) -> Tensor:
+        """`zeros`: tickets, zeroed once here and reset by the kernels that take them."""
         buf = self.scratch.get(name)
         if buf is None:
-            buf = self.scratch[name] = torch.empty(shape, dtype=dtype, device=device)
+            make = torch.zeros if zeros else torch.empty
+            buf = self.scratch[name] = make(shape, dtype=dtype, device=device)
         return buf
 
 
@@ -189,11 +207,11 @@ def _src_prefix(src: tuple[int, ...]) -> int:
 
 def _plan(table: TermTable, B: int, C: int, M: int, zs: Tensor, zm: Tensor | None,
           vecs: tuple[int, int, int, int], write_grad: bool, step_from_ptr: bool,
-          rank_separate: bool, block_c: int | None) -> _Plan:
+          rank_separate: bool, block_c: int | None, split_chunk: int | None) -> _Plan:
     """The launch plan of a table at these shapes, dtypes and alignments, built once per
     key (the host cost of a step is then a dict lookup and the allocations)."""
     key = (table, B, C, M, zs.dtype, None if zm is None else zm.dtype, vecs, write_grad,
-           step_from_ptr, rank_separate, block_c, str(zs.device))
+           step_from_ptr, rank_separate, block_c, split_chunk, str(zs.device))
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
@@ -213,15 +231,16 @@ def _plan(table: TermTable, B: int, C: int, M: int, zs: Tensor, zm: Tensor | Non
     elif isinstance(sel, RandomDrop):
         mode, thr, tau = D.MODE_DGKD, sel.threshold(), sel.tau
     bt = triton.next_power_of_2(max(n_terms, 1))
-    rows, bc, one, warps = _tiles(B, C, n_terms, block_c, n_terms > n_mentors > 1)
-    if one and rows > 1 and (vec_s == 1 or (zm is not None and vec_m == 1)):
-        # unaligned rows (a bf16 student at C=100, contiguous fp16 mentors) load element by
-        # element, which takes more registers per element: fewer rows per program (a
-        # quarter with sample-granularity selection, which keeps more per row)
-        rows = max(1, rows // (4 if mode == D.MODE_SAMPLE else 2))
+    # unaligned rows (a bf16 student at C=100, contiguous fp16 mentors) load element by
+    # element, which takes more registers per element: fewer rows per program (a quarter
+    # with sample-granularity selection, which keeps more per row)
+    unaligned = vec_s == 1 or (zm is not None and vec_m == 1)
+    rows, bc, one, warps = _tiles(B, C, n_terms, block_c, n_terms > n_mentors > 1,
+                                  (4 if mode == D.MODE_SAMPLE else 2) if unaligned else 1)
     nprog = _cdiv(B, rows)
     nv = triton.next_power_of_2(5 + 3 * bt)
     acc = _acc(zs.dtype)
+    acc_dtype = torch.float64 if zs.dtype == torch.float64 else torch.float32
     terms_kw = dict(NM=n_mentors, NT=n_terms, BLOCK_T=bt, MODE=mode, NOISE=table.noisy,
                     SRC_PREFIX=_src_prefix(table.src),
                     COPY_FROM_TABLE=table.noisy and table.copies != tuple(range(-1, n_terms - 1)),
@@ -230,6 +249,22 @@ def _plan(table: TermTable, B: int, C: int, M: int, zs: Tensor, zm: Tensor | Non
                     BLOCK_C=bc, ONE_BLOCK=one, VEC_S=vec_s, VEC_M=vec_m, VEC_G=vec_g,
                     ACC=acc, WRITE_GRAD=write_grad, NV=nv, num_warps=warps,
                     **(D.SELECTION_OPTIONS if mode == D.MODE_SAMPLE else {}))
+    split = None
+    if (not one or split_chunk is not None) and mode != D.MODE_SAMPLE and not rank_separate:
+        # long rows: split across programs, streamed once (split_rows.py)
+        if split_chunk is not None and block_c is None:
+            bc = min(1024, triton.next_power_of_2(split_chunk))
+        n_split, chunk = split_plan(B, C, bc, split_chunk, SPLIT_TARGET_PROGRAMS)
+        nprog, nv, nr = B * n_split, 4, ROW_SCALARS.value + 3 * bt
+        if table.noisy:  # the in-kernel noise of every term's tile: twice the threads
+            warps = min(16, 2 * warps)
+        terms_kw = dict(
+            NT=n_terms, BLOCK_T=bt, MODE=mode, SRC_PREFIX=terms_kw["SRC_PREFIX"],
+            COPY_FROM_TABLE=terms_kw["COPY_FROM_TABLE"], NOISE=table.noisy,
+            DROP_THRESHOLD=thr, STEP_FROM_PTR=step_from_ptr, SPLIT=n_split,
+            BLOCK_S=block_s(n_split), CHUNK=chunk, BLOCK_C=bc, VEC_S=vec_s, VEC_M=vec_m,
+            VEC_G=vec_g, ACC=acc, WRITE_GRAD=write_grad, NR=nr, NV=nv, num_warps=warps)
+        split = (n_split, nr)
     rank = None
     if isinstance(sel, Ranking) and mode == D.MODE_TABLE:  # batch ranking first
         r_rows, r_bc, r_one, r_warps = _tiles(B, C, 1, block_c)
@@ -238,17 +273,17 @@ def _plan(table: TermTable, B: int, C: int, M: int, zs: Tensor, zm: Tensor | Non
             BLOCK_C=r_bc, ONE_BLOCK=r_one, VEC=vec_r, ACC=acc, NV=2 * bt,
             num_warps=r_warps, **D.SELECTION_OPTIONS), _cdiv(B, r_rows))
     pad = bt - n_terms
-    f32 = torch.float32
     src = _const(tuple(table.src) + (0,) * pad + tuple(table.copies) + (-1,) * pad,
                  torch.int32, dev)
     weights = stats = None
     if sel is None:
         weights = _const(tuple(float(v) for v in [*table.weight, *[0.0] * pad, *table.temp,
-                                                  *[1.0] * pad, table.w_ce]), f32, dev)
+                                                  *[1.0] * pad, table.w_ce]), acc_dtype, dev)
         stats = _stats_consts(*table.static_stats(M), dev)
     plan = _Plan(((nprog,), terms_kw), rank,
-                 (float(tau), float(beta), float(delta), float(lam), float(table.noise_a)),
-                 nprog, nv, bt, src, weights, stats)
+                 (float(tau), float(beta), float(delta), float(lam)),
+                 _const((1.0 / B, float(table.noise_a)), acc_dtype, dev), nprog, nv, bt, src,
+                 weights, stats, split)
     _PLANS[key] = plan
     return plan
 
@@ -256,12 +291,14 @@ def _plan(table: TermTable, B: int, C: int, M: int, zs: Tensor, zm: Tensor | Non
 def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Decoupled, *,
                seed: int = 0, step: int | Tensor = 0, epoch: int | Tensor | None = None,
                mentor_stats: Tensor | None = None, rank_logits: Tensor | None = None,
-               block_c: int | None = None) -> DistillOutput:
+               block_c: int | None = None, split_chunk: int | None = None) -> DistillOutput:
     """The loss of a term table (terms.py) on dense mentors [M, B, C], fused: returns
     DistillOutput. `seed`, `step` key the random draws (RandomDrop, TeKAP copies), `epoch`
     the Decoupled warm-up; `step`, `epoch` may be 0-dim device tensors. `mentor_stats`
     [M, B, 2] (`ckd.mentor_stats`) feed a Ranking; `rank_logits` rank instead of the student
-    logits (a testing hook)."""
+    logits (a testing hook). `block_c` forces class blocks of that size, `split_chunk`
+    rows split across programs of that many classes (split_rows.py; tests lower it to
+    split small rows)."""
     if isinstance(table, Decoupled):
         return _decoupled_loss(zs, zm, y, table, epoch, block_c)
     dev = zs.device
@@ -282,7 +319,7 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Deco
             vec_width(rank_zs, C) if isinstance(table.select, Ranking) else 1)
     step_val, step_ptr, step_from_ptr = _step_args(step)
     plan = _plan(table, B, C, M, zs, zm, vecs, write_grad, step_from_ptr,
-                 rank_zs is not zs_d, block_c)
+                 rank_zs is not zs_d, block_c, split_chunk)
     ranking = isinstance(table.select, Ranking)
     loss = torch.empty((), dtype=loss_dtype, device=dev)
     flags = torch.empty((), dtype=torch.int32, device=dev)
@@ -299,7 +336,8 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Deco
     st_arg = (mstats, mstats.stride(0), mstats.stride(1)) if mstats is not None else \
         (loss, 0, 0)
     tickets = _tickets(dev)
-    tau, beta, delta, lam, noise_a = plan.scalars
+    tau, beta, delta, lam = plan.scalars
+    noise_a = float(table.noise_a)
 
     def launch():
         if plan.rank is not None:
@@ -309,12 +347,24 @@ def fused_loss(zs: Tensor, zm: Tensor | None, y: Tensor, table: TermTable | Deco
                 rank_zs, rank_zs.stride(0), rank_zs.stride(1), y, y.stride(0), *st_arg,
                 table_t, out, r_part, tickets[TICKET_RANK:], B, C, lam, tau, beta, delta), kw)
         grid, kw = plan.terms
+        if plan.split is not None:
+            n_split, nr = plan.split
+            run(_split_kernel, grid, (
+                zs_d, zs_d.stride(0), zs_d.stride(1), zm_arg, *zm_strides, y, y.stride(0),
+                table_t, plan.src, grad if write_grad else loss,
+                plan.buffer("rows", (B * n_split, nr), loss_dtype, dev),
+                plan.buffer("row_tickets", (B,), torch.int32, dev, zeros=True), part,
+                tickets[TICKET_LOSS:], loss, flags, out if out is not None else loss, state,
+                B, C, 1.0 / B, noise_a, plan.consts, as_i32(seed), step_val,
+                step_ptr if step_ptr is not None else y, tau), kw)
+            return loss, flags, grad, state, in_place
         run(D._terms_kernel, grid, (
             zs_d, zs_d.stride(0), zs_d.stride(1), rank_zs, rank_zs.stride(0), rank_zs.stride(1),
             zm_arg, *zm_strides, y, y.stride(0), *st_arg, table_t, plan.src,
             grad if write_grad else loss, part, tickets[TICKET_LOSS:], loss, flags,
-            out if out is not None else loss, state, B, C, 1.0 / B, as_i32(seed), step_val,
-            step_ptr if step_ptr is not None else y, tau, beta, delta, lam, noise_a), kw)
+            out if out is not None else loss, state, B, C, 1.0 / B, noise_a, plan.consts,
+            as_i32(seed), step_val, step_ptr if step_ptr is not None else y, tau, beta, delta,
+            lam), kw)
         return loss, flags, grad, state, in_place
 
     if plan.stats is None:

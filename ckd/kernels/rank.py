@@ -62,7 +62,7 @@ def _rank_batch_kernel(
     j1 = tl.arange(0, BLOCK_T)
     for k in tl.static_range(BLOCK_T):
         part += tl.where(nv == k, tl.sum(tl.where(j1 == k, m_part, 0.0), 0), 0.0)
-    if _finish(part_ptr, cnt_ptr, pid, part, NV):
+    if _finish(part_ptr, cnt_ptr, pid, part, NV, tl.num_programs(0)):
         tot = _reduce(part_ptr, tl.num_programs(0), NV)
         mean = tot / B
         score = tl.exp(-mean) if OFFICIAL else mean

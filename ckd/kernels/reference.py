@@ -137,7 +137,7 @@ def tekap(student_logits, mentor_logits, labels, *, T, a, n_copies, lam_clean, l
     lam_clean * L_distill(z, zs; T) + lam_noisy * sum_i L_distill(z_i, zs; T)."""
     zt = _acc(mentor_logits[0])
     B, C = zt.shape
-    eta = tekap_noise(seed, step, B, C, n_copies, device=zt.device).to(zt.dtype)
+    eta = tekap_noise(seed, step, B, C, n_copies, device=zt.device, dtype=zt.dtype)
     loss = alpha_ce * ce_rows(student_logits, labels).mean()
     loss = loss + lam_clean * l_distill(zt, student_logits, T)
     for i in range(n_copies):

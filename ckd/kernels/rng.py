@@ -7,9 +7,11 @@ reference and the fused kernel see exactly the same numbers without storing them
   bits come out of Python ints, torch int64 tensors and the Triton kernels.
 - DGKD mentor drop: `dgkd_keep_mask(seed, step, M, p)` in plain Python (M values per step,
   no device work, no sync).
-- TeKAP noise: `tekap_noise(seed, step, B, C, n_copies)`; the kernel computes the same
-  integer hashes in-kernel, then Box-Muller in fp32 (bit-identical integers, fp32 math
-  within ~1e-6 because `log`/`cos` may differ by an ulp between libraries).
+- TeKAP noise: `tekap_noise(seed, step, B, C, n_copies, dtype)`; the kernel computes the
+  same integer hashes in-kernel, then Box-Muller in the loss's accumulation precision
+  (fp32, or fp64 for a float64 student): bit-identical integers and uniforms (24-bit
+  integers times 2^-24, exact in both), `log`/`cos` within an ulp of that precision
+  between libraries (fp32 noise under a float64 loss would put ~1e-7 |eta| into it).
 """
 
 from __future__ import annotations
@@ -52,9 +54,11 @@ def dgkd_keep_mask(seed: int, step: int, num_mentors: int, p: float) -> list[boo
 
 
 def tekap_noise(
-    seed: int, step: int, B: int, C: int, n_copies: int, device: torch.device | str = "cpu"
+    seed: int, step: int, B: int, C: int, n_copies: int, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Standard normal noise eta[copy, b, c] (fp32) exactly as the fused kernel draws it.
+    """Standard normal noise eta[copy, b, c] (in `dtype`: fp32, or fp64 for a float64
+    loss) as the fused kernel draws it.
 
     key(b, i) = hash(hash(root ^ b) ^ i); u1 = ((hash(key ^ 2c) >> 8) + 1) / 2**24 in (0, 1],
     u2 = (hash(key ^ (2c + 1)) >> 8) / 2**24 in [0, 1); eta = sqrt(-2 ln u1) cos(2 pi u2).
@@ -66,6 +70,6 @@ def tekap_noise(
     key = mix32(mix32(root ^ b) ^ i)
     h1 = mix32(key ^ (2 * c))
     h2 = mix32(key ^ (2 * c + 1))
-    u1 = ((h1 >> 8) + 1).to(torch.float32) * (2.0**-24)
-    u2 = (h2 >> 8).to(torch.float32) * (2.0**-24)
+    u1 = ((h1 >> 8) + 1).to(dtype) * (2.0**-24)
+    u2 = (h2 >> 8).to(dtype) * (2.0**-24)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(TWO_PI * u2)

@@ -67,7 +67,7 @@ def _target(ids_ptr, z_ptr, cnt_ptr, s_m, s_b, src, b, kv, km, C, lse, rest_lse,
     if NOISE:
         if copy >= 0:
             key = D._hash32(D._hash32(root ^ b) ^ copy)
-            zt = a * D._gauss(key, ids).to(ACC) + one_minus_a * z
+            zt = a * D._gauss(key, ids, ACC) + one_minus_a * z
     ninf = float("-inf")
     if is_sample != 0:
         cntf = cnt.to(ACC)
@@ -102,7 +102,7 @@ def _sparse_kernel(
     zs_ptr, s_sb, s_sc, ids_ptr, z_ptr, cnt_ptr, s_m, s_b,
     lse_ptr, rlse_ptr, rmean_ptr, s_stm, s_stb, sample_ptr, y_ptr, src_ptr, copy_ptr,
     w_ptr, s_wj, s_wb, t_ptr, s_tj, s_tb, wce_ptr, s_wce, grad_ptr, s_gb, loss_ptr, flag_ptr,
-    C, K, J, inv_B, root, a, one_minus_a,
+    C, K, J, scal_ptr, root,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
     NOISE: tl.constexpr, ACC: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):
@@ -115,6 +115,10 @@ def _sparse_kernel(
     y = tl.load(y_ptr + b).to(tl.int64)
     y_ok = (y >= 0) & (y < C)
     root = root.to(tl.int64) & 0xFFFFFFFF  # an i32 argument (rng.as_i32)
+    # 1 / B, TeKAP's a and 1 - a in ACC (a float argument would be fp32: 1e-8 in fp64)
+    inv_B = tl.load(scal_ptr).to(ACC)
+    a = tl.load(scal_ptr + 1).to(ACC)
+    one_minus_a = tl.load(scal_ptr + 2).to(ACC)
     zs_row = zs_ptr + b * s_sb
     wce = tl.load(wce_ptr + b * s_wce).to(ACC)
     w_vec = tl.load(w_ptr + jv * s_wj + b * s_wb, mask=jm, other=0.0).to(ACC)
@@ -230,6 +234,7 @@ def sparse_distill(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, src, co
     stats = torch.stack([sm.lse.float(), sm.rest_lse.float(), sm.rest_mean.float()])
     is_sample = _const(tuple(int(m == "sample") for m in sm.modes), torch.int32, dev)
     root, a = 0, 0.0
+    acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
     if noise is not None:
         seed, step, a = noise
         root = as_i32(stream_key(STREAM_TEKAP, int(seed), int(step)))
@@ -244,7 +249,7 @@ def sparse_distill(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, src, co
         stats[0], stats[1], stats[2], stats.stride(1), stats.stride(2), is_sample, y,
         src, copy, w, w.stride(0), w.stride(1), t, t.stride(0), t.stride(1), wce,
         wce.stride(0), grad if write_grad else loss_rows, C if write_grad else 0,
-        loss_rows, flag, C, K, J, 1.0 / B, root, float(a), float(1.0 - a)),
+        loss_rows, flag, C, K, J, _const((1.0 / B, float(a), 1.0 - float(a)), acc, dev), root),
         dict(BLOCK_C=blk, BLOCK_K=block_k, BLOCK_J=triton.next_power_of_2(max(J, 1)),
              NOISE=noise is not None,
              ACC=tl.float64 if zs.dtype == torch.float64 else tl.float32,
@@ -298,6 +303,7 @@ def sparse_fused_loss(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor,
     M = sm.shape[0]
     table.check(M)
     f32 = torch.float32
+    acc = torch.float64 if zs.dtype == torch.float64 else f32  # the table's constants in it
     write_grad = zs.requires_grad and torch.is_grad_enabled()
     flag = torch.zeros((), dtype=torch.int32, device=dev)
     sel = table.select
@@ -315,7 +321,8 @@ def sparse_fused_loss(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor,
         w, t, wce = cw["w_kl"].float(), cw["temp"].float(), cw["w_ce"].float()
         stats = ref.classroom_stats(cw, flag)
         if sel.delta_term:  # delta * L_distill(teacher; T=1)
-            w = torch.cat([w, torch.full((1, B), float(sel.delta), device=dev)])
+            w = torch.cat([w.to(acc), torch.full((1, B), float(sel.delta), dtype=acc,
+                                                 device=dev)])
             t = torch.cat([t, torch.ones(1, B, device=dev)])
         stats.pop("nonfinite")
     else:
@@ -329,9 +336,9 @@ def sparse_fused_loss(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor,
             rank_stats = ([a / len(kept) for a in act], act,
                           [sel.tau if k else 1.0 for k in keep], 1.0)
         n = len(src)
-        w = _const(tuple(float(v) for v in weights), f32, dev).view(-1, 1).expand(n, B)
-        t = _const(tuple(float(v) for v in temps), f32, dev).view(-1, 1).expand(n, B)
-        wce = _const((float(table.w_ce),), f32, dev).expand(B)
+        w = _const(tuple(float(v) for v in weights), acc, dev).view(-1, 1).expand(n, B)
+        t = _const(tuple(float(v) for v in temps), acc, dev).view(-1, 1).expand(n, B)
+        wce = _const((float(table.w_ce),), acc, dev).expand(B)
         rank, active, temp, student = rank_stats
         stats = {"mentor_rank": _const(tuple(float(v) for v in rank), f32, dev),
                  "mentor_active": _const(tuple(float(v) for v in active), f32, dev),

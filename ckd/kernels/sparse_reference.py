@@ -168,11 +168,12 @@ def dgkd(zs, sm, labels, *, tau, p, seed, step):
                             _flag(zs, sm, kept, labels))
 
 
-def tekap_noise_at(seed: int, step: int, ids: Tensor, n_copies: int) -> Tensor:
-    """TeKAP's eta[copy, b, class] (rng.tekap_noise) at the row's class ids [B, K]."""
+def tekap_noise_at(seed: int, step: int, ids: Tensor, n_copies: int,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """TeKAP's eta[copy, b, class] (rng.tekap_noise, in `dtype`) at the row's ids [B, K]."""
     B = ids.shape[0]
     eta = tekap_noise(seed, step, B, int(ids.max()) + 1 if ids.numel() else 1, n_copies,
-                      device=ids.device)
+                      device=ids.device, dtype=dtype)
     return eta.gather(2, ids.long()[None].expand(n_copies, -1, -1))
 
 
@@ -180,7 +181,7 @@ def tekap(zs, sm, labels, *, T, a, n_copies, lam_clean, lam_noisy, alpha_ce, see
     """Noisy copies a*eta + (1-a) z at the stored ids (the same eta as dense TeKAP at those
     classes); a top-k copy's rest bucket from `rest_log_mass(noise_a=a)`."""
     loss = alpha_ce * ref.ce_rows(zs, labels).mean() + lam_clean * _l_distill(sm, 0, zs, T)
-    eta = tekap_noise_at(seed, step, _safe_ids(sm, 0), n_copies)
+    eta = tekap_noise_at(seed, step, _safe_ids(sm, 0), n_copies, ref._acc(sm.logits[:0]).dtype)
     for i in range(n_copies):
         loss = loss + lam_noisy * _l_distill(sm, 0, zs, T, eta=eta[i], noise_a=a)
     M, dev = sm.shape[0], zs.device

@@ -13,8 +13,9 @@ Memory traffic (the point of the design):
   [ROWS, C] and all term tiles [TERMS, ROWS, C] are loaded by one `tl.load` each (every
   mentor's load in flight together); the maxima, the multi-temperature softmax sums, the
   KL and the gradient are computed from those registers: every row is read from global
-  memory once and the gradient written once. Above MAX_BLOCK_C a class-blocked path
-  reads the rows once per pass (3 passes).
+  memory once and the gradient written once. Above MAX_BLOCK_C a row is split across
+  programs (`split_rows.py`: read once, merged in a fixed order); per-sample ranking, whose
+  temperatures need the row's CE first, keeps this kernel's class loop (3 passes).
 - 128-bit loads: when a tensor's row strides are multiples of 16 bytes (the cache pads
   its rows, `ckd.row_align.aligned_rows`), the launcher passes VEC = 16 / itemsize and
   the kernel declares the alignment (`tl.multiple_of`) and loads whole VEC groups (the
@@ -77,13 +78,17 @@ def _stream_key(stream, seed32, step_val, step_ptr, STEP_FROM_PTR: tl.constexpr)
 
 
 @triton.jit
-def _gauss(key, cols):
-    """Box-Muller normal for (key, class cols), as rng.tekap_noise."""
+def _gauss(key, cols, ACC: tl.constexpr):
+    """Box-Muller normal for (key, class cols) in ACC, as rng.tekap_noise."""
     h1 = _hash32(key ^ (2 * cols))
     h2 = _hash32(key ^ (2 * cols + 1))
-    u1 = ((h1 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08
-    u2 = (h2 >> 8).to(tl.float32) * 5.9604644775390625e-08
-    return tl.sqrt_rn(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+    u1 = ((h1 >> 8) + 1).to(ACC) * 5.9604644775390625e-08
+    u2 = (h2 >> 8).to(ACC) * 5.9604644775390625e-08
+    if ACC == tl.float64:  # fp64 sqrt is correctly rounded (sqrt_rn is fp32-only)
+        r = tl.sqrt(-2.0 * tl.log(u1))
+    else:
+        r = tl.sqrt_rn(-2.0 * tl.log(u1))
+    return r * tl.cos(6.283185307179586 * u2)
 
 
 @triton.jit
@@ -172,7 +177,7 @@ def _load_terms(zm_ptr, rows, rmask, s_mm, s_mb, s_mc, c0, C, kept, root, noise_
     bad = tl.max(tl.max(tl.max(tl.where(valid & ((z - z) != 0), 1, 0), 2), 1), 0)
     if NOISE:  # TeKAP copy i: z_i = a * eta + (1 - a) * z, eta drawn in-kernel
         key = _hash32(_hash32(root ^ r64) ^ copy.to(tl.int64))
-        eta = _gauss(key, cols.to(tl.int64)).to(ACC)
+        eta = _gauss(key, cols.to(tl.int64), ACC)
         z = tl.where(copy >= 0, noise_a * eta + (1.0 - noise_a) * z, z)
     return tl.where(valid, z, float("-inf")), valid, bad
 
@@ -187,13 +192,13 @@ def _online(m, d, x):
 
 
 @triton.jit
-def _finish(part_ptr, cnt_ptr, pid, values, NV: tl.constexpr):
-    """Write this program's partial sums [NV]; True in the program that finishes last
-    (it then owns every partial; the ticket is reset for the next launch)."""
+def _finish(part_ptr, cnt_ptr, pid, values, NV: tl.constexpr, n_parts):
+    """Write partial sums [NV] number `pid`; True in the writer that finishes last of
+    `n_parts` (it then owns every partial; the ticket is reset for the next launch)."""
     tl.store(part_ptr + pid * NV + tl.arange(0, NV), values)
     tl.debug_barrier()  # every thread's partials are written before the ticket
     ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    last = ticket == tl.num_programs(0) - 1
+    last = ticket == n_parts - 1
     return last
 
 
@@ -216,6 +221,28 @@ def _reduce(part_ptr, nprog, NV: tl.constexpr):
 
 
 @triton.jit
+def _acc_scalars(inv_B, noise_a, scal_ptr, ACC: tl.constexpr):
+    """1 / B and TeKAP's a in ACC: the fp32 arguments, or in fp64 from `scal_ptr` (a float
+    argument is fp32: 1e-8 off in an fp64 loss). fp32 kernels keep the arguments, which
+    leave ptxas the register allocation it had (a load spilled 8 bytes at C = 1000)."""
+    if ACC == tl.float64:
+        inv_B = tl.load(scal_ptr)
+        noise_a = tl.load(scal_ptr + 1)
+    return inv_B, noise_a
+
+
+@triton.jit
+def _store_batch(tot, loss_ptr, flag_ptr, state_ptr, inv_B, NV: tl.constexpr):
+    """The batch outputs from the reduced partials [loss sum, bad student, bad mentor, bad
+    label, ...]: the mean loss, the flag bits (1, 2, 4) and the backward's scale state."""
+    tl.store(loss_ptr, (_pick(tot, 0, NV) * inv_B).to(loss_ptr.dtype.element_ty))
+    flag = (tl.where(_pick(tot, 1, NV) > 0, 1, 0) + tl.where(_pick(tot, 2, NV) > 0, 2, 0)
+            + tl.where(_pick(tot, 3, NV) > 0, 4, 0))
+    tl.store(flag_ptr, flag.to(tl.int32))
+    tl.store(state_ptr, tl.full([], 1.0, state_ptr.dtype.element_ty))  # no scale yet
+
+
+@triton.jit
 def _as_f32(n):
     """An int argument as fp32. A launch specializes an int equal to 1 into a Python
     constant (no `.to`): adding a tensor zero makes both forms a tensor."""
@@ -227,12 +254,70 @@ def _pick(vec, i, NV: tl.constexpr):
     return tl.sum(tl.where(tl.arange(0, NV) == i, vec, 0.0), 0)
 
 
+@triton.jit
+def _term_setup(src_ptr, jv, seed32, step_val, step_ptr, NT: tl.constexpr,
+                BLOCK_T: tl.constexpr, MODE: tl.constexpr, NOISE: tl.constexpr,
+                SRC_PREFIX: tl.constexpr, COPY_FROM_TABLE: tl.constexpr,
+                DROP_THRESHOLD: tl.constexpr, STEP_FROM_PTR: tl.constexpr):
+    """What every term reads, known before any logit is: (kept [BLOCK_T, 1], the TeKAP
+    key root, source mentor and noise copy [BLOCK_T, 1, 1])."""
+    kept = tl.where(jv < NT, 1, 0)
+    root = tl.zeros([1], tl.int64)
+    if MODE == 1:  # dgkd: keep mask from the key; none kept -> the teacher
+        key = _stream_key(_DGKD, seed32, step_val, step_ptr, STEP_FROM_PTR)
+        h = _hash32(key ^ jv.to(tl.int64))
+        kept = tl.where((jv < NT) & (h >= DROP_THRESHOLD), 1, 0)
+        kept = tl.where((tl.sum(kept, 0)[None, :] == 0) & (jv == 0), 1, kept)
+    if NOISE:
+        root = _stream_key(_TEKAP, seed32, step_val, step_ptr, STEP_FROM_PTR) + root
+    # the source mentor and noise copy of every term: the common layouts as constants (no
+    # load, no live registers), any other from the term table
+    if SRC_PREFIX >= 0:  # term j < SRC_PREFIX reads mentor j, the others the teacher
+        src = tl.where(jv < SRC_PREFIX, jv, 0)[:, :, None]
+    else:
+        src = tl.load(src_ptr + jv)[:, :, None]
+    if COPY_FROM_TABLE:
+        copy = tl.load(src_ptr + BLOCK_T + jv)[:, :, None]
+    else:  # TeKAP's layout: term 0 the clean teacher, term j its copy j - 1
+        copy = (jv - 1)[:, :, None]
+    return kept, root, src, copy
+
+
+@triton.jit
+def _fixed_weights(tab_ptr, out_ptr, kept, jv, pid, tau, NT: tl.constexpr,
+                   BLOCK_T: tl.constexpr, ROWS: tl.constexpr, MODE: tl.constexpr,
+                   ACC: tl.constexpr):
+    """(w, t [BLOCK_T, ROWS], w_ce [ROWS]) when no logit decides them: a random drop's
+    kept terms (program 0 writes the stats), or the table [w | T | w_ce] (constants, or
+    what the batch ranking wrote)."""
+    if MODE == 1:
+        n_kept = tl.sum(kept, 0).to(tl.float32)
+        w = tl.where(kept != 0, 1.0 / n_kept, 0.0) + tl.zeros([BLOCK_T, ROWS], tl.float32)
+        t = tl.where(kept != 0, tau, 1.0) + tl.zeros([BLOCK_T, ROWS], tl.float32)
+        wce = tl.zeros([ROWS], ACC) + 1.0
+        if pid == 0:  # the stats depend on the key only
+            j1 = tl.arange(0, BLOCK_T)
+            k1 = tl.sum(tl.where(jv == j1[None, :], kept, 0), 0)  # kept as a [BLOCK_T] row
+            a1 = tl.where(k1 != 0, 1.0, 0.0)
+            tl.store(out_ptr + j1, a1 / n_kept, mask=j1 < NT)
+            tl.store(out_ptr + NT + j1, a1, mask=j1 < NT)
+            tl.store(out_ptr + 2 * NT + j1, a1 * (tau - 1.0) + 1.0, mask=j1 < NT)
+            tl.store(out_ptr + 3 * NT, 1.0)
+    else:  # fixed table [w (BLOCK_T) | T (BLOCK_T) | w_ce]
+        wv = tl.load(tab_ptr + jv, mask=jv < NT, other=0.0)
+        tv = tl.load(tab_ptr + BLOCK_T + jv, mask=jv < NT, other=1.0)
+        w = wv + tl.zeros([BLOCK_T, ROWS], tl.float32)
+        t = tv + tl.zeros([BLOCK_T, ROWS], tl.float32)
+        wce = tl.zeros([ROWS], ACC) + tl.load(tab_ptr + 2 * BLOCK_T).to(ACC)
+    return w, t, wce
+
+
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def _terms_kernel(
     zs_ptr, s_sb, s_sc, zr_ptr, s_rb, s_rc, zm_ptr, s_mm, s_mb, s_mc, y_ptr, s_y,
     st_ptr, s_stm, s_stb, tab_ptr, src_ptr, grad_ptr, part_ptr, cnt_ptr, loss_ptr, flag_ptr,
     out_ptr, state_ptr,
-    B, C, inv_B, seed32, step_val, step_ptr, tau, beta, delta, lam, noise_a,
+    B, C, inv_B, noise_a, scal_ptr, seed32, step_val, step_ptr, tau, beta, delta, lam,
     NM: tl.constexpr, NT: tl.constexpr, BLOCK_T: tl.constexpr, MODE: tl.constexpr,
     SRC_PREFIX: tl.constexpr, COPY_FROM_TABLE: tl.constexpr,
     NOISE: tl.constexpr, DELTA_TERM: tl.constexpr, OFFICIAL: tl.constexpr,
@@ -245,30 +330,15 @@ def _terms_kernel(
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
     jv = tl.arange(0, BLOCK_T)[:, None]  # [BLOCK_T, 1]
+    inv_B, noise_a = _acc_scalars(inv_B, noise_a, scal_ptr, ACC)
     y = tl.load(y_ptr + rows.to(tl.int64) * s_y, mask=rmask, other=0).to(tl.int64)
     y_ok = (y >= 0) & (y < C)
     bad_y = tl.max(tl.where(rmask & ~y_ok, 1, 0), 0)
     # ---- weights known before any logit is read (table, dgkd key)
-    kept = tl.where(jv < NT, 1, 0)
-    root = tl.zeros([1], tl.int64)
-    if MODE == 1:  # dgkd: keep mask from the key; none kept -> the teacher
-        key = _stream_key(_DGKD, seed32, step_val, step_ptr, STEP_FROM_PTR)
-        h = _hash32(key ^ jv.to(tl.int64))
-        kept = tl.where((jv < NT) & (h >= DROP_THRESHOLD), 1, 0)
-        kept = tl.where((tl.sum(kept, 0)[None, :] == 0) & (jv == 0), 1, kept)
-    if NOISE:
-        root = _stream_key(_TEKAP, seed32, step_val, step_ptr, STEP_FROM_PTR) + root
+    kept, root, src, copy = _term_setup(src_ptr, jv, seed32, step_val, step_ptr, NT, BLOCK_T,
+                                        MODE, NOISE, SRC_PREFIX, COPY_FROM_TABLE,
+                                        DROP_THRESHOLD, STEP_FROM_PTR)
     zero_r = tl.zeros([ROWS], ACC)
-    # the source mentor and noise copy of every term [BLOCK_T, 1, 1]: the common layouts
-    # as constants (no load, no live registers), any other from the term table
-    if SRC_PREFIX >= 0:  # term j < SRC_PREFIX reads mentor j, the others the teacher
-        src = tl.where(jv < SRC_PREFIX, jv, 0)[:, :, None]
-    else:
-        src = tl.load(src_ptr + jv)[:, :, None]
-    if COPY_FROM_TABLE:
-        copy = tl.load(src_ptr + BLOCK_T + jv)[:, :, None]
-    else:  # TeKAP's layout: term 0 the clean teacher, term j its copy j - 1
-        copy = (jv - 1)[:, :, None]
     # ---- pass A: maxima and the student's T=1 normalizer (the only pass when ONE_BLOCK)
     if ONE_BLOCK:
         x, xv, bad_s = _load_student(zs_ptr, rows, rmask, s_sb, s_sc, 0, C, BLOCK_C, VEC_S, ACC)
@@ -341,25 +411,9 @@ def _terms_kernel(
                                   tl.sum(tl.where(j1 == k, t_sum, 0.0), 0), 0.0)
         stat_part += tl.where(nv == 4 + 3 * BLOCK_T,
                               tl.sum(tl.where(rmask, r_s, 0.0), 0), 0.0)
-    elif MODE == 1:
-        n_kept = tl.sum(kept, 0).to(tl.float32)
-        w = tl.where(kept != 0, 1.0 / n_kept, 0.0) + tl.zeros([BLOCK_T, ROWS], tl.float32)
-        t = tl.where(kept != 0, tau, 1.0) + tl.zeros([BLOCK_T, ROWS], tl.float32)
-        wce = zero_r + 1.0
-        if pid == 0:  # the stats depend on the key only
-            j1 = tl.arange(0, BLOCK_T)
-            k1 = tl.sum(tl.where(jv == j1[None, :], kept, 0), 0)  # kept as a [BLOCK_T] row
-            a1 = tl.where(k1 != 0, 1.0, 0.0)
-            tl.store(out_ptr + j1, a1 / n_kept, mask=j1 < NT)
-            tl.store(out_ptr + NT + j1, a1, mask=j1 < NT)
-            tl.store(out_ptr + 2 * NT + j1, a1 * (tau - 1.0) + 1.0, mask=j1 < NT)
-            tl.store(out_ptr + 3 * NT, 1.0)
-    else:  # fixed table [w (BLOCK_T) | T (BLOCK_T) | w_ce]
-        wv = tl.load(tab_ptr + jv, mask=jv < NT, other=0.0)
-        tv = tl.load(tab_ptr + BLOCK_T + jv, mask=jv < NT, other=1.0)
-        w = wv + tl.zeros([BLOCK_T, ROWS], tl.float32)
-        t = tv + tl.zeros([BLOCK_T, ROWS], tl.float32)
-        wce = zero_r + tl.load(tab_ptr + 2 * BLOCK_T).to(ACC)
+    else:
+        w, t, wce = _fixed_weights(tab_ptr, out_ptr, kept, jv, pid, tau, NT, BLOCK_T, ROWS,
+                                   MODE, ACC)
     w = w.to(ACC)
     t = tl.where(w != 0, t, 1.0).to(ACC)
     inv_t = 1.0 / t
@@ -401,13 +455,9 @@ def _terms_kernel(
     # ---- batch reduction: the last program adds the partials in a fixed tree order
     part = stat_part.to(ACC) + tl.where(nv == 0, loss_sum, 0.0)
     part += tl.where(nv == 1, bad_s, 0) + tl.where(nv == 2, bad_m, 0) + tl.where(nv == 3, bad_y, 0)
-    if _finish(part_ptr, cnt_ptr, pid, part, NV):
+    if _finish(part_ptr, cnt_ptr, pid, part, NV, tl.num_programs(0)):
         tot = _reduce(part_ptr, tl.num_programs(0), NV)
-        tl.store(loss_ptr, (_pick(tot, 0, NV) * inv_B).to(loss_ptr.dtype.element_ty))
-        flag = (tl.where(_pick(tot, 1, NV) > 0, 1, 0) + tl.where(_pick(tot, 2, NV) > 0, 2, 0)
-                + tl.where(_pick(tot, 3, NV) > 0, 4, 0))
-        tl.store(flag_ptr, flag.to(tl.int32))
-        tl.store(state_ptr, tl.full([], 1.0, state_ptr.dtype.element_ty))  # no scale yet
+        _store_batch(tot, loss_ptr, flag_ptr, state_ptr, inv_B, NV)
         if MODE == 2:
             n_out = _as_f32(B)
             for k in tl.static_range(NM):

@@ -7,7 +7,7 @@ default to None so an unset flag never overrides the file).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,106 +17,156 @@ from ckd.atomic import atomic_write_text
 from ckd.methods import LossPlan, make_plan
 from ckd.options import (
     OptionError,
-    Param,
     check_device,
     check_existing_dir,
+    check_fields,
     check_triton_backend,
     check_writable_dir,
+    default_device,
+    option,
 )
 
 # Students trained at lr 0.01 in the paper (MobileNet/ShuffleNet), canonical names.
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 
-
-def _opt(default: Any, type_: type, help_: str, **limits: Any) -> Any:
-    """A config field declared with its type, valid range and help (checked by validate)."""
-    return field(default=default, metadata={"option": Param("", default, type_, help_,
-                                                             **limits)})
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of a config field."""
-    return "--" + name.replace("_", "-")
+KV = "KEY=VALUE"  # the placeholder of a repeatable mapping option
 
 
 @dataclass
 class TrainConfig:
+    """Every field is declared once (`option`: type, range, choices, default, help); the
+    `ckd train` options are generated from these declarations (`ckd.cli.params`)."""
+
     # what to train
-    student: str = "resnet20"  # zoo name(s), or module.path:ClassName (any nn.Module)
-    student_kwargs: dict[str, Any] = field(default_factory=dict)  # constructor keywords
-    method: str = "classroom"  # a registered method or a sum, e.g. kd+0.5*crd (ckd methods)
-    variant: str | None = None  # classroom: paper | official (None: the method's default)
-    granularity: str | None = None  # classroom: batch | sample
-    backend: str = _opt("auto", str, "distill_loss backend",
-                        choices=("auto", "triton", "reference"))
+    student: str = option(
+        "resnet20", str, "the student: a zoo name (`ckd models`) or module.path:ClassName of "
+        "any nn.Module mapping images to logits [B, C]", details="Several, comma-separated "
+        "(r8,r14,wrn_16_1), train side by side from one pass over the data and cache, each "
+        "in <out>/<student>.")
+    student_kwargs: dict[str, Any] = option(
+        {}, dict, "student constructor keywords", metavar=KV,
+        details="KEY=VALUE, repeatable, e.g. depth=6.")
+    method: str = option(
+        "classroom", str, "a registered method or a weighted sum (kd+0.5*OTHER)",
+        details="`ckd methods` lists them with their parameters.")
+    variant: str | None = option(None, str, "classroom: paper | official",
+                                 details="Default: the method's.")
+    granularity: str | None = option(None, str, "classroom: batch | sample",
+                                     details="Default: the method's.")
+    backend: str = option("auto", str, "distill_loss backend",
+                          choices=("auto", "triton", "reference"),
+                          details="auto: the Triton kernels on CUDA, else the reference.")
     # data
-    dataset: str | None = None
-    data_dir: str | None = None
-    dataset_options: dict[str, Any] = field(default_factory=dict)  # synthetic: n_train, ...
-    prepared: str | None = None  # beton dir written by `ckd prepare`
-    loader: str = _opt("memory", str, "data loader", choices=("memory", "ffcv"))
-    resolution: int | None = _opt(None, int, "image folders: the student's input size "
-                                  "(default: its arch's)", low=1, optional=True)
+    dataset: str | None = option(None, str, "cifar10 | cifar100 | digits | synthetic",
+                                 details="Or --prepared.")
+    data_dir: str | None = option(None, str, "where the raw dataset lives", metavar="DIR",
+                                  details="Default: ./data.")
+    dataset_options: dict[str, Any] = option(
+        {}, dict, "dataset options", flags=("-D", "--dataset-opt"), metavar=KV,
+        details="KEY=VALUE, repeatable (synthetic: n_train, n_test, num_classes, seed).")
+    prepared: str | None = option(None, str, "a folder written by `ckd prepare` (instead of "
+                                  "--dataset)", metavar="DIR")
+    loader: str = option("memory", str, "data loader", choices=("memory", "ffcv"),
+                         details="ffcv reads --prepared beton files.")
+    resolution: int | None = option(
+        None, int, "image folders: the student's input size in pixels", low=1,
+        optional=True, details="Default: its arch's, 224 for the ImageNet zoo. Crops replay "
+        "the cached views' boxes.")
     # mentors
-    cache: str | None = None
-    cache_mode: str = _opt("memory", str, "where cached logits live while training",
-                           choices=("memory", "stream", "blocks"))
-    order: str = _opt("random", str, "epoch order: a random permutation, or whole cache "
-                      "shards (sample chunks) in a random order", choices=("random",
-                                                                           "shard-blocks"))
-    mentors: list[str] | None = None  # subset (teacher first); "name" or "name=path.pt"
-    mentors_online: bool = _opt(False, bool, "run the mentors live")
-    mentor_precision: str | None = _opt(
+    cache: str | None = option(None, str, "logit cache (`ckd cache-logits`)", metavar="DIR")
+    cache_mode: str = option(
+        "memory", str, "where cached logits live while training",
+        choices=("memory", "stream", "blocks"),
+        details="memory: the whole cache decompressed once; stream: one epoch's rows, read "
+        "ahead; blocks: a window of whole chunks read when a step needs them (use with "
+        "--order shard-blocks).")
+    order: str = option(
+        "random", str, "epoch order: a random permutation, or whole cache shards (sample "
+        "chunks) in a random order", choices=("random", "shard-blocks"),
+        details="shard-blocks reads each shard once per epoch; either is a pure function "
+        "of seed and epoch, the same for any number of ranks.")
+    mentors: list[str] | None = option(
+        None, list, "comma list, teacher first: a subset of the cached mentors, or with "
+        "--mentors-online NAME or NAME=checkpoint.pt")
+    mentors_online: bool = option(False, bool, "run the mentors' checkpoints live on the "
+                                  "same views (no cache)")
+    mentor_precision: str | None = option(
         None, str, "online mentors' forward precision (autocast), as `ckd cache-logits "
-        "--precision`; None: a --cache's recorded one, else bf16 with --amp on CUDA, else "
-        "fp32", choices=("fp32", "bf16", "fp16"), optional=True)
-    mentor_dir: str | None = None  # <mentor_dir>/<dataset>/<arch>.pt; default ./mentors
+        "--precision`", choices=("fp32", "bf16", "fp16"), optional=True,
+        details="Default: a --cache's recorded one, else bf16 with --amp on CUDA, else fp32. "
+        "Must match a --cache's.")
+    mentor_dir: str | None = option(
+        None, str, "online mentors: NAME is <mentor-dir>/<dataset>/<arch>.pt, as in `ckd "
+        "cache-logits`", metavar="DIR", details="Default: ./mentors.")
     # loss hyper-parameters (None: the method's declared default, lam None: number of
     # mentors); tau sets the method's temperature (tau or T), method_params any parameter
-    tau: float | None = None
-    beta: float | None = None
-    delta: float | None = None
-    lam: float | None = None
-    method_params: dict[str, Any] = field(default_factory=dict)
-    preset: str | None = None  # a named parameter set of the method, e.g. repdistiller (kd)
+    tau: float | None = option(None, float, "the method's temperature parameter (tau or T)")
+    beta: float | None = option(None, float, "classroom: weight of the mentoring terms")
+    delta: float | None = option(None, float, "classroom: weight of the extra CE + teacher KL")
+    lam: float | None = option(None, float, "classroom: rank scale lambda",
+                               details="Default: the number of mentors.")
+    method_params: dict[str, Any] = option(
+        {}, dict, "method parameters", flags=("--param",), metavar=KV,
+        details="KEY=VALUE, repeatable; METHOD.KEY=VALUE in a sum.")
+    preset: str | None = option(
+        None, str, "a named parameter set of the method, e.g. repdistiller for kd (0.1 CE + "
+        "0.9 KD)", details="`ckd methods` lists them.")
     # optimisation
-    epochs: int = _opt(240, int, "training epochs", low=1)
-    batch_size: int = _opt(64, int, "samples per step and process", low=1)
-    optimizer: str | None = None  # sgd | adamw; None: the student's default (ViT/Mamba adamw)
-    # None: sgd 0.05 (0.01 for MobileNet/ShuffleNet students), adamw 1e-3
-    lr: float | None = _opt(None, float, "base learning rate", low=0, low_open=True,
-                            optional=True)
-    momentum: float = _opt(0.9, float, "SGD momentum", low=0, high=1, high_open=True)
-    weight_decay: float = _opt(5e-4, float, "SGD weight decay", low=0)
-    schedule: str = _opt("step", str, "learning-rate schedule",
-                         choices=("step", "classroom-warmup", "constant"))
-    milestones: list[int] | None = None  # None: 150,180,210 scaled to `epochs`
-    gamma: float = _opt(0.1, float, "learning-rate factor at each milestone", low=0,
-                        low_open=True, high=1)
-    # classroom-warmup; None: 120 scaled to `epochs`
-    warmup_epochs: int | None = _opt(None, int, "warm-up epochs of classroom-warmup", low=1,
-                                     optional=True)
-    warmup_end_lr: float = _opt(0.01, float, "learning rate at the end of the warm-up",
-                                low=0, low_open=True)
-    seed: int = _opt(0, int, "seed of the views, the order and the initial weights", low=0)
+    epochs: int = option(240, int, "training epochs", low=1)
+    batch_size: int = option(64, int, "samples per step and process", low=1)
+    optimizer: str | None = option(None, str, "optimizer", choices=("sgd", "adamw"),
+                                   optional=True, details="Default: sgd, adamw for the "
+                                   "ViT/Mamba students.")
+    lr: float | None = option(None, float, "base learning rate", low=0, low_open=True,
+                              optional=True, details="Default: 0.05 (0.01 for "
+                              "MobileNetV2/ShuffleNet students; 1e-3 with adamw).")
+    momentum: float = option(0.9, float, "SGD momentum", low=0, high=1, high_open=True)
+    weight_decay: float = option(5e-4, float, "SGD weight decay", low=0)
+    schedule: str = option("step", str, "learning-rate schedule",
+                           choices=("step", "classroom-warmup", "constant"))
+    milestones: list[int] | None = option(
+        None, list, "comma list of epochs where the learning rate drops, e.g. 150,180,210",
+        details="Default: those scaled to --epochs.")
+    gamma: float = option(0.1, float, "learning-rate factor at each milestone", low=0,
+                          low_open=True, high=1)
+    warmup_epochs: int | None = option(None, int, "warm-up epochs of classroom-warmup",
+                                       low=1, optional=True,
+                                       details="Default: 120 scaled to --epochs.")
+    warmup_end_lr: float = option(0.01, float, "learning rate at the end of the warm-up",
+                                  low=0, low_open=True)
+    seed: int = option(0, int, "seed of the views, the order and the initial weights", low=0)
     # run
-    out: str | None = None
-    resume: bool = _opt(False, bool, "continue the run in --out")
-    resume_allow: list[str] | None = None  # settings a --resume may change (recorded)
-    overwrite: bool = _opt(False, bool, "start over in an --out that holds a run")
-    device: str | None = None  # None: cuda if available else cpu
-    amp: bool = _opt(True, bool, "bf16 autocast (CUDA only)")
+    out: str | None = option(None, str, "run folder", metavar="DIR",
+                             details="Default: runs/<dataset>-<student>-<method>.")
+    resume: bool = option(False, bool, "continue the run in --out from its last checkpoint "
+                          "(same settings only)")
+    resume_allow: list[str] | None = option(
+        None, list, "with --resume: settings that may differ from the checkpoint's, comma "
+        "list (e.g. epochs,lr); recorded in metrics.jsonl")
+    overwrite: bool = option(False, bool, "start over in an --out that holds a run (its "
+                             "checkpoint, metrics and weights are replaced; train-mentor: "
+                             "replace the mentor checkpoint)")
+    device: str | None = option(None, str, "cpu | cuda | cuda:N",
+                                details="Default: cuda if available.")
+    amp: bool = option(True, bool, "bf16 autocast (CUDA only)")
     # bit-for-bit GPU runs (ckd.determinism); online mentors then run as the cache's: fp32
-    deterministic: bool = _opt(False, bool, "deterministic algorithms (cuDNN, cuBLAS)")
+    deterministic: bool = option(
+        False, bool, "deterministic algorithms (cuDNN, cuBLAS)",
+        details="An op without a deterministic kernel is refused by name: bit-for-bit GPU "
+        "runs (docs/ARCHITECTURE.md). Recorded, a --resume must match.")
     # the student (CPU and CUDA); online mentors follow `ckd cache-logits` (load_mentor)
-    channels_last: bool = _opt(True, bool, "channels_last memory format")
-    compile: bool = _opt(False, bool, "torch.compile the student")
-    cuda_graphs: bool = _opt(False, bool, "replay the training step from a CUDA graph")
-    log_every: int = _opt(50, int, "steps between metrics records", low=1)
-    max_steps_per_epoch: int | None = _opt(None, int, "truncate epochs (tests, benchmarks)",
-                                           low=1, optional=True)
-    progress: bool = _opt(True, bool, "progress bars")
-    eval_every: int = _opt(1, int, "epochs between test evaluations", low=1)
+    channels_last: bool = option(True, bool, "channels_last memory format")
+    compile: bool = option(False, bool, "torch.compile the student")
+    cuda_graphs: bool = option(
+        False, bool, "replay the training step from a CUDA graph",
+        details="Each full batch's step (forward, fused loss, backward, SGD) is captured "
+        "after warm-up; the last partial batch and evaluation run eagerly. CUDA, SGD, logit "
+        "methods, one process.")
+    log_every: int = option(50, int, "steps between metrics records", low=1)
+    max_steps_per_epoch: int | None = option(None, int, "truncate epochs (tests, benchmarks)",
+                                             low=1, optional=True)
+    progress: bool = option(True, bool, "progress bars")
+    eval_every: int = option(1, int, "epochs between test evaluations", low=1)
 
     def resolved_optimizer(self) -> str:
         from ckd.models.registry import default_optimizer  # noqa: PLC0415 - light import
@@ -142,10 +192,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Every value against its declaration, then the cross-field rules: before any
         work starts, each error naming the option, the value and the valid range."""
-        for f in dataclasses.fields(self):
-            if "option" in f.metadata:
-                setattr(self, f.name, f.metadata["option"].check(getattr(self, f.name),
-                                                                 label=flag(f.name)))
+        check_fields(self)
         self.loss_plan()
         self._check_schedule()
         if self.dataset is not None:
@@ -159,8 +206,6 @@ class TrainConfig:
         check_triton_backend(self.backend, self.device)
         if self.cuda_graphs:
             self._check_cuda_graphs()
-        if self.optimizer not in (None, "sgd", "adamw"):
-            raise ValueError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.dataset is None and self.prepared is None:
             raise ValueError("no data: pass --dataset NAME (with --data-dir) or "
                              "--prepared DIR (from `ckd prepare`)")
@@ -169,9 +214,7 @@ class TrainConfig:
                              "(write it with `ckd prepare`)")
 
     def _check_cuda_graphs(self) -> None:
-        import torch  # noqa: PLC0415 - only when graphs are asked for
-
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = self.device or default_device()
         if not device.startswith("cuda"):
             raise OptionError(f"--cuda-graphs needs a CUDA device (this run is on {device}); "
                               "drop --cuda-graphs")

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ckd.dist import destroy_group, dist_context, init_group
+from ckd.options import default_device
 
 
 @dataclass
@@ -32,7 +33,7 @@ class DistInfo:
 
 def init_distributed(device: str | None = None) -> DistInfo:
     """Device and process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
-    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    want = device or default_device()
     rank, world = dist_context()
     if world <= 1:
         return DistInfo(device=torch.device(want))

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckd.cache.rows import RowSource
 from ckd.mentor_stats import STAT_FIELDS, mentor_row_stats
-from ckd.methods import method_mentors, select_mentors
-from ckd.train.config import TrainConfig
+from ckd.methods import LossPlan, method_mentors, select_mentors
 from ckd.train.setup import norm_name
 
 
@@ -68,7 +68,7 @@ class NoMentors:
 class CachedMentors(NoMentors):
     kind = "cache"
 
-    def __init__(self, cache: Any, seed: int) -> None:
+    def __init__(self, cache: RowSource, seed: int) -> None:
         super().__init__(seed, cache)
         self.names = list(cache.mentors)  # opened with the chosen mentors, teacher first
 
@@ -77,11 +77,7 @@ class CachedMentors(NoMentors):
 
     def gather(self, slots, idx, x, needs=(), labels=None):
         with_stats = labels is not None and self.cache.stat_fields == STAT_FIELDS
-        if needs:
-            got = self.cache.gather_with_features(slots, idx, needs, with_stats=with_stats)
-            return got if with_stats else (got[0], None, got[1])
-        got = self.cache.gather(slots, idx, with_stats=with_stats)
-        return (*got, {}) if with_stats else (got, None, {})
+        return self.cache.gather_rows(slots, idx, with_stats=with_stats, features=needs)
 
     def start_epoch(self, epoch, order):
         self.cache.start_epoch(epoch, self.seed, order)  # stream mode: plan + prefetch
@@ -130,8 +126,6 @@ class OnlineMentors(NoMentors):
 
 MentorSource = NoMentors | CachedMentors | OnlineMentors
 
-
-BLOCK_WINDOW = 4  # units held by --cache-mode blocks (each: every mentor's rows)
 
 def parse_mentor_specs(specs: list[str] | None) -> list[tuple[str, str | None]]:
     """["r110", "peer=path.pt"] -> [("r110", None), ("peer", "path.pt")]."""
@@ -182,24 +176,27 @@ def default_mentor_order(found: dict[str, dict]) -> list[str]:
     return sorted(found, key=key)
 
 
-def online_precisions(cfg: TrainConfig, device: torch.device, names: list[str],
-                      found: dict[str, dict]) -> list[str]:
-    """Each online mentor's forward precision: --mentor-precision, else the one its cache
-    entry was computed at (so cached == online holds), else what the trainer's autocast
-    used before the option existed (bf16 with --amp on CUDA without --deterministic, else
-    fp32). An explicit
-    --mentor-precision must match the cache's mentors."""
-    if cfg.mentor_precision is not None:
-        _check_precisions(cfg, found, names, cfg.mentor_precision)
-        return [cfg.mentor_precision] * len(names)
+def default_precision(device: torch.device, amp: bool, deterministic: bool) -> str:
+    """An online mentor's forward precision when neither --mentor-precision nor a cache
+    says: what the trainer's autocast used before the option existed (bf16 with --amp on
+    CUDA), fp32 with --deterministic (as `ckd cache-logits` runs them by default)."""
+    return "bf16" if device.type == "cuda" and amp and not deterministic else "fp32"
+
+
+def online_precisions(precision: str | None, default: str, names: list[str],
+                      found: dict[str, dict], cache: str | None) -> list[str]:
+    """Each online mentor's forward precision: `precision` (--mentor-precision), else the
+    one its entry in the `cache` was computed at (so cached == online holds), else
+    `default`. An explicit --mentor-precision must match the cache's mentors."""
+    if precision is not None:
+        _check_precisions(cache, found, names, precision)
+        return [precision] * len(names)
     from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
 
-    # --deterministic: as `ckd cache-logits` runs them by default (fp32)
-    default = "bf16" if device.type == "cuda" and cfg.amp and not cfg.deterministic else "fp32"
     return [recorded_precision(found[n]) if n in found else default for n in names]
 
 
-def _check_precisions(cfg: TrainConfig, found: dict[str, dict], names: list[str],
+def _check_precisions(cache: str | None, found: dict[str, dict], names: list[str],
                       precision: str) -> None:
     """Refuse a --mentor-precision other than the one a cached mentor was computed at."""
     from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
@@ -207,69 +204,70 @@ def _check_precisions(cfg: TrainConfig, found: dict[str, dict], names: list[str]
     for n in names:
         if n in found and recorded_precision(found[n]) != precision:
             raise ValueError(
-                f"mentor {n!r} in the cache {cfg.cache} was computed at --precision "
+                f"mentor {n!r} in the cache {cache} was computed at --precision "
                 f"{recorded_precision(found[n])}, --mentor-precision {precision} was given: "
                 f"pass --mentor-precision {recorded_precision(found[n])} (or leave it out), "
-                f"or rebuild the cache with `ckd cache-logits --out {cfg.cache} --precision "
+                f"or rebuild the cache with `ckd cache-logits --out {cache} --precision "
                 f"{precision} --overwrite ...`")
 
 
-def make_mentor_source(cfg: TrainConfig, ds, device: torch.device) -> MentorSource:
-    """Open the cache (checked against the data) and/or load the online mentors."""
-    specs = parse_mentor_specs(cfg.mentors)
-    need = method_mentors(cfg.method) != "none"
-    cache, found = None, {}
-    if cfg.cache is not None and not (cfg.mentors_online and not need):
-        cache, found, specs = _open_cache(cfg, ds, device, specs, need)
+def make_mentor_source(ds, device: torch.device, plan: LossPlan, *, cache: str | None,
+                       cache_mode: str, mentors: list[str] | None, online: bool,
+                       precision: str | None, fallback_precision: str, mentor_dir: str | None,
+                       seed: int) -> MentorSource:
+    """Open the `cache` (checked against the data) and/or load the `online` mentors that
+    `plan` reads: `mentors` the --mentors specs, `precision` --mentor-precision (else the
+    cache's, else `fallback_precision`: `default_precision`), `seed` the run's (views)."""
+    specs = parse_mentor_specs(mentors)
+    need = method_mentors(plan.expr) != "none"
+    opened, found = None, {}
+    if cache is not None and not (online and not need):
+        opened, found, specs = _open_cache(cache, cache_mode, plan, online, ds, device,
+                                           specs, need)
     if not need:
-        return NoMentors(cfg.seed, cache)
-    if cfg.mentors_online:
-        names = select_mentors(cfg.method, [n for n, _ in specs])
-        precisions = online_precisions(cfg, device, names, found)
-        models = [_load_online(n, p, cfg, ds, device, found.get(n))
+        return NoMentors(seed, opened)
+    if online:
+        names = select_mentors(plan.expr, [n for n, _ in specs])
+        precisions = online_precisions(precision, fallback_precision, names, found, cache)
+        models = [_load_online(n, p, mentor_dir, cache, ds, device, found.get(n))
                   for n, p in specs[:len(names)]]
-        return OnlineMentors(models, names, cfg.seed, cache, precisions)
-    if cache is None:
-        raise ValueError(f"method {cfg.method!r} needs mentor logits: pass --cache DIR (built "
+        return OnlineMentors(models, names, seed, opened, precisions)
+    if opened is None:
+        raise ValueError(f"method {plan.expr!r} needs mentor logits: pass --cache DIR (built "
                          "with `ckd cache-logits`) or --mentors-online with --mentors, or use "
                          "--method nokd")
-    if cfg.mentor_precision is not None:
-        _check_precisions(cfg, found, cache.mentors, cfg.mentor_precision)
-    return CachedMentors(cache, cfg.seed)
+    if precision is not None:
+        _check_precisions(cache, found, opened.mentors, precision)
+    return CachedMentors(opened, seed)
 
 
-def _open_cache(cfg: TrainConfig, ds, device: torch.device,
+def _open_cache(path: str, mode: str, plan: LossPlan, online: bool, ds, device: torch.device,
                 specs: list[tuple[str, str | None]], need: bool):
-    """(cache, its mentors' attributes, specs): the cache opened with the mentors the
-    method reads (or the least needed for its view rule) and checked against the data."""
-    from ckd.cache import LogitCache, list_mentors  # noqa: PLC0415
+    """(cache, its mentors' attributes, specs): the cache at `path` opened with the mentors
+    the method reads (or the least needed for its view rule) and checked against the
+    data."""
+    from ckd.cache import list_mentors, open_cache  # noqa: PLC0415
 
-    found = list_mentors(cfg.cache)
+    found = list_mentors(path)
     if not found:
-        raise FileNotFoundError(f"no mentors in a logit cache at {cfg.cache}: build it "
-                                f"with `ckd cache-logits --out {cfg.cache} ...`")
+        raise FileNotFoundError(f"no mentors in a logit cache at {path}: build it "
+                                f"with `ckd cache-logits --out {path} ...`")
     avail = default_mentor_order(found)
-    if need and not cfg.mentors_online:
+    if need and not online:
         names = [_match(n, avail) for n, _ in specs] if specs else avail
-        names = select_mentors(cfg.method, names)
+        names = select_mentors(plan.expr, names)
     else:
         names = avail[:1]  # only views/compatibility are needed: load the least
     from ckd.features.runtime import feature_needs  # noqa: PLC0415
 
-    needs = feature_needs(cfg.loss_plan().terms) if need and not cfg.mentors_online else ()
-    blocks = cfg.cache_mode == "blocks"  # a bounded window of units (ckd.cache.blocks)
-    cache = LogitCache(cfg.cache, mode="stream" if blocks else cfg.cache_mode,
-                       device=str(device), mentors=names, features=needs)
-    if blocks:
-        from ckd.cache.blocks import BlockReader  # noqa: PLC0415
-
-        cache = BlockReader(cache, window=BLOCK_WINDOW)
+    needs = feature_needs(plan.terms) if need and not online else ()
+    cache = open_cache(path, mode=mode, device=str(device), mentors=names, features=needs)
     cache.check_compatible(ds.name, ds.fingerprint, ds.num_classes)
-    if need and not cfg.mentors_online and cache.sparse:  # refused now, not at the 1st step
+    if need and not online and cache.sparse:  # refused now, not at the 1st step
         from ckd.methods.loss import check_sparse_method  # noqa: PLC0415
 
-        check_sparse_method(cfg.loss_plan().logit_term.method)
-    if cfg.mentors_online:
+        check_sparse_method(plan.logit_term.method)
+    if online:
         # no NAME=PATH given: the checkpoint the cache was built from, if it is there
         specs = specs or [(n, None) for n in avail]
         specs = [(n, p or _cached_checkpoint(found.get(n))) for n, p in specs]
@@ -281,7 +279,7 @@ def _cached_checkpoint(attrs: dict | None) -> str | None:
     return path if path and Path(path).is_file() else None
 
 
-def mentor_path(name: str, path: str | None, cfg: TrainConfig, ds) -> Path:
+def mentor_path(name: str, path: str | None, mentor_dir: str | None, dataset: str) -> Path:
     """NAME=PATH, else the cache CLI's rule: <mentor-dir>/<dataset>/<arch>.pt (or
     <alias>.pt), mentor-dir defaulting to ./mentors."""
     if path is not None:
@@ -289,31 +287,31 @@ def mentor_path(name: str, path: str | None, cfg: TrainConfig, ds) -> Path:
     from ckd.cache.mentors import resolve_mentors  # noqa: PLC0415 - one rule for both
 
     try:
-        return resolve_mentors([name], ds.name, cfg.mentor_dir or "mentors")[name]
+        return resolve_mentors([name], dataset, mentor_dir or "mentors")[name]
     except ValueError as err:
         raise ValueError(f"online mentor {name!r} is not an architecture name, so it needs a "
                          f"checkpoint: pass --mentors {name}=PATH ({err})") from err
 
 
-def _load_online(name: str, path: str | None, cfg: TrainConfig, ds, device: torch.device,
-                 cached: dict | None) -> nn.Module:
+def _load_online(name: str, path: str | None, mentor_dir: str | None, cache: str | None, ds,
+                 device: torch.device, cached: dict | None) -> nn.Module:
     """A frozen mentor through the cache's own loader; when it is compared with a cache
     that recorded this mentor, the checkpoint must be the one the cache was built from."""
     from ckd.cache.mentors import load_mentor  # noqa: PLC0415
     from ckd.models import file_sha256, read_checkpoint_meta  # noqa: PLC0415
 
-    p = mentor_path(name, path, cfg, ds)
+    p = mentor_path(name, path, mentor_dir, ds.name)
     if not p.is_file():
         raise FileNotFoundError(f"mentor {name!r}: no checkpoint at {p}; train it with "
                                 f"`ckd train-mentor --arch {name} --dataset {ds.name}` or "
                                 f"pass --mentors {name}=PATH")
     want = (cached or {}).get("checkpoint_sha256")
     if want and file_sha256(p) != want:
-        raise ValueError(f"mentor {name!r}: {p} is not the checkpoint the cache {cfg.cache} "
+        raise ValueError(f"mentor {name!r}: {p} is not the checkpoint the cache {cache} "
                          f"was built from (sha256 {want[:12]}..., recorded as "
                          f"{cached.get('checkpoint')}): pass that checkpoint as "
                          f"--mentors {name}=PATH, or rebuild the mentor's cache with "
-                         f"`ckd cache-logits --out {cfg.cache} --mentors {name}=PATH "
+                         f"`ckd cache-logits --out {cache} --mentors {name}=PATH "
                          "--overwrite`")
     meta = read_checkpoint_meta(p)
     if meta.get("dataset") and norm_name(str(meta["dataset"])) != norm_name(ds.name):

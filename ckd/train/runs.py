@@ -19,7 +19,7 @@ from ckd.methods import LossPlan
 from ckd.train.checkpoint import set_rng_state
 from ckd.train.config import TrainConfig, save_config
 from ckd.train.ddp import DistInfo, wrap
-from ckd.train.mentors import MentorSource, make_mentor_source
+from ckd.train.mentors import MentorSource, default_precision, make_mentor_source
 from ckd.train.metrics import MetricsLogger
 from ckd.train.optim import make_optimizer
 from ckd.train.run_dir import check_run_shape, resume_state, run_folder_lock
@@ -103,12 +103,17 @@ class Shared:
 def setup_shared(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> Shared:
     autocast = _autocast_factory(info.device, cfg.amp, cfg.cuda_graphs)
     ds = load_data(cfg)
-    source = make_mentor_source(cfg, ds, info.device)
+    plan = cfg.loss_plan()
+    source = make_mentor_source(
+        ds, info.device, plan, cache=cfg.cache, cache_mode=cfg.cache_mode,
+        mentors=cfg.mentors, online=cfg.mentors_online, precision=cfg.mentor_precision,
+        fallback_precision=default_precision(info.device, cfg.amp, cfg.deterministic),
+        mentor_dir=cfg.mentor_dir, seed=cfg.seed)
     # the cache's reader thread stops with the run: none may be mid-request on an object
     # store when the interpreter exits (obstore's runtime would then abort the process)
     stack.callback(source.close)
     train_loader, test_loader = make_loaders(cfg, ds, info.device, info.rank, info.world_size)
-    return Shared(ds, source, cfg.loss_plan(), train_loader, test_loader, autocast)
+    return Shared(ds, source, plan, train_loader, test_loader, autocast)
 
 
 def setup_runs(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> list[Run]:

@@ -12,22 +12,32 @@ from ckd.train.config import TrainConfig
 
 
 def load_data(cfg: TrainConfig):
-    """The `Dataset` (from --prepared betons or by --dataset name)."""
+    """The run's `Dataset` (from --prepared betons or by --dataset name)."""
+    return open_data(dataset=cfg.dataset, data_dir=cfg.data_dir,
+                     dataset_options=cfg.dataset_options, prepared=cfg.prepared,
+                     batch_size=cfg.batch_size)
+
+
+def open_data(*, dataset: str | None, data_dir: str | None = None,
+              dataset_options: dict | None = None, prepared: str | None = None,
+              batch_size: int = 64):
+    """The `Dataset` from a `prepared` folder (betons, or an image folder read in batches
+    of `batch_size`), else by `dataset` name with its options."""
     from ckd.data import load_dataset  # noqa: PLC0415
 
-    if cfg.prepared is not None:
+    if prepared is not None:
         from ckd.cache.image_views import ImageViews, is_image_folder  # noqa: PLC0415
         from ckd.data.beton import load_prepared  # noqa: PLC0415
 
-        if is_image_folder(cfg.prepared):  # `ckd prepare imagefolder` output
-            return ImageViews(cfg.prepared, batch_size=cfg.batch_size)
+        if is_image_folder(prepared):  # `ckd prepare imagefolder` output
+            return ImageViews(prepared, batch_size=batch_size)
 
-        ds = load_prepared(cfg.prepared)
-        if cfg.dataset is not None and norm_name(cfg.dataset) != norm_name(ds.name):
-            raise ValueError(f"--prepared {cfg.prepared} holds dataset {ds.name!r} but "
-                             f"--dataset {cfg.dataset!r} was given: drop one of them")
+        ds = load_prepared(prepared)
+        if dataset is not None and norm_name(dataset) != norm_name(ds.name):
+            raise ValueError(f"--prepared {prepared} holds dataset {ds.name!r} but "
+                             f"--dataset {dataset!r} was given: drop one of them")
         return ds
-    return load_dataset(cfg.dataset, cfg.data_dir, **cfg.dataset_options)
+    return load_dataset(dataset, data_dir, **(dataset_options or {}))
 
 
 def build_student(cfg: TrainConfig, ds) -> nn.Module:
