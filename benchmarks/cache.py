@@ -28,8 +28,9 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
 from ckd.cache import build_cache, open_cache
-from ckd.cache.layout import epoch_seed, make_layout, root_attributes
+from ckd.cache.layout import make_layout, root_attributes
 from ckd.data import NUM_VIEWS, RECIPE, apply_views, load_dataset, view_ids
+from ckd.hashing import epoch_seed
 from ckd.models import create_model, save_checkpoint
 
 LINES: list[str] = []

@@ -35,7 +35,7 @@ def _sync(dev: torch.device) -> None:
 def bare_forward_s(model: torch.nn.Module, rows: int, batch: int, precision: str,
                    dev: torch.device, hw: tuple[int, int]) -> float:
     """Seconds of `rows` images through the mentor forward, in `batch`-sized pieces."""
-    from ckd.cache.mentors import mentor_forward
+    from ckd.models.forward import mentor_forward
 
     x = torch.randn(batch, 3, *hw, device=dev)
     mentor_forward(model, x, precision)  # warm-up (allocation, kernel choice)
@@ -109,7 +109,7 @@ def build_bench(say: Callable[[str], None], *, archs: list[str], n: int, n_test:
                             dataset=ds.name, metrics={})
         models = {a: load_mentor(a, p, 100, dev) for a, p in paths.items()}
         if batch is None:
-            from ckd.cache.mentors import mentor_forward
+            from ckd.models.forward import mentor_forward
 
             def probe(model: torch.nn.Module) -> Callable[[int], object]:
                 return lambda b: mentor_forward(model, torch.zeros(b, 3, *hw, device=dev),

@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from ckd.cache import build_cache
-    from ckd.cache.image_views import ImageViews
+    from ckd.data.image_views import ImageViews
     from ckd.data.imagefolder import prepare_imagefolder
     from ckd.data.images import ImageLoader
     from ckd.data.rrc import rrc_views

@@ -140,7 +140,7 @@ def step_counts(B=64, C=100, M=6) -> dict[str, int]:
         return out
 
     def views_kernel():  # what apply_views/view_ids run on CUDA (one kernel each)
-        from ckd.kernels.views import view_ids_fused, views_fused
+        from ckd.data.views_triton import view_ids_fused, views_fused
 
         ids = view_ids_fused(seed_keys(7), idx)
         scale, shift = V._affine(mean, std, images.device)

@@ -22,7 +22,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from ckd.atomic import atomic_write_text
+from ckd.cache import build_cache
+from ckd.data.beton import write_betons
+from ckd.data.datasets import load_dataset
+from ckd.models import read_checkpoint_meta, resolve_arch
+from ckd.train import train, train_mentor
+from ckd.train.report import load_run, write_report
 
 # (label, method, classroom variant): the rows of the results table.
 DEMO_METHODS: tuple[tuple[str, str, str | None], ...] = (
@@ -105,10 +114,7 @@ def plot_methods(runs_by_method: dict[str, list[str]], path: Path) -> Path:
     import matplotlib  # noqa: PLC0415 - heavy import, plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    from ckd.train.report import load_run  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - optional heavy dependency (matplotlib)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, dirs in runs_by_method.items():
@@ -133,8 +139,6 @@ def plot_methods(runs_by_method: dict[str, list[str]], path: Path) -> Path:
 def numerics(threads: int | None = None) -> str:
     """What the demo's digits depend on: torch's version, thread count (default: the
     current one), CPU kernels."""
-    import torch  # noqa: PLC0415
-
     n = threads or torch.get_num_threads()
     return (f"torch {torch.__version__}, {n} thread{'s' if n > 1 else ''}, CPU "
             f"{torch.backends.cpu.get_cpu_capability()}")
@@ -143,8 +147,6 @@ def numerics(threads: int | None = None) -> str:
 def _mentor_reused(path: Path, epochs: int) -> float | None:
     """The test top-1 of a mentor an earlier demo run wrote at `path`, or None if there is
     none; a mentor trained with other epochs is refused (another plan's folder)."""
-    from ckd.models import read_checkpoint_meta  # noqa: PLC0415
-
     if not path.is_file():
         return None
     metrics = read_checkpoint_meta(path).get("metrics") or {}
@@ -170,8 +172,6 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Run every stage into `out`; returns the results (also written to results.json/md).
     Stages an earlier run into `out` finished are reused, interrupted ones resumed."""
-    import torch  # noqa: PLC0415
-
     plan = plan or DemoPlan()
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.threads)
@@ -182,13 +182,6 @@ def run_demo(out: str | Path = "demo_out", plan: DemoPlan | None = None,
 
 
 def _run_demo(out: Path, plan: DemoPlan, progress: bool) -> dict[str, Any]:
-    from ckd.cache import build_cache  # noqa: PLC0415 - heavy imports on use
-    from ckd.data.beton import write_betons
-    from ckd.data.datasets import load_dataset
-    from ckd.models import resolve_arch
-    from ckd.train import train, train_mentor
-    from ckd.train.report import write_report
-
     earlier = _earlier_times(out)
     mark = out / "numerics.txt"  # what the runs in `out` were computed with
     if mark.is_file() and mark.read_text().strip() != numerics():

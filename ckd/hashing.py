@@ -5,7 +5,11 @@ without storing them.
 
 `mix32` is lowbias32 (Chris Wellons' hash-prospector), a bijection on 32-bit integers. The
 tensor version splits each constant into 16-bit halves so every product fits in int64;
-the Triton twin (`ckd.kernels.views.mix32_tl`) multiplies uint32 with wrap-around.
+the Triton twin (`ckd.hashing_triton.mix32_tl`) multiplies uint32 with wrap-around.
+
+Two integer mixes sit beside it: `epoch_seed`, the seed of a view slot or epoch that every
+view recipe and the cache share, and `splitmix64`, which turns (seed, epoch) into the
+63-bit torch.Generator seed of an epoch's visiting order (`ckd.data.loaders`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from __future__ import annotations
 import torch
 
 M32 = 0xFFFFFFFF
+M64 = 0xFFFFFFFFFFFFFFFF
+M63 = (1 << 63) - 1
 MUL1, MUL2 = 0x7FEB352D, 0x846CA68B
+SEED_MIX = 1_000_003  # epoch seed = seed * SEED_MIX + epoch (same mix online and cached)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -39,6 +46,23 @@ def mix32_int(x: int) -> int:
     x ^= x >> 15
     x = (x * MUL2) & M32
     return x ^ (x >> 16)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Augmentation seed of epoch (or view slot) `epoch` for a run seeded `seed`, a pure mix.
+
+    Keyed caches use `epoch_seed(seed, k)` for slot k, so epoch e < K of a K-view cache
+    sees exactly the views an online run (or an --views all cache) sees in epoch e."""
+    return int(seed) * SEED_MIX + int(epoch)
+
+
+def splitmix64(seed: int, epoch: int) -> int:
+    """SplitMix64's finalizer on seed * golden ratio + epoch + 1: a 63-bit torch.Generator
+    seed per (seed, epoch), as `ckd.data.loaders` seeds an epoch's permutation."""
+    x = ((int(seed) & M64) * 0x9E3779B97F4A7C15 + int(epoch) + 1) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return (x ^ (x >> 31)) & M63
 
 
 def seed_keys(seed: int) -> tuple[int, int]:

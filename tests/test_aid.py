@@ -136,13 +136,13 @@ def test_adapt_mentor_cli_fails_loudly_past_the_margin(tmp_path, monkeypatch, ca
     stderr names both accuracies and the fixes, the summary says EXCEEDED, the exit status
     is 3 and the checkpoint records within_margin false (the accuracies are pinned: a tiny
     run's own drop is not predictable)."""
-    import ckd.cache.writer as writer
+    import ckd.aid.adapt as adapt
     from ckd.cli.aid import MARGIN_EXCEEDED_EXIT
     from ckd.models import read_checkpoint_meta
 
     src = _mentor(tmp_path)
     accuracies = iter([90.0, 87.5])  # the source mentor, then the adapted one
-    monkeypatch.setattr(writer, "test_accuracy", lambda *a, **k: next(accuracies))
+    monkeypatch.setattr(adapt, "test_accuracy", lambda *a, **k: next(accuracies))
     out = tmp_path / "aid.pt"
     capfd.readouterr()
     r = CliRunner().invoke(cli, [

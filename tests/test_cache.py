@@ -11,10 +11,11 @@ import pytest
 import torch
 import zarr
 
-from ckd.cache import CacheMismatchError, build_cache, epoch_seed, open_cache
+from ckd.cache import CacheMismatchError, build_cache, open_cache
 from ckd.cache.info import info, verify
 from ckd.cache.mentors import resolve_mentors
 from ckd.data import NUM_VIEWS, RECIPE, apply_views, load_dataset, view_ids
+from ckd.hashing import epoch_seed
 from ckd.models import create_model, save_checkpoint
 
 N_TRAIN, N_TEST, C = 48, 16, 5

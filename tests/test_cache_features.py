@@ -224,21 +224,21 @@ def test_cached_feature_shape_that_the_architecture_does_not_give_is_refused(
     shapes and the rebuild command."""
     import re
 
-    import ckd.models
-    from ckd.features.runtime import cached_mentor_shapes
+    import ckd.train.features
+    from ckd.train.features import cached_mentor_shapes
 
     path = build_cache(_ds(), {"t": mentors["t"]}, tmp_path / "c", views=1, progress=False,
                        features="pool,map")
     cache = open_cache(path, mentors=["t"], features=(name,))
     assert cached_mentor_shapes(cache, 32)[0][-1] == (64,)  # resnet14 at 32x32: consistent
-    real = ckd.models.feature_shapes
+    real = ckd.train.features.feature_shapes
 
     def other_width(arch, image_size):  # as if the architecture now gave another width
         shapes = list(real(arch, image_size))
         shapes[stage] = (32, *shapes[stage][1:])
         return shapes
 
-    monkeypatch.setattr(ckd.models, "feature_shapes", other_width)
+    monkeypatch.setattr(ckd.train.features, "feature_shapes", other_width)
     cached = "(64,)" if name == "pool" else "(64, 8, 8)"
     with pytest.raises(ValueError, match=rf"holds {name} features of shape {re.escape(cached)} "
                        rf"for mentor 't', but its architecture resnet14 gives \(32,.*"

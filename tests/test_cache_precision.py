@@ -86,7 +86,7 @@ def test_bf16_cached_training_equals_bf16_online_training(bf16):
 
 
 def test_precision_recorded_shown_and_used_by_verify(bf16, monkeypatch):
-    import ckd.cache.mentors as mentors
+    import ckd.cache.recompute as recompute
     from ckd.cli.main import main as cli
 
     root = zarr.open_group(str(bf16["cache"]), mode="r")
@@ -94,8 +94,8 @@ def test_precision_recorded_shown_and_used_by_verify(bf16, monkeypatch):
     res = CliRunner().invoke(cli, ["cache", "info", str(bf16["cache"])])
     assert res.exit_code == 0 and "precision" in res.output and "bf16" in res.output
     seen = []
-    real = mentors.mentor_forward
-    monkeypatch.setattr(mentors, "mentor_forward",
+    real = recompute.mentor_forward
+    monkeypatch.setattr(recompute, "mentor_forward",
                         lambda m, x, p="fp32", **k: seen.append(p) or real(m, x, p, **k))
     rep = verify(bf16["cache"], recompute=8, dataset=bf16["ds"])
     assert rep.ok, rep.problems

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ckd.features.crd import (
+from ckd.methods.crd import (
     CRDModule,
     crd_loss,
     draw_negatives,
     tekap_feature_copies,
     tekap_feature_loss,
 )
-from ckd.features.sdkd import FeatureFusionBlock, sdkd_loss
+from ckd.methods.sdkd import FeatureFusionBlock, sdkd_loss
 
 
 def _labels(n: int = 60, classes: int = 5) -> torch.Tensor:

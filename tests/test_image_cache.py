@@ -11,8 +11,8 @@ import zarr
 from click.testing import CliRunner
 
 from ckd.cache import build_cache, open_cache
-from ckd.cache.image_views import ImageViews
 from ckd.cache.mentors import load_mentor
+from ckd.data.image_views import ImageViews
 from ckd.data.rrc import epoch_slots, rrc_views
 from ckd.data.views import normalize
 from ckd.models import create_model, save_checkpoint

@@ -251,10 +251,10 @@ def test_verify_recomputes_the_rows_of_sparse_mentors(tmp_path, monkeypatch):
     res = run("cache", "verify", cache, "--recompute", "8")
     assert "rows recomputed: 24" in res.output and f"{cache}: OK" in res.output
     # mentors that no longer give the stored rows (as a damaged build would) are named
-    import ckd.cache.mentors as mentors
+    import ckd.cache.recompute as recompute
 
-    real = mentors.load_mentor
-    monkeypatch.setattr(mentors, "load_mentor",
+    real = recompute.load_mentor
+    monkeypatch.setattr(recompute, "load_mentor",
                         lambda alias, path, *a: real(alias, ck["d"], *a))
     res = run("cache", "verify", cache, "--recompute", "8", ok=False)
     for name in ("t/topk_logits", "t/topk_rest", "t/stats", "s/sample_logits", "s/stats"):

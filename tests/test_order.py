@@ -11,7 +11,7 @@ from zarr.storage import WrapperStore
 from ckd.cache import build_cache, open_cache
 from ckd.cache import reader as cache_reader
 from ckd.data import load_dataset
-from ckd.data.loaders import _Loader, epoch_permutation, shard_block_permutation
+from ckd.data.loaders import Loader, epoch_permutation, shard_block_permutation
 
 N, BLOCK = 200, 16  # 13 blocks, the last one short
 
@@ -33,7 +33,7 @@ def test_shard_block_order_is_a_pure_function_of_seed_and_epoch():
 @pytest.mark.parametrize("block", [None, BLOCK])
 def test_epoch_order_is_identical_across_world_sizes(block):
     def global_order(world: int, epoch: int) -> torch.Tensor:
-        shares = [_Loader(N, batch_size=8, seed=1, shuffle=True, drop_last=False,
+        shares = [Loader(N, batch_size=8, seed=1, shuffle=True, drop_last=False,
                           device="cpu", rank=r, world_size=world, block=block).order(epoch)
                   for r in range(world)]
         return torch.stack(shares, 1).reshape(-1)  # rank r took positions r::world
@@ -82,7 +82,7 @@ def test_shard_blocks_read_each_shard_once_per_epoch(block_cache, monkeypatch):
 
     def epoch_requests(order_block: int | None, epoch: int = 3) -> int:
         reader = open_cache(path, mode="blocks", window=2)
-        loader = _Loader(N, batch_size=16, seed=0, shuffle=True, drop_last=False,
+        loader = Loader(N, batch_size=16, seed=0, shuffle=True, drop_last=False,
                          device="cpu", rank=0, world_size=1, block=order_block)
         CountingStore.chunk_gets = 0
         order = loader.order(epoch)

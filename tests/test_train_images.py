@@ -13,7 +13,7 @@ import torch
 import zarr
 
 from ckd.cache import build_cache, open_cache
-from ckd.cache.image_views import ImageViews
+from ckd.data.image_views import ImageViews
 from ckd.models import create_model, save_checkpoint
 
 # Slow: FFCV's replay decoder compiles per resolution, and the torchrun build.

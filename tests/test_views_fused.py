@@ -1,4 +1,4 @@
-"""The one-kernel CIFAR views (ckd.kernels.views, used by ckd.data.views on CUDA) equal
+"""The one-kernel CIFAR views (ckd.data.views_triton, used by ckd.data.views on CUDA) equal
 the torch implementation bit for bit: view ids from (seed, index), crops, flips, zero
 padding, normalization, NCHW and channels_last, given ids and the identity view."""
 
@@ -9,8 +9,8 @@ import torch
 from device import DEVICE
 
 from ckd.data import views as V
+from ckd.data.views_triton import view_ids_fused, views_fused
 from ckd.hashing import hash32, seed_keys
-from ckd.kernels.views import view_ids_fused, views_fused
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 

@@ -30,7 +30,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ckd.aid.analyze import check_in_memory_data
 from ckd.aid.decompose import inter_class_kl, intra_class_kl
+from ckd.cache.writer import test_accuracy
+from ckd.data.loaders import make_loader
+from ckd.data.views import apply_views
+from ckd.models import (
+    create_model,
+    file_sha256,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
+from ckd.train.setup import open_data
 
 OBJECTIVE = "aid-intra"
 
@@ -55,20 +67,6 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
     checkpoint and its sha256, the student, the objective and its parameters, both test
     accuracies). Returns that record plus `model`. An existing `out` is replaced only with
     `overwrite`."""
-    from ckd.aid.analyze import check_in_memory_data  # noqa: PLC0415
-    from ckd.cache.layout import epoch_seed  # noqa: PLC0415
-    from ckd.cache.writer import test_accuracy  # noqa: PLC0415
-    from ckd.data.loaders import make_loader  # noqa: PLC0415
-    from ckd.data.views import apply_views, view_ids  # noqa: PLC0415
-    from ckd.models import (  # noqa: PLC0415
-        create_model,
-        file_sha256,
-        load_checkpoint,
-        read_checkpoint_meta,
-        save_checkpoint,
-    )
-    from ckd.train.setup import open_data  # noqa: PLC0415
-
     check_adapt_values(epochs=epochs, lam=lam, anchor=anchor, tau=T, lr=lr,
                        student_lr=student_lr, margin=margin)
     warmup_epochs = epochs if warmup_epochs is None else warmup_epochs
@@ -114,7 +112,7 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
         bar = tqdm(loader, desc=f"adapt-mentor {'adapt' if adapting else 'warm-up'} "
                    f"{epoch + 1}/{total}", leave=False, disable=not progress)
         for images, labels, idx in bar:
-            x = apply_views(images, view_ids(epoch_seed(seed, epoch), idx), ds.mean, ds.std)
+            x = apply_views(images, ds.recipe.epoch_view_ids(seed, epoch, idx), ds.mean, ds.std)
             with torch.set_grad_enabled(adapting):
                 z_t = mentor(x)
             z_s = proxy(x)

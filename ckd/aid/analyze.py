@@ -10,6 +10,12 @@ from typing import Any
 import torch
 
 from ckd.aid.decompose import COLUMNS, Decomposition, markdown_table
+from ckd.cache import open_cache
+from ckd.data.datasets import Dataset
+from ckd.data.protocol import TrainingData
+from ckd.data.views import apply_views
+from ckd.train.config import load_config
+from ckd.train.setup import open_data
 
 
 def student_checkpoint(run_or_ckpt: str | Path) -> tuple[Path, Path | None]:
@@ -26,12 +32,10 @@ def student_checkpoint(run_or_ckpt: str | Path) -> tuple[Path, Path | None]:
     return p, None
 
 
-def check_in_memory_data(ds: Any, command: str) -> Any:
-    """`ds`, unless it is a prepared image folder: the AID commands read whole in-memory
-    image arrays with the CIFAR-style views (image folders' crops are not supported yet)."""
-    from ckd.train.setup import is_image_data  # noqa: PLC0415
-
-    if is_image_data(ds):
+def check_in_memory_data(ds: TrainingData, command: str) -> Dataset:
+    """`ds`, unless its views are continuous (a prepared image folder's crops, not supported
+    yet): the AID commands read whole in-memory image arrays with the discrete views."""
+    if ds.recipe.num_views is None:
         raise ValueError(f"{command} works on CIFAR-style data (--dataset NAME, or --prepared "
                          f"from `ckd prepare cifar100|...`); {ds.name!r} is an image folder "
                          "(`ckd prepare imagefolder|imagenet`), which it does not support yet")
@@ -40,15 +44,11 @@ def check_in_memory_data(ds: Any, command: str) -> Any:
 
 def load_run_data(run_dir: Path | None, prepared: str | None, dataset: str | None,
                   dataset_options: dict[str, Any] | None, data_dir: str | None):
-    """The dataset: from --prepared/--dataset, else the one the run's config.yaml names."""
-    from ckd.train.setup import open_data  # noqa: PLC0415
-
+    """The dataset: from --prepared/--dataset, else the run's config.yaml."""
     if prepared is None and dataset is None:
         if run_dir is None or not (run_dir / "config.yaml").is_file():
             raise ValueError("which data? pass --prepared DIR or --dataset NAME (a student "
                              "checkpoint file does not record where its images are)")
-        from ckd.train.config import load_config  # noqa: PLC0415
-
         run = load_config(run_dir / "config.yaml")
         prepared, dataset, data_dir = run.prepared, run.dataset, run.data_dir
         dataset_options = run.dataset_options
@@ -64,9 +64,6 @@ def decompose_over_train(cache_dir: str | Path, mentor: str, student: torch.nn.M
     """Rows of `Decomposition.table()` for the cached mentor vs `student` on the training
     set, each sample on the view the cache pairs with it in `epoch` (mentor and student see
     the same image)."""
-    from ckd.cache import open_cache  # noqa: PLC0415
-    from ckd.data.views import apply_views  # noqa: PLC0415
-
     cache = open_cache(cache_dir, mentors=[mentor])
     if cache.sparse:  # the decomposition needs every class's logit
         cache.close()
@@ -92,7 +89,7 @@ def write_analysis(rows: list[dict], out: str | Path, title: str) -> dict[str, P
     import matplotlib  # noqa: PLC0415 - plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - optional heavy dependency (matplotlib)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

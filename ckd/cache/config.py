@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ckd.models.forward import DEFAULT_PRECISION, PRECISIONS
 from ckd.options import OptionError, check_device, check_fields, default_device, option
 
 from .layout import CODECS, DEFAULT_CODEC, DTYPES
-from .mentors import DEFAULT_PRECISION, PRECISIONS
 
 
 @dataclass

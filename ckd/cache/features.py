@@ -3,13 +3,17 @@ each mentor gets, their shapes from the mentor itself, and the size they will ta
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from ckd.data.datasets import Dataset
 
 from .layout import FEATURES, CacheMismatchError
+from .mentors import load_mentor, mentor_arch
 
 HUGE_BYTES = 10 << 30  # above this per mentor, say so and suggest fewer views
 
@@ -29,13 +33,11 @@ def parse_features(features: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(f for f in FEATURES if f in names)
 
 
-def mentor_feature_shapes(model: Any, image_size: int, names: Sequence[str]
+def mentor_feature_shapes(model: torch.nn.Module, image_size: int, names: Sequence[str]
                           ) -> dict[str, list[int]]:
     """Per-row shape of each requested feature of a loaded mentor ("pool": [D],
     "map": [C, H, W]): its own `is_feat` outputs on two blank images, so a mentor built
     with constructor kwargs (a `ckd train --student-kwargs` run) gets its real widths."""
-    import torch
-
     param = next(model.parameters(), None)
     x = torch.zeros(2, 3, image_size, image_size,
                     device=param.device if param is not None else "cpu")
@@ -51,16 +53,13 @@ def feature_bytes(shapes: Mapping[str, Sequence[int]], num_slots: int, num_sampl
     return sum(int(np.prod(s)) * num_slots * num_samples * item for s in shapes.values())
 
 
-def plan_features(names: Sequence[str], paths: Mapping[str, Path], dataset: Any,
-                  num_slots: int, dtype: str, say: Any = print
+def plan_features(names: Sequence[str], paths: Mapping[str, Path], dataset: Dataset,
+                  num_slots: int, dtype: str, say: Callable[[str], object] = print
                   ) -> dict[str, dict[str, list[int]]]:
     """{alias: {feature: shape}} for every mentor; prints the size each mentor's features
     will take (and a warning with a `--views K` suggestion when that is huge)."""
     if not names:
         return {}
-    import torch
-
-    from .mentors import load_mentor, mentor_arch
 
     image_size = int(dataset.train.images.shape[1])
     n = len(dataset.train)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
+from tqdm import tqdm
 
+from ckd.data.protocol import TrainingData
 from ckd.kernels.sparse_mentors import bytes_per_row
 
 from .integrity import (
@@ -25,8 +25,8 @@ from .layout import (
     CORRECT,
     MARKER,
     CacheReadError,
+    Layout,
     UnitValues,
-    check_compatible,
     layout_from_attrs,
     read_json_attrs,
     read_root_attrs,
@@ -35,6 +35,7 @@ from .layout import (
 from .location import cache_location
 from .mentors import recorded_precision
 from .reader import list_mentors, open_root, read_array
+from .recompute import VerifyReport, recompute_rows
 from .sparse import sparse_problems
 
 
@@ -80,18 +81,6 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return attrs, rows
 
 
-@dataclass
-class VerifyReport:
-    chunks_read: int = 0
-    rows_recomputed: int = 0
-    max_abs_diff: float = 0.0
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
 def _mentor_attrs(path: Path, rep: VerifyReport) -> dict[str, dict[str, Any]]:
     """Every mentor group's attributes; a damaged zarr.json is a problem, not a stop."""
     out = {}
@@ -106,7 +95,7 @@ def _mentor_attrs(path: Path, rep: VerifyReport) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _check_root_arrays(path: Path, attrs: dict[str, Any], root: zarr.Group, lay: Any,
+def _check_root_arrays(path: Path, attrs: dict[str, Any], root: zarr.Group, lay: Layout,
                        rep: VerifyReport) -> np.ndarray | None:
     digests = attrs.get("digests") or {}
     labels = None
@@ -128,7 +117,8 @@ def _check_root_arrays(path: Path, attrs: dict[str, Any], root: zarr.Group, lay:
     return labels
 
 
-def verify(path: str | Path, *, recompute: int = 0, dataset: Any = None, device: str = "cpu",
+def verify(path: str | Path, *, recompute: int = 0, dataset: TrainingData | None = None,
+           device: str = "cpu",
            seed: int = 0, progress: bool = False) -> VerifyReport:
     """Every check the format allows: completeness (markers *and* chunk files), each
     chunk read through its crc32c codec and compared with its unit checksum, the digests
@@ -136,8 +126,6 @@ def verify(path: str | Path, *, recompute: int = 0, dataset: Any = None, device:
     (stats) recomputed exactly from the stored logits, and with `recompute` > 0 that many
     random (slot, sample) rows per mentor recomputed from its checkpoint (the logits and
     every feature array the mentor holds)."""
-    from tqdm import tqdm
-
     path = cache_location(path)
     rep = VerifyReport()
     attrs = read_root_attrs(path)
@@ -153,13 +141,13 @@ def verify(path: str | Path, *, recompute: int = 0, dataset: Any = None, device:
         for alias, m in mentors.items():
             _verify_mentor(path, attrs, lay, root, alias, m, labels, rep, bar)
     if recompute > 0 and mentors and not rep.problems:
-        _recompute(path, attrs, lay, root, mentors, recompute, dataset, device, seed, rep)
+        recompute_rows(path, attrs, lay, root, mentors, recompute, dataset, device, seed, rep)
     return rep
 
 
-def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group, alias: str,
+def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Layout, root: zarr.Group, alias: str,
                    m: dict[str, Any], labels: np.ndarray | None, rep: VerifyReport,
-                   bar: Any) -> None:
+                   bar: tqdm) -> None:
     specs = mentor_specs(m)
     columns = marker_columns(specs)
     if not m.get("complete"):
@@ -232,143 +220,3 @@ def _unit_chunk(root: zarr.Group, alias: str, name: str, a: int, b: int) -> str:
     """`ALIAS/ARRAY/<chunk key>` of unit (a, b)'s chunk of a mentor array."""
     arr = root[f"mentors/{alias}/{name}"]
     return chunk_key(arr, (a, b, *[0] * (arr.ndim - 2))).removeprefix("mentors/")
-
-
-def load_cache_dataset(attrs: dict[str, Any], data_dir: str | None = None,
-                       prepared: str | None = None) -> Any:
-    """The dataset a cache was built from (synthetic rebuilt from its stored params)."""
-    from ckd.data import load_dataset
-
-    ds_attrs = attrs["dataset"]
-    from .image_views import ImageViews, is_image_folder
-
-    if is_image_folder(prepared):
-        return ImageViews(prepared)
-    if prepared:
-        from ckd.data import load_prepared
-
-        return load_prepared(prepared)
-    return load_dataset(ds_attrs["name"], data_dir, download=False,
-                        **(ds_attrs.get("params") or {}))
-
-
-def _recompute(path: Path, attrs: dict[str, Any], lay: Any, root: zarr.Group,
-               mentors: dict[str, dict[str, Any]], n_rows: int, dataset: Any, device: str,
-               seed: int, rep: VerifyReport) -> None:
-    from ckd.data.views import RECIPE, apply_views
-    from ckd.features.runtime import mentor_features
-    from ckd.models import file_sha256
-
-    from .mentors import load_mentor, mentor_forward
-
-    if dataset is None:
-        dataset = load_cache_dataset(attrs)
-    from .image_views import ImageViews, recompute_rows
-
-    if isinstance(dataset, ImageViews):  # image folder: boxes re-derived, crops re-decoded
-        recompute_rows(path, attrs, lay, root, mentors, n_rows, dataset, device, seed, rep)
-        return
-    check_compatible(attrs, fingerprint=dataset.fingerprint, num_classes=dataset.num_classes,
-                     recipe=RECIPE, path=str(path))
-    gen = np.random.default_rng(seed)
-    slots = gen.integers(0, lay.num_slots, n_rows)
-    idx = gen.integers(0, lay.num_samples, n_rows)
-    if attrs["views"]["mode"] == "keyed":
-        vids = root["view_ids"][:][slots, idx].astype(np.int64)
-    else:
-        vids = slots
-    dev = torch.device(device)
-    images = torch.from_numpy(dataset.train.images[idx]).to(dev)
-    mean, std = attrs["normalization"]["mean"], attrs["normalization"]["std"]
-    for alias, m in mentors.items():
-        ckpt = Path(m["checkpoint"])
-        if not ckpt.is_file():
-            rep.problems.append(f"{alias}: checkpoint {ckpt} not found, cannot recompute")
-            continue
-        if file_sha256(ckpt) != m["checkpoint_sha256"]:
-            rep.problems.append(f"{alias}: {ckpt} changed since caching (sha256 differs)")
-            continue
-        model = load_mentor(alias, ckpt, lay.num_classes, dev)
-        features = tuple(m.get("features") or {})
-        x = apply_views(images, torch.from_numpy(vids).to(dev), mean, std)
-        precision = recorded_precision(m)  # the forward the build ran, at its precision
-        if features:  # with features, the one `is_feat` forward
-            stages, logits = mentor_forward(model, x, precision, features=True)
-            recomputed = {"logits": logits, **mentor_features(stages, features)}
-        else:
-            recomputed = {"logits": mentor_forward(model, x, precision)}
-        mode = m.get("logits_mode", "dense")
-        if mode != "dense":  # a sparse mentor: its stored entries and statistics
-            labels = torch.from_numpy(dataset.train.labels[idx])
-            dense = recomputed.pop("logits").cpu()
-            recomputed.update(sparse_reference(mode, lay.num_classes, dense, labels, root,
-                                               alias, slots, idx, lay.dtype))
-        for name, ref in recomputed.items():
-            try:
-                got = torch.from_numpy(stored_rows(root[f"mentors/{alias}/{name}"], slots, idx))
-            except Exception as err:  # noqa: BLE001 - named like every other read failure
-                rep.problems.append(f"{alias}/{name}: cannot read the recomputed rows ({err})")
-                continue
-            compare_rows(rep, path, alias, name, ref.cpu(), got, lay.dtype, precision)
-
-
-def sparse_reference(mode_spec: str, num_classes: int, logits: torch.Tensor,
-                     labels: torch.Tensor, root: zarr.Group, alias: str, slots: np.ndarray,
-                     idx: np.ndarray, dtype: str) -> dict[str, torch.Tensor]:
-    """What a sparse mentor's arrays must hold for recomputed dense `logits` [n, C]: the
-    logits at its stored class ids, the row statistics, and (topk) the statistics of the
-    classes it left out. Draws (sample) and near-tie orders (topk) are not re-derived: the
-    stored ids are taken and their values checked."""
-    from ckd.kernels.sparse_mentors import parse_mode
-    from ckd.mentor_stats import mentor_row_stats
-
-    mode, _ = parse_mode(mode_spec, num_classes)
-    z = logits.to(getattr(torch, dtype)).float()  # the logits as a dense cache stores them
-    ids = torch.from_numpy(stored_rows(root[f"mentors/{alias}/{mode}_ids"], slots,
-                                       idx).astype(np.int64)).clamp(0, num_classes - 1)
-    vals = z.gather(-1, ids)
-    if mode == "sample":  # an empty slot (a class drawn no more) stores 0
-        counts = stored_rows(root[f"mentors/{alias}/sample_counts"], slots, idx)
-        vals = torch.where(torch.from_numpy(counts.astype(np.int64)) > 0, vals, 0.0)
-    out = {f"{mode}_logits": vals, "stats": mentor_row_stats(z, labels)}
-    if mode == "topk":
-        rest = z.scatter(-1, ids, float("-inf"))
-        k = ids.shape[-1]
-        if k < num_classes:
-            mean = (z.double().sum(-1) - z.gather(-1, ids).double().sum(-1)) / (num_classes - k)
-            out["topk_rest"] = torch.stack([torch.logsumexp(rest, -1), mean.float()], -1)
-    return out
-
-
-def stored_rows(arr: Any, slots: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Rows (slots[i], idx[i]) of a [S, N, *shape] array: [n, *shape]."""
-    suffix = arr.shape[2:]
-    k = len(suffix)
-    lead = (slots.reshape(-1, *[1] * k), idx.reshape(-1, *[1] * k))
-    rest = tuple(np.arange(d).reshape([1] * (1 + j) + [d] + [1] * (k - 1 - j))
-                 for j, d in enumerate(suffix))
-    return np.asarray(arr.vindex[lead + rest])
-
-
-def compare_rows(rep: VerifyReport, path: Path, alias: str, name: str, ref: torch.Tensor,
-                 got: torch.Tensor, dtype: str, precision: str = "fp32") -> None:
-    """Rows recomputed from a checkpoint (`ref`, fp32) against the stored ones (`got`,
-    [n, ...] of mentors/alias/name): a problem naming the mentor, the array, how many rows
-    differ and the rebuild command."""
-    ref, got = ref.to(got.dtype).float(), got.float()
-    diff = (got - ref).abs()
-    # Other batch compositions may change fp32 results in the last bits; fp16 rows may
-    # then round to the neighbouring fp16 value.
-    # bf16/fp16 autocast rounds inside the forward: a few units of its last place.
-    rel = {"bf16": 2.0 ** -6, "fp16": 2.0 ** -8}.get(precision,
-                                                   2.0 ** -10 if dtype == "float16" else 1e-5)
-    tol = 1e-4 + rel * ref.abs()
-    n_rows = len(ref)
-    rep.rows_recomputed += n_rows if name.endswith("logits") else 0
-    rep.max_abs_diff = max(rep.max_abs_diff, float(diff.max()))
-    bad = int((diff > tol).reshape(n_rows, -1).any(dim=1).sum())
-    if bad:
-        rep.problems.append(f"{alias}/{name}: {bad}/{n_rows} recomputed rows differ from the "
-                            f"stored ones (max |diff| {float(diff.max()):.3g}): rebuild the "
-                            f"mentor with `ckd cache-logits --out {path} --mentors "
-                            f"{alias}=CHECKPOINT ... --overwrite`")

@@ -24,6 +24,7 @@ shape, codec, how to compute it from the unit's values). Writer, reader, verify 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +33,15 @@ from typing import Any
 import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
+from ckd.data.protocol import recipe_for
+from ckd.hashing import SEED_MIX
+
 from .location import CacheRef, cache_location
+from .mentor_stats import STAT_FIELDS, stored_row_stats
 
 FORMAT = "ckd-logit-cache"
 VERSION = 2
 LOCK_FILE = ".ckd-writer.lock"  # fcntl lock of the one writer (cache-logits, upgrade)
-RRC_RECIPE_NAME = "rrc-0.08-1-flip"  # ckd.data.rrc.RECIPE["name"]
-SEED_MIX = 1_000_003  # epoch seed = seed * SEED_MIX + epoch (same mix online and cached)
 DTYPES = {"fp16": "float16", "fp32": "float32"}
 TARGET_CHUNK_BYTES = 8 << 20  # ~8 MiB raw per logits chunk: big enough to compress well,
 #                               small enough that a kill -9 loses little work
@@ -94,14 +97,6 @@ def repair_hint(store: CacheRef, file: str | None = None) -> str:
 def read_error(store: CacheRef, file: str, err: BaseException) -> CacheReadError:
     why = f"{type(err).__name__}: {err}".strip()
     return CacheReadError(f"cannot read {file} ({why[:300]}): {repair_hint(store, file)}")
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Augmentation seed of epoch `epoch` for a run seeded `seed` (a pure mix).
-
-    Keyed caches use `epoch_seed(seed, k)` for slot k, so epoch e < K of a K-view cache
-    sees exactly the views an online run (or an --views all cache) sees in epoch e."""
-    return int(seed) * SEED_MIX + int(epoch)
 
 
 @dataclass(frozen=True)
@@ -231,14 +226,10 @@ class ArraySpec:
 
 
 def _stats(u: UnitValues) -> np.ndarray:
-    from .mentor_stats import stored_row_stats
-
     return stored_row_stats(u.logits, u.labels)
 
 
 def _num_stats(layout: Layout) -> tuple[int, ...]:
-    from .mentor_stats import STAT_FIELDS
-
     return (len(STAT_FIELDS),)
 
 
@@ -265,7 +256,7 @@ def root_array_names(attrs: dict[str, Any]) -> tuple[str, ...]:
     """The root data arrays of a cache: labels, and view_ids for keyed discrete views
     (random-resized-crop caches hold their boxes per mentor instead)."""
     views = attrs["views"]
-    if views["mode"] == "keyed" and views["recipe"].get("name") != RRC_RECIPE_NAME:
+    if views["mode"] == "keyed" and recipe_for(views["recipe"]).num_views is not None:
         return ("labels", "view_ids")
     return ("labels",)
 
@@ -361,8 +352,6 @@ def check_version(attrs: dict[str, Any], path: str | Path) -> None:
 def read_json_attrs(store: CacheRef, key: str, missing: str | None = None) -> dict[str, Any]:
     """The `attributes` of the zarr.json at `key`, reading it as JSON: a missing, truncated
     or invalid file is a CacheReadError naming it (or FileNotFoundError(`missing`))."""
-    import json
-
     loc = cache_location(store)
     data = loc.get(key)
     if data is None:

@@ -1,16 +1,16 @@
-"""Mentor checkpoints for the cache: alias -> checkpoint resolution, architecture,
-loading a frozen eval-mode model, and the one mentor forward (`mentor_forward`) that the
-cache build, online training and `ckd cache verify --recompute` all run, so cached ==
-online holds at each precision."""
+"""Mentor checkpoints for the cache: alias -> checkpoint resolution, architecture, and
+loading a frozen eval-mode model for the one mentor forward (`ckd.models.forward`)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ckd.models import load_checkpoint, read_checkpoint_meta, resolve_arch
+from ckd.models.forward import DEFAULT_PRECISION
 
 _METAS: dict[tuple[str, int, int], dict[str, Any]] = {}  # (file, mtime, size) -> its meta
 
@@ -18,8 +18,6 @@ _METAS: dict[tuple[str, int, int], dict[str, Any]] = {}  # (file, mtime, size) -
 def checkpoint_meta(path: Path) -> dict[str, Any]:
     """`read_checkpoint_meta`, read once per file version per process (a build asks for a
     mentor's arch several times; a changed file is read again)."""
-    from ckd.models import read_checkpoint_meta
-
     if not Path(path).is_file():
         return read_checkpoint_meta(path)  # the error naming how to get one
     st = os.stat(path)
@@ -32,8 +30,6 @@ def checkpoint_meta(path: Path) -> dict[str, Any]:
 def mentor_arch(alias: str, path: Path) -> str:
     """Arch recorded in (or inferred from) the checkpoint, else the alias's arch. An alias
     that names an architecture (r14) must name the checkpoint's real one."""
-    from ckd.models import resolve_arch
-
     arch = checkpoint_meta(path).get("arch")
     try:
         named = resolve_arch(alias)
@@ -53,18 +49,6 @@ def mentor_arch(alias: str, path: Path) -> str:
     return named
 
 
-# --precision: the autocast dtype of the mentor forward (fp32: none, the exact default)
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
-                                             "fp16": torch.float16}
-DEFAULT_PRECISION = "fp32"  # also what a cache recorded before precisions existed holds
-
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
-                         f"{precision!r}")
-    return precision
-
 
 def recorded_precision(mentor_attrs: dict[str, Any]) -> str:
     """The precision a cached mentor was computed at (older stores: fp32)."""
@@ -78,8 +62,6 @@ def _benefits_from_channels_last(model: torch.nn.Module) -> bool:
 
 def mentor_arch_kwargs(path: Path) -> dict:
     """The constructor keywords a ckd checkpoint records (a run's `--student-kwargs`)."""
-    from ckd.models import read_checkpoint_meta
-
     return dict(read_checkpoint_meta(path).get("arch_kwargs") or {})
 
 
@@ -88,8 +70,6 @@ def load_mentor(alias: str, path: Path, num_classes: int, device: torch.device
     """Frozen eval-mode mentor on `device`; refuses a checkpoint with another class count.
     On CUDA a CNN is kept channels_last (`mentor_forward` feeds it NHWC); on CPU it stays
     contiguous, so fp32 results are those of the plain model."""
-    from ckd.models import load_checkpoint
-
     model = load_checkpoint(path, arch=mentor_arch(alias, path), num_classes=num_classes)
     model = model.to(device).eval()
     for p in model.parameters():
@@ -98,26 +78,6 @@ def load_mentor(alias: str, path: Path, num_classes: int, device: torch.device
         model = model.to(memory_format=torch.channels_last)
         model.ckd_channels_last = True
     return model
-
-
-def mentor_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = PRECISIONS[check_precision(precision)]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-@torch.no_grad()
-def mentor_forward(model: torch.nn.Module, x: torch.Tensor, precision: str = "fp32",
-                   features: bool = False) -> Any:
-    """The mentor forward of the cache build, online training and verify --recompute:
-    input in the model's memory format, autocast at `precision`; logits [B, C] (in the
-    autocast dtype), or (stage features, logits) with `features`."""
-    fmt = torch.channels_last if getattr(model, "ckd_channels_last", False) \
-        else torch.contiguous_format
-    x = x.contiguous(memory_format=fmt)
-    with mentor_autocast(precision, x.device):
-        return model(x, is_feat=True) if features else model(x)
 
 
 def _run_weights(path: Path) -> Path:
@@ -135,8 +95,6 @@ def resolve_mentors(spec: str | list[str], dataset_name: str,
     """"r110,r8" / ["r110=path.pt", ...] -> {alias: checkpoint}. A bare alias is looked up
     as <mentor_dir>/<dataset>/<canonical arch>.pt (or <alias>.pt); alias=RUN_DIR takes a
     trained student's run folder (its student.pt) as a mentor."""
-    from ckd.models import resolve_arch
-
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
     out: dict[str, Path] = {}
     for item in filter(None, items):

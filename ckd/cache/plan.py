@@ -13,9 +13,13 @@ import numpy as np
 import torch
 import zarr
 
+from ckd.data.protocol import TrainingData
+from ckd.kernels.sparse_mentors import bytes_per_row
+from ckd.models.forward import mentor_forward
+
 from .layout import Layout
 from .location import zarr_store
-from .mentors import mentor_forward, recorded_precision
+from .mentors import recorded_precision
 
 CPU_BATCH = 512  # the CLI's default before auto sizing; CPU results depend on it
 MAX_CUDA_BATCH = 2048  # 1.5x the throughput of 512 on an H200 (README, cache-logits)
@@ -103,13 +107,12 @@ def plan_lines(mentors: Mapping[str, dict[str, Any]], num_views: int, num_sample
 
 
 def plan_build(out: Path, todo: Mapping[str, list[tuple[int, int]]],
-          model_of: Callable[[str], torch.nn.Module], layout: Layout, dataset: Any,
+          model_of: Callable[[str], torch.nn.Module], layout: Layout,
+          dataset: TrainingData,
           images: torch.Tensor | None, batch_size: int | None, dev: torch.device,
           say: bool) -> int:
     """The batch size (`batch_size`, else `plan.auto_batch_size`), and with `say` the plan
     printed: mentors, views, rows, bytes and a timed warm-up's estimate per mentor."""
-    from ckd.kernels.sparse_mentors import bytes_per_row
-
     attrs = {alias: zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r")
              .attrs.asdict() for alias in todo}
 

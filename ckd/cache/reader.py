@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import zarr
 
+from ckd.data.protocol import recipe_for
+
 from .features import cached_feature_shapes
 from .integrity import (
     array_digest,
@@ -32,12 +34,10 @@ from .integrity import (
 from .layout import (
     CORRECT,
     MARKER,
-    RRC_RECIPE_NAME,
     CacheIncompleteError,
     CacheMismatchError,
     CacheReadError,
     check_compatible,
-    epoch_seed,
     layout_from_attrs,
     read_error,
     read_json_attrs,
@@ -166,7 +166,7 @@ class CacheReader:
         self.num_samples = int(self.meta["num_samples"])
         self.num_slots = int(self.meta["views"]["num_slots"])
         self.keyed = self.meta["views"]["mode"] == "keyed"
-        self.rrc = self.meta["views"]["recipe"].get("name") == RRC_RECIPE_NAME
+        self.recipe = recipe_for(self.meta["views"]["recipe"])  # owns the epoch rule
         found = list_mentors(path)
         chosen = list(mentors) if mentors is not None else sorted(found)
         missing = [m for m in chosen if m not in found]
@@ -190,11 +190,11 @@ class CacheReader:
         self.stat_fields = tuple(self.mentor_meta[chosen[0]].get("stat_fields", ()))
         self.labels = torch.from_numpy(read_array(self.path, root, "labels"))
         self._vid_table = torch.from_numpy(read_array(self.path, root, "view_ids")).to(
-            torch.int64) if self.keyed and not self.rrc else None
+            torch.int64) if self.keyed and self.recipe.num_views is not None else None
         self.dtype = torch.float16 if self.layout.dtype == "float16" else torch.float32
         self.features = tuple(features)
         self.feature_shapes = cached_feature_shapes(self.mentor_meta, self.features,
-                                                    self.path, self.rrc)
+                                                    self.path, self.recipe.num_views is None)
         # storage mode per mentor (docs/SPARSE.md); any sparse one: rows as SparseMentors
         self.logits_modes = {m: self.mentor_meta[m].get("logits_mode", "dense") for m in chosen}
         if self.sparse and self.features:
@@ -223,34 +223,26 @@ class CacheReader:
                          num_classes: int | None = None) -> None:
         """Raise CacheMismatchError naming every mismatch (and the view recipe of this
         ckd) when the training data is not the data the cache was built from."""
-        from ckd.data.views import RECIPE
-
-        if self.rrc:  # an image folder's random-resized crops
-            from ckd.data.rrc import RECIPE
         check_compatible(self.meta, dataset_name=dataset_name, fingerprint=fingerprint,
-                         num_classes=num_classes, recipe=RECIPE, path=str(self.path))
+                         num_classes=num_classes, recipe=self.recipe.record,
+                         path=str(self.path))
 
     def epoch_views(self, epoch: int, indices: torch.Tensor, seed: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, view_ids) for these samples in `epoch`: which cached row to gather and
-        which view to apply to the student image. The single source of truth. For
-        random-resized-crop caches both are the slot: sample i's view is `boxes[slot, i]`."""
+        which view to apply to the student image, by the cache's view recipe
+        (`ckd.data.protocol.ViewRecipe`). For continuous views (random-resized crops)
+        both are the slot: sample i's view is `boxes[slot, i]`."""
         indices = torch.as_tensor(indices, dtype=torch.int64)
-        if self.rrc:  # random-resized crops: slot hash(seed, epoch, i) mod K per sample
-            from ckd.data.rrc import epoch_slots
-
-            slots = epoch_slots(seed, epoch, indices, self.num_slots)
-            return slots, slots  # the view is (slot, sample): its box is in `boxes`
-        if self.keyed:
-            slot = int(epoch) % self.num_slots
-            if self._vid_table.device != indices.device:  # move once, not every step
-                self._vid_table = self._vid_table.to(indices.device)
-            vids = self._vid_table[slot][indices]
-            return torch.full_like(indices, slot), vids
-        from ckd.data.views import view_ids
-
-        vids = view_ids(epoch_seed(seed, epoch), indices)
-        return vids, vids
+        if not self.keyed:  # every view cached: the slot is the view
+            vids = self.recipe.epoch_view_ids(seed, epoch, indices)
+            return vids, vids
+        slots = self.recipe.epoch_slots(seed, epoch, indices, self.num_slots)
+        if self._vid_table is None:  # continuous views: (slot, sample), its box in `boxes`
+            return slots, slots
+        if self._vid_table.device != indices.device:  # move once, not every step
+            self._vid_table = self._vid_table.to(indices.device)
+        return slots, self._vid_table[slots, indices]
 
     def gather_rows(self, slots: torch.Tensor, indices: torch.Tensor,
                     mentors: Sequence[str] | None = None, *, with_stats: bool = False,

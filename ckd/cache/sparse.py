@@ -36,6 +36,8 @@ from ckd.kernels.sparse_mentors import (
     sparsify_topk,
 )
 
+from .layout import ArraySpec
+
 _TORCH_TO_NP = {torch.uint8: "uint8", torch.uint16: "uint16", torch.int32: "int32"}
 _LAST: dict[str, Any] = {"unit": None, "spec": None, "value": None}  # the last unit's rows
 _LOCK = threading.Lock()
@@ -64,8 +66,6 @@ def _sparsify_unit(u: Any, spec: str) -> SparseMentors:
 
 def sparse_array_specs(spec: str, num_classes: int) -> tuple[Any, ...]:
     """The ArraySpecs replacing `logits` for a mentor stored as `spec`."""
-    from .layout import ArraySpec
-
     mode, n = parse_mode(spec, num_classes)
     ids_dt = _TORCH_TO_NP[id_dtype(num_classes)]
     width = (lambda lay: (n,))  # noqa: E731 - per-row shape of the slot arrays

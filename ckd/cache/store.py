@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import zarr
 
+from ckd.data.protocol import TrainingData
+
 from .integrity import mentor_specs, root_data_digests, unit_status
 from .layout import (
     FEATURES,
@@ -30,6 +32,7 @@ from .layout import (
     read_json_attrs,
 )
 from .location import CacheLocation, zarr_store
+from .mentor_stats import STAT_FIELDS
 from .mentors import mentor_arch, mentor_arch_kwargs, recorded_precision
 
 
@@ -137,8 +140,6 @@ def _init_root(out: CacheLocation, attrs: dict[str, Any], labels: np.ndarray,
 def _mentor_attrs(alias: str, arch: str, path: Path, sha: str, num_classes: int,
                   extra: dict[str, Any] | None = None,
                   features: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    from .mentor_stats import STAT_FIELDS
-
     attrs = {"alias": alias, "arch": arch, "num_classes": int(num_classes),
              "checkpoint": str(path), "checkpoint_sha256": sha,
              "arrays": [s.name for s in MENTOR_ARRAYS], "stat_fields": list(STAT_FIELDS),
@@ -219,9 +220,9 @@ def _reopen_holes(out: CacheLocation, alias: str, layout: Layout, state: dict[st
         grp.attrs.put({**state, "complete": False})
 
 
-def prepare_store(out: CacheLocation, attrs: dict[str, Any], dataset: Any,
-                  keyed_ids: torch.Tensor | None, layout: Layout,
-                  paths: Mapping[str, Path], shas: Mapping[str, str],
+def prepare_store(out: CacheLocation, attrs: dict[str, Any], dataset: TrainingData,
+                  keyed_ids: torch.Tensor | None,
+                  layout: Layout, paths: Mapping[str, Path], shas: Mapping[str, str],
                   overwrite: bool, features: Mapping[str, Mapping[str, Any]] | None = None,
                   mentor_extra: Callable[[str, str], dict[str, Any]] | None = None,
                   modes: Mapping[str, str] | None = None, precision: str = "fp32",

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from tqdm import tqdm
 from zarr.storage import LocalStore
 
 from ckd.atomic import finish_replace_dir, replace_dir
@@ -39,6 +40,7 @@ from .layout import (
 )
 from .location import cache_location
 from .lock import writer_lock
+from .mentor_stats import STAT_FIELDS
 from .reader import list_mentors, open_root, read_array
 from .store import clean_partials, create_mentor_arrays
 
@@ -75,8 +77,6 @@ def _rewrite_with_checksum(store: Path, name: str) -> None:
 
 def _upgrade_mentor(store: Path, alias: str, attrs: dict[str, Any], lay: Layout,
                     labels: np.ndarray, progress: bool) -> list[str]:
-    from tqdm import tqdm
-
     base = f"mentors/{alias}"
     mdir = store / "mentors" / alias
     _rewrite_with_checksum(store, f"{base}/{CORRECT}")
@@ -117,8 +117,6 @@ def _upgrade_mentor(store: Path, alias: str, attrs: dict[str, Any], lay: Layout,
         for s in added:
             grp[s.name][sr.start:sr.stop, sm.start:sm.stop] = named[s.name]
         grp[MARKER][a:a + 1, b:b + 1] = unit_marker(a, b, named, columns)
-    from .mentor_stats import STAT_FIELDS
-
     new_attrs = {**{k: attrs[k] for k in _MENTOR_KEYS},
                  "arrays": [s.name for s in MENTOR_ARRAYS], "stat_fields": list(STAT_FIELDS),
                  **{k: v for k, v in attrs.items() if k not in _MENTOR_KEYS

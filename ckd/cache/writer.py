@@ -25,11 +25,19 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from tqdm import tqdm
 
 from ckd import determinism
+from ckd.data.protocol import TrainingData
+from ckd.data.views import IDENTITY_VIEW, apply_views
 from ckd.dist import barrier, dist_context, process_group
+from ckd.hashing import epoch_seed
+from ckd.models import file_sha256
+from ckd.models.forward import check_precision, mentor_forward
 
 from .config import CacheConfig
+from .features import parse_features, plan_features
+from .image_units import image_test_accuracy, image_unit_logits, mentor_resolution, storage_estimate
 from .integrity import marker_columns, mentor_digest, mentor_specs, unit_marker, unit_status
 from .layout import (
     CORRECT,
@@ -38,7 +46,6 @@ from .layout import (
     MARKER,
     Layout,
     UnitValues,
-    epoch_seed,
     layout_from_attrs,
     make_layout,
     read_json_attrs,
@@ -47,14 +54,13 @@ from .layout import (
 from .location import CacheLocation, CacheRef, cache_location, zarr_store
 from .lock import writer_lock
 from .mentors import (  # noqa: F401 (resolve_mentors: re-export)
-    check_precision,
     load_mentor,
-    mentor_forward,
     recorded_precision,
     resolve_mentors,
 )
 from .pipeline import HostRows, WritePool, default_writers, prefetched
 from .plan import plan_build
+from .sparse import logits_modes
 from .store import check_free_space, check_out_folder, disk_full, prepare_store, space_needed
 
 
@@ -77,16 +83,14 @@ def _slot_views(keyed_ids: torch.Tensor | None, slots: range, idx: torch.Tensor
 
 @torch.no_grad()
 def launch_unit(model: torch.nn.Module, images: torch.Tensor, layout: Layout, a: int, b: int,
-                keyed_ids: torch.Tensor | None, mean: Any, std: Any, batch_size: int,
-                progress: Any = None, features: Sequence[str] = (),
+                keyed_ids: torch.Tensor | None, mean: Sequence[float], std: Sequence[float],
+                batch_size: int, progress: tqdm | None = None, features: Sequence[str] = (),
                 precision: str = "fp32") -> dict[str, HostRows]:
     """Queue one work unit's forwards: its logits (and requested features) as float32
     host rows [slots_a * samples_b, ...] that `finish_unit` reads once their copies are
     done. Fixed batch composition ((slot, sample) pairs slot-major, cut into `batch_size`
     pieces): deterministic bytes. With features, one forward (`is_feat=True`) gives both;
     its logits equal the plain forward's bit for bit. No host sync per batch."""
-    from ckd.data.views import apply_views
-
     slots, samples = layout.slot_range(a), layout.sample_range(b)
     idx = torch.arange(samples.start, samples.stop)
     dev = images.device
@@ -160,11 +164,10 @@ def _check_values(t: torch.Tensor, samples: range, what: str) -> None:
 
 @torch.no_grad()
 def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndarray,
-                  mean: Any, std: Any, batch_size: int, device: torch.device,
+                  mean: Sequence[float], std: Sequence[float], batch_size: int,
+                  device: torch.device,
                   precision: str = "fp32") -> float:
     """Top-1 % on the un-augmented images (IDENTITY_VIEW)."""
-    from ckd.data.views import IDENTITY_VIEW, apply_views
-
     imgs = torch.from_numpy(images_u8)
     correct = 0
     for s in range(0, len(imgs), batch_size):
@@ -176,7 +179,7 @@ def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndar
 
 
 # ------------------------------------------------------------------ entry point
-def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path,
+def build_cache(dataset: TrainingData, mentors: Mapping[str, str | Path], out: str | Path,
                 config: CacheConfig | None = None, **options: Any) -> Path | str:
     """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset, or
     `ImageViews` of a prepared image folder: K rrc views per image, each mentor at its
@@ -205,16 +208,8 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
                                                      cfg.overwrite, cfg.progress)
     features, resolutions, logits = cfg.features, cfg.resolutions, cfg.logits
     deterministic, writers, device = cfg.deterministic, cfg.writers, cfg.resolved_device
-    from tqdm import tqdm
-
-    from ckd.data.views import NUM_VIEWS, RECIPE, view_ids
-    from ckd.models import file_sha256
-
-    from .features import parse_features, plan_features
-    from .image_views import ImageViews, mentor_resolution, storage_estimate
-    from .sparse import logits_modes
-
-    images_mode = isinstance(dataset, ImageViews)  # a prepared image folder: rrc views
+    num_views = dataset.recipe.num_views
+    crops = num_views is None  # continuous views (an image folder's crops): K boxes a sample
     out = cache_location(out)
     out.check_reachable()  # a wrong bucket, credentials or endpoint: say so first
     if dtype not in DTYPES:
@@ -228,13 +223,13 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
             raise ValueError(f"views must be 'all' or a positive int, got {views!r}") from None
         if k < 1:
             raise ValueError(f"views must be 'all' or a positive int, got {views!r}")
-        if k > NUM_VIEWS and not images_mode:  # an image folder's crops are continuous
+        if not crops and k > num_views:
             raise ValueError(f"--views {k} is invalid: must be 'all' or a number of views in "
-                             f"[1, {NUM_VIEWS}] (the recipe has {NUM_VIEWS} distinct views)")
-    elif images_mode:
+                             f"[1, {num_views}] (the recipe has {num_views} distinct views)")
+    elif crops:
         raise ValueError("an image folder's random-resized-crop views are continuous: pass "
                          "--views K (K views per image, e.g. --views 10)")
-    if images_mode and features:
+    if crops and features:
         raise ValueError("--features is not supported for image folders yet; cache their "
                          "logits without it")
     if not mentors:
@@ -258,22 +253,24 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
         raise ValueError(f"--features with sparse --logits ({given}): the feature methods "
                          "read mentor features beside dense logits only; drop --features, "
                          "or cache these mentors with --logits dense")
-    num_slots = k if keyed else NUM_VIEWS
+    num_slots = k if keyed else num_views
     seeds = [epoch_seed(seed, j) for j in range(num_slots)] if keyed else None
     layout = make_layout(num_slots, n, c, keyed=keyed, dtype=DTYPES[dtype],
                          codec=codec or DEFAULT_CODEC,
                          samples_per_chunk=samples_per_chunk)
     idx_all = torch.arange(n)
-    keyed_ids = (torch.stack([view_ids(s, idx_all) for s in seeds]).to(torch.int16)
-                 if keyed and not images_mode else None)
+    # slot j of a keyed cache holds the views of epoch j
+    keyed_ids = (torch.stack([dataset.recipe.epoch_view_ids(seed, j, idx_all)
+                              for j in range(num_slots)]).to(torch.int16)
+                 if keyed and not crops else None)
     attrs = root_attributes(
         dataset_name=dataset.name, fingerprint=dataset.fingerprint, num_samples=n,
         num_test=len(dataset.test), num_classes=c,
-        recipe=dataset.recipe if images_mode else RECIPE, keyed=keyed,
+        recipe=dataset.recipe.record, keyed=keyed,
         num_slots=num_slots, seeds=seeds, mean=dataset.mean, std=dataset.std, layout=layout,
         params=getattr(dataset, "extra", None))
     mentor_extra = None
-    if images_mode:
+    if crops:
         attrs["views"]["seed"] = int(seed)  # rrc_views(seed, i, k) re-derives every box
         res = dict(resolutions or {})
 
@@ -282,9 +279,9 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
     shas = {alias: file_sha256(p) for alias, p in paths.items()}
     rank, world = dist_context()
     feature_names = parse_features(features)
-    if rank == 0 and progress and images_mode:
+    if rank == 0 and progress and crops:
         print(f"[cache-logits] {out}: {storage_estimate(n, num_slots, c, dtype)}", flush=True)
-    feature_shapes = {} if images_mode else plan_features(
+    feature_shapes = {} if crops else plan_features(
         feature_names, paths, dataset, num_slots, DTYPES[dtype],
         say=print if rank == 0 else (lambda _: None))
     dev = torch.device(device)
@@ -306,7 +303,7 @@ def build_cache(dataset: Any, mentors: Mapping[str, str | Path], out: str | Path
         root = zarr.open_group(zarr_store(out), mode="r")
         layout = layout_from_attrs(root.attrs.asdict())  # an existing store's chunking wins
         keyed_ids = (torch.from_numpy(root["view_ids"][:]) if keyed_ids is not None else None)
-        images = None if images_mode else torch.from_numpy(dataset.train.images).to(dev)
+        images = None if crops else torch.from_numpy(dataset.train.images).to(dev)
         labels = torch.from_numpy(dataset.train.labels)
         models: dict[str, torch.nn.Module] = {}
 
@@ -389,8 +386,8 @@ class UnitWriter:
 
 def _run_mentor(out: CacheLocation, alias: str, model_of: Callable[[str], torch.nn.Module],
                 layout: Layout, images: torch.Tensor | None, labels: torch.Tensor,
-                keyed_ids: torch.Tensor | None, dataset: Any, batch_size: int,
-                dev: torch.device, todo: list[tuple[int, int]], bar: Any, seed: int = 0,
+                keyed_ids: torch.Tensor | None, dataset: TrainingData, batch_size: int,
+                dev: torch.device, todo: list[tuple[int, int]], bar: tqdm, seed: int = 0,
                 writers: int | None = None) -> None:
     if not todo:
         return
@@ -409,8 +406,8 @@ def _run_mentor(out: CacheLocation, alias: str, model_of: Callable[[str], torch.
         for a, b in todo:
             if images is None:  # image folder: decode + crop + resize per unit
                 sl, sm = layout.slot_range(a), layout.sample_range(b)
-                rows, boxes = dataset.unit_logits(model, unit_writer.resolution, seed, sl,
-                                                  sm, dev, bar, unit_writer.precision)
+                rows, boxes = image_unit_logits(dataset, model, unit_writer.resolution, seed,
+                                                sl, sm, dev, bar, unit_writer.precision)
                 pool.submit(write, a, b, {"logits": rows}, {"boxes": boxes})
             else:
                 rows = launch_unit(model, images, layout, a, b, keyed_ids, dataset.mean,
@@ -420,7 +417,7 @@ def _run_mentor(out: CacheLocation, alias: str, model_of: Callable[[str], torch.
 
 
 def _finalize_mentor(out: CacheLocation, alias: str, model_of: Callable[[str], torch.nn.Module],
-                     layout: Layout, dataset: Any, batch_size: int, dev: torch.device,
+                     layout: Layout, dataset: TrainingData, batch_size: int, dev: torch.device,
                      strict: bool = False) -> None:
     grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
     attrs = grp.attrs.asdict()
@@ -434,7 +431,8 @@ def _finalize_mentor(out: CacheLocation, alias: str, model_of: Callable[[str], t
         model, precision = model_of(alias), recorded_precision(attrs)
         with mentor_mode(dev, strict):
             if "resolution" in attrs:  # image folder: center crops at the mentor's size
-                test_acc = dataset.test_accuracy(model, attrs["resolution"], dev, precision)
+                test_acc = image_test_accuracy(dataset, model, attrs["resolution"], dev,
+                                               precision)
             else:
                 test_acc = test_accuracy(model, dataset.test.images, dataset.test.labels,
                                          dataset.mean, dataset.std, batch_size, dev,

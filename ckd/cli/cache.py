@@ -14,15 +14,11 @@ from ckd.train.config import TrainConfig
 
 def _load(dataset: str | None, data_dir: str | None, prepared: str | None,
           options: dict[str, Any] | None, batch_size: int = 64) -> Any:
-    from ckd.cache.image_views import ImageViews, is_image_folder
     from ckd.data import load_dataset
+    from ckd.data.image_views import open_prepared
 
-    if is_image_folder(prepared):  # `ckd prepare imagefolder|imagenet` output
-        return ImageViews(prepared, batch_size=batch_size)
-    if prepared:
-        from ckd.data import load_prepared
-
-        return load_prepared(prepared)
+    if prepared:  # either kind of `ckd prepare` output
+        return open_prepared(prepared, batch_size=batch_size)
     if not dataset:
         raise click.UsageError("give --dataset NAME (or --prepared DIR)")
     return load_dataset(dataset, data_dir, **(options or {}))
@@ -156,8 +152,9 @@ def cache_verify(path: str, recompute: int, data_dir: str | None, prepared: str 
     if is_pose_dir(path):
         verify_pose(path, recompute, prepared)
         return
-    from ckd.cache.info import load_cache_dataset, verify
+    from ckd.cache.info import verify
     from ckd.cache.layout import read_root_attrs
+    from ckd.cache.recompute import load_cache_dataset
 
     ds = None
     if recompute:

@@ -1,6 +1,10 @@
-"""Datasets, .beton preparation, loaders (ffcv / memory) and keyed augmentation views."""
+"""Datasets, .beton preparation, loaders (ffcv / memory), keyed augmentation views, and the
+`TrainingData` / `ViewRecipe` protocol both kinds of training data implement."""
 
+from .beton import load_prepared, write_betons
 from .datasets import DATASETS, Dataset, Split, load_dataset
+from .loaders import make_loader
+from .protocol import TrainingData, ViewRecipe, recipe_for
 from .views import (
     IDENTITY_VIEW,
     NUM_VIEWS,
@@ -13,17 +17,5 @@ from .views import (
 __all__ = [
     "DATASETS", "Dataset", "Split", "load_dataset", "IDENTITY_VIEW", "NUM_VIEWS", "RECIPE",
     "apply_views", "decode_views", "view_ids", "write_betons", "load_prepared", "make_loader",
+    "TrainingData", "ViewRecipe", "recipe_for",
 ]
-
-
-def __getattr__(name: str):
-    # ffcv (numba, cv2) is slow to import: load beton/loaders only when asked for.
-    if name in ("write_betons", "load_prepared"):
-        from . import beton
-
-        return getattr(beton, name)
-    if name == "make_loader":
-        from .loaders import make_loader
-
-        return make_loader
-    raise AttributeError(name)

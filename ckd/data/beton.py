@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ckd.atomic import atomic_path, atomic_write_text
 
@@ -47,8 +48,6 @@ def keep_torch_threads() -> Iterator[None]:
     worker count when a Loader is made or iterated), overriding OMP_NUM_THREADS and
     torch.set_num_threads: restore the caller's count after it. (Two threads where the
     caller asked for one were 10-25x slower per step on a loaded 2-core machine.)"""
-    import torch  # noqa: PLC0415
-
     n = torch.get_num_threads()
     try:
         yield
@@ -67,8 +66,6 @@ def ffcv_epoch(loader) -> Iterator:
     """One epoch of an ffcv Loader, keeping torch's thread count (ffcv sets it to its worker
     count when an epoch starts, in the caller's thread and in its epoch thread) and stopping
     ffcv's prefetch thread when the epoch is left early."""
-    import torch  # noqa: PLC0415
-
     threads = torch.get_num_threads()
     it = iter(loader)
     try:
@@ -84,7 +81,7 @@ def write_beton(split: Split, path: str | Path) -> Path:
     """Write one split as a .beton (atomic: written beside, then renamed)."""
     import_ffcv()
     from ffcv.fields import IntField, NDArrayField  # noqa: PLC0415 - heavy import
-    from ffcv.writer import DatasetWriter  # noqa: PLC0415
+    from ffcv.writer import DatasetWriter  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
     path = Path(path)
     fields = {
@@ -119,7 +116,7 @@ def read_beton(path: str | Path, *, batch_size: int = 2048) -> Split:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .beton; create it with `ckd prepare`")
     with keep_torch_threads():
-        from ffcv.loader import Loader, OrderOption  # noqa: PLC0415
+        from ffcv.loader import Loader, OrderOption  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
         loader = Loader(str(path), batch_size=batch_size, num_workers=ffcv_workers(),
                         order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True)

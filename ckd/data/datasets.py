@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import tarfile
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,6 +24,8 @@ import numpy as np
 
 from ckd.atomic import atomic_open
 from ckd.options import OptionError, Param
+
+from .views import CIFAR_VIEWS
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -73,7 +76,10 @@ class Split:
 
 @dataclass
 class Dataset:
-    """A named dataset with train/test splits and its normalization constants."""
+    """A named dataset with train/test splits and its normalization constants, held in
+    memory (a `ckd.data.protocol.TrainingData` with the CIFAR recipe's discrete views)."""
+
+    recipe = CIFAR_VIEWS  # not a field: every in-memory dataset has the CIFAR views
 
     name: str
     train: Split
@@ -92,6 +98,11 @@ class Dataset:
             h.update(split.images.tobytes())
             h.update(split.labels.astype("<i8").tobytes())
         return h.hexdigest()[:16]
+
+    @property
+    def image_size(self) -> int:
+        """Side of the stored (square) images."""
+        return int(self.train.images.shape[1])
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -207,8 +218,6 @@ def _download_cifar(name: str, data_dir: Path, spec: dict) -> None:
         return
     except Exception:  # noqa: BLE001 - any torchvision failure: fall back to urllib
         pass
-    import urllib.request  # noqa: PLC0415
-
     dest = data_dir / spec["tarball"]
     with atomic_open(dest, "wb") as f:  # no partial tarball left behind on failure
         md5 = hashlib.md5()
@@ -256,7 +265,7 @@ def _load_digits(image_size: int) -> Dataset:
     Split: stratified 75/25, `train_test_split(random_state=0)`: 1347 train, 450 test."""
     scale = image_size // 8
     from sklearn.datasets import load_digits  # noqa: PLC0415 - heavy import
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - optional heavy dependency (scikit-learn)
 
     d = load_digits()
     grey = np.round(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]

@@ -7,28 +7,33 @@ Epoch `e` of a run seeded `s` replays slot `epoch_slots(s, e, i)` of image `i`
 i, slot)` in the image's original pixels (the function `cache-logits` drew it from, and
 `cache verify --recompute` checks); `ImageLoader`'s replay decoder crops that box from
 the stored JPEG and resizes it to the student's resolution. The test split is the usual
-center crop. Batches are (uint8 [B, S, S, 3], labels, indices), as the other loaders'.
+center crop. Batches are (uint8 [B, S, S, 3], labels, indices), as the other loaders';
+the recipe's `student_input` normalizes them (`ckd.data.rrc.RandomResizedCrops`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from .loaders import _Loader
+from .image_views import ImageViews
+from .images import ImageLoader
+from .loaders import Loader
+
+SlotsOf = Callable[[int, torch.Tensor], torch.Tensor]  # (epoch, indices) -> slot per sample
+BoxesOf = Callable[[int, torch.Tensor], torch.Tensor]  # (slot, indices) -> boxes [B, 5]
 
 
-class ImageFolderLoader(_Loader):
-    """`_Loader` order and sharding over an image .beton; train batches replay the cached
+class ImageFolderLoader(Loader):
+    """`Loader` order and sharding over an image .beton; train batches replay the cached
     views (`slots_of(epoch, indices)` -> slot per sample, `boxes_of(slot, indices)` ->
     boxes), test batches are center crops."""
 
-    def __init__(self, views: Any, split: str, size: int, *, slots_of: Any = None,
-                 boxes_of: Any = None, **kw: Any) -> None:
-        from .images import ImageLoader
-
+    def __init__(self, views: ImageViews, split: str, size: int, *,
+                 slots_of: SlotsOf | None = None, boxes_of: BoxesOf | None = None,
+                 **kw: Any) -> None:
         beton = views.train if split == "train" else views.test
         super().__init__(len(beton), **kw)
         self.size, self.split = int(size), split
@@ -52,15 +57,3 @@ class ImageFolderLoader(_Loader):
         for (imgs,), labels, idx in self._images.iterate(order.numpy()):
             yield (imgs.to(self.device, non_blocking=nb), labels.to(self.device),
                    idx.to(self.device))
-
-
-def batch_input(ds: Any, images: torch.Tensor, view_ids: torch.Tensor,
-                channels_last: bool = False) -> torch.Tensor:
-    """The student's input: CIFAR-style data gets its discrete views applied here; an image
-    folder's batches are already the replayed crops (normalized only)."""
-    from .views import apply_views, normalize
-
-    if getattr(ds, "recipe_name", None) != "rrc":
-        return apply_views(images, view_ids, ds.mean, ds.std, channels_last=channels_last)
-    x = normalize(images, ds.mean, ds.std).permute(0, 3, 1, 2)
-    return x if channels_last else x.contiguous()

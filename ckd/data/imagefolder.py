@@ -34,15 +34,16 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ckd.atomic import atomic_open, atomic_path, atomic_write_text
 
-from .beton import META, ffcv_workers
+from .beton import META, ffcv_workers, import_ffcv
 from .datasets import histogram_stats
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -155,7 +156,7 @@ def encode_image(data: bytes, max_side: int, quality: int) -> tuple[np.ndarray, 
     """Decode (PIL, RGB), shrink to `max_side`, JPEG-encode: (jpeg uint8, orig (h, w),
     stored RGB array). Raises on corrupt or truncated data."""
     import cv2  # noqa: PLC0415 - heavy imports, worker side
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415 - optional heavy dependency (Pillow)
 
     with Image.open(io.BytesIO(data)) as im:
         rgb = np.asarray(im.convert("RGB"))  # convert() loads: truncation raises here
@@ -239,7 +240,7 @@ class _EncodedJpeg:
     class, so a subclass would not be readable by plain ffcv."""
 
     def __call__(self, destination: np.ndarray, value: tuple, malloc) -> None:
-        from ffcv.fields.rgb_image import IMAGE_MODES  # noqa: PLC0415
+        from ffcv.fields.rgb_image import IMAGE_MODES  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
         jpeg, height, width = value
         destination["mode"] = IMAGE_MODES["jpg"]
@@ -249,11 +250,9 @@ class _EncodedJpeg:
 
 
 def _write_split_beton(rows: _PartRows, path: Path, quality: int) -> None:
-    from .beton import import_ffcv  # noqa: PLC0415
-
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField  # noqa: PLC0415 - heavy import
-    from ffcv.writer import DatasetWriter  # noqa: PLC0415
+    from ffcv.writer import DatasetWriter  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
     image = RGBImageField(write_mode="jpg", jpeg_quality=quality)
     image.encode = _EncodedJpeg()
@@ -294,8 +293,6 @@ def prepare_imagefolder(data_dir: str | Path, out: str | Path, *, imagenet: bool
                         progress: bool = True) -> dict:
     """Write `out`/{train,test}.beton + meta.json from an image folder; returns the meta.
     See the module docstring for the layout and the resume rule."""
-    from tqdm import tqdm  # noqa: PLC0415
-
     if not 16 <= int(max_side) <= 65535:
         raise ValueError(f"--max-side must be in 16..65535, got {max_side}")
     if not 1 <= int(quality) <= 100:
@@ -379,8 +376,6 @@ def _finished(out: Path, data_dir: str | Path, imagenet: bool, max_side: int,
 
 
 def _drain(pending: dict, part_path: dict, bar, *, one: bool) -> None:
-    from concurrent.futures import FIRST_COMPLETED, wait  # noqa: PLC0415
-
     while pending:
         finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
         for fut in finished:

@@ -14,6 +14,7 @@ refilling the same buffer changes the boxes without recompiling.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -21,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .beton import ffcv_epoch, ffcv_workers, import_ffcv, keep_torch_threads
+from .imagefolder import SPLIT_FOLDERS, _fingerprint
+from .loaders import _permutation_order_cls
 from .rrc import stored_box
 
 BOX_COLUMNS = ("y0", "x0", "y1", "x1", "flip")
@@ -31,8 +35,6 @@ class ImageBeton:
     (no image is decoded)."""
 
     def __init__(self, path: str | Path) -> None:
-        from .beton import import_ffcv  # noqa: PLC0415
-
         import_ffcv()
         from ffcv.reader import Reader  # noqa: PLC0415 - heavy import
 
@@ -93,9 +95,6 @@ class ImageBeton:
 
 def beton_fingerprint(prepared_dir: str | Path) -> str:
     """The prepared folder's fingerprint recomputed from its .beton files alone."""
-    import json  # noqa: PLC0415
-
-    from .imagefolder import SPLIT_FOLDERS, _fingerprint  # noqa: PLC0415
 
     d = Path(prepared_dir)
     meta = json.loads((d / "meta.json").read_text())
@@ -109,9 +108,9 @@ def beton_fingerprint(prepared_dir: str | Path) -> str:
 
 # ------------------------------------------------------------------ replaying decoder
 def _address_intrinsic():
-    from numba import types  # noqa: PLC0415
-    from numba.core import cgutils  # noqa: PLC0415
-    from numba.extending import intrinsic  # noqa: PLC0415
+    from numba import types  # noqa: PLC0415 - optional heavy dependency (numba (ffcv's))
+    from numba.core import cgutils  # noqa: PLC0415 - optional heavy dependency (numba (ffcv's))
+    from numba.extending import intrinsic  # noqa: PLC0415 - optional heavy dependency (numba (ffcv's))
 
     @intrinsic
     def address_as_void_pointer(typingctx, src):  # noqa: ARG001 - numba's signature
@@ -123,13 +122,11 @@ def _address_intrinsic():
 
 
 def _decoder_cls():
-    from .beton import import_ffcv  # noqa: PLC0415
-
     import_ffcv()
-    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder  # noqa: PLC0415
-    from ffcv.libffcv import imdecode, resize_crop  # noqa: PLC0415
-    from ffcv.pipeline.compiler import Compiler  # noqa: PLC0415
-    from numba import carray  # noqa: PLC0415
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder  # noqa: PLC0415 - optional heavy dependency (ffcv)
+    from ffcv.libffcv import imdecode, resize_crop  # noqa: PLC0415 - optional heavy dependency (ffcv)
+    from ffcv.pipeline.compiler import Compiler  # noqa: PLC0415 - optional heavy dependency (ffcv)
+    from numba import carray  # noqa: PLC0415 - optional heavy dependency (numba (ffcv's))
 
     as_pointer = _address_intrinsic()
 
@@ -202,14 +199,11 @@ class ImageLoader:
 
     def __init__(self, path: str | Path, sizes: Sequence[int], *, batch_size: int = 256,
                  center_crop: bool = False) -> None:
-        from .beton import ffcv_workers, import_ffcv, keep_torch_threads  # noqa: PLC0415
-
         import_ffcv()
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder  # noqa: PLC0415
-        from ffcv.loader import Loader  # noqa: PLC0415
-        from ffcv.pipeline import PipelineSpec  # noqa: PLC0415
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder  # noqa: PLC0415 - optional heavy dependency (ffcv)
+        from ffcv.loader import Loader  # noqa: PLC0415 - optional heavy dependency (ffcv)
+        from ffcv.pipeline import PipelineSpec  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
-        from .loaders import _permutation_order_cls  # noqa: PLC0415
 
         self.beton = ImageBeton(path)
         self.sizes = [int(s) for s in sizes]
@@ -249,8 +243,6 @@ class ImageLoader:
         self._order = np.asarray(indices, dtype=np.uint64).reshape(-1)
         if self._order.size == 0:
             return
-        from .beton import ffcv_epoch  # noqa: PLC0415
-
         with closing(ffcv_epoch(self._ffcv)) as batches:
             for out in batches:
                 imgs = [torch.from_numpy(np.array(out[self._out[s]])) for s in self.sizes]

@@ -32,20 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ckd.hashing import splitmix64
+
+from .beton import ffcv_epoch, ffcv_workers, keep_torch_threads, read_beton
 from .datasets import Split
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 KINDS = ("ffcv", "memory")
-_M63 = (1 << 63) - 1
-
-
-def _epoch_key(seed: int, epoch: int) -> int:
-    """SplitMix64-style mix of (seed, epoch) -> a 63-bit generator seed."""
-    x = ((int(seed) & 0xFFFFFFFFFFFFFFFF) * 0x9E3779B97F4A7C15 + int(epoch) + 1)
-    x &= 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) & _M63
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -53,7 +46,7 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> to
     if not shuffle:
         return torch.arange(n, dtype=torch.int64)
     g = torch.Generator(device="cpu")
-    g.manual_seed(_epoch_key(seed, epoch))
+    g.manual_seed(splitmix64(seed, epoch))
     return torch.randperm(n, generator=g, dtype=torch.int64)
 
 
@@ -63,7 +56,7 @@ def shard_block_permutation(n: int, block: int, seed: int, epoch: int) -> torch.
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     g = torch.Generator(device="cpu")
-    g.manual_seed(_epoch_key(seed, epoch))
+    g.manual_seed(splitmix64(seed, epoch))
     parts = []
     for b in torch.randperm(-(-n // block), generator=g).tolist():
         lo, hi = b * block, min(n, (b + 1) * block)
@@ -87,7 +80,10 @@ def shard_order(order: torch.Tensor, rank: int, world_size: int, batch_size: int
     return order
 
 
-class _Loader:
+class Loader:
+    """The epoch order and sharding every training loader shares (`order(epoch)`,
+    `set_epoch`, `len()`: batches per rank); subclasses iterate their batches."""
+
     def __init__(self, n: int, *, batch_size: int, seed: int, shuffle: bool, drop_last: bool,
                  device: str | torch.device, rank: int, world_size: int,
                  block: int | None = None) -> None:
@@ -129,7 +125,7 @@ class _Loader:
         return -(-self.num_samples // self.batch_size)
 
 
-class MemoryLoader(_Loader):
+class MemoryLoader(Loader):
     """Whole split held in memory on `device`; each batch is one gather by the permutation.
 
     On CPU the gather is numpy's `take` (torch's CPU index_select measured 10x slower and
@@ -167,7 +163,7 @@ def _permutation_order_cls():
         ffcv 1.0.2 calls `order(loader)` on a TraversalOrder *instance*, so the instance is
         callable and binds itself to the ffcv loader."""
 
-        def __init__(self, owner: _Loader) -> None:  # no super(): bound in __call__
+        def __init__(self, owner: Loader) -> None:  # no super(): bound in __call__
             self.owner = owner
 
         def __call__(self, loader) -> PermutationOrder:
@@ -181,19 +177,17 @@ def _permutation_order_cls():
     return PermutationOrder
 
 
-class FfcvLoader(_Loader):
+class FfcvLoader(Loader):
     """Reads a .beton with FFCV in the shared permutation order; batches are copied out of
     FFCV's reused buffers and moved to `device`."""
 
     def __init__(self, path: str | Path, **kw) -> None:
-        from .beton import ffcv_workers, keep_torch_threads  # noqa: PLC0415
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such .beton; create it with `ckd prepare`")
         with keep_torch_threads():
-            from ffcv.loader import Loader  # noqa: PLC0415
-            from ffcv.reader import Reader  # noqa: PLC0415
+            from ffcv.loader import Loader  # noqa: PLC0415 - optional heavy dependency (ffcv)
+            from ffcv.reader import Reader  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
             super().__init__(Reader(str(path)).num_samples, **kw)
             self.path = path
@@ -205,8 +199,6 @@ class FfcvLoader(_Loader):
     def __iter__(self) -> Iterator[Batch]:
         self._ffcv.next_epoch = self.epoch  # ffcv asks the order for `next_epoch`
         nb = self.device.type == "cuda"
-        from .beton import ffcv_epoch  # noqa: PLC0415
-
         with closing(ffcv_epoch(self._ffcv)) as batches:
             for img, lab, idx in batches:
                 # Copy out of ffcv's reused buffers. numpy's copy, not torch's clone: measured
@@ -232,8 +224,6 @@ def make_loader(kind: str, source: Split | str | Path, *, batch_size: int, seed:
               device=device, rank=rank, world_size=world_size, block=block)
     if kind == "memory":
         if not isinstance(source, Split):
-            from .beton import read_beton  # noqa: PLC0415
-
             source = read_beton(source)
         return MemoryLoader(source, **kw)
     if kind == "ffcv":

@@ -22,10 +22,13 @@ A training run seeded s replays, in epoch e, slot `epoch_slots(s, e, i, K)` of s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-from ckd.hashing import hash32
+from ckd.hashing import epoch_seed, hash32
+
+from .views import normalize
 
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -36,17 +39,11 @@ RECIPE = {"name": "rrc-0.08-1-flip", "version": 1}
 _TWO32 = float(1 << 32)
 
 
-def _slot_seed(seed: int, slot: int) -> int:
-    from ckd.cache.layout import epoch_seed  # noqa: PLC0415 - one seed mix for all views
-
-    return epoch_seed(seed, slot)
-
-
 def draws(seed: int, indices: torch.Tensor, slot: int) -> torch.Tensor:
     """The 41 uniform 32-bit draws of view `slot` of each sample: int64 [B, 41]."""
     idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
     counters = idx[:, None] * DRAWS_PER_VIEW + torch.arange(FLIP_DRAW + 1)
-    return hash32(_slot_seed(seed, slot), counters)
+    return hash32(epoch_seed(seed, slot), counters)
 
 
 def boxes_from_draws(h32: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
@@ -102,7 +99,34 @@ def epoch_slots(seed: int, epoch: int, indices: torch.Tensor, num_slots: int) ->
     if num_slots < 1:
         raise ValueError(f"num_slots must be >= 1, got {num_slots}")
     idx = torch.as_tensor(indices, dtype=torch.int64)
-    return (hash32(_slot_seed(seed, epoch), idx) * int(num_slots)) >> 32
+    return (hash32(epoch_seed(seed, epoch), idx) * int(num_slots)) >> 32
+
+
+class RandomResizedCrops:
+    """The random-resized-crop recipe as a `ckd.data.protocol.ViewRecipe`: continuous
+    views, so a run replays the K slots of its cache (`epoch_slots`); a view is (slot,
+    sample), whose box the cache stores, and the loader crops it at the student's size."""
+
+    record = RECIPE
+    num_views = None
+
+    def epoch_view_ids(self, seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+        raise ValueError("random-resized crops are continuous: they are replayed from a "
+                         "K-view logit cache (`ckd cache-logits --prepared DIR --views K`)")
+
+    def epoch_slots(self, seed: int, epoch: int, indices: torch.Tensor,
+                    num_slots: int) -> torch.Tensor:
+        return epoch_slots(seed, epoch, indices, num_slots)
+
+    def student_input(self, images: torch.Tensor, view_ids: torch.Tensor,
+                      mean: Sequence[float], std: Sequence[float], *,
+                      channels_last: bool = False) -> torch.Tensor:
+        """The batch is already the replayed crops: normalized only."""
+        x = normalize(images, mean, std).permute(0, 3, 1, 2)
+        return x if channels_last else x.contiguous()
+
+
+RRC = RandomResizedCrops()
 
 
 def stored_box(boxes: torch.Tensor, orig_hw: torch.Tensor, stored_hw: torch.Tensor,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ckd.hashing import hash32, seed_keys
+from ckd.hashing import epoch_seed, hash32, seed_keys
 
 NUM_VIEWS = 162
 IDENTITY_VIEW = -1
@@ -35,7 +35,7 @@ def view_ids(seed: int, indices: torch.Tensor) -> torch.Tensor:
     if int(seed) == IDENTITY_SEED:
         return torch.full(indices.shape, IDENTITY_VIEW, dtype=torch.int64, device=indices.device)
     if indices.is_cuda and indices.ndim == 1:  # one kernel instead of ~20 integer ops
-        from ckd.kernels.views import view_ids_fused  # noqa: PLC0415 - needs triton
+        from ckd.data.views_triton import view_ids_fused  # noqa: PLC0415 - needs triton
 
         return view_ids_fused(seed_keys(int(seed)), indices, NUM_VIEWS)
     return (hash32(seed, indices) * NUM_VIEWS) >> 32
@@ -115,11 +115,11 @@ def apply_views(images_u8: torch.Tensor, ids: torch.Tensor, mean: Sequence[float
     """uint8 NHWC [B,H,W,3] + view ids [B] -> normalized float32 NCHW [B,3,H,W].
 
     `channels_last=True` returns the same values in torch.channels_last memory format
-    (no copy: the NHWC result permuted). On CUDA one kernel (ckd.kernels.views) computes
+    (no copy: the NHWC result permuted). On CUDA one kernel (ckd.data.views_triton) computes
     the same bits as the ~15 torch ops below."""
     if images_u8.is_cuda and images_u8.dtype == torch.uint8 and images_u8.ndim == 4 \
             and images_u8.is_contiguous():
-        from ckd.kernels.views import views_fused  # noqa: PLC0415 - needs triton
+        from ckd.data.views_triton import views_fused  # noqa: PLC0415 - needs triton
 
         ids = torch.as_tensor(ids, device=images_u8.device)
         if ids.shape != (images_u8.shape[0],):
@@ -130,3 +130,28 @@ def apply_views(images_u8: torch.Tensor, ids: torch.Tensor, mean: Sequence[float
                            channels_last=channels_last, pad=PAD, num_views=NUM_VIEWS)[0]
     out = normalize(crop_flip_u8(images_u8, ids), mean, std).permute(0, 3, 1, 2)
     return out if channels_last else out.contiguous()
+
+
+class CifarViews:
+    """The CIFAR recipe as a `ckd.data.protocol.ViewRecipe`: 162 discrete views; epoch e
+    shows sample i view `view_ids(epoch_seed(seed, e), i)`, and a K-view cache (slot k
+    holding the views of epoch k) replays slot e mod K."""
+
+    record = RECIPE
+    num_views = NUM_VIEWS
+
+    def epoch_view_ids(self, seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+        return view_ids(epoch_seed(seed, epoch), indices)
+
+    def epoch_slots(self, seed: int, epoch: int, indices: torch.Tensor,
+                    num_slots: int) -> torch.Tensor:
+        return torch.full_like(torch.as_tensor(indices, dtype=torch.int64),
+                               int(epoch) % int(num_slots))
+
+    def student_input(self, images: torch.Tensor, view_ids: torch.Tensor,
+                      mean: Sequence[float], std: Sequence[float], *,
+                      channels_last: bool = False) -> torch.Tensor:
+        return apply_views(images, view_ids, mean, std, channels_last=channels_last)
+
+
+CIFAR_VIEWS = CifarViews()

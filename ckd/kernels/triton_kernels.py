@@ -39,8 +39,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ckd.hashing_triton import mix32_tl
 from ckd.kernels.rng import STREAM_DGKD, STREAM_TEKAP
-from ckd.kernels.views import mix32_tl
 
 _DGKD = tl.constexpr(STREAM_DGKD)
 _TEKAP = tl.constexpr(STREAM_TEKAP)

@@ -163,7 +163,7 @@ class LossPlan:
     def build_modules(self, student_shapes: Any, mentor_shapes: Any,
                       context: Any = None) -> nn.ModuleDict | None:
         """Trainable modules of the terms that own some, keyed by method name. `context`
-        (`ckd.features.runtime.BuildContext`: training labels...) is passed on when given."""
+        (`ckd.train.features.BuildContext`: training labels...) is passed on when given."""
         mods = {}
         extra = {} if context is None else {"context": context}
         for t in self.terms:

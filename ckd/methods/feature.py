@@ -1,8 +1,9 @@
 """The feature-level methods CRD, TeKAP (F) and SDKD: one declaration each. Their modules
-and eager references are in `ckd.features`; math and choices in docs/METHODS.md.
+and eager references are in `ckd.methods.crd` and `ckd.methods.sdkd`; math and choices in
+docs/METHODS.md.
 
 A feature method's loss reads `inputs.extra` (filled by the trainer, see
-`ckd.features.runtime.step_extra`): `student_features` (the student's `is_feat` list),
+`ckd.train.features.FeatureRun.extra`): `student_features` (the student's `is_feat` list),
 `mentor_pool` (one [B, D_m] tensor per mentor, teacher first), `idx` (dataset indices),
 `classifier` (the student's final Linear).
 """
@@ -13,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from ckd.features.crd import CRDModule, crd_loss, tekap_feature_loss
-from ckd.features.sdkd import FeatureFusionBlock, sdkd_loss
+from ckd.methods.crd import CRDModule, crd_loss, tekap_feature_loss
 from ckd.methods.registry import Method, Paper, Param, register
+from ckd.methods.sdkd import FeatureFusionBlock, sdkd_loss
 
 CRD_PAPER = Paper("Contrastive Representation Distillation", "Tian, Krishnan, Isola",
                   "ICLR 2020", "HobbitLong/RepDistiller")

@@ -28,9 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ckd.atomic import atomic_path, atomic_write_text
+from ckd.kernels.sparse_mentors import SparseMentors, id_dtype
+from ckd.pose.coco import load_pose_prepared
 from ckd.pose.mentors import batch_views, load_pose_mentor
+from ckd.pose.models import Layout
 from ckd.pose.views import RECIPE, view_params
 
 VERSION = 1
@@ -72,8 +76,6 @@ def build_pose_cache(ds, mentor_paths: list[str], out: str | Path, *, seed: int 
                      slots: int = 4, dtype: str = "fp16", storage: str = "dense",
                      batch_size: int = 256, progress: bool = True) -> Path:
     """Run every mentor over S keyed views of the training crops; write the cache."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
 
     if dtype not in ("fp16", "fp32"):
         raise ValueError(f"--dtype {dtype!r}: use fp16 or fp32")
@@ -95,8 +97,6 @@ def build_pose_cache(ds, mentor_paths: list[str], out: str | Path, *, seed: int 
                      dtype=np_dtype) for _ in mentors]
     extra: list[dict[str, np.ndarray]] = [{} for _ in mentors]
     if mode == "topk":
-        from ckd.kernels.sparse_mentors import id_dtype  # noqa: PLC0415
-
         ids_np = str(id_dtype(layout.row_size)).replace("torch.", "")
         for e in extra:
             e["ids"] = np.zeros((slots, n, layout.num_joints, k), dtype=ids_np)
@@ -155,8 +155,6 @@ class PoseCache:
 
     @property
     def layout(self):
-        from ckd.pose.models import Layout  # noqa: PLC0415
-
         lay = self.meta["layout"]
         return Layout(lay["kind"], int(lay["num_joints"]), tuple(lay["dims"]))
 
@@ -172,8 +170,6 @@ class PoseCache:
         if self.meta["storage"] == "dense":
             rows = torch.from_numpy(np.stack([a["rows"][s, i] for a in self.arrays]))
             return rows.float(), keys
-        from ckd.kernels.sparse_mentors import SparseMentors  # noqa: PLC0415
-
         m, b, k = len(self.arrays), len(i), self.layout.num_joints
         vals = torch.from_numpy(np.stack([a["logits"][s, i] for a in self.arrays]))
         ids = torch.from_numpy(np.stack([a["ids"][s, i] for a in self.arrays]).astype(np.int32))
@@ -234,8 +230,6 @@ def verify_pose_cache(path: str | Path, *, recompute: bool = False, data: str | 
         problems.append(f"params.npy: {bad} views differ from the keyed view function")
     if data is None:
         return problems
-    from ckd.pose.coco import load_pose_prepared  # noqa: PLC0415
-
     ds = load_pose_prepared(data)
     open_pose_cache(p, ds)
     for m in meta["mentors"]:

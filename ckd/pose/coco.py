@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ckd.atomic import atomic_path, atomic_write_text
 from ckd.data.beton import (
@@ -199,7 +200,7 @@ def crop_matrix(crop: tuple[float, float, float], store: tuple[int, int]) -> np.
 
 
 def _crop_one(img: np.ndarray, ann: dict, store: tuple[int, int], k: int):
-    import cv2  # noqa: PLC0415
+    import cv2  # noqa: PLC0415 - optional heavy dependency (OpenCV)
 
     box = np.asarray(ann["bbox"], dtype=np.float64)
     crop = crop_region(box, store)
@@ -216,7 +217,7 @@ def _crop_one(img: np.ndarray, ann: dict, store: tuple[int, int], k: int):
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415 - optional heavy dependency (Pillow)
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
@@ -245,8 +246,6 @@ def build_split(json_path: Path, image_dir: Path, checked: tuple, store: tuple[i
         by_image.setdefault(int(a["image_id"]), []).append(a)
     k = len(names)
     rows = []
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     for i in tqdm(need, desc=f"crop {json_path.stem}", disable=not progress, leave=False):
         img = _read_rgb(image_dir / images[i]["file_name"])
         for a in sorted(by_image[i], key=lambda a: int(a["id"])):
@@ -264,8 +263,8 @@ def build_split(json_path: Path, image_dir: Path, checked: tuple, store: tuple[i
 # ------------------------------------------------------------------------- betons
 def write_pose_beton(split: PoseSplit, path: Path) -> None:
     import_ffcv()
-    from ffcv.fields import FloatField, IntField, NDArrayField  # noqa: PLC0415
-    from ffcv.writer import DatasetWriter  # noqa: PLC0415
+    from ffcv.fields import FloatField, IntField, NDArrayField  # noqa: PLC0415 - optional heavy dependency (ffcv)
+    from ffcv.writer import DatasetWriter  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
     def arr(a: np.ndarray) -> NDArrayField:
         return NDArrayField(dtype=a.dtype, shape=tuple(a.shape[1:]))
@@ -287,7 +286,7 @@ def read_pose_beton(path: Path) -> PoseSplit:
                                 "coco-keypoints`")
     with keep_torch_threads():
         import_ffcv()
-        from ffcv.loader import Loader, OrderOption  # noqa: PLC0415
+        from ffcv.loader import Loader, OrderOption  # noqa: PLC0415 - optional heavy dependency (ffcv)
 
         loader = Loader(str(path), batch_size=512, num_workers=ffcv_workers(),
                         order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True)

@@ -14,7 +14,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ckd.atomic import atomic_write_text
+from ckd.pose.cache import build_pose_cache
+from ckd.pose.coco import load_pose_prepared, prepare_coco_keypoints
+from ckd.pose.synthetic import make_synthetic_coco
+from ckd.pose.train import train_pose
 
 METHOD_LABELS = {"nokd": "NOKD", "kd": "KD (teacher)", "aver": "AVER",
                  "classroom": "ClassroomKD"}
@@ -53,7 +59,7 @@ def plot_pose(results: dict, path: Path) -> Path:
     import matplotlib  # noqa: PLC0415 - plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - optional heavy dependency (matplotlib)
 
     methods = list(results["students"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
@@ -81,8 +87,6 @@ def run_pose_demo(out: str | Path = "demo_pose", plan: PoseDemoPlan | None = Non
                   progress: bool = False) -> dict:
     """Every stage on one torch thread (its digits depend on the count); the caller's
     thread count is restored afterwards."""
-    import torch  # noqa: PLC0415
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -92,11 +96,6 @@ def run_pose_demo(out: str | Path = "demo_pose", plan: PoseDemoPlan | None = Non
 
 
 def _run_pose_demo(out: str | Path, plan: PoseDemoPlan | None, progress: bool) -> dict:
-    from ckd.pose.cache import build_pose_cache  # noqa: PLC0415
-    from ckd.pose.coco import load_pose_prepared, prepare_coco_keypoints  # noqa: PLC0415
-    from ckd.pose.synthetic import make_synthetic_coco  # noqa: PLC0415
-    from ckd.pose.train import train_pose  # noqa: PLC0415
-
     plan = plan or PoseDemoPlan()
     out = Path(out)
     t0 = time.perf_counter()

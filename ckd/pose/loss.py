@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ckd.kernels.reference import classroom_weights
+from ckd.kernels.sparse_reference import sparse_kl_rows
 
 POSE_METHODS = ("nokd", "kd", "aver", "classroom")
 POSE_DEFAULTS = {
@@ -80,8 +81,6 @@ def mentor_distill(mentors, m: int, student: Tensor, segs: list[tuple[int, int]]
     of docs/SPARSE.md)."""
     if torch.is_tensor(mentors):
         return distill_rows(mentors[m], student, segs, T)
-    from ckd.kernels.sparse_reference import sparse_kl_rows  # noqa: PLC0415
-
     if len(segs) != 1:
         raise ValueError("top-k sparse mentor rows hold heatmaps; SimCC rows are stored dense")
     n, k, d = student.shape

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ckd.pose.codec import decode
+
 THRESHOLD = 0.2
 
 
@@ -74,8 +76,8 @@ def coco_ap(pred_orig: np.ndarray, scores: np.ndarray, gt_kps_orig: np.ndarray,
             image_ids: np.ndarray, sigmas: Sequence[float]) -> dict[str, float]:
     """COCO keypoint AP / AP50 / AP75 / AR by pycocotools: person n's ground truth
     (keypoints [N, K, 2] + visibility [N, K], box, area) against detection n."""
-    from pycocotools.coco import COCO  # noqa: PLC0415
-    from pycocotools.cocoeval import COCOeval  # noqa: PLC0415
+    from pycocotools.coco import COCO  # noqa: PLC0415 - optional heavy dependency (pycocotools)
+    from pycocotools.cocoeval import COCOeval  # noqa: PLC0415 - optional heavy dependency (pycocotools)
 
     n, k = visibility.shape
     anns, dets = [], []
@@ -114,8 +116,6 @@ def rank_key(rows: torch.Tensor, layout, input_size: Sequence[int], view_kps: to
     the input size (x / W, y / H), the accuracy mmpose's SimCC and heatmap heads report
     while training; NaN where the sample has no weighted joint. (PCK@0.2 of the box is
     near its ceiling for every trained model and would hardly rank them.)"""
-    from ckd.pose.codec import decode  # noqa: PLC0415
-
     h, w = (int(v) for v in input_size)
     xy, _ = decode(rows, layout, input_size)
     size = torch.tensor([w, h], dtype=torch.float64, device=xy.device)

@@ -65,7 +65,7 @@ def _figure(rng: np.random.Generator, size: int) -> tuple[np.ndarray, float]:
 
 
 def _draw_image(rng: np.random.Generator, size: int, n_people: int):
-    from PIL import Image, ImageDraw  # noqa: PLC0415
+    from PIL import Image, ImageDraw  # noqa: PLC0415 - optional heavy dependency (Pillow)
 
     base = rng.integers(40, 200, size=3)
     noise = rng.normal(0, 18, size=(size, size, 3))
@@ -131,7 +131,7 @@ def make_synthetic_coco(out: str | Path, *, seed: int = 0, n_train_images: int =
                         n_val_images: int = 300, size: int = IMAGE_SIZE) -> Path:
     """Write the synthetic set into `out` (COCO layout); returns `out`. Deterministic in
     `seed`. About 1.5 figures per image."""
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415 - optional heavy dependency (Pillow)
 
     out = Path(out)
     ann_id = 1

@@ -21,8 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ckd.atomic import atomic_write_text
+from ckd.data.rrc import epoch_slots
+from ckd.hashing import epoch_seed
 from ckd.pose.cache import open_pose_cache, view_table
 from ckd.pose.coco import PoseDataset, flip_permutation, load_pose_prepared
 from ckd.pose.codec import decode, flip_rows, segments, targets
@@ -108,11 +111,6 @@ def _check_cache_layout(cache_layout: Layout, student_layout: Layout, student: s
 
 def train_pose(cfg: dict) -> dict[str, Any]:
     """Train a pose student (or mentor: method nokd); returns metrics, history, paths."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    from ckd.data.rrc import epoch_slots  # noqa: PLC0415
-
-    from ckd.cache.layout import epoch_seed  # noqa: PLC0415 - isort: skip
 
     c = _config(cfg)
     ds = load_pose_prepared(c["data"])

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ckd.hashing import hash32
+from ckd.hashing import epoch_seed, hash32
+from ckd.pose.coco import flip_permutation
 
 SCALE = (0.75, 1.25)
 ROTATION = 30.0
@@ -44,8 +45,6 @@ def view_params(seed: int, indices: torch.Tensor, slot: int) -> torch.Tensor:
         out = torch.zeros(len(idx), 3, dtype=torch.float64)
         out[:, 0] = 1.0
         return out
-    from ckd.cache.layout import epoch_seed  # noqa: PLC0415 - one seed mix for all views
-
     u = hash32(epoch_seed(seed, slot), idx[:, None] * DRAWS + torch.arange(4))
     scale = SCALE[0] + (u[:, 0] / _TWO32) * (SCALE[1] - SCALE[0])
     rot = ((u[:, 1] / _TWO32) * 2.0 - 1.0) * ROTATION
@@ -112,8 +111,6 @@ def apply_pose_views(images_u8: torch.Tensor, keypoints: torch.Tensor, params: t
                      meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored crops + keypoints + view params -> (normalized input [B, 3, H, W] float32,
     view keypoints [B, K, 3] float64), as `meta` (a prepared pose set's meta.json) says."""
-    from ckd.pose.coco import flip_permutation  # noqa: PLC0415
-
     mats = view_matrices(params, meta["store_size"], meta["input_size"], meta["context"])
     x = warp_images(images_u8, mats, meta["input_size"])
     mean = torch.tensor(meta["mean"], dtype=torch.float32).view(1, 3, 1, 1) * 255.0

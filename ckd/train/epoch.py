@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ckd.features.runtime import sync_module_grads
+from ckd.kernels import NonFiniteError, check_finite
+from ckd.kernels.api import resolve_backend
 from ckd.train.ddp import broadcast_buffers
+from ckd.train.features import sync_module_grads
+from ckd.train.graphs import CapturedTraining
 from ckd.train.runs import Run
 
 
@@ -42,8 +45,6 @@ def train_epoch(runs: list[Run] | Run, epoch: int) -> list[tuple[DeviceSums, flo
     """One epoch of steps for every student of the pass: each batch is read, augmented and
     its mentor logits (and features) gathered once, then every student takes its own step
     on it. Returns each student's epoch sums and the epoch's wall time."""
-    from ckd.data.image_train import batch_input  # noqa: PLC0415
-
     runs = [runs] if isinstance(runs, Run) else runs
     lead = runs[0]
     cfg, info, ds, source = lead.cfg, lead.info, lead.ds, lead.source
@@ -61,7 +62,8 @@ def train_epoch(runs: list[Run] | Run, epoch: int) -> list[tuple[DeviceSums, flo
         if i >= lead.steps_per_epoch:
             break
         slots, vids = source.views(epoch, idx)
-        x = batch_input(ds, images, vids, channels_last=cfg.channels_last)
+        x = ds.recipe.student_input(images, vids, ds.mean, ds.std,
+                                    channels_last=cfg.channels_last)
         mentor, mentor_stats, mentor_feats = source.gather(slots, idx, x, needs,
                                                            labels if stats else None)
         for stepper in steppers:
@@ -80,8 +82,6 @@ def train_epoch(runs: list[Run] | Run, epoch: int) -> list[tuple[DeviceSums, flo
 def wants_mentor_stats(run: Run) -> bool:
     """The fused loss ranks from the mentors' row statistics: gather them (the cache holds
     them) instead of letting the loss pass over every mentor row for them."""
-    from ckd.kernels.api import resolve_backend  # noqa: PLC0415
-
     return run.source.kind != "none" and run.loss_plan.reads_mentor_stats and \
         resolve_backend(run.loss_plan.backend, run.info.device) == "triton"
 
@@ -96,8 +96,6 @@ class _StudentEpoch:
             g["lr"] = self.lr
         if run.cfg.cuda_graphs:  # the lr and epoch the captured step reads on the device
             if run.captured is None:
-                from ckd.train.graphs import CapturedTraining  # noqa: PLC0415
-
                 run.captured = CapturedTraining(run)
             run.captured.start_epoch(epoch, self.lr)
         run.model.train()
@@ -107,7 +105,7 @@ class _StudentEpoch:
 
     def step(self, x: torch.Tensor, mentor: Any, mentor_stats: torch.Tensor | None,
              mentor_feats: Any, labels: torch.Tensor, idx: torch.Tensor, last: bool,
-             bar: Any) -> None:
+             bar: tqdm) -> None:
         run, cfg = self.run, self.run.cfg
         if run.captured is not None:  # --cuda-graphs: replayed (full batches) or eager
             got = dict(run.captured(x, mentor, mentor_stats, labels))  # the graph's own dict
@@ -163,9 +161,7 @@ class _IntervalLog:
     def __init__(self, run: Run, epoch: int, lr: float, t0: float) -> None:
         self.run, self.epoch, self.lr, self.t = run, epoch, lr, t0
 
-    def write(self, interval: DeviceSums, bar: Any) -> None:
-        from ckd.kernels import NonFiniteError, check_finite  # noqa: PLC0415
-
+    def write(self, interval: DeviceSums, bar: tqdm) -> None:
         run = self.run
         vals = interval.read()
         if "nonfinite" in vals:

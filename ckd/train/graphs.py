@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ckd.row_align import aligned_rows
+
 StepFn = Callable[..., dict[str, Tensor]]
 LossFn = Callable[[Tensor, Any, Tensor, Any], Any]  # (logits, mentor, labels, stats)
 
@@ -76,8 +78,6 @@ def _like(t: Tensor | None) -> Tensor | None:
     if t is None:
         return None
     if t.dim() == 3 and t.is_floating_point() and not t.is_contiguous():
-        from ckd.row_align import aligned_rows  # noqa: PLC0415
-
         return aligned_rows(tuple(t.shape), t.dtype, t.device).copy_(t)
     return t.clone()
 

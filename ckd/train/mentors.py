@@ -21,28 +21,34 @@ from typing import Any
 import torch
 from torch import nn
 
+from ckd.cache import list_mentors, open_cache
+from ckd.cache.mentors import load_mentor, recorded_precision, resolve_mentors
 from ckd.cache.rows import RowSource
+from ckd.data.protocol import TrainingData, ViewRecipe
+from ckd.data.views import CIFAR_VIEWS
 from ckd.mentor_stats import STAT_FIELDS, mentor_row_stats
 from ckd.methods import LossPlan, method_mentors, select_mentors
+from ckd.methods.loss import check_sparse_method
+from ckd.models import file_sha256, param_count, read_checkpoint_meta, resolve_arch
+from ckd.models.forward import mentor_features, mentor_forward
+from ckd.train.features import feature_needs
 from ckd.train.setup import norm_name
 
 
 class NoMentors:
     kind = "none"
 
-    def __init__(self, seed: int, cache: Any = None) -> None:
+    def __init__(self, seed: int, cache: RowSource | None = None, *,
+                 recipe: ViewRecipe = CIFAR_VIEWS) -> None:
         self.names: list[str] = []
-        self.seed, self.cache = seed, cache
+        self.seed, self.cache, self.recipe = seed, cache, recipe
 
     def views(self, epoch: int, idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Which cached slot (None online) and which view each sample gets in `epoch`: the
-        cache's rule when there is a cache, else the same rule computed here."""
+        cache's rule when there is a cache, else the data's view recipe (the same rule)."""
         if self.cache is not None:
             return self.cache.epoch_views(epoch, idx, self.seed)
-        from ckd.cache.layout import epoch_seed  # noqa: PLC0415 - one rule with the cache
-        from ckd.data.views import view_ids  # noqa: PLC0415
-
-        return None, view_ids(epoch_seed(self.seed, epoch), idx)
+        return None, self.recipe.epoch_view_ids(self.seed, epoch, idx)
 
     def logits(self, slots: torch.Tensor | None, idx: torch.Tensor,
                x: torch.Tensor) -> torch.Tensor | None:
@@ -86,11 +92,10 @@ class CachedMentors(NoMentors):
 class OnlineMentors(NoMentors):
     kind = "online"
 
-    def __init__(self, models: list[nn.Module], names: list[str], seed: int, cache: Any,
-                 precisions: str | list[str]) -> None:
-        from ckd.cache.mentors import mentor_forward  # noqa: PLC0415 - one forward for both
-
-        super().__init__(seed, cache)
+    def __init__(self, models: list[nn.Module], names: list[str], seed: int,
+                 cache: RowSource | None, precisions: str | list[str], *,
+                 recipe: ViewRecipe = CIFAR_VIEWS) -> None:
+        super().__init__(seed, cache, recipe=recipe)
         self.models, self.names = models, names
         if isinstance(precisions, str):
             precisions = [precisions] * len(models)
@@ -110,8 +115,6 @@ class OnlineMentors(NoMentors):
         if not needs:
             logits, feats = self.logits(slots, idx, x), {}
         else:
-            from ckd.features.runtime import mentor_features  # noqa: PLC0415
-
             # one forward gives the logits and the features
             outs = [self.forward(m, x, p, features=True)
                     for m, p in zip(self.models, self.precisions, strict=True)]
@@ -139,8 +142,6 @@ def parse_mentor_specs(specs: list[str] | None) -> list[tuple[str, str | None]]:
 
 
 def _safe_arch(name: str) -> str | None:
-    from ckd.models import resolve_arch  # noqa: PLC0415
-
     try:
         return resolve_arch(name)
     except ValueError:
@@ -163,7 +164,6 @@ def _match(name: str, available: list[str]) -> str:
 def default_mentor_order(found: dict[str, dict]) -> list[str]:
     """Cached mentors, teacher first: mentor 0 is the largest model (docs/METHODS.md), so
     order by parameter count, then test accuracy (both descending), then alias."""
-    from ckd.models import param_count  # noqa: PLC0415
 
     def key(alias: str):
         a = found[alias]
@@ -191,15 +191,12 @@ def online_precisions(precision: str | None, default: str, names: list[str],
     if precision is not None:
         _check_precisions(cache, found, names, precision)
         return [precision] * len(names)
-    from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
-
     return [recorded_precision(found[n]) if n in found else default for n in names]
 
 
 def _check_precisions(cache: str | None, found: dict[str, dict], names: list[str],
                       precision: str) -> None:
     """Refuse a --mentor-precision other than the one a cached mentor was computed at."""
-    from ckd.cache.mentors import recorded_precision  # noqa: PLC0415
 
     for n in names:
         if n in found and recorded_precision(found[n]) != precision:
@@ -211,7 +208,7 @@ def _check_precisions(cache: str | None, found: dict[str, dict], names: list[str
                 f"{precision} --overwrite ...`")
 
 
-def make_mentor_source(ds, device: torch.device, plan: LossPlan, *, cache: str | None,
+def make_mentor_source(ds: TrainingData, device: torch.device, plan: LossPlan, *, cache: str | None,
                        cache_mode: str, mentors: list[str] | None, online: bool,
                        precision: str | None, fallback_precision: str, mentor_dir: str | None,
                        seed: int) -> MentorSource:
@@ -225,13 +222,13 @@ def make_mentor_source(ds, device: torch.device, plan: LossPlan, *, cache: str |
         opened, found, specs = _open_cache(cache, cache_mode, plan, online, ds, device,
                                            specs, need)
     if not need:
-        return NoMentors(seed, opened)
+        return NoMentors(seed, opened, recipe=ds.recipe)
     if online:
         names = select_mentors(plan.expr, [n for n, _ in specs])
         precisions = online_precisions(precision, fallback_precision, names, found, cache)
         models = [_load_online(n, p, mentor_dir, cache, ds, device, found.get(n))
                   for n, p in specs[:len(names)]]
-        return OnlineMentors(models, names, seed, opened, precisions)
+        return OnlineMentors(models, names, seed, opened, precisions, recipe=ds.recipe)
     if opened is None:
         raise ValueError(f"method {plan.expr!r} needs mentor logits: pass --cache DIR (built "
                          "with `ckd cache-logits`) or --mentors-online with --mentors, or use "
@@ -246,8 +243,6 @@ def _open_cache(path: str, mode: str, plan: LossPlan, online: bool, ds, device: 
     """(cache, its mentors' attributes, specs): the cache at `path` opened with the mentors
     the method reads (or the least needed for its view rule) and checked against the
     data."""
-    from ckd.cache import list_mentors, open_cache  # noqa: PLC0415
-
     found = list_mentors(path)
     if not found:
         raise FileNotFoundError(f"no mentors in a logit cache at {path}: build it "
@@ -258,14 +253,10 @@ def _open_cache(path: str, mode: str, plan: LossPlan, online: bool, ds, device: 
         names = select_mentors(plan.expr, names)
     else:
         names = avail[:1]  # only views/compatibility are needed: load the least
-    from ckd.features.runtime import feature_needs  # noqa: PLC0415
-
     needs = feature_needs(plan.terms) if need and not online else ()
     cache = open_cache(path, mode=mode, device=str(device), mentors=names, features=needs)
     cache.check_compatible(ds.name, ds.fingerprint, ds.num_classes)
     if need and not online and cache.sparse:  # refused now, not at the 1st step
-        from ckd.methods.loss import check_sparse_method  # noqa: PLC0415
-
         check_sparse_method(plan.logit_term.method)
     if online:
         # no NAME=PATH given: the checkpoint the cache was built from, if it is there
@@ -284,8 +275,6 @@ def mentor_path(name: str, path: str | None, mentor_dir: str | None, dataset: st
     <alias>.pt), mentor-dir defaulting to ./mentors."""
     if path is not None:
         return Path(path)
-    from ckd.cache.mentors import resolve_mentors  # noqa: PLC0415 - one rule for both
-
     try:
         return resolve_mentors([name], dataset, mentor_dir or "mentors")[name]
     except ValueError as err:
@@ -297,9 +286,6 @@ def _load_online(name: str, path: str | None, mentor_dir: str | None, cache: str
                  device: torch.device, cached: dict | None) -> nn.Module:
     """A frozen mentor through the cache's own loader; when it is compared with a cache
     that recorded this mentor, the checkpoint must be the one the cache was built from."""
-    from ckd.cache.mentors import load_mentor  # noqa: PLC0415
-    from ckd.models import file_sha256, read_checkpoint_meta  # noqa: PLC0415
-
     p = mentor_path(name, path, mentor_dir, ds.name)
     if not p.is_file():
         raise FileNotFoundError(f"mentor {name!r}: no checkpoint at {p}; train it with "

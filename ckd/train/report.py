@@ -76,7 +76,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
     import matplotlib  # noqa: PLC0415 - heavy import, report only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - optional heavy dependency (matplotlib)
 
     if not run_dirs:
         raise ValueError("give at least one run folder (written by `ckd train`)")

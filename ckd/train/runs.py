@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckd.features.runtime import MODULES_KEY, FeatureRun, check_module_state, make_feature_run
+from ckd.data.loaders import Loader
+from ckd.data.protocol import TrainingData
 from ckd.methods import LossPlan
 from ckd.train.checkpoint import set_rng_state
 from ckd.train.config import TrainConfig, save_config
 from ckd.train.ddp import DistInfo, wrap
+from ckd.train.features import MODULES_KEY, FeatureRun, check_module_state, make_feature_run
 from ckd.train.mentors import MentorSource, default_precision, make_mentor_source
 from ckd.train.metrics import MetricsLogger
 from ckd.train.optim import make_optimizer
@@ -65,11 +67,11 @@ class Run:
 
     cfg: TrainConfig
     info: DistInfo
-    ds: Any
+    ds: TrainingData
     source: MentorSource
     loss_plan: LossPlan
-    train_loader: Any
-    test_loader: Any
+    train_loader: Loader
+    test_loader: Loader
     run_dir: Path
     student: torch.nn.Module
     model: torch.nn.Module  # DDP-wrapped (and compiled) student the step calls
@@ -92,11 +94,11 @@ class Run:
 class Shared:
     """What the students of one pass share: data, loaders, mentor source, loss plan."""
 
-    ds: Any
+    ds: TrainingData
     source: MentorSource
     loss_plan: LossPlan
-    train_loader: Any
-    test_loader: Any
+    train_loader: Loader
+    test_loader: Loader
     autocast: Any
 
 

@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ckd.data.beton import read_meta
+from ckd.data.image_views import prepared_kind
+from ckd.data.protocol import TrainingData
+from ckd.data.views import IDENTITY_VIEW
 from ckd.determinism import deterministic
+from ckd.models import resolve_arch, save_checkpoint
 from ckd.train.checkpoint import save_training_state
 from ckd.train.config import TrainConfig, as_config
 from ckd.train.ddp import DistInfo, all_reduce, barrier, cleanup, init_distributed
@@ -25,13 +30,10 @@ from ckd.train.setup import norm_name
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, ds, autocast, info: DistInfo,
+def evaluate(model: torch.nn.Module, loader, ds: TrainingData, autocast, info: DistInfo,
              channels_last: bool) -> tuple[float, float]:
     """Top-1 accuracy (%) and mean CE on the un-augmented test split. Per-index tensors
     reduced with MAX, so the sharded loader's wrap-around repeats are counted once."""
-    from ckd.data.image_train import batch_input  # noqa: PLC0415
-    from ckd.data.views import IDENTITY_VIEW  # noqa: PLC0415
-
     model.eval()
     n = len(ds.test)
     correct = torch.zeros(n, device=info.device)
@@ -40,7 +42,7 @@ def evaluate(model: torch.nn.Module, loader, ds, autocast, info: DistInfo,
     loader.set_epoch(0)
     for images, labels, idx in loader:
         vids = torch.full_like(idx, IDENTITY_VIEW)
-        x = batch_input(ds, images, vids, channels_last=channels_last)
+        x = ds.recipe.student_input(images, vids, ds.mean, ds.std, channels_last=channels_last)
         with autocast():
             logits = model(x)
         logits = logits.float()
@@ -113,8 +115,6 @@ def end_epoch(run: Run, epoch: int, whole: DeviceSums, train_time: float) -> Non
 
 def finish_run(run: Run) -> dict[str, Any]:
     """The final student checkpoint (rank 0) and the run's summary."""
-    from ckd.models import save_checkpoint  # noqa: PLC0415
-
     cfg, info = run.cfg, run.info
     if info.is_main:
         save_checkpoint(run.run_dir / "student.pt", run.student, arch=cfg.student,
@@ -136,15 +136,12 @@ def train_mentor(arch: str, dataset: str | None = None, *, out: str | Path | Non
     (default ./mentors; <arch> the canonical name, where `ckd cache-logits --mentors ARCH`
     and `--mentors-online` look) in ckd's checkpoint format with its test accuracy. An
     existing mentor checkpoint is replaced only with `overwrite=True` (checked first)."""
-    from ckd.models import resolve_arch, save_checkpoint  # noqa: PLC0415
-
     resolve_arch(arch)  # unknown arch: clear error before loading data
     values = {**overrides, "student": arch, "method": "nokd", "dataset": dataset,
               "cache": None, "mentors": None, "mentors_online": False}
     cfg = as_config({k: v for k, v in values.items() if v is not None})
-    from ckd.cache.image_views import is_image_folder  # noqa: PLC0415
-
-    if is_image_folder(cfg.prepared):  # its crops are replayed from a logit cache
+    if cfg.prepared is not None and prepared_kind(cfg.prepared) == "images":
+        # an image folder's crops are replayed from a logit cache, which a new mentor lacks
         raise ValueError(f"--prepared {cfg.prepared} is an image folder, which `ckd "
                          "train-mentor` cannot train on yet: train the mentor on CIFAR-style "
                          "data, or bring a trained checkpoint and cache it with `ckd "
@@ -178,7 +175,5 @@ def train_mentor(arch: str, dataset: str | None = None, *, out: str | Path | Non
 def _dataset_name(cfg: TrainConfig) -> str:
     """The dataset's name before loading it (the prepared folder's meta.json records it)."""
     if cfg.prepared is not None:
-        from ckd.data.beton import read_meta  # noqa: PLC0415
-
         return str(read_meta(cfg.prepared)["name"])
     return norm_name(str(cfg.dataset))

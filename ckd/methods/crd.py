@@ -1,4 +1,5 @@
-"""Contrastive Representation Distillation (CRD) and TeKAP's feature level on top of it.
+"""Contrastive Representation Distillation (CRD) and TeKAP's feature level on top of it:
+the trainable module and the loss that their declarations (`ckd.methods.feature`) use.
 
 Eager reference of RepDistiller's `crd/` (criterion.py, memory.py) as one module:
 

@@ -14,15 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def mix32_tl(x):
-    """`ckd.hashing.mix32` on uint32 (wrapping multiplies): the Triton twin of ckd's hash."""
-    x = x ^ (x >> 16)
-    x = x * tl.full([], 0x7FEB352D, tl.uint32)
-    x = x ^ (x >> 15)
-    x = x * tl.full([], 0x846CA68B, tl.uint32)
-    return x ^ (x >> 16)
+from ckd.hashing_triton import mix32_tl
 
 
 @triton.jit(do_not_specialize=["k1", "k2"])

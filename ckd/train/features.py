@@ -10,9 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ckd.cache.rows import RowSource
+from ckd.data.protocol import TrainingData
+from ckd.methods.compose import LossPlan, Term
+from ckd.models import feature_shapes, infer_arch
+from ckd.models.registry import arch_spec, is_import_path
+from ckd.train.config import TrainConfig
+from ckd.train.setup import input_size
 
 FEATURE_INPUTS = ("pool", "map")  # what a method may read from the mentors besides logits
 MODULES_KEY = "method_modules"  # training-checkpoint entry of the methods' modules
@@ -27,21 +34,10 @@ class BuildContext:
     seed: int
 
 
-def feature_needs(terms: Sequence[Any]) -> tuple[str, ...]:
+def feature_needs(terms: Sequence[Term]) -> tuple[str, ...]:
     """The mentor feature arrays the terms read (subset of FEATURE_INPUTS, in that order)."""
     want = {i for t in terms for i in getattr(t.method, "inputs", ()) if i in FEATURE_INPUTS}
     return tuple(i for i in FEATURE_INPUTS if i in want)
-
-
-def mentor_features(feats: Sequence[Tensor], needs: Sequence[str]) -> dict[str, Tensor]:
-    """A model's `is_feat` list -> the named features a cache stores: `pool` (the pooled
-    feature, [B, D]) and `map` (the last stage's map, [B, C, H, W])."""
-    out = {}
-    if "pool" in needs:
-        out["pool"] = feats[-1]
-    if "map" in needs:
-        out["map"] = feats[-2]
-    return out
 
 
 def module_summary(modules: nn.Module | None) -> dict[str, Any]:
@@ -88,8 +84,6 @@ def check_module_state(state: dict[str, Any], modules: nn.Module | None, method:
 def sync_module_grads(modules: nn.Module | None) -> None:
     """Average the modules' gradients over the ranks (the student's own gradients are
     averaged by DDP; these parameters live outside its forward)."""
-    import torch.distributed as dist  # noqa: PLC0415
-
     if modules is None or not (dist.is_available() and dist.is_initialized()):
         return
     world = dist.get_world_size()
@@ -133,8 +127,6 @@ def student_classifier(student: nn.Module, name: str,
                        shapes: Sequence[tuple[int, ...]]) -> nn.Module | None:
     """The student's final Linear (the zoo's declared one; for an outside class the last
     Linear reading the pooled feature), or None when it has none."""
-    from ckd.models.registry import arch_spec, is_import_path  # noqa: PLC0415
-
     named = dict(student.named_modules())
     if not is_import_path(name):
         return named[arch_spec(name).classifier]
@@ -147,7 +139,7 @@ class FeatureRun:
     """The feature terms of one run: their modules on the device (in the optimizer, the
     checkpoint and synchronised under DDP) and the per-step `extra` for their losses."""
 
-    def __init__(self, plan: Any, student: nn.Module, student_arch: str,
+    def __init__(self, plan: LossPlan, student: nn.Module, student_arch: str,
                  mentor_shapes: Sequence[Sequence[tuple[int, ...]]], context: BuildContext,
                  image_size: int, device: torch.device) -> None:
         self.needs = feature_needs(plan.terms)
@@ -189,16 +181,11 @@ class FeatureRun:
         return out
 
 
-def make_feature_run(cfg: Any, plan: Any, ds: Any, source: Any, student: nn.Module,
-                     device: torch.device) -> FeatureRun:
+def make_feature_run(cfg: TrainConfig, plan: LossPlan, ds: TrainingData, source: Any,
+                     student: nn.Module, device: torch.device) -> FeatureRun:
     """The run's feature terms, their modules built from the student's and the mentors'
     feature shapes (mentors: their architectures online, the cache's arrays cached)."""
-    from ckd.models import feature_shapes, infer_arch  # noqa: PLC0415
-    from ckd.train.setup import is_image_data, student_resolution  # noqa: PLC0415
-
-    # an image folder's crops are made at the student's resolution
-    image_size = student_resolution(cfg) if is_image_data(ds) else \
-        int(ds.train.images.shape[1])
+    image_size = input_size(cfg, ds)
     mentor_shapes = []
     if feature_needs(plan.terms) or any(t.method.build_modules for t in plan.terms):
         if getattr(source, "models", None):  # online: from the mentors' architectures
@@ -214,8 +201,6 @@ def make_feature_run(cfg: Any, plan: Any, ds: Any, source: Any, student: nn.Modu
 def cached_mentor_shapes(cache: RowSource, image_size: int) -> list[tuple[tuple[int, ...], ...]]:
     """Each cached mentor's feature shapes (its architecture's `is_feat` shapes, with the
     cached pool/map shapes checked against them: a mismatch is refused by name)."""
-    from ckd.models import feature_shapes  # noqa: PLC0415
-
     out = []
     for j, alias in enumerate(cache.mentors):
         arch = cache.mentor_meta[alias].get("arch")

@@ -1,6 +1,7 @@
 """Student-Driven KD (SDKD): a proxy teacher with the student's architecture and weights,
 a trainable Feature Fusion Block (FFB) that fuses the teacher's feature into the proxy's,
-and the proxy's logits teaching the student by KL.
+and the proxy's logits teaching the student by KL: the module and loss its declaration
+(`ckd.methods.feature`) uses.
 
 The project's interpretation (docs/METHODS.md lists the alternatives):
 - the proxy follows the student every step, so its forward on the step's input is the
