@@ -42,7 +42,7 @@ def test_full_disk_mid_build_cleans_up_and_says_how_much(setup, monkeypatch):
     ds, mentors, out = setup
 
     def full(out_, *a, **k):
-        (out_ / "mentors" / "resnet8" / "x.partial").write_bytes(b"half")
+        (out_.local / "mentors" / "resnet8" / "x.partial").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(writer, "_run_mentor", full)

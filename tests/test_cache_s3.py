@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ckd.cache import build_cache, open_cache
-from ckd.cache.location import ObjectStoreError, cache_path, list_files
+from ckd.cache.location import ObjectStoreError, cache_location
 from ckd.data import load_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,8 +27,8 @@ pytest.importorskip("obstore")
 
 
 def object_tree(url: str) -> dict[str, bytes]:
-    root = cache_path(url)
-    return {k: (root / k).read_bytes() for k in sorted(list_files(root))}
+    root = cache_location(url)
+    return {k: root.get(k) for k in sorted(root.keys())}
 
 
 def local_tree(path: Path) -> dict[str, bytes]:
@@ -61,10 +61,10 @@ def test_s3_sigkill_then_resume(s3, s3_mentors, tmp_path):
     args = synthetic_cache_args(n, f"r8={s3_mentors['r8']},r8b={s3_mentors['r8b']}", 16)
     proc = subprocess.Popen(cli(*args, "--out", url), env=env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    root = cache_path(url)
+    root = cache_location(url)
 
     def finished() -> list[str]:
-        return [k for k in list_files(root) if "/unit_crc32c/c/" in k]
+        return [k for k in root.keys() if "/unit_crc32c/c/" in k]
 
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(finished()) < 3:
@@ -74,7 +74,7 @@ def test_s3_sigkill_then_resume(s3, s3_mentors, tmp_path):
     proc.wait()
     done = set(finished())
     assert 3 <= len(done) < 2 * 2 * n // 16, "kill was not mid-way"
-    lease = json.loads((root / ".ckd-writer.lock").read_bytes())  # the killed writer's
+    lease = json.loads(root.get(".ckd-writer.lock"))  # the killed writer's
     assert lease["pid"] == proc.pid
     # rerun: the dead writer's lease is taken over, only the missing units are computed
     res = subprocess.run(cli(*args, "--out", url), env=env(), cwd=tmp_path,
@@ -118,16 +118,16 @@ def test_s3_lease_of_another_host_is_refused_until_stale(s3, s3_mentors, monkeyp
     from ckd.cache.lock import StoreBusyError
 
     url = f"{s3}/foreign"
-    lock = cache_path(url) / ".ckd-writer.lock"
+    root, lock = cache_location(url), ".ckd-writer.lock"
     ds = load_dataset("synthetic", n_train=16, n_test=8, num_classes=5)
     lease = {"host": "other-node", "pid": 1, "command": "ckd cache-logits"}
-    lock.write_bytes(json.dumps({**lease, "heartbeat": time.time()}).encode())
+    root.set(lock, json.dumps({**lease, "heartbeat": time.time()}).encode())
     with pytest.raises(StoreBusyError, match="pid 1 on other-node"):
         build_cache(ds, {"r8": s3_mentors["r8"]}, url, views=1, progress=False)
     monkeypatch.setenv("CKD_S3_LOCK_TTL_S", "5")  # its heartbeat is now too old: taken over
-    lock.write_bytes(json.dumps({**lease, "heartbeat": time.time() - 60}).encode())
+    root.set(lock, json.dumps({**lease, "heartbeat": time.time() - 60}).encode())
     build_cache(ds, {"r8": s3_mentors["r8"]}, url, views=1, progress=False)
-    assert not lock.exists() and open_cache(url).mentors == ["r8"]
+    assert not root.exists(lock) and open_cache(url).mentors == ["r8"]
 
 
 TRAIN_WORKER = """

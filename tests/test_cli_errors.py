@@ -209,13 +209,13 @@ def test_sample_size_is_bounded_by_the_classes(caches, tmp_path):
 
 
 def test_sample_size_on_an_object_store(s3, caches):
-    from ckd.cache.location import cache_path, list_files
+    from ckd.cache.location import cache_location
 
     res = run("cache-logits", *DATA, "--mentors", f"r8={caches['good']}", "--out",
               f"{s3}/big", "--device", "cpu", "--views", "2", "--quiet", "--logits",
               "sample:99999999999")
     one_line_error(res, "sample:99999999999", "S <= 5")
-    assert not list_files(cache_path(f"{s3}/big"))
+    assert not cache_location(f"{s3}/big").keys()
 
 
 def test_plain_http_endpoint_names_aws_allow_http(s3, caches, monkeypatch):

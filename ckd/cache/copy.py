@@ -4,7 +4,8 @@
 - Every chunk file is checked against its own crc32c (the last codec of every array,
   `layout.data_codecs` / `logits_codecs`) as it is read from SRC: a damaged source chunk
   stops the copy, naming the file, before it reaches DST.
-- Files are written whole (local: `ckd.atomic`'s atomic write; object stores: atomic puts),
+- Files are written whole through zarr's `Store.set` (locally tmp + rename; object
+  stores: atomic puts),
   chunks first and metadata last, the root `zarr.json` very last: until the copy has
   finished DST is not a readable cache.
 - A rerun skips the files DST already holds with SRC's size (a file is either absent or
@@ -21,14 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import crc32c
 
 from .layout import LOCK_FILE, CacheReadError, read_root_attrs, repair_hint
-from .location import ObjectPath, cache_path, list_files
+from .location import CacheLocation, CacheRef, cache_location
 from .lock import writer_lock
 
 SOURCE_FILE = ".ckd-copy-source"
@@ -47,28 +48,30 @@ def chunk_crc_ok(data: bytes) -> bool:
     return len(data) >= 4 and crc32c.crc32c(data[:-4]) == int.from_bytes(data[-4:], "little")
 
 
-def _array_of(rel: str) -> str | None:
-    """The array path of a chunk key (`mentors/r8/logits/c/0/1/0` -> `mentors/r8/logits`)."""
-    parts = rel.split("/")
-    return "/".join(parts[:parts.index("c")]) if "c" in parts[:-1] else None
+def _crc_arrays(src: CacheLocation, keys: Iterable[str]) -> dict[str, bool]:
+    """{array path: its chunks end with a crc32c} for every array of the store (each key
+    `<array>/zarr.json` whose node type is array)."""
+    out = {}
+    for key in keys:
+        if key.endswith("/zarr.json"):
+            meta = json.loads(src.get(key) or b"{}")
+            if meta.get("node_type") == "array":
+                codecs = meta.get("codecs") or []
+                out[key[:-len("/zarr.json")]] = bool(codecs) and codecs[-1].get("name") \
+                    == "crc32c"
+    return out
 
 
-def _has_crc(src: Path | ObjectPath, array: str, seen: dict[str, bool]) -> bool:
-    if array not in seen:
-        meta = json.loads((src / array / "zarr.json").read_bytes())
-        codecs = meta.get("codecs") or []
-        seen[array] = bool(codecs) and codecs[-1].get("name") == "crc32c"
-    return seen[array]
+def _array_of(rel: str, arrays: Iterable[str]) -> str | None:
+    """The array a chunk key belongs to (`mentors/r8/logits/c/0/1/0` -> `mentors/r8/logits`,
+    whatever the array's chunk key encoding); None for metadata and other files."""
+    if rel.endswith("zarr.json"):
+        return None
+    return next((a for a in arrays if rel.startswith(a + "/")), None)
 
 
-def _write(dst: Path | ObjectPath, rel: str, data: bytes) -> None:
-    target = dst / rel
-    if isinstance(target, ObjectPath):
-        target.write_bytes(data)
-        return
-    from ckd.atomic import atomic_write_bytes
-
-    atomic_write_bytes(target, data)
+def _write(dst: CacheLocation, rel: str, data: bytes) -> None:
+    dst.set(rel, data)  # whole: tmp + rename locally, one atomic put on an object store
 
 
 def _order(files: dict[str, int]) -> list[str]:
@@ -80,72 +83,73 @@ def _order(files: dict[str, int]) -> list[str]:
     return sorted(files, key=key)
 
 
-def _inside(inner: Any, outer: Any) -> bool:
+def _inside(inner: CacheLocation, outer: CacheLocation) -> bool:
     """`inner` lies under `outer` (folders resolved; object store URLs by prefix)."""
-    if isinstance(inner, Path) and isinstance(outer, Path):
-        return inner.resolve().is_relative_to(outer.resolve())
-    if isinstance(inner, Path) or isinstance(outer, Path):
+    if inner.local is not None and outer.local is not None:
+        return inner.local.resolve().is_relative_to(outer.local.resolve())
+    if inner.local is not None or outer.local is not None:
         return False
-    return str(inner).startswith(str(outer).rstrip("/") + "/")
+    return inner.url.startswith(outer.url.rstrip("/") + "/")
 
 
-def copy_cache(src: str | Path, dst: str | Path, progress: bool = False) -> CopyReport:
+def copy_cache(src: CacheRef, dst: CacheRef, progress: bool = False) -> CopyReport:
     """Copy the cache store `src` to `dst` (see the module docstring)."""
     from tqdm import tqdm
 
     from .reader import check_store, list_mentors, open_root
     from .store import check_out_folder
 
-    src_p, dst_p = cache_path(src), cache_path(dst)
+    src_p, dst_p = cache_location(src), cache_location(dst)
     if str(src_p) == str(dst_p):
         raise ValueError(f"SRC and DST are the same store ({src_p})")
     for outer, inner in ((src_p, dst_p), (dst_p, src_p)):
         if _inside(inner, outer):  # the copy would become part of SRC, or SRC of it
             raise ValueError(f"{inner} is inside {outer}: a cache cannot be copied into "
                              "itself or into a folder it lies in; choose a DST outside SRC")
-    read_root_attrs(str(src_p))  # a cache of this version, else a clear error
-    root_meta = (src_p / "zarr.json").read_bytes()
+    read_root_attrs(src_p)  # a cache of this version, else a clear error
+    root_meta = src_p.get("zarr.json") or b""
     source_id = hashlib.sha256(root_meta).hexdigest()
-    files = {k: v for k, v in list_files(src_p).items()
+    files = {k: v for k, v in src_p.sizes().items()
              if k != LOCK_FILE and k != SOURCE_FILE and not _is_temp(k)}
-    if isinstance(dst_p, Path):
+    if dst_p.local is not None:
         check_out_folder(dst_p)
     with writer_lock(dst_p, f"ckd cache copy {src_p} {dst_p}"):
-        have = list_files(dst_p)
-        if isinstance(dst_p, Path):  # temp files of a killed atomic write
-            for k in [k for k in have if _is_temp(k)]:
-                (dst_p / k).unlink(missing_ok=True)
-        recorded = (dst_p / SOURCE_FILE).read_bytes().decode() if SOURCE_FILE in have else None
+        have = dst_p.sizes()
+        for k in [k for k in have if _is_temp(k)]:  # temp files of a killed local write
+            dst_p.delete(k)
+        recorded = dst_p.get(SOURCE_FILE)
         if "zarr.json" in have and recorded is None:
-            if (dst_p / "zarr.json").read_bytes() != root_meta:
+            if dst_p.get("zarr.json") != root_meta:
                 raise FileExistsError(f"{dst_p} already holds another cache: choose another "
                                       "DST, or delete it first")
-        elif recorded is not None and recorded != source_id:
+        elif recorded is not None and recorded.decode() != source_id:
             raise FileExistsError(f"{dst_p} is a partial copy of another cache (not "
                                   f"{src_p}): delete it, or rerun the copy from its source")
         _write(dst_p, SOURCE_FILE, source_id.encode())
         rep = CopyReport(files=len(files))
-        crc_arrays: dict[str, bool] = {}
+        crc_arrays = _crc_arrays(src_p, files)
         todo = [k for k in _order(files) if have.get(k) != files[k] or k == "zarr.json"]
         with tqdm(total=sum(files[k] for k in todo), unit="B", unit_scale=True,
                   desc=f"copy -> {dst_p}", disable=not progress) as bar:
             for rel in todo:
-                data = (src_p / rel).read_bytes()
-                array = _array_of(rel)
-                if array is not None and _has_crc(src_p, array, crc_arrays) \
-                        and not chunk_crc_ok(data):
+                data = src_p.get(rel)
+                if data is None:
+                    raise CacheReadError(f"{src_p.file(rel)}: vanished while copying (is "
+                                         "another process writing SRC?); rerun the copy")
+                if crc_arrays.get(_array_of(rel, crc_arrays)) and not chunk_crc_ok(data):
+                    bad = src_p.file(rel)
                     raise CacheReadError(
-                        f"{src_p / rel}: fails its crc32c (a damaged chunk of the source; "
-                        f"nothing of it was copied): {repair_hint(src_p, src_p / rel)}; then "
+                        f"{bad}: fails its crc32c (a damaged chunk of the source; "
+                        f"nothing of it was copied): {repair_hint(src_p, bad)}; then "
                         "rerun the copy (it resumes)")
                 _write(dst_p, rel, data)
                 rep.copied += 1
                 rep.bytes_copied += len(data)
                 bar.update(len(data))
-        meta: dict[str, Any] = read_root_attrs(str(dst_p))
+        meta: dict[str, Any] = read_root_attrs(dst_p)
         complete = {m: a for m, a in list_mentors(dst_p).items() if a.get("complete")}
         check_store(dst_p, meta, open_root(dst_p), complete)
-        (dst_p / SOURCE_FILE).unlink(missing_ok=True)
+        dst_p.delete(SOURCE_FILE)
     return rep
 
 

@@ -15,6 +15,7 @@ from ckd.kernels.sparse_mentors import bytes_per_row
 from .integrity import (
     array_digest,
     check_unit,
+    chunk_key,
     marker_columns,
     mentor_digest,
     mentor_specs,
@@ -31,15 +32,11 @@ from .layout import (
     read_root_attrs,
     root_array_names,
 )
-from .location import ObjectPath, cache_path, list_files
+from .location import cache_location
 from .mentors import recorded_precision
 from .reader import list_mentors, open_root, read_array
 from .recompute import VerifyReport, recompute_rows
 from .sparse import sparse_problems
-
-
-def dir_size(path: Path | ObjectPath) -> int:
-    return sum(list_files(path).values()) if path.is_dir() else 0
 
 
 def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -47,8 +44,8 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     complete, done_chunks (units whose marker and chunk files are all present),
     total_chunks, missing_files, digest_ok (metadata as recorded), bytes (logits on disk),
     raw_bytes, ratio). Reads metadata and markers only; `verify` reads every chunk."""
-    path = cache_path(path)
-    attrs = read_root_attrs(str(path))
+    path = cache_location(path)
+    attrs = read_root_attrs(path)
     lay = layout_from_attrs(attrs)
     rows_n = lay.num_slots * lay.num_samples  # raw bytes: (bytes per view - stats) x rows
     rows = []
@@ -63,7 +60,7 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         mode = m.get("logits_mode", "dense")
         names = ["logits"] if mode == "dense" else \
             [s.name for s in mentor_specs({**m, "features": None}) if s.name != "stats"]
-        disk = sum(dir_size(path / "mentors" / alias / name) for name in names)
+        disk = sum(path.size(f"mentors/{alias}/{name}") for name in names)
         per_view = bytes_per_row(mode, lay.num_classes, np.dtype(lay.dtype).itemsize)
         dense_view = bytes_per_row("dense", lay.num_classes, np.dtype(lay.dtype).itemsize)
         feats = dict(m.get("features") or {})
@@ -71,7 +68,7 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                          precision=recorded_precision(m),
                          logits_mode=mode, bytes_per_view=per_view,
                          ratio_to_dense=per_view / dense_view, features=feats,
-                         feature_bytes=sum(dir_size(path / "mentors" / alias / f)
+                         feature_bytes=sum(path.size(f"mentors/{alias}/{f}")
                                            for f in feats),
                          train_acc=m.get("train_acc"), views=lay.num_slots,
                          mode=attrs["views"]["mode"], complete=bool(m.get("complete")),
@@ -87,15 +84,14 @@ def info(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 def _mentor_attrs(path: Path, rep: VerifyReport) -> dict[str, dict[str, Any]]:
     """Every mentor group's attributes; a damaged zarr.json is a problem, not a stop."""
     out = {}
-    mdir = path / "mentors"
-    for d in sorted(p for p in mdir.iterdir() if p.is_dir()) if mdir.is_dir() else []:
+    for name in path.folders("mentors"):
         try:
-            attrs = read_json_attrs(path, d / "zarr.json")
+            attrs = read_json_attrs(path, f"mentors/{name}/zarr.json")
         except CacheReadError as err:
             rep.problems.append(str(err))
             continue
         if "alias" in attrs:
-            out[d.name] = attrs
+            out[name] = attrs
     return out
 
 
@@ -111,7 +107,7 @@ def _check_root_arrays(path: Path, attrs: dict[str, Any], root: zarr.Group, lay:
             continue
         rep.chunks_read += 1
         if array_digest(vals) != digests.get(name):
-            rep.problems.append(f"{path / name}: values differ from the digest recorded at "
+            rep.problems.append(f"{path.file(name)}: values differ from the digest recorded at "
                                 "build time")
         if name == "labels" and attrs.get("kind") != "pose":  # pose: annotation ids
             labels = vals
@@ -130,9 +126,9 @@ def verify(path: str | Path, *, recompute: int = 0, dataset: TrainingData | None
     (stats) recomputed exactly from the stored logits, and with `recompute` > 0 that many
     random (slot, sample) rows per mentor recomputed from its checkpoint (the logits and
     every feature array the mentor holds)."""
-    path = cache_path(path)
+    path = cache_location(path)
     rep = VerifyReport()
-    attrs = read_root_attrs(str(path))
+    attrs = read_root_attrs(path)
     lay = layout_from_attrs(attrs)
     root = open_root(path)
     mentors = _mentor_attrs(path, rep)
@@ -162,11 +158,11 @@ def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Layout, root: zarr.Gr
                 (attrs.get("digests") or {}).get("mentors", {}).get(alias):
             rep.problems.append(f"{alias}: metadata (attributes, array metadata or unit "
                                 "markers) differs from the digest recorded at build time")
+        undone, holes = unit_status(path, alias, lay, marker, specs)
     except CacheReadError as err:
         rep.problems.append(str(err))
         bar.update(len(lay.units()))
         return
-    undone, holes = unit_status(path, alias, lay, marker, specs)
     if undone and m.get("complete"):
         rep.problems.append(f"{alias}: {len(undone)} units have no completion marker")
     for files in holes.values():
@@ -199,8 +195,7 @@ def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Layout, root: zarr.Gr
         for name in (*dense, *(m.get("features") or {})):
             vals = named[name]
             if not np.isfinite(vals).all():
-                zeros = "/".join("0" * (vals.ndim - 2))
-                rep.problems.append(f"{alias}/{name}/c/{a}/{b}/{zeros}: "
+                rep.problems.append(f"{_unit_chunk(root, alias, name, a, b)}: "
                                     f"{int((~np.isfinite(vals)).sum())} non-finite values")
         for name, vals in named.items():
             try:
@@ -217,5 +212,11 @@ def _verify_mentor(path: Path, attrs: dict[str, Any], lay: Layout, root: zarr.Gr
         for spec in specs:
             if spec.derived and not np.array_equal(
                     spec.compute(unit).view(np.uint8), named[spec.name].view(np.uint8)):
-                rep.problems.append(f"{alias}/{spec.name}/c/{a}/{b}/0: differs from "
+                rep.problems.append(f"{_unit_chunk(root, alias, spec.name, a, b)}: differs from "
                                     f"{spec.name} recomputed from the stored logits")
+
+
+def _unit_chunk(root: zarr.Group, alias: str, name: str, a: int, b: int) -> str:
+    """`ALIAS/ARRAY/<chunk key>` of unit (a, b)'s chunk of a mentor array."""
+    arr = root[f"mentors/{alias}/{name}"]
+    return chunk_key(arr, (a, b, *[0] * (arr.ndim - 2))).removeprefix("mentors/")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import crc32c
 import numpy as np
+import zarr
 
 from .layout import (
     BOXES,
@@ -28,7 +28,7 @@ from .layout import (
     read_error,
     repair_hint,
 )
-from .location import ObjectPath, cache_path, list_files
+from .location import CacheLocation, CacheRef, cache_location, zarr_store
 
 
 def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpec]:
@@ -55,38 +55,45 @@ def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpe
             *(feature_spec(n, shape) for n, shape in feats.items())]
 
 
-def chunk_file(store: Path | ObjectPath, array_path: str, coords: Sequence[int]
-               ) -> Path | ObjectPath:
-    """File of one chunk (zarr v3 default chunk keys: <array>/c/i/j/k)."""
-    return cache_path(store).joinpath(*array_path.split("/"), "c", *map(str, coords))
+def chunk_key(array: zarr.Array, coords: Sequence[int]) -> str:
+    """Store key of one chunk of `array`, from the chunk key encoding in its own metadata
+    (`mentors/r8/logits/c/0/3/0` for zarr v3's default encoding)."""
+    return f"{array.path}/{array.metadata.encode_chunk_key(tuple(int(c) for c in coords))}"
 
 
-def unit_files(store: Path, alias: str, layout: Layout, a: int, b: int,
-               specs: Iterable[ArraySpec]) -> list[Path]:
-    """Every chunk file unit (a, b) writes, the marker last."""
-    base = f"mentors/{alias}"
-    files = [chunk_file(store, f"{base}/{s.name}", (a, b, *[0] * len(s.suffix(layout))))
-             for s in specs]
-    return [*files, chunk_file(store, f"{base}/{CORRECT}", (a, b)),
-            chunk_file(store, f"{base}/{MARKER}", (a, b, 0))]
+def open_array(store: CacheRef, name: str) -> zarr.Array:
+    """The array `name` of a cache store, read-only; damaged metadata names its file."""
+    loc = cache_location(store)
+    try:
+        return zarr.open_array(zarr_store(loc, read_only=True), path=name, mode="r")
+    except Exception as err:  # noqa: BLE001 - missing or invalid zarr.json
+        raise read_error(loc, loc.file(f"{name}/zarr.json"), err) from err
 
 
-def unit_status(store: Path, alias: str, layout: Layout, marker: np.ndarray,
+def unit_keys(arrays: Mapping[str, zarr.Array], a: int, b: int) -> list[str]:
+    """The key of every chunk unit (a, b) writes: chunk (a, b, 0, ...) of each of the
+    mentor's arrays (they are all [S, N, ...], chunked whole past the first two axes)."""
+    return [chunk_key(arr, (a, b, *[0] * (arr.ndim - 2))) for arr in arrays.values()]
+
+
+def unit_status(store: CacheRef, alias: str, layout: Layout, marker: np.ndarray,
                 specs: Sequence[ArraySpec]) -> tuple[list[tuple[int, int]],
-                                                     dict[tuple[int, int], list[Path]]]:
+                                                     dict[tuple[int, int], list[str]]]:
     """(undone units, {marked unit: its missing chunk files}) from the marker values and
-    the files in the store (one listing of the mentor's folder or prefix)."""
+    the keys in the store (one listing of the mentor's prefix)."""
+    loc = cache_location(store)
     undone, holes = [], {}
-    present = None
+    present, arrays = None, {}
     for a, b in layout.units():
         if (marker[a, b] < 0).any():
             undone.append((a, b))
             continue
-        if present is None:
-            mdir = cache_path(store) / "mentors" / alias
-            present = {str(mdir / rel) for rel in list_files(mdir)}
-        missing = [f for f in unit_files(store, alias, layout, a, b, specs)
-                   if str(f) not in present]
+        if present is None:  # every array's key encoding, the marker's last
+            base = f"mentors/{alias}"
+            arrays = {n: open_array(loc, f"{base}/{n}") for n in (*(s.name for s in specs),
+                                                                  CORRECT, MARKER)}
+            present = set(loc.keys(base))
+        missing = [loc.file(k) for k in unit_keys(arrays, a, b) if k not in present]
         if missing:
             holes[(a, b)] = missing
     return undone, holes
@@ -112,35 +119,40 @@ def unit_marker(a: int, b: int, named_values: Mapping[str, np.ndarray],
                     dtype=np.int64).reshape(1, 1, -1)
 
 
-def check_unit(store: Path, alias: str, layout: Layout, a: int, b: int, name: str,
+def check_unit(store: CacheRef, alias: str, layout: Layout, a: int, b: int, name: str,
                values: np.ndarray, marker: np.ndarray, columns: Sequence[str],
                suffix_dims: int = 1) -> None:
     """Raise CacheReadError when unit (a, b)'s values of array `name` do not match the
     crc32c recorded by its writer (a swapped, replaced or re-encoded chunk file)."""
     if unit_crc(a, b, name, values) != int(marker[a, b, columns.index(name)]):
+        loc = cache_location(store)
         coords = (a, b) if name == CORRECT else (a, b, *[0] * suffix_dims)
-        file = chunk_file(store, f"mentors/{alias}/{name}", coords)
+        file = loc.file(chunk_key(open_array(loc, f"mentors/{alias}/{name}"), coords))
         raise CacheReadError(
             f"{file}: its values do not match the unit checksum recorded when it was written "
-            f"(a chunk file swapped, replaced or edited): {repair_hint(store, file)}")
+            f"(a chunk file swapped, replaced or edited): {repair_hint(loc, file)}")
 
 
-def _canonical_json(file: Path, store: Path) -> bytes:
+def _canonical_json(loc: CacheLocation, key: str) -> bytes:
     try:
-        meta = json.loads(file.read_bytes())
+        data = loc.get(key)
+        if data is None:
+            raise FileNotFoundError("missing")
+        meta = json.loads(data)
     except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise read_error(store, file, err) from err
+        raise read_error(loc, loc.file(key), err) from err
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
-def mentor_digest(store: Path, alias: str, marker: np.ndarray) -> str:
+def mentor_digest(store: CacheRef, alias: str, marker: np.ndarray) -> str:
     """sha256 of a mentor's metadata (its group and array zarr.json files, parsed and
     re-serialized canonically) and of its unit markers (which checksum every chunk)."""
-    mdir = cache_path(store) / "mentors" / alias
+    loc = cache_location(store)
+    base = f"mentors/{alias}"
     h = hashlib.sha256()
-    files = [mdir / "zarr.json", *sorted(p / "zarr.json" for p in mdir.iterdir() if p.is_dir())]
-    for f in files:
-        h.update(str(f.relative_to(mdir)).encode() + b"\0" + _canonical_json(f, store) + b"\0")
+    arrays = loc.folders(base)
+    for rel in ["zarr.json", *(f"{n}/zarr.json" for n in arrays)]:
+        h.update(rel.encode() + b"\0" + _canonical_json(loc, f"{base}/{rel}") + b"\0")
     h.update(np.ascontiguousarray(marker, dtype="<i8").tobytes())
     return h.hexdigest()
 

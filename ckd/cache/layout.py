@@ -36,7 +36,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, Zst
 from ckd.data.protocol import recipe_for
 from ckd.hashing import SEED_MIX
 
-from .location import ObjectPath, cache_path
+from .location import CacheRef, cache_location
 from .mentor_stats import STAT_FIELDS, stored_row_stats
 
 FORMAT = "ckd-logit-cache"
@@ -77,22 +77,24 @@ class CacheReadError(ValueError):
     """A file of the store is missing, unreadable or fails its checksum/digest."""
 
 
-def repair_hint(store: str | Path, file: str | Path | None = None) -> str:
-    """What to do about a damaged `file` of the cache at `store`."""
-    store, file = cache_path(store), None if file is None else cache_path(file)
-    rel = file.relative_to(store) if file is not None and file.is_relative_to(store) else None
-    parts = rel.parts if rel is not None else ()
-    if len(parts) >= 3 and parts[0] == "mentors" and "c" in parts:
-        return (f"delete {file} and rerun the `ckd cache-logits --out {store} ...` command "
+def repair_hint(store: CacheRef, file: str | None = None) -> str:
+    """What to do about a damaged `file` (as `CacheLocation.file` names it) of the cache at
+    `store`."""
+    loc = cache_location(store)
+    root, name = loc.file(), None if file is None else str(file)
+    parts = tuple(name[len(root) + 1:].split("/")) if name and name.startswith(root + "/") \
+        else ()
+    if len(parts) >= 4 and parts[0] == "mentors" and parts[-1] != "zarr.json":  # a chunk
+        return (f"delete {name} and rerun the `ckd cache-logits --out {loc} ...` command "
                 "that built the store: it rebuilds missing chunks")
     if len(parts) >= 2 and parts[0] == "mentors":
-        return (f"delete {store / 'mentors' / parts[1]} and rerun the `ckd cache-logits "
-                f"--out {store} ...` command that built the store: it recomputes that mentor")
-    return (f"run `ckd cache verify {store}` to list every damaged file; if the store's own "
-            f"files are damaged, delete {store} and rebuild it with `ckd cache-logits`")
+        return (f"delete {loc.file('mentors/' + parts[1])} and rerun the `ckd cache-logits "
+                f"--out {loc} ...` command that built the store: it recomputes that mentor")
+    return (f"run `ckd cache verify {loc}` to list every damaged file; if the store's own "
+            f"files are damaged, delete {loc} and rebuild it with `ckd cache-logits`")
 
 
-def read_error(store: str | Path, file: str | Path, err: BaseException) -> CacheReadError:
+def read_error(store: CacheRef, file: str, err: BaseException) -> CacheReadError:
     why = f"{type(err).__name__}: {err}".strip()
     return CacheReadError(f"cannot read {file} ({why[:300]}): {repair_hint(store, file)}")
 
@@ -321,12 +323,11 @@ def layout_from_attrs(attrs: dict[str, Any]) -> Layout:
                   lay["codec"])
 
 
-def read_root_attrs(path: str) -> dict[str, Any]:
+def read_root_attrs(path: CacheRef) -> dict[str, Any]:
     """Root attributes of a cache, with a clear error when `path` is not one."""
-    where = cache_path(path)
-    if isinstance(where, ObjectPath):  # name a bad bucket, credentials or endpoint first
-        where.check_bucket()
-    attrs = read_json_attrs(path, where / "zarr.json", missing=(
+    loc = cache_location(path)
+    loc.check_reachable()  # name a bad bucket, credentials or endpoint first
+    attrs = read_json_attrs(loc, "zarr.json", missing=(
         f"no logit cache at {path}: build one with `ckd cache-logits --out {path} ...`"))
     if attrs.get("format") != FORMAT:
         raise CacheMismatchError(f"{path} is a zarr group but not a {FORMAT} store "
@@ -350,16 +351,17 @@ def check_version(attrs: dict[str, Any], path: str | Path) -> None:
         "update ckd, or rebuild the cache with this version into a new --out")
 
 
-def read_json_attrs(store: str | Path, file: Path, missing: str | None = None
-                    ) -> dict[str, Any]:
-    """The `attributes` of a zarr.json, reading it as JSON: a missing, truncated or
-    invalid file is a CacheReadError naming it (or FileNotFoundError(`missing`))."""
-    if not file.is_file():
+def read_json_attrs(store: CacheRef, key: str, missing: str | None = None) -> dict[str, Any]:
+    """The `attributes` of the zarr.json at `key`, reading it as JSON: a missing, truncated
+    or invalid file is a CacheReadError naming it (or FileNotFoundError(`missing`))."""
+    loc = cache_location(store)
+    data = loc.get(key)
+    if data is None:
         if missing is not None:
             raise FileNotFoundError(missing)
-        raise read_error(store, file, FileNotFoundError("missing"))
+        raise read_error(loc, loc.file(key), FileNotFoundError("missing"))
     try:
-        meta = json.loads(file.read_bytes())
+        meta = json.loads(data)
         if not isinstance(meta, dict) or meta.get("zarr_format") != 3:
             raise ValueError("not a Zarr v3 metadata document")
         attrs = meta.get("attributes", {})
@@ -367,7 +369,7 @@ def read_json_attrs(store: str | Path, file: Path, missing: str | None = None
             raise ValueError("attributes is not an object")
         return attrs
     except (ValueError, UnicodeDecodeError) as err:
-        raise read_error(store, file, err) from err
+        raise read_error(loc, loc.file(key), err) from err
 
 
 def check_compatible(attrs: dict[str, Any], *, dataset_name: str | None = None,

@@ -1,11 +1,12 @@
 """Where a cache store lives: a local folder (a path or `file://` URL) or an object-store
 prefix (`s3://bucket/prefix`, read and written through zarr's obstore-backed store).
 
-`cache_path(url)` gives a `pathlib.Path` for local stores and an `ObjectPath` for object
-stores; `ObjectPath` implements the few `Path` operations the cache code uses (`/`,
-`exists`, `is_file`, `is_dir`, `iterdir`, `rglob`, `read_bytes`, `write_bytes`, `unlink`,
-`stat().st_size`), so one code path serves both. `zarr_store(path)` opens the matching zarr
-store.
+`cache_location(url)` gives a `CacheLocation`: the zarr `Store` of the location (a
+`LocalStore` or an `ObjectStore`), the name users gave it, and its local folder where
+there is one. Everything the cache code does to its files beyond zarr's arrays (markers'
+chunk files present, copies, the writer lease, sizes) is a call on that `Store`, so one
+code path serves both kinds; only the fcntl writer lock, the free-space check and the
+cleanup of temp files left by killed writes use the local folder.
 
 Object stores are configured the standard way, from the `AWS_*` environment variables
 (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`,
@@ -17,41 +18,48 @@ refused with the fix (spawn the workers) instead of hanging. Failures are raised
 
 from __future__ import annotations
 
-import fnmatch
+import asyncio
+import atexit
 import os
-import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-SCHEMES = ("s3://",)
+from zarr.abc.store import Store
+from zarr.core import sync as zarr_sync
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.common import concurrent_map
+from zarr.core.config import config
+from zarr.storage import LocalStore, ObjectStore
+
+_WRITE = object()  # CacheLocation._run: a write (no default for a missing folder)
 
 
 class ObjectStoreError(OSError):
     """An object store could not be reached or used (names the URL and the fix)."""
 
 
-def is_object_url(path: Any) -> bool:
-    return isinstance(path, ObjectPath) or (isinstance(path, str) and path.startswith(SCHEMES))
-
-
-def cache_path(path: str | os.PathLike | ObjectPath) -> Path | ObjectPath:
-    """A cache location: `s3://bucket/prefix` -> ObjectPath, `file:///x` or a path -> Path."""
-    if isinstance(path, ObjectPath):
+def cache_location(path: str | os.PathLike | CacheLocation) -> CacheLocation:
+    """A cache location: `s3://bucket/prefix`, `file:///x` or a folder path."""
+    if isinstance(path, CacheLocation):
         return path
     text = os.fspath(path)
-    if text.startswith("file://"):
-        return Path(text[len("file://"):])
     if text.startswith("s3://"):
         bucket, _, key = text[len("s3://"):].partition("/")
         if not bucket:
             raise ValueError(f"{text}: an object-store cache URL is s3://BUCKET/PREFIX")
-        return ObjectPath(bucket, key.strip("/"))
-    if "://" in text:
+        key = key.strip("/")
+        return CacheLocation(f"s3://{bucket}/{key}" if key else f"s3://{bucket}",
+                             bucket=bucket, prefix=key)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif "://" in text:
         raise ValueError(f"{text}: unsupported cache URL scheme; use a local path, file:// "
                          "or s3://BUCKET/PREFIX")
-    return Path(text)
+    return CacheLocation(str(Path(text)), local=Path(text))
 
 
 def _env_hint() -> str:
@@ -102,6 +110,24 @@ def _check_not_forked(url: str) -> None:
         _RUNTIME_PID.append(os.getpid())
 
 
+def _drain_requests(timeout_s: float = 5.0) -> None:
+    """At exit, wait (bounded) for the object-store requests in flight on zarr's event loop
+    to finish before zarr's own exit hook stops the loop: a request that completes while the
+    interpreter finalizes makes obstore's runtime thread take the GIL then, which can abort
+    the process ("PyGILState_Release ... finalizing"). Readers should be closed before exit
+    (their threads stop issuing requests); this covers the requests they left behind."""
+    loop = zarr_sync.loop[0]
+    if loop is None or loop.is_closed():
+        return
+    try:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    except RuntimeError:  # the set of tasks changed while it was read
+        return
+    deadline = time.monotonic() + timeout_s
+    while any(not t.done() for t in pending) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def s3_client(bucket: str, prefix: str = "") -> Any:
     """The obstore S3Store of `bucket` (keys under `prefix`) for this process, configured
     from the AWS_* environment variables (a changed endpoint or credential gets a new
@@ -110,13 +136,13 @@ def s3_client(bucket: str, prefix: str = "") -> Any:
     key = (os.getpid(), bucket, prefix, env)
     _check_not_forked(f"s3://{bucket}/{prefix}".rstrip("/"))
     if key not in _CLIENTS:
+        if not _CLIENTS:
+            atexit.register(_drain_requests)  # runs before zarr's own exit hook (LIFO)
         try:
             from obstore.store import S3Store
         except ImportError as err:
             raise ImportError("s3:// caches need obstore: pip install 'ckd[s3]' (or rerun "
                               "`make setup`)") from err
-        from datetime import timedelta
-
         # Fail within seconds on an unreachable endpoint instead of obstore's 3 minutes.
         retry = {"max_retries": int(os.environ.get("CKD_S3_MAX_RETRIES", 3)),
                  "retry_timeout": timedelta(seconds=30)}
@@ -128,192 +154,138 @@ def s3_client(bucket: str, prefix: str = "") -> Any:
 
 
 @dataclass(frozen=True)
-class _Stat:
-    st_size: int
+class CacheLocation:
+    """Where a cache store lives: the name users gave it (`url`: a folder path or
+    `s3://bucket/prefix`) and its local folder (`local`, None on an object store: only the
+    fcntl writer lock, the free-space check and the cleanup of killed writes' temp files
+    need a filesystem). `zarr_store(location)` is its zarr `Store`, made per process
+    (obstore clients do not survive fork).
 
+    The few synchronous calls the cache code makes on the store (`get`, `set`,
+    `set_if_not_exists`, `exists`, `keys`, `children`, `folders`, `sizes`, `size`,
+    `delete`, `delete_dir`) are that `Store`'s own API run on zarr's event loop, the same
+    for a `LocalStore` and an obstore-backed `ObjectStore`; object-store failures are
+    raised as `ObjectStoreError` naming the URL and the fix."""
 
-class ObjectPath:
-    """`s3://bucket/key`: the `pathlib.Path` subset the cache code uses, on an object store.
-    Folders are key prefixes (an object store has no empty folders)."""
+    url: str
+    local: Path | None = None
+    bucket: str = ""
+    prefix: str = ""
 
-    def __init__(self, bucket: str, key: str = "") -> None:
-        self.bucket, self.key = bucket, key.strip("/")
-
-    # ----------------------------------------------------------- naming
     def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.key}" if self.key else f"s3://{self.bucket}"
+        return self.url
 
-    __repr__ = __str__
+    def file(self, key: str = "") -> str:
+        """The name users see for `key` (a file path locally, a URL on an object store)."""
+        key = key.strip("/")
+        if self.local is not None:
+            return str(self.local / key) if key else str(self.local)
+        return f"{self.url}/{key}" if key else self.url
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ObjectPath) and (self.bucket, self.key) == (other.bucket,
-                                                                               other.key)
-
-    def __hash__(self) -> int:
-        return hash((self.bucket, self.key))
-
-    def __lt__(self, other: ObjectPath) -> bool:
-        return str(self) < str(other)
-
-    def __truediv__(self, part: str) -> ObjectPath:
-        return self.joinpath(part)
-
-    def joinpath(self, *parts: str) -> ObjectPath:
-        key = "/".join(p for p in (self.key, *(str(x).strip("/") for x in parts)) if p)
-        return ObjectPath(self.bucket, key)
-
-    @property
-    def name(self) -> str:
-        return self.key.rsplit("/", 1)[-1]
-
-    @property
-    def parent(self) -> ObjectPath:
-        return ObjectPath(self.bucket, self.key.rsplit("/", 1)[0] if "/" in self.key else "")
-
-    @property
-    def parts(self) -> tuple[str, ...]:
-        return tuple(p for p in self.key.split("/") if p)
-
-    def is_relative_to(self, other: Any) -> bool:
-        return isinstance(other, ObjectPath) and other.bucket == self.bucket and (
-            not other.key or self.key == other.key or self.key.startswith(other.key + "/"))
-
-    def relative_to(self, other: Any) -> Path:
-        if not self.is_relative_to(other):
-            raise ValueError(f"{self} is not in {other}")
-        return Path(self.key[len(other.key):].lstrip("/") or ".")
-
-    # ----------------------------------------------------------- IO
-    @property
-    def client(self) -> Any:
-        return s3_client(self.bucket)
-
-    def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
+    # ------------------------------------------------------------ sync calls on the Store
+    def _run(self, call: Callable[[Store], Awaitable[Any]], *, read: Any = _WRITE) -> Any:
+        """`call(store)` on zarr's event loop. Reads (`read`: what a missing local folder
+        gives) use a read-only store, which never creates the folder."""
+        if read is not _WRITE and self.local is not None and not self.local.is_dir():
+            return read
+        store = zarr_store(self, read_only=read is not _WRITE)
+        if self.local is not None:
+            return zarr_sync.sync(call(store))
         try:
-            return fn(*args, **kw)
+            return zarr_sync.sync(call(store))
         except Exception as err:  # noqa: BLE001 - obstore's errors, named by URL
-            if isinstance(err, FileNotFoundError) and "NoSuchBucket" not in str(err):
-                raise FileNotFoundError(f"{self}: no such object") from err
-            raise explain(str(self), err) from err
+            raise explain(self.url, err) from err
 
-    def _head(self) -> dict[str, Any] | None:
-        import obstore
+    def get(self, key: str) -> bytes | None:
+        """The bytes stored at `key`, None when there are none."""
+        async def get(store: Store) -> bytes | None:
+            buf = await store.get(key, default_buffer_prototype())
+            return None if buf is None else buf.to_bytes()
 
-        try:
-            return self._call(obstore.head, self.client, self.key)
-        except FileNotFoundError:
-            return None
+        return self._run(get, read=None)
 
-    def _keys(self, recursive: bool = True) -> Iterator[tuple[str, int]]:
-        """(key relative to this prefix, size) of every object under it."""
-        import obstore
+    def set(self, key: str, data: bytes) -> None:
+        """Write `key` whole (an atomic rename locally, an atomic put on an object store)."""
+        self._run(lambda store: store.set(key, _buffer(data)))
 
-        prefix = self.key + "/" if self.key else ""
-        if recursive:
-            stream = self._call(obstore.list, self.client, prefix or None, chunk_size=1000)
-            try:
-                for batch in stream:
-                    for meta in batch:
-                        yield meta["path"][len(prefix):], int(meta["size"])
-            except Exception as err:  # noqa: BLE001 - errors surface while iterating
-                raise explain(str(self), err) from err
-        else:
-            res = self._call(obstore.list_with_delimiter, self.client, prefix or None)
-            for p in res["common_prefixes"]:
-                yield p.rstrip("/")[len(prefix):] + "/", 0
-            for meta in res["objects"]:
-                yield meta["path"][len(prefix):], int(meta["size"])
+    def set_if_not_exists(self, key: str, data: bytes) -> None:
+        """Create `key` unless it exists (an exclusive link locally, a conditional put on an
+        object store: of two writers exactly one creates it)."""
+        self._run(lambda store: store.set_if_not_exists(key, _buffer(data)))
 
-    def check_bucket(self) -> None:
-        """One cheap request: raise ObjectStoreError naming the URL if the bucket cannot be
-        listed (wrong bucket, no credentials, unreachable endpoint)."""
-        import obstore
+    def exists(self, key: str) -> bool:
+        return bool(self._run(lambda store: store.exists(key), read=False))
 
-        try:
-            next(iter(obstore.list(self.client, self.key or None, chunk_size=1)), None)
-        except Exception as err:  # noqa: BLE001
-            raise explain(str(self), err) from err
+    def delete(self, key: str) -> None:
+        """Delete `key` (nothing when absent)."""
+        self._run(lambda store: store.delete(key))
 
-    def is_file(self) -> bool:
-        return bool(self.key) and self._head() is not None
+    def delete_dir(self, prefix: str) -> None:
+        """Delete every key under `prefix` (a folder locally)."""
+        self._run(lambda store: store.delete_dir(prefix.strip("/")))
 
-    def is_dir(self) -> bool:
-        return next(self._keys(recursive=False), None) is not None
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key under `prefix` (one listing on an object store), relative to the root."""
+        under = f"{prefix.strip('/')}/".lstrip("/")
 
-    def exists(self) -> bool:
-        return self.is_file() or self.is_dir()
+        async def collect(store: Store) -> list[str]:
+            return [k async for k in store.list_prefix(under)]
 
-    def iterdir(self) -> Iterator[ObjectPath]:
-        for rel, _ in self._keys(recursive=False):
-            yield self / rel.rstrip("/")
+        return self._run(collect, read=[])
 
-    def rglob(self, pattern: str) -> Iterator[ObjectPath]:
-        for rel, _ in self._keys():
-            if fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pattern):
-                yield self / rel
+    def children(self, prefix: str = "") -> list[str]:
+        """The names directly under `prefix` (its files and folders), sorted."""
+        under = f"{prefix.strip('/')}/".lstrip("/")
 
-    def files(self) -> dict[str, int]:
-        """{key relative to this prefix: size} of every object under it (one listing)."""
-        return dict(self._keys())
+        async def collect(store: Store) -> list[str]:
+            return sorted({k.strip("/") async for k in store.list_dir(under)})
 
-    def read_bytes(self) -> bytes:
-        import obstore
+        return self._run(collect, read=[])
 
-        return bytes(self._call(obstore.get, self.client, self.key).bytes())
+    def folders(self, prefix: str = "") -> list[str]:
+        """The names of the folders (key prefixes) directly under `prefix`, sorted."""
+        base = prefix.strip("/")
+        return [c for c in self.children(base) if not self.exists(f"{base}/{c}".lstrip("/"))]
 
-    def write_bytes(self, data: bytes) -> int:
-        import obstore
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key relative to `prefix`: size} of every key under `prefix`."""
+        keys = self.keys(prefix)
+        cut = len(f"{prefix.strip('/')}/".lstrip("/"))
 
-        self._call(obstore.put, self.client, self.key, data)
-        return len(data)
+        async def sizes(store: Store) -> list[int]:
+            return await concurrent_map([(k,) for k in keys], store.getsize,
+                                        limit=config.get("async.concurrency"))
 
-    def unlink(self, missing_ok: bool = False) -> None:
-        import obstore
+        return {k[cut:]: int(n) for k, n in zip(keys, self._run(sizes, read=[]), strict=True)}
 
-        if not missing_ok and self._head() is None:
-            raise FileNotFoundError(str(self))
-        self._call(obstore.delete, self.client, self.key)
+    def size(self, prefix: str = "") -> int:
+        """Bytes stored under `prefix` (zarr's `getsize_prefix`)."""
+        under = f"{prefix.strip('/')}/".lstrip("/")
+        return int(self._run(lambda store: store.getsize_prefix(under), read=0))
 
-    def stat(self) -> _Stat:
-        head = self._head()
-        if head is None:
-            raise FileNotFoundError(str(self))
-        return _Stat(int(head["size"]))
+    def check_reachable(self) -> None:
+        """One cheap request on an object store: raise ObjectStoreError naming the URL if
+        the bucket cannot be listed (wrong bucket, no credentials, unreachable endpoint)."""
+        if self.local is not None:
+            return
 
-    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
-        """Nothing to create (prefixes exist once an object is under them)."""
+        async def first(store: Store) -> None:
+            async for _ in store.list_prefix(""):
+                break
+
+        self._run(first, read=None)
 
 
-def zarr_store(path: Path | ObjectPath | str, read_only: bool = False) -> Any:
+CacheRef = str | os.PathLike | CacheLocation  # what a cache location may be given as
+
+
+def _buffer(data: bytes) -> Any:
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+def zarr_store(where: str | os.PathLike | CacheLocation, read_only: bool = False) -> Store:
     """The zarr store of a cache location (LocalStore, or ObjectStore over obstore)."""
-    path = cache_path(path)
-    if isinstance(path, ObjectPath):
-        from zarr.storage import ObjectStore
-
-        return ObjectStore(s3_client(path.bucket, path.key), read_only=read_only)
-    from zarr.storage import LocalStore
-
-    return LocalStore(path, read_only=read_only)
-
-
-def list_files(path: Path | ObjectPath) -> dict[str, int]:
-    """{relative posix path: size} of every file under a store (one listing on S3)."""
-    if isinstance(path, ObjectPath):
-        return path.files()
-    out = {}
-    for root, _, names in os.walk(path):
-        for n in names:
-            f = Path(root) / n
-            out[f.relative_to(path).as_posix()] = f.stat().st_size
-    return out
-
-
-def remove_tree(path: Path | ObjectPath) -> None:
-    """Delete a folder (local) or every object under a prefix (object store)."""
-    if isinstance(path, ObjectPath):
-        for rel in list(path.files()):
-            (path / rel).unlink(missing_ok=True)
-    elif path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    loc = cache_location(where)
+    if loc.local is None:
+        return ObjectStore(s3_client(loc.bucket, loc.prefix), read_only=read_only)
+    return LocalStore(loc.local, read_only=read_only)

@@ -4,11 +4,13 @@ pid and command.
 
 - Local stores: `ckd.locks` (an fcntl lock on `<store>/.ckd-writer.lock`, dropped by the
   kernel however the holder ends).
-- Object stores (no fcntl): a lease object `<store>/.ckd-writer.lock` created with a
-  conditional put (`If-None-Match: *`, so exactly one writer wins), holding the holder's
+- Object stores (no fcntl): a lease object `<store>/.ckd-writer.lock`, written through
+  zarr's `Store.set_if_not_exists` (a conditional put, `If-None-Match: *`, so exactly one
+  writer creates it; the writer whose token it then holds won), holding the holder's
   host, pid, command and a heartbeat time refreshed every `ttl / 4` seconds. A lease is
   stale (taken over) when its holder is a dead pid on this host, or its heartbeat is
-  older than `ttl` (`CKD_S3_LOCK_TTL_S`, default 120 s). It is deleted on release.
+  older than `ttl` (`CKD_S3_LOCK_TTL_S`, default 120 s). It is deleted on release. The
+  lease needs only zarr's `Store` API, so it would serve any store without fcntl.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 from ckd.locks import LockedError, exclusive_lock
 
 from .layout import LOCK_FILE
-from .location import ObjectPath, cache_path, explain
+from .location import CacheLocation, CacheRef, cache_location
 
 
 class StoreBusyError(LockedError):
@@ -40,14 +42,14 @@ def _busy(store: object, who: str) -> StoreBusyError:
 
 
 @contextlib.contextmanager
-def writer_lock(store: str | Path | ObjectPath, command: str) -> Iterator[None]:
+def writer_lock(store: CacheRef, command: str) -> Iterator[None]:
     """Hold the store's writer lock (fcntl locally, a lease object on an object store)."""
-    where = cache_path(store)
-    if isinstance(where, ObjectPath):
-        with object_lease(where / LOCK_FILE, command):
+    where = cache_location(store)
+    if where.local is None:
+        with object_lease(where, command):
             yield
         return
-    with exclusive_lock(where, holder=command, busy=lambda who: _busy(store, who),
+    with exclusive_lock(where.local, holder=command, busy=lambda who: _busy(store, who),
                         file=LOCK_FILE):
         yield
 
@@ -68,44 +70,48 @@ def _stale(lease: dict, ttl: float) -> bool:
     return time.time() - float(lease.get("heartbeat", 0)) > ttl
 
 
-@contextlib.contextmanager
-def object_lease(lock: ObjectPath, command: str) -> Iterator[None]:
-    """Hold the lease object `lock` for the block (see the module docstring)."""
-    import obstore
+def _read_lease(where: CacheLocation) -> dict | None:
+    data = where.get(LOCK_FILE)
+    if data is None:
+        return None
+    try:
+        lease = json.loads(data)
+    except ValueError:
+        return {}
+    return lease if isinstance(lease, dict) else {}
 
+
+@contextlib.contextmanager
+def object_lease(where: CacheLocation, command: str) -> Iterator[None]:
+    """Hold the lease object `LOCK_FILE` of the store at `where` for the block (see the
+    module docstring)."""
     ttl = float(os.environ.get("CKD_S3_LOCK_TTL_S", 120))
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "command": command}
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
+          "token": uuid.uuid4().hex}
 
     def body() -> bytes:
         return json.dumps({**me, "heartbeat": time.time()}).encode()
 
-    client = lock.client
     for _ in range(2):
-        try:
-            obstore.put(client, lock.key, body(), mode="create")
-            break
-        except obstore.exceptions.AlreadyExistsError:
-            try:
-                lease = json.loads(lock.read_bytes())
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            except ValueError:
-                lease = {}
-            if not _stale(lease, ttl):
-                who = f"pid {lease.get('pid')} on {lease.get('host')}: {lease.get('command')}"
-                raise _busy(lock.parent, who) from None
-            lock.unlink(missing_ok=True)  # a killed holder's lease: take it over
-        except Exception as err:  # noqa: BLE001 - bucket, credentials, endpoint
-            raise explain(str(lock.parent), err) from err
+        where.set_if_not_exists(LOCK_FILE, body())
+        lease = _read_lease(where)
+        if lease is None:
+            continue  # released meanwhile: try again
+        if lease.get("token") == me["token"]:
+            break  # created by this call
+        if not _stale(lease, ttl):
+            who = f"pid {lease.get('pid')} on {lease.get('host')}: {lease.get('command')}"
+            raise _busy(where, who)
+        where.delete(LOCK_FILE)  # a killed holder's lease: take it over
     else:
-        raise _busy(lock.parent, "another writer took it over at the same time")
+        raise _busy(where, "another writer took it over at the same time")
 
     stop = threading.Event()
 
     def heartbeat() -> None:
         while not stop.wait(ttl / 4):
             with contextlib.suppress(Exception):  # a missed beat is retried next time
-                obstore.put(client, lock.key, body())
+                where.set(LOCK_FILE, body())
 
     beat = threading.Thread(target=heartbeat, daemon=True, name="ckd-lease-heartbeat")
     beat.start()
@@ -115,4 +121,4 @@ def object_lease(lock: ObjectPath, command: str) -> Iterator[None]:
         stop.set()
         beat.join(timeout=5)
         with contextlib.suppress(Exception):
-            lock.unlink(missing_ok=True)
+            where.delete(LOCK_FILE)

@@ -25,7 +25,7 @@ from .features import cached_feature_shapes
 from .integrity import (
     array_digest,
     check_unit,
-    chunk_file,
+    chunk_key,
     marker_columns,
     mentor_digest,
     mentor_specs,
@@ -44,25 +44,25 @@ from .layout import (
     read_root_attrs,
     repair_hint,
 )
-from .location import ObjectPath, cache_path, zarr_store
+from .location import CacheLocation, CacheRef, cache_location, zarr_store
 from .rows import Logits, RowBatch, as_request
 
 
-def list_mentors(path: str | Path) -> dict[str, dict[str, Any]]:
+def list_mentors(path: CacheRef) -> dict[str, dict[str, Any]]:
     """alias -> mentor attributes, sorted by alias (only initialized mentor groups)."""
-    mdir = cache_path(path) / "mentors"
+    loc = cache_location(path)
     out = {}
-    for d in sorted(mdir.iterdir()) if mdir.is_dir() else []:
+    for name in loc.folders("mentors"):
         try:
-            attrs = read_json_attrs(path, d / "zarr.json", missing="")
+            attrs = read_json_attrs(loc, f"mentors/{name}/zarr.json", missing="")
         except FileNotFoundError:
             continue
         if "alias" in attrs:
-            out[d.name] = attrs
+            out[name] = attrs
     return out
 
 
-def read_array(store: Path, root: zarr.Group, name: str, region: Any = slice(None),
+def read_array(store: CacheRef, root: zarr.Group, name: str, region: Any = slice(None),
                coords: tuple[int, ...] | None = None) -> np.ndarray:
     """root[name][region] with any open/decode/checksum failure named by file: the chunk at
     `coords` when given, else the first chunk of the array that fails to read."""
@@ -71,50 +71,51 @@ def read_array(store: Path, root: zarr.Group, name: str, region: Any = slice(Non
     except (CacheReadError, CacheMismatchError):
         raise
     except Exception as err:  # noqa: BLE001 - zarr/codec/crc32c/JSON failures
-        where = cache_path(store).joinpath(*name.split("/"))
-        if coords is not None:
-            where = chunk_file(store, name, coords)
-        else:
-            where = _first_bad_chunk(store, root, name) or where
-        raise read_error(store, where, err) from err
+        loc = cache_location(store)
+        raise read_error(loc, _bad_file(loc, root, name, coords), err) from err
 
 
-def _first_bad_chunk(store: Path, root: zarr.Group, name: str) -> Path | None:
-    """The file of the first chunk of `name` that fails to read (error path only)."""
+def _bad_file(loc: CacheLocation, root: zarr.Group, name: str,
+              coords: tuple[int, ...] | None) -> str:
+    """The file of chunk `coords` of `name`, else of its first chunk that fails to read, or
+    its metadata (error path only)."""
     import itertools
 
     try:
         arr = root[name]
     except Exception:  # noqa: BLE001 - the array's own metadata is the problem
-        return cache_path(store).joinpath(*name.split("/"), "zarr.json")
+        return loc.file(f"{name}/zarr.json")
+    if coords is not None:
+        return loc.file(chunk_key(arr, coords))
     grid = [range(-(-n // c)) for n, c in zip(arr.shape, arr.chunks, strict=True)]
-    for coords in itertools.product(*grid):
+    for at in itertools.product(*grid):
         try:
-            arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(coords, arr.chunks,
-                                                                   strict=True))]
+            arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(at, arr.chunks, strict=True))]
         except Exception:  # noqa: BLE001 - found it
-            return chunk_file(store, name, coords)
-    return None
+            return loc.file(chunk_key(arr, at))
+    return loc.file(name)
 
 
-def open_root(store: Path | ObjectPath) -> zarr.Group:
+def open_root(store: CacheRef) -> zarr.Group:
+    loc = cache_location(store)
     try:
-        return zarr.open_group(zarr_store(store, read_only=True), mode="r")
+        return zarr.open_group(zarr_store(loc, read_only=True), mode="r")
     except Exception as err:  # noqa: BLE001 - invalid metadata
-        raise read_error(store, store / "zarr.json", err) from err
+        raise read_error(loc, loc.file("zarr.json"), err) from err
 
 
-def check_store(path: Path, meta: dict[str, Any], root: zarr.Group,
+def check_store(path: CacheRef, meta: dict[str, Any], root: zarr.Group,
                 mentors: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
     """Digests and completeness of the store for `mentors` (a CacheReadError or
     CacheIncompleteError naming the file and the repair); returns each mentor's marker."""
+    path = cache_location(path)
     digests = meta.get("digests") or {}
     for name in ("labels", "view_ids"):
         if name not in digests:
             continue
         vals = read_array(path, root, name)
         if array_digest(vals) != digests[name]:
-            raise CacheReadError(f"{path / name}: its values do not match the digest recorded "
+            raise CacheReadError(f"{path.file(name)}: its values do not match the digest recorded "
                                  f"when the store was built: {repair_hint(path)}")
     lay = layout_from_attrs(meta)
     markers = {}
@@ -135,7 +136,7 @@ def check_store(path: Path, meta: dict[str, Any], root: zarr.Group,
             raise CacheReadError(
                 f"mentor {m!r} in {path}: its metadata (attributes, array metadata or unit "
                 "markers) does not match the digest recorded when it was built (edited or "
-                f"damaged): run `ckd cache verify {path}`, then delete {path / 'mentors' / m} "
+                f"damaged): run `ckd cache verify {path}`, then delete {path.file('mentors/' + m)} "
                 f"and rerun the `ckd cache-logits --out {path} ...` command to recompute it")
         correct = read_array(path, root, f"mentors/{m}/{CORRECT}")  # tiny: check it all
         columns = marker_columns(mentor_specs(attrs))
@@ -157,7 +158,7 @@ class CacheReader:
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu",
                  mentors: Sequence[str] | None = None, features: Sequence[str] = ()) -> None:
-        self.path = cache_path(path)
+        self.path = cache_location(path)
         self.device = torch.device(device)
         self.meta = read_root_attrs(str(path))
         self.layout = layout_from_attrs(self.meta)

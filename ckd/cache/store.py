@@ -31,32 +31,36 @@ from .layout import (
     marker_arrays_kwargs,
     read_json_attrs,
 )
-from .location import ObjectPath, list_files, remove_tree, zarr_store
+from .location import CacheLocation, zarr_store
 from .mentor_stats import STAT_FIELDS
 from .mentors import mentor_arch, mentor_arch_kwargs, recorded_precision
 
 
-def _clean_partials(out: Path | ObjectPath) -> None:
-    """Remove `*.partial` temp files a kill -9 left mid-write (zarr writes tmp + rename;
+def clean_partials(out: CacheLocation) -> None:
+    """Remove the `*.partial` temp files a kill -9 left mid-write (zarr writes tmp + rename;
     an object store's puts are atomic and leave none)."""
-    if isinstance(out, ObjectPath):
+    if out.local is None:
         return
-    for p in out.rglob("*.partial"):
-        p.unlink(missing_ok=True)
+    for key in out.keys():
+        if key.endswith(".partial"):
+            out.delete(key)
 
 
-def clear_store(out: Path) -> None:
+def clear_store(out: CacheLocation) -> None:
     """Delete everything in `out` but the writer lock (held by this process)."""
-    for p in out.iterdir():
-        if p.name != LOCK_FILE:
-            remove_tree(p)
+    folders = set(out.folders())
+    for name in out.children():
+        if name in folders:
+            out.delete_dir(name)
+        elif name != LOCK_FILE:
+            out.delete(name)
 
 
 # the entries of a store (and of a partial `ckd cache copy`, which records its source)
 _STORE_ENTRIES = {"zarr.json", "labels", "view_ids", "mentors", ".ckd-copy-source"}
 
 
-def space_needed(out: Path, aliases: Any) -> int:
+def space_needed(out: CacheLocation, aliases: Any) -> int:
     """Upper bound of the bytes a build still writes: the raw (uncompressed) size of every
     array of each incomplete mentor, less what its folder already holds."""
     root = zarr.open_group(zarr_store(out), mode="r")
@@ -66,18 +70,18 @@ def space_needed(out: Path, aliases: Any) -> int:
         if grp.attrs.get("complete"):
             continue
         raw = sum(int(a.nbytes) for _, a in grp.arrays())
-        held = sum(size for f, size in list_files(out / "mentors" / alias).items()
+        held = sum(size for f, size in out.sizes(f"mentors/{alias}").items()
                    if not f.endswith("zarr.json"))  # chunks written so far
         need += max(0, raw - held)
     return need
 
 
-def check_free_space(out: Path, need: int) -> None:
+def check_free_space(out: CacheLocation, need: int) -> None:
     """Refuse a build the disk cannot hold, before any mentor runs (an object store has
     no such limit to check)."""
-    if isinstance(out, ObjectPath):
+    if out.local is None:
         return
-    free = shutil.disk_usage(out).free
+    free = shutil.disk_usage(out.local).free
     if need > free:
         raise OSError(errno.ENOSPC, f"{out}: this build still writes up to {need / 2**30:.2f} "
                       f"GiB (uncompressed; compression saves ~20 %) but only "
@@ -85,36 +89,36 @@ def check_free_space(out: Path, need: int) -> None:
                       "a bigger disk")
 
 
-def disk_full(out: Path, need: int, err: OSError) -> OSError:
+def disk_full(out: CacheLocation, need: int, err: OSError) -> OSError:
     """The error for a write that hit a full disk, after removing its temp files."""
-    _clean_partials(out)
+    clean_partials(out)
     return OSError(errno.ENOSPC, f"disk full while writing {out} ({err}); the build needed up "
                    f"to {need / 2**30:.2f} GiB more: free space and rerun the same command "
                    "(it resumes where it stopped)")
 
 
-def check_out_folder(out: Path) -> None:
+def check_out_folder(out: CacheLocation) -> None:
     """Refuse an --out that exists but is not a cache (before taking its writer lock)."""
-    if out.is_file():
+    if out.local is not None and out.local.is_file():
         raise FileExistsError(f"{out} is a file, not a logit cache folder: choose another --out")
-    names = {p.name for p in out.iterdir()} - {LOCK_FILE} if out.is_dir() else set()
+    names = set(out.children()) - {LOCK_FILE}
     if names and not names <= _STORE_ENTRIES:
         raise FileExistsError(f"{out} exists and is not a logit cache (holds "
                               f"{sorted(names)[:5]}): choose another --out or delete it")
 
 
-def _open_root(out: Path) -> dict[str, Any] | None:
+def _open_root(out: CacheLocation) -> dict[str, Any] | None:
     """The root attributes if `out` is an initialized cache (attrs written), else None."""
-    if not (out / "zarr.json").exists():
+    if not out.exists("zarr.json"):
         return None
-    attrs = read_json_attrs(out, out / "zarr.json")
+    attrs = read_json_attrs(out, "zarr.json")
     if "format" not in attrs:
         return None
     check_version(attrs, out)
     return attrs
 
 
-def _init_root(out: Path, attrs: dict[str, Any], labels: np.ndarray,
+def _init_root(out: CacheLocation, attrs: dict[str, Any], labels: np.ndarray,
                view_ids: np.ndarray | None) -> None:
     """Create arrays first and the root attributes last: attrs present == initialized."""
     check_out_folder(out)
@@ -149,7 +153,7 @@ def _mentor_attrs(alias: str, arch: str, path: Path, sha: str, num_classes: int,
     return attrs
 
 
-def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = None,
+def create_mentor_arrays(out: CacheLocation, alias: str, layout: Layout, names: Any = None,
                          attrs: Mapping[str, Any] | None = None) -> None:
     """Create the declared arrays (and the feature arrays `attrs` lists) and the per-unit
     arrays of a mentor (only those in `names` if given: `ckd cache upgrade` adds the ones
@@ -167,14 +171,13 @@ def create_mentor_arrays(out: Path, alias: str, layout: Layout, names: Any = Non
             zarr.create_array(store, name=f"mentors/{alias}/{name}", overwrite=True, **kw)
 
 
-def _init_mentor(out: Path, alias: str, layout: Layout, attrs: dict[str, Any]) -> None:
-    mdir = out / "mentors" / alias
-    remove_tree(mdir)
+def _init_mentor(out: CacheLocation, alias: str, layout: Layout, attrs: dict[str, Any]) -> None:
+    out.delete_dir(f"mentors/{alias}")
     create_mentor_arrays(out, alias, layout, attrs=attrs)
     zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+").attrs.put(attrs)
 
 
-def add_features(out: Path, alias: str, layout: Layout, state: dict[str, Any],
+def add_features(out: CacheLocation, alias: str, layout: Layout, state: dict[str, Any],
                  features: Mapping[str, Any]) -> bool:
     """Give an existing mentor the feature arrays it lacks (True if any): the arrays are
     created, the unit markers reset (a unit is redone whole: one forward gives its logits,
@@ -194,18 +197,18 @@ def add_features(out: Path, alias: str, layout: Layout, state: dict[str, Any],
     return True
 
 
-def _mentor_state(out: Path, alias: str) -> dict[str, Any] | None:
-    file = out / "mentors" / alias / "zarr.json"
-    if not file.exists():
+def _mentor_state(out: CacheLocation, alias: str) -> dict[str, Any] | None:
+    base = f"mentors/{alias}"
+    if not out.exists(f"{base}/zarr.json"):
         return None
-    attrs = read_json_attrs(out, file)
-    for array in sorted(p for p in file.parent.iterdir() if p.is_dir()):
-        if (array / "zarr.json").is_file():  # a damaged array's metadata, named by file
-            read_json_attrs(out, array / "zarr.json")
+    attrs = read_json_attrs(out, f"{base}/zarr.json")
+    for array in out.folders(base):
+        if out.exists(f"{base}/{array}/zarr.json"):  # a damaged array's metadata, named
+            read_json_attrs(out, f"{base}/{array}/zarr.json")
     return attrs if "alias" in attrs else None
 
 
-def _reopen_holes(out: Path, alias: str, layout: Layout, state: dict[str, Any]) -> None:
+def _reopen_holes(out: CacheLocation, alias: str, layout: Layout, state: dict[str, Any]) -> None:
     """A mentor with missing chunk files is complete no more: drop the markers of the
     damaged units (so the ranks recompute them) and its `complete` flag."""
     grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
@@ -217,7 +220,7 @@ def _reopen_holes(out: Path, alias: str, layout: Layout, state: dict[str, Any]) 
         grp.attrs.put({**state, "complete": False})
 
 
-def prepare_store(out: Path, attrs: dict[str, Any], dataset: TrainingData,
+def prepare_store(out: CacheLocation, attrs: dict[str, Any], dataset: TrainingData,
                   keyed_ids: torch.Tensor | None,
                   layout: Layout, paths: Mapping[str, Path], shas: Mapping[str, str],
                   overwrite: bool, features: Mapping[str, Mapping[str, Any]] | None = None,
@@ -231,8 +234,9 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: TrainingData,
     `precision`: the mentors' forward precision (a mentor cached at another is refused);
     `deterministic`: --deterministic, recorded per mentor (a resume must match it);
     `arch_of(alias, path)`: a mentor's architecture (pose caches read their own checkpoints)."""
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_partials(out)
+    if out.local is not None:
+        out.local.mkdir(parents=True, exist_ok=True)
+    clean_partials(out)
     have = _open_root(out)
     if have is not None:
         try:
@@ -253,7 +257,7 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: TrainingData,
     if have is None:
         vid = None if keyed_ids is None else keyed_ids.numpy()
         _init_root(out, attrs, dataset.train.labels, vid)
-    layout = layout_from_attrs(read_json_attrs(out, out / "zarr.json"))
+    layout = layout_from_attrs(read_json_attrs(out, "zarr.json"))
     # every mentor is checked before any is written: a refused one leaves the store as it was
     plans = [_mentor_plan(out, alias, path, shas[alias], overwrite, mentor_extra,
                           (modes or {}).get(alias, "dense"), precision, deterministic, arch_of)
@@ -268,7 +272,7 @@ def prepare_store(out: Path, attrs: dict[str, Any], dataset: TrainingData,
             _reopen_holes(out, alias, layout, state)
 
 
-def _mentor_plan(out: Path, alias: str, path: Path, sha: str, overwrite: bool,
+def _mentor_plan(out: CacheLocation, alias: str, path: Path, sha: str, overwrite: bool,
                  mentor_extra: Callable[[str, str], dict[str, Any]] | None, mode: str,
                  precision: str, deterministic: bool,
                  arch_of: Callable[[str, Path], str] = mentor_arch,

@@ -22,7 +22,7 @@ from zarr.storage import LocalStore
 
 from ckd.atomic import finish_replace_dir, replace_dir
 
-from .integrity import chunk_file, marker_columns, mentor_digest, root_data_digests, unit_marker
+from .integrity import chunk_key, marker_columns, mentor_digest, root_data_digests, unit_marker
 from .layout import (
     CORRECT,
     FORMAT,
@@ -38,10 +38,11 @@ from .layout import (
     read_error,
     read_json_attrs,
 )
+from .location import cache_location
 from .lock import writer_lock
 from .mentor_stats import STAT_FIELDS
 from .reader import list_mentors, open_root, read_array
-from .store import create_mentor_arrays
+from .store import clean_partials, create_mentor_arrays
 
 _MENTOR_KEYS = ("alias", "arch", "num_classes", "checkpoint", "checkpoint_sha256")
 V1_ARRAYS = ("logits",)  # the declared arrays a version-1 mentor already holds
@@ -51,7 +52,7 @@ def _has_checksum(folder: Path, store: Path) -> bool:
     try:
         meta = json.loads((folder / "zarr.json").read_bytes())
     except (OSError, ValueError) as err:
-        raise read_error(store, folder / "zarr.json", err) from err
+        raise read_error(store, str(folder / "zarr.json"), err) from err
     return any(c.get("name") == "crc32c" for c in meta.get("codecs", []))
 
 
@@ -89,7 +90,7 @@ def _upgrade_mentor(store: Path, alias: str, attrs: dict[str, Any], lay: Layout,
     if missing:
         create_mentor_arrays(store, alias, lay, names=set(missing))
     grp = zarr.open_group(LocalStore(store), path=base, mode="r+")
-    root = open_root(store)
+    root, loc = open_root(store), cache_location(store)
     columns = marker_columns(MENTOR_ARRAYS)
     correct = read_array(store, root, f"{base}/{CORRECT}")
     marker = grp[MARKER][:]
@@ -99,10 +100,10 @@ def _upgrade_mentor(store: Path, alias: str, attrs: dict[str, Any], lay: Layout,
         if (marker[a, b] >= 0).all() or (correct[sr.start:sr.stop, b] < 0).any():
             left += int((marker[a, b] < 0).any())  # done, or never computed by version 1
             continue
-        file = chunk_file(store, f"{base}/logits", (a, b, 0))
+        key = chunk_key(root[f"{base}/logits"], (a, b, 0))
         try:
-            if not file.is_file():
-                raise read_error(store, file, FileNotFoundError("missing chunk file"))
+            if not loc.exists(key):
+                raise read_error(loc, loc.file(key), FileNotFoundError("missing chunk file"))
             logits = read_array(store, root, f"{base}/logits",
                                 (slice(sr.start, sr.stop), slice(sm.start, sm.stop)),
                                 (a, b, 0))
@@ -138,7 +139,7 @@ def upgrade(path: str | Path, progress: bool = False) -> list[str]:
                          "client, upgrade the local folder, then upload it with `ckd cache "
                          "copy LOCAL s3://...`")
     path = Path(path)
-    attrs = read_json_attrs(path, path / "zarr.json", missing=f"no logit cache at {path}")
+    attrs = read_json_attrs(path, "zarr.json", missing=f"no logit cache at {path}")
     if attrs.get("format") != FORMAT:
         raise CacheMismatchError(f"{path} is not a {FORMAT} store "
                                  f"(format={attrs.get('format')!r})")
@@ -149,8 +150,7 @@ def upgrade(path: str | Path, progress: bool = False) -> list[str]:
                                  f"`ckd cache upgrade` converts version 1 to {VERSION}")
     notes = []
     with writer_lock(path, "ckd cache upgrade"):
-        for p in path.rglob("*.partial"):  # temp files of a killed write
-            p.unlink(missing_ok=True)
+        clean_partials(cache_location(path))  # temp files of a killed write
         lay = layout_from_attrs(attrs)
         keyed = attrs["views"]["mode"] == "keyed"
         for name in ("labels", "view_ids") if keyed else ("labels",):
@@ -160,7 +160,7 @@ def upgrade(path: str | Path, progress: bool = False) -> list[str]:
         digests = {**root_data_digests(labels, vid), "mentors": {}}
         for alias, m in list_mentors(path).items():
             notes += _upgrade_mentor(path, alias, m, lay, labels, progress)
-            m = read_json_attrs(path, path / "mentors" / alias / "zarr.json")
+            m = read_json_attrs(path, f"mentors/{alias}/zarr.json")
             if m.get("complete"):
                 marker = zarr.open_array(LocalStore(path), path=f"mentors/{alias}/{MARKER}",
                                          mode="r")[:]

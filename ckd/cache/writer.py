@@ -51,7 +51,7 @@ from .layout import (
     read_json_attrs,
     root_attributes,
 )
-from .location import ObjectPath, cache_path, zarr_store
+from .location import CacheLocation, CacheRef, cache_location, zarr_store
 from .lock import writer_lock
 from .mentors import (  # noqa: F401 (resolve_mentors: re-export)
     check_resolution,
@@ -182,7 +182,7 @@ def test_accuracy(model: torch.nn.Module, images_u8: np.ndarray, labels: np.ndar
 
 # ------------------------------------------------------------------ entry point
 def build_cache(dataset: TrainingData, mentors: Mapping[str, str | Path], out: str | Path,
-                config: CacheConfig | None = None, **options: Any) -> Path:
+                config: CacheConfig | None = None, **options: Any) -> Path | str:
     """Cache `mentors` (alias -> checkpoint path) logits for `dataset` (a ckd Dataset, or
     `ImageViews` of a prepared image folder: K rrc views per image, each mentor at its
     resolution, `resolutions` overriding the arch's input size per alias) in
@@ -212,9 +212,8 @@ def build_cache(dataset: TrainingData, mentors: Mapping[str, str | Path], out: s
     deterministic, writers, device = cfg.deterministic, cfg.writers, cfg.resolved_device
     num_views = dataset.recipe.num_views
     crops = num_views is None  # continuous views (an image folder's crops): K boxes a sample
-    out = cache_path(out)
-    if isinstance(out, ObjectPath):
-        out.check_bucket()  # a wrong bucket, credentials or endpoint: say so first
+    out = cache_location(out)
+    out.check_reachable()  # a wrong bucket, credentials or endpoint: say so first
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     check_precision(precision)
@@ -342,10 +341,10 @@ def build_cache(dataset: TrainingData, mentors: Mapping[str, str | Path], out: s
                                      deterministic)
                     models.pop(alias, None)
         barrier()
-    return out
+    return out.local if out.local is not None else out.url  # a folder, or the URL
 
 
-def _todo(out: Path, alias: str, layout: Layout, rank: int, world: int
+def _todo(out: CacheLocation, alias: str, layout: Layout, rank: int, world: int
           ) -> list[tuple[int, int]]:
     """This rank's units of `alias` still to compute (unit u -> rank u % world)."""
     grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r")
@@ -388,7 +387,7 @@ class UnitWriter:
         self.marker[a:a + 1, b:b + 1] = unit_marker(a, b, named, self.columns)
 
 
-def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
+def _run_mentor(out: CacheLocation, alias: str, model_of: Callable[[str], torch.nn.Module],
                 layout: Layout, images: torch.Tensor | None, labels: torch.Tensor,
                 keyed_ids: torch.Tensor | None, dataset: TrainingData, batch_size: int,
                 dev: torch.device, todo: list[tuple[int, int]], bar: tqdm, seed: int = 0,
@@ -423,7 +422,7 @@ def _run_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module
                 pool.submit(write, a, b, rows, {})
 
 
-def _finalize_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.Module],
+def _finalize_mentor(out: CacheLocation, alias: str, model_of: Callable[[str], torch.nn.Module],
                      layout: Layout, dataset: TrainingData, batch_size: int, dev: torch.device,
                      strict: bool = False) -> None:
     grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
@@ -458,11 +457,11 @@ def _finalize_mentor(out: Path, alias: str, model_of: Callable[[str], torch.nn.M
         record_mentor_digest(out, alias, only_if_missing=True)  # digest that differs
 
 
-def record_mentor_digest(out: Path, alias: str, only_if_missing: bool = False) -> None:
+def record_mentor_digest(out: CacheRef, alias: str, only_if_missing: bool = False) -> None:
     """Root attributes `digests.mentors[alias]` := the mentor's current digest (last step
     of a build or upgrade, rank 0 only)."""
     root = zarr.open_group(zarr_store(out), mode="r+")
-    attrs = read_json_attrs(out, out / "zarr.json")
+    attrs = read_json_attrs(out, "zarr.json")
     digests = dict(attrs.get("digests") or {})
     mentors = dict(digests.get("mentors") or {})
     if only_if_missing and alias in mentors:

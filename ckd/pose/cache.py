@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import zarr
 from tqdm.auto import tqdm
 
 from ckd.atomic import safe_torch_load
@@ -41,7 +42,7 @@ from ckd.cache.layout import (
     read_root_attrs,
     root_attributes,
 )
-from ckd.cache.location import cache_path, zarr_store
+from ckd.cache.location import CacheLocation, cache_location, zarr_store
 from ckd.cache.lock import writer_lock
 from ckd.cache.pose_arrays import POSE_KIND, id_dtype
 from ckd.cache.reader import check_store, list_mentors, open_root, read_array
@@ -164,7 +165,7 @@ def build_pose_cache(ds, mentor_paths, out: str | Path, *, seed: int = 0, slots:
             "layout": layout.to_dict(), "input_size": list(ds.input_size),
             "joints": list(ds.meta["joints"]), "rank_key": RANK_KEY}
     attrs.update(kind=POSE_KIND, pose={**pose, "mentors": list(paths)})
-    out = cache_path(out)
+    out = cache_location(out)
     check_out_folder(out)
     shas = {a: file_sha256(p) for a, p in paths.items()}
     labels = ds.train.ann_ids.astype(np.int64)
@@ -175,7 +176,7 @@ def build_pose_cache(ds, mentor_paths, out: str | Path, *, seed: int = 0, slots:
                       {a: storage if mode == "topk" else "dense" for a in paths},
                       arch_of=_pose_arch)
         _record_order(out, list(paths))
-        lay = layout_from_attrs(read_json_attrs(out, out / "zarr.json"))  # the store's wins
+        lay = layout_from_attrs(read_json_attrs(out, "zarr.json"))  # the store's wins
         writers = {a: UnitWriter(out, a, lay, labels) for a in paths}
         todo = {a: [] if w.complete else _undone(w, lay) for a, w in writers.items()}
         units = sorted({u for us in todo.values() for u in us}, key=lay.units().index)
@@ -199,7 +200,7 @@ def build_pose_cache(ds, mentor_paths, out: str | Path, *, seed: int = 0, slots:
             if not w.complete:
                 _finish_mentor(out, alias, lay)
             record_mentor_digest(out, alias, only_if_missing=w.complete)
-    return out
+    return out.local if out.local is not None else out.url  # a folder, or the URL
 
 
 def _undone(writer, lay) -> list[tuple[int, int]]:
@@ -207,11 +208,9 @@ def _undone(writer, lay) -> list[tuple[int, int]]:
     return [(a, b) for a, b in lay.units() if (marker[a, b] < 0).any()]
 
 
-def _record_order(out: Path, aliases: list[str]) -> None:
+def _record_order(out: CacheLocation, aliases: list[str]) -> None:
     """The root's `pose.mentors`: the cache's mentors in order (new ones appended)."""
-    import zarr  # noqa: PLC0415
-
-    attrs = read_json_attrs(out, out / "zarr.json")
+    attrs = read_json_attrs(out, "zarr.json")
     have = list(attrs["pose"].get("mentors") or [])
     order = have + [a for a in aliases if a not in have]
     if order != have:
@@ -219,10 +218,8 @@ def _record_order(out: Path, aliases: list[str]) -> None:
             {**attrs, "pose": {**attrs["pose"], "mentors": order}})
 
 
-def _finish_mentor(out: Path, alias: str, lay) -> None:
+def _finish_mentor(out: CacheLocation, alias: str, lay) -> None:
     """Mark a mentor complete with its train PCK per view (mean ranking key, %)."""
-    import zarr  # noqa: PLC0415
-
     grp = zarr.open_group(zarr_store(out), path=f"mentors/{alias}", mode="r+")
     marker = grp[MARKER][:]
     if (marker < 0).any():
@@ -276,10 +273,11 @@ class PoseCache:
         return sm, keys
 
 
-def old_pose_store(p: Path) -> dict | None:
-    meta = p / "meta.json"
+def old_pose_store(p: CacheLocation) -> dict | None:
+    """The meta.json of a pose store of the older .npy layout at `p`, else None."""
+    raw = p.get("meta.json")
     try:
-        old = json.loads(meta.read_text()) if meta.is_file() else None
+        old = json.loads(raw) if raw is not None else None
     except ValueError:
         return None
     return old if isinstance(old, dict) and old.get("task") == "pose" and "mentors" in old \
@@ -296,7 +294,7 @@ def rebuild_command(old: dict, out: str | Path) -> str:
 def open_pose_cache(path: str | Path, ds=None) -> PoseCache:
     """Open a pose cache, every unit checked against its marker; with `ds`, check that it
     was built from that dataset."""
-    p = cache_path(path)
+    p = cache_location(path)
     old = old_pose_store(p)
     if old is not None:
         raise CacheMismatchError(

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
+from ckd.cache.info import verify
+from ckd.cache.location import cache_location, zarr_store
 from ckd.pose.cache import old_pose_store, open_pose_cache, view_table
 from ckd.pose.mentors import batch_views, load_pose_mentor
 from ckd.pose.views import view_params
@@ -21,18 +24,13 @@ def verify_pose_cache(path: str | Path, *, recompute: bool = False, data: str | 
     checksum, digests, finite rows). With `recompute`: every view's parameters re-derived
     from (seed, sample, slot), and with `data` `samples` samples per slot of every mentor's
     rows and PCK recomputed from its checkpoint (equal bit for bit in the store dtype)."""
-    from ckd.cache.info import verify  # noqa: PLC0415
 
     p = Path(path)
-    if old_pose_store(p) is not None:
+    if old_pose_store(cache_location(p)) is not None:
         open_pose_cache(p)  # refused with the command that rebuilds it
     problems = list(verify(p).problems)
     if problems or not recompute:
         return problems
-    import zarr  # noqa: PLC0415
-
-    from ckd.cache.location import zarr_store  # noqa: PLC0415
-
     root = zarr.open_group(zarr_store(p, read_only=True), mode="r")
     attrs = root.attrs.asdict()
     seed, n = int(attrs["views"]["seed"]), int(attrs["num_samples"])

@@ -79,6 +79,10 @@ class NoMentors:
     def attach(self, train_loader: Any) -> None:
         """The training loader whose batches the mentors read (image folders online)."""
         return None
+    def close(self) -> None:
+        """Stop the cache's reader (a stream cache's prefetch thread), if there is one."""
+        if self.cache is not None:
+            self.cache.close()
 
 
 class CachedMentors(NoMentors):

@@ -102,7 +102,7 @@ class Shared:
     autocast: Any
 
 
-def setup_shared(cfg: TrainConfig, info: DistInfo) -> Shared:
+def setup_shared(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> Shared:
     autocast = _autocast_factory(info.device, cfg.amp, cfg.cuda_graphs)
     ds = load_data(cfg)
     plan = cfg.loss_plan()
@@ -111,6 +111,9 @@ def setup_shared(cfg: TrainConfig, info: DistInfo) -> Shared:
         mentors=cfg.mentors, online=cfg.mentors_online, precision=cfg.mentor_precision,
         fallback_precision=default_precision(info.device, cfg.amp, cfg.deterministic),
         mentor_dir=cfg.mentor_dir, seed=cfg.seed)
+    # the cache's reader thread stops with the run: none may be mid-request on an object
+    # store when the interpreter exits (obstore's runtime would then abort the process)
+    stack.callback(source.close)
     train_loader, test_loader = make_loaders(cfg, ds, info.device, info.rank, info.world_size,
                                              mentor_sizes=source.sizes)
     source.attach(train_loader)
@@ -126,7 +129,7 @@ def setup_runs(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) ->
         check_run_shape(Path(cfg.out), names, cfg)
     if len(names) == 1:
         return [setup_run(cfg, info, stack)]
-    shared = setup_shared(cfg, info)
+    shared = setup_shared(cfg, info, stack)
     base = Path(cfg.out) if cfg.out else default_run_dir(
         dataclasses.replace(cfg, student="+".join(names)), shared.ds.name)
     runs = [setup_student(dataclasses.replace(cfg, student=name, out=str(base / name)),
@@ -142,7 +145,7 @@ def setup_runs(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) ->
 def setup_run(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack) -> Run:
     """Data, mentors, loaders, the run folder (locked, resumed or refused), the student and
     its optimizer: every check that can fail runs here, before the first step."""
-    return setup_student(cfg, info, stack, setup_shared(cfg, info))
+    return setup_student(cfg, info, stack, setup_shared(cfg, info, stack))
 
 
 def setup_student(cfg: TrainConfig, info: DistInfo, stack: contextlib.ExitStack,
