@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ckd.methods import loss as loss_module  # a module attribute: tests wrap distill_loss
 from ckd.methods.registry import COUNTERS, Method, MethodError, get_method
 
 _TERM = re.compile(r"^\s*(?:(?P<w>[0-9.eE+-]+)\s*\*\s*)?(?P<name>[A-Za-z0-9_-]+)\s*$")
@@ -189,12 +190,10 @@ class LossPlan:
         `step` may be 0-dim device tensors (a captured step). `mentor_stats`: the mentors'
         row statistics (the cache stores them) and `validate` (its label check) for
         `distill_loss`."""
-        from ckd.methods.loss import distill_loss  # noqa: PLC0415 - tests wrap it per call
-
         counters = {"seed": seed, "step": step, "epoch": epoch + 1}
         assert set(counters) == set(COUNTERS)
         lt = self.logit_term
-        out = distill_loss(student_logits, mentor_logits, labels, method=lt.method.name,
+        out = loss_module.distill_loss(student_logits, mentor_logits, labels, method=lt.method.name,
                            backend=self.backend, mentor_stats=mentor_stats, validate=validate,
                            **_without_hooks(lt),
                            **{k: counters[k] for k in lt.method.counters})

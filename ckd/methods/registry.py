@@ -16,6 +16,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ckd.options import OptionError, Param
@@ -179,10 +180,8 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    import ckd.methods as pkg  # noqa: PLC0415
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"ckd.methods.{info.name}")
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"{__package__}.{info.name}")
 
 
 def all_methods() -> dict[str, Method]:
