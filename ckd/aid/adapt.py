@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ckd.aid.analyze import check_in_memory_data
 from ckd.aid.decompose import inter_class_kl, intra_class_kl
+from ckd.cache.mentors import parse_mentor_value
 from ckd.cache.writer import test_accuracy
 from ckd.data.loaders import make_loader
 from ckd.data.views import apply_views
@@ -43,6 +44,7 @@ from ckd.models import (
     save_checkpoint,
 )
 from ckd.train.setup import open_data
+from ckd.train.tensorboard import TensorBoardLog
 
 OBJECTIVE = "aid-intra"
 
@@ -70,8 +72,6 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
     check_adapt_values(epochs=epochs, lam=lam, anchor=anchor, tau=T, lr=lr,
                        student_lr=student_lr, margin=margin)
     warmup_epochs = epochs if warmup_epochs is None else warmup_epochs
-    from ckd.cache.mentors import parse_mentor_value  # noqa: PLC0415
-
     # --checkpoint timm:MODEL:FILE, torchvision:ARCH:FILE or module.path:Class:FILE
     spec_arch, checkpoint = parse_mentor_value(str(checkpoint))
     arch = arch or spec_arch
@@ -106,8 +106,6 @@ def adapt_mentor(arch: str | None, checkpoint: str | Path, student: str, out: st
 
     board = None
     if tensorboard is not None:  # per adaptation epoch: its loss terms; then the accuracy
-        from ckd.train.tensorboard import TensorBoardLog  # noqa: PLC0415
-
         board = TensorBoardLog(tensorboard, out.stem)
     acc_before = acc(original)
     history: list[dict[str, float]] = []

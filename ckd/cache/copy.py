@@ -31,6 +31,8 @@ import crc32c
 from .layout import LOCK_FILE, CacheReadError, read_root_attrs, repair_hint
 from .location import CacheLocation, CacheRef, cache_location
 from .lock import writer_lock
+from .reader import check_store, list_mentors, open_root
+from .store import check_out_folder
 
 SOURCE_FILE = ".ckd-copy-source"
 
@@ -95,9 +97,6 @@ def _inside(inner: CacheLocation, outer: CacheLocation) -> bool:
 def copy_cache(src: CacheRef, dst: CacheRef, progress: bool = False) -> CopyReport:
     """Copy the cache store `src` to `dst` (see the module docstring)."""
     from tqdm import tqdm
-
-    from .reader import check_store, list_mentors, open_root
-    from .store import check_out_folder
 
     src_p, dst_p = cache_location(src), cache_location(dst)
     if str(src_p) == str(dst_p):

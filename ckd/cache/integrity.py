@@ -29,6 +29,8 @@ from .layout import (
     repair_hint,
 )
 from .location import CacheLocation, CacheRef, cache_location, zarr_store
+from .pose_arrays import pose_specs
+from .sparse import sparse_array_specs
 
 
 def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpec]:
@@ -40,14 +42,10 @@ def mentor_specs(mentor_attrs: Mapping[str, Any] | None = None) -> list[ArraySpe
     attrs = mentor_attrs or {}
     names = attrs.get("arrays")
     if attrs.get("kind") == "pose":  # rows of joint logits, PCK, view parameters
-        from .pose_arrays import pose_specs
-
         return [s for s in pose_specs(attrs) if names is None or s.name in names]
     feats = attrs.get("features") or {}
     specs = list(MENTOR_ARRAYS)
     if attrs.get("logits_mode", "dense") != "dense":
-        from .sparse import sparse_array_specs
-
         specs = [*sparse_array_specs(attrs["logits_mode"], int(attrs["num_classes"])),
                  *(s for s in MENTOR_ARRAYS if s.name != "logits")]
     return [*(s for s in specs if names is None or s.name in names),

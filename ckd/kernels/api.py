@@ -87,7 +87,7 @@ def terms_loss(zs: Tensor, zm: Tensor | SparseMentors | None, y: Tensor,
     if isinstance(zm, SparseMentors):  # top-k / sampled mentors: docs/SPARSE.md
         validate_inputs(zs, None, y, False, validate)
         validate_sparse(zm, zs.shape[0], zs.shape[1], zs.device)
-        from ckd.kernels.sparse import sparse_fused_loss
+        from ckd.kernels.sparse import sparse_fused_loss  # noqa: PLC0415 - needs triton
 
         return sparse_fused_loss(zs, zm, y, table, seed=seed, step=step,
                                  rank_logits=rank_logits)
@@ -95,7 +95,7 @@ def terms_loss(zs: Tensor, zm: Tensor | SparseMentors | None, y: Tensor,
     _check_keys(table, rank_keys, zm, zs)
     if zm is not None and zm.shape[0] == 0:
         zm = None
-    from ckd.kernels import launch  # imports triton only when the kernels are used
+    from ckd.kernels import launch  # noqa: PLC0415 - needs triton (CPU users never do)
 
     return launch.fused_loss(zs, zm, y, table, seed=seed, step=step, epoch=epoch,
                             mentor_stats=_check_stats(mentor_stats, zm, y),

@@ -22,7 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ckd.kernels import launch
+from ckd.kernels import reference as ref
 from ckd.kernels import triton_kernels as D
+from ckd.kernels.output import DistillOutput
 from ckd.kernels.rng import STREAM_TEKAP, as_i32, dgkd_keep_mask, stream_key
 from ckd.kernels.sparse_mentors import SparseMentors
 from ckd.kernels.terms import RandomDrop, Ranking, TermTable
@@ -242,8 +245,6 @@ def sparse_distill(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor, src, co
     blk = min(triton.next_power_of_2(C), max(16, MAX_BLOCK_ELEMS // block_k))
     if block_c is not None:
         blk = triton.next_power_of_2(block_c)
-    from ckd.kernels import launch  # every launch goes through launch.run (tests record them)
-
     launch.run(_sparse_kernel, (B,), (
         zs, zs.stride(0), zs.stride(1), ids, vals, cnt, ids.stride(0), ids.stride(1),
         stats[0], stats[1], stats[2], stats.stride(1), stats.stride(2), is_sample, y,
@@ -292,9 +293,6 @@ def sparse_fused_loss(zs: torch.Tensor, sm: SparseMentors, y: torch.Tensor,
     runs on the device from the student's CE and the mentors' stored true-class log-probs
     (`reference.classroom_weights`); a RandomDrop's keep mask comes from (seed, step) on the
     host (ints: no device counters here)."""
-    from ckd.kernels import reference as ref
-    from ckd.kernels.output import DistillOutput
-
     if not isinstance(table, TermTable):
         raise ValueError("sparse mentors run term tables only (a decoupled loss needs every "
                          "class): use a dense cache")

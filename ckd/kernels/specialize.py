@@ -15,13 +15,14 @@ from contextlib import contextmanager
 
 import torch
 
+from ckd.kernels.api import terms_loss
 from ckd.row_align import aligned_rows
 
 
 @contextmanager
 def recorded_launches():
     """Replace launch.run by a recorder: yields the list of (kernel, grid, args, kwargs)."""
-    from ckd.kernels import launch
+    from ckd.kernels import launch  # noqa: PLC0415 - needs triton
 
     calls: list = []
     saved = launch.run
@@ -50,8 +51,6 @@ def training_inputs(B: int, C: int, M: int, student=torch.float32, mentor=torch.
 def loss_calls(table, B: int, C: int, M: int, student=torch.float32, mentor=torch.float16,
                backward: bool = True, inputs=None, **counters) -> list:
     """The launches of one `terms_loss(table)` forward (+ backward), recorded."""
-    from ckd.kernels.api import terms_loss
-
     zs, zm, y, stats = inputs or training_inputs(B, C, M, student, mentor)
     with recorded_launches() as calls:
         out = terms_loss(zs, zm, y, table, validate=False, mentor_stats=stats, **counters)

@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from .imagenet import mobilenet_v2, resnet18, resnet34, resnet50
+
 PREFIXES = ("timm:", "torchvision:")
 # torchvision's ImageNet weights: resize 256, center crop 224, ImageNet statistics
 TORCHVISION_CONFIG = {"resolution": 224, "mean": (0.485, 0.456, 0.406),
@@ -59,8 +61,6 @@ def _timm_model(model: str, num_classes: int, kwargs: dict) -> nn.Module:
 
 def _torchvision_model(model: str, num_classes: int, kwargs: dict) -> nn.Module:
     if model in _OWN_TORCHVISION and not kwargs:
-        from .imagenet import mobilenet_v2, resnet18, resnet34, resnet50  # noqa: PLC0415
-
         build = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
                  "mobilenet_v2": mobilenet_v2}[_OWN_TORCHVISION[model]]
         return build(num_classes)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ckd.kernels.api import terms_loss
 from ckd.kernels.terms import Ranking, TermTable, ranked_terms
 from ckd.pose.loss import method_params, selection_stats, task_rows
 
@@ -44,8 +45,6 @@ def fused_pose_loss(method: str, student: Tensor, mentors, target: Tensor, weigh
                     mentor_keys: Tensor | None = None, **params
                     ) -> tuple[Tensor, dict[str, Tensor]]:
     """`ckd.pose.loss.pose_loss` with the distillation on the fused kernels."""
-    from ckd.kernels.api import terms_loss  # noqa: PLC0415
-
     p = method_params(method, params)
     task = task_rows(student, target, weight, segs)
     if method == "nokd":

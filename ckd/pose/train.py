@@ -26,9 +26,11 @@ from tqdm.auto import tqdm
 from ckd.atomic import atomic_write_text
 from ckd.data.rrc import epoch_slots
 from ckd.hashing import epoch_seed
+from ckd.kernels.api import resolve_backend
 from ckd.pose.cache import open_pose_cache, view_table
 from ckd.pose.coco import PoseDataset, flip_permutation, load_pose_prepared
 from ckd.pose.codec import decode, flip_rows, segments, targets
+from ckd.pose.fused import fused_pose_loss
 from ckd.pose.loss import POSE_DEFAULTS, POSE_METHODS, pose_loss
 from ckd.pose.mentors import batch_views, load_pose_mentor, save_pose_checkpoint
 from ckd.pose.metrics import (
@@ -96,8 +98,6 @@ def _config(cfg: dict) -> dict:
                          "(`ckd cache-logits --prepared POSE_DIR ...`) or --mentor CKPT (online)")
     if c["mentors"] and c["cache"]:
         raise ValueError("pass either --cache or --mentor, not both")
-    from ckd.kernels.api import resolve_backend  # noqa: PLC0415
-
     c["asked_backend"] = c["backend"]
     c["backend"] = resolve_backend(c["backend"], torch.device("cpu"))
     return c
@@ -146,7 +146,7 @@ def train_pose(cfg: dict) -> dict[str, Any]:
                              "reference or auto")
         c["backend"] = "reference"
     if c["backend"] == "triton" and c["method"] != "nokd":
-        from ckd.pose.fused import fused_pose_loss as loss_fn  # noqa: PLC0415
+        loss_fn = fused_pose_loss
     out = Path(c["out"]) if c["out"] else None
     if out:
         out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,10 @@ import zarr
 
 from ckd.cache.info import verify
 from ckd.cache.location import cache_location, zarr_store
+from ckd.cache.reader import list_mentors
+from ckd.models import file_sha256
 from ckd.pose.cache import old_pose_store, open_pose_cache, view_table
+from ckd.pose.coco import load_pose_prepared
 from ckd.pose.mentors import batch_views, load_pose_mentor
 from ckd.pose.views import view_params
 
@@ -43,13 +46,8 @@ def verify_pose_cache(path: str | Path, *, recompute: bool = False, data: str | 
                             "function")
     if data is None or problems:
         return problems
-    from ckd.pose.coco import load_pose_prepared  # noqa: PLC0415
-
     ds = load_pose_prepared(data)
     cache = open_pose_cache(p, ds)
-    from ckd.cache.reader import list_mentors  # noqa: PLC0415
-    from ckd.models import file_sha256  # noqa: PLC0415
-
     found = list_mentors(p)
     for alias in cache.aliases:
         ck = Path(found[alias]["checkpoint"])

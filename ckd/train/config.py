@@ -14,7 +14,9 @@ from typing import Any
 import yaml
 
 from ckd.atomic import atomic_write_text
+from ckd.data.datasets import dataset_options
 from ckd.methods import LossPlan, make_plan
+from ckd.models.registry import canonical_arch, default_optimizer
 from ckd.options import (
     OptionError,
     check_device,
@@ -25,6 +27,7 @@ from ckd.options import (
     default_device,
     option,
 )
+from ckd.train.tensorboard import summary_writer_class
 
 # Students trained at lr 0.01 in the paper (MobileNet/ShuffleNet), canonical names.
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
@@ -185,15 +188,11 @@ class TrainConfig:
     eval_every: int = option(1, int, "epochs between test evaluations", low=1)
 
     def resolved_optimizer(self) -> str:
-        from ckd.models.registry import default_optimizer  # noqa: PLC0415 - light import
-
         return self.optimizer or default_optimizer(self.student)
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
-        from ckd.models.registry import canonical_arch  # noqa: PLC0415 - light import
-
         if self.resolved_optimizer() == "adamw":
             return 1e-3
         return 0.01 if canonical_arch(self.student) in LOW_LR_STUDENTS else 0.05
@@ -212,16 +211,12 @@ class TrainConfig:
         self.loss_plan()
         self._check_schedule()
         if self.dataset is not None:
-            from ckd.data.datasets import dataset_options  # noqa: PLC0415
-
             dataset_options(self.dataset, self.dataset_options)
         check_existing_dir(self.prepared, "--prepared", "write it with `ckd prepare`")
         check_existing_dir(self.cache, "--cache", "build it with `ckd cache-logits`")
         check_writable_dir(self.out, "--out")
         if self.tensorboard is not None:
             check_writable_dir(self.tensorboard, "--tensorboard")
-            from ckd.train.tensorboard import summary_writer_class  # noqa: PLC0415
-
             summary_writer_class()  # a missing package: one line, before any work
         check_device(self.device)
         check_triton_backend(self.backend, self.device)

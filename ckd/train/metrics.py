@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ckd.atomic import atomic_write_text
+from ckd.train.tensorboard import TensorBoardLog
 
 METRICS = "metrics.jsonl"
 
@@ -37,8 +38,6 @@ class MetricsLogger:
         log_dir/<run folder name>; a resumed run purges the events past its checkpoint."""
         if not self.enabled:
             return
-        from ckd.train.tensorboard import TensorBoardLog  # noqa: PLC0415 - optional
-
         self.tensorboard = TensorBoardLog(log_dir, self.path.parent.name, purge_step)
 
     def truncate_after(self, epochs_done: int) -> None:
