@@ -3,6 +3,11 @@
 Errors: a command's failure reaches the user as one line naming the problem and the fix
 (`Error: ...`, exit code 1; click's own usage errors exit 2). `ckd --debug COMMAND` shows
 the full traceback instead.
+
+Imports: the command modules (ckd/cli/*.py) import the stages they run inside their
+command functions, on use, so that `ckd --help` and a command's `--help` stay fast (no
+torch, zarr or model zoo loaded to print usage). That is the one reason for the imports
+inside functions under ckd/cli/; elsewhere ckd imports its own modules at the top.
 """
 
 import importlib
