@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import torch
 
 
 @contextlib.contextmanager
@@ -55,8 +60,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save(obj, path)`, atomically."""
-    import torch
-
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
     return Path(path)
@@ -73,11 +76,6 @@ def safe_torch_load(path: str | os.PathLike, *, map_location: Any = "cpu",
     """`torch.load(weights_only=True)`: tensors, containers and plain values only, so a
     crafted file cannot run code while it is read. Refusals and unreadable files raise
     `error` naming the file, what it holds and what to do."""
-    import pickle
-    import re
-
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -106,8 +104,6 @@ def replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Swap the complete folder `new` in for `dest` by two renames (`dest` ->
     `<dest>.replaced`, `new` -> `dest`), then delete the old one. After a kill at any
     point, `finish_replace_dir(new, dest)` completes the swap."""
-    import shutil
-
     new, dest = Path(new), Path(dest)
     old = dest.with_name(dest.name + ".replaced")
     if dest.exists():
@@ -118,8 +114,6 @@ def replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
 
 def finish_replace_dir(new: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Complete a `replace_dir(new, dest)` that a kill interrupted (no-op otherwise)."""
-    import shutil
-
     new, dest = Path(new), Path(dest)
     old = dest.with_name(dest.name + ".replaced")
     if not dest.exists() and new.exists():

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import crc32c
+from tqdm import tqdm
 
 from .layout import LOCK_FILE, CacheReadError, read_root_attrs, repair_hint
 from .location import CacheLocation, CacheRef, cache_location
@@ -96,8 +97,6 @@ def _inside(inner: CacheLocation, outer: CacheLocation) -> bool:
 
 def copy_cache(src: CacheRef, dst: CacheRef, progress: bool = False) -> CopyReport:
     """Copy the cache store `src` to `dst` (see the module docstring)."""
-    from tqdm import tqdm
-
     src_p, dst_p = cache_location(src), cache_location(dst)
     if str(src_p) == str(dst_p):
         raise ValueError(f"SRC and DST are the same store ({src_p})")

@@ -139,7 +139,7 @@ def s3_client(bucket: str, prefix: str = "") -> Any:
         if not _CLIENTS:
             atexit.register(_drain_requests)  # runs before zarr's own exit hook (LIFO)
         try:
-            from obstore.store import S3Store
+            from obstore.store import S3Store  # noqa: PLC0415 - optional (s3:// caches only)
         except ImportError as err:
             raise ImportError("s3:// caches need obstore: pip install 'ckd[s3]' (or rerun "
                               "`make setup`)") from err

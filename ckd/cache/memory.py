@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ckd.row_align import padded_width
 
@@ -80,7 +81,6 @@ class MemoryRows(CacheReader):
         step = max(lay.samples_per_chunk,
                    READ_BYTES // max(1, s * c * buf.element_size())
                    // lay.samples_per_chunk * lay.samples_per_chunk)
-        from tqdm import tqdm
 
         with tqdm(total=m * n, desc="load logit cache", unit="sample", unit_scale=True,
                   disable=not self._progress) as bar:

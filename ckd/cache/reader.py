@@ -10,6 +10,7 @@ the file and the command that repairs it.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,8 +80,6 @@ def _bad_file(loc: CacheLocation, root: zarr.Group, name: str,
               coords: tuple[int, ...] | None) -> str:
     """The file of chunk `coords` of `name`, else of its first chunk that fails to read, or
     its metadata (error path only)."""
-    import itertools
-
     try:
         arr = root[name]
     except Exception:  # noqa: BLE001 - the array's own metadata is the problem

@@ -128,9 +128,9 @@ def histogram_stats(hist: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 # --------------------------------------------------------------------------- CIFAR
 def _numpy_reconstruct() -> Callable:
     try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct  # noqa: PLC0415 - numpy >= 2 only
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # noqa: PLC0415 - numpy 1.x
     return _reconstruct
 
 

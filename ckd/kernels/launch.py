@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from ckd.kernels import triton_kernels as D
@@ -115,8 +116,6 @@ def _warps(tile: int, bt: int) -> int:
 
 
 def _acc(dtype: torch.dtype):
-    import triton.language as tl
-
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 

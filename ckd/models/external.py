@@ -65,7 +65,7 @@ def _torchvision_model(model: str, num_classes: int, kwargs: dict) -> nn.Module:
                  "mobilenet_v2": mobilenet_v2}[_OWN_TORCHVISION[model]]
         return build(num_classes)
     try:
-        import torchvision  # noqa: PLC0415
+        import torchvision  # noqa: PLC0415 - optional (torchvision: mentors only)
     except Exception as err:  # noqa: BLE001 - a torchvision built for another torch
         raise ValueError(f"torchvision:{model} needs torchvision, which does not import here "
                          f"({type(err).__name__}: {err}): install the build matching your "

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 MISSING = ("--tensorboard needs the tensorboard package, which does not import here ({err}): "
            "install it with `pip install tensorboard` (`make setup` does), or drop "
            "--tensorboard (metrics.jsonl holds the same numbers)")
@@ -32,8 +34,6 @@ class TensorBoardLog:
 
     def __init__(self, log_dir: str | Path, run_name: str,
                  purge_step: int | None = None) -> None:
-        import torch  # noqa: PLC0415
-
         self._torch = torch
         self.writer = summary_writer_class()(log_dir=str(Path(log_dir) / run_name),
                                              purge_step=purge_step)
