@@ -24,8 +24,6 @@ import os
 import re
 from collections.abc import Iterator
 
-import torch
-
 CUBLAS_KEY = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_WORKSPACE = ":4096:8"
 CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the two values cuBLAS documents as deterministic
@@ -95,6 +93,8 @@ def deterministic(enabled: bool = True, *, warn_only: bool = False,
     if not enabled:
         yield
         return
+    import torch  # noqa: PLC0415 - the CLI imports this module before torch
+
     check_cublas_workspace()
     prev = (torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled(),
