@@ -142,6 +142,18 @@ def test_epoch_slots_rule():
         epoch_slots(3, 4, idx, 0)
 
 
+
+def test_without_a_cache_epoch_e_shows_slot_e():
+    """Online mentors and mentors trained from scratch see a fresh keyed crop per epoch:
+    the recipe names the view of (epoch e, sample i) by its slot e of the draws."""
+    from ckd.data.rrc import RandomResizedCrops
+
+    idx = torch.tensor([0, 5, 9])
+    for e in (0, 3):
+        assert torch.equal(RandomResizedCrops().epoch_view_ids(7, e, idx),
+                           torch.full((3,), e, dtype=torch.int64))
+
+
 def test_stored_box_scales_exactly():
     boxes = torch.tensor([[0, 0, 427, 640, 1], [10, 20, 100, 50, 0], [426, 639, 1, 1, 0]])
     orig = torch.tensor([[427, 640]] * 3)

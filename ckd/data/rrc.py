@@ -104,15 +104,19 @@ def epoch_slots(seed: int, epoch: int, indices: torch.Tensor, num_slots: int) ->
 
 class RandomResizedCrops:
     """The random-resized-crop recipe as a `ckd.data.protocol.ViewRecipe`: continuous
-    views, so a run replays the K slots of its cache (`epoch_slots`); a view is (slot,
-    sample), whose box the cache stores, and the loader crops it at the student's size."""
+    views, so a run from a cache replays its K slots (`epoch_slots`) and a run without one
+    draws slot e in epoch e (`epoch_view_ids`); a view is (slot, sample), whose box the cache
+    stores, and the loader crops it at the student's size."""
 
     record = RECIPE
     num_views = None
 
     def epoch_view_ids(self, seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
-        raise ValueError("random-resized crops are continuous: they are replayed from a "
-                         "K-view logit cache (`ckd cache-logits --prepared DIR --views K`)")
+        """Without a cache (online mentors, a mentor trained from scratch) every view is
+        available: epoch e shows sample i a fresh keyed crop, slot e of the draws
+        (`rrc_views(seed, i, e)`), so the view of (e, i) is named by its slot, e."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return torch.full_like(idx, int(epoch))
 
     def epoch_slots(self, seed: int, epoch: int, indices: torch.Tensor,
                     num_slots: int) -> torch.Tensor:
