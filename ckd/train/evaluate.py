@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ckd.cache.mentors import check_resolution, load_mentor, mentor_arch, mentor_input
 from ckd.cache.mentors import resolve_mentors as resolve
 from ckd.data.images import ImageLoader
-from ckd.data.views import IDENTITY_VIEW, apply_views, normalize
+from ckd.data.views import IDENTITY_VIEW
 from ckd.models.forward import mentor_forward
 from ckd.train.setup import open_data
 
@@ -35,28 +35,27 @@ def _image_batches(ds: Any, split: str, size: int, batch_size: int,
                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Center crops of an image folder's split at `size` px, normalised with the data's
     statistics (the model re-normalises to its own: `load_mentor(norm=...)`)."""
-
     beton = IMAGE_SPLITS[split]
     loader = ImageLoader(ds.dir / f"{beton}.beton", [size], batch_size=batch_size,
                          center_crop=True)
     n = len(ds.train if beton == "train" else ds.test)
     for (imgs,), labels, _ in loader.iterate(np.arange(n)):
-        x = normalize(imgs.to(device), ds.mean, ds.std).permute(0, 3, 1, 2).contiguous()
-        yield x, labels.to(device)
+        ids = torch.zeros(len(imgs), dtype=torch.int64)  # the crops are the views
+        yield ds.recipe.student_input(imgs.to(device), ids, ds.mean, ds.std), labels.to(device)
 
 
 def _memory_batches(ds: Any, split: str, batch_size: int,
                     device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-
+    """The un-augmented images of a split (the identity view) as the student reads them."""
     data = ds.train if split == "train" else ds.test
     for s in range(0, len(data.labels), batch_size):
         imgs = torch.from_numpy(data.images[s:s + batch_size]).to(device)
         ids = torch.full((len(imgs),), IDENTITY_VIEW, dtype=torch.int64, device=device)
-        yield (apply_views(imgs, ids, ds.mean, ds.std),
+        yield (ds.recipe.student_input(imgs, ids, ds.mean, ds.std),
                torch.from_numpy(data.labels[s:s + batch_size]).to(device))
 
 
-def check_split(split: str, where: str, image_folder: bool, have_train: bool = True) -> str:
+def check_split(split: str, where: str, image_folder: bool) -> str:
     """The split name, or one line naming the ones the data holds."""
     names = ("val", "train") if image_folder else ("test", "train")
     ok = IMAGE_SPLITS if image_folder else {"test": "test", "val": "test", "train": "train"}
